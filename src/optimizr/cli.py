@@ -1,0 +1,250 @@
+"""The command line: parse, build one frozen config, make one library call, exit.
+
+Exit codes: 0 every file converted or skipped; 1 some failed; 2 usage error;
+130 interrupted by SIGINT, 143 by SIGTERM.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import click
+from rich.console import Console
+
+from optimizr import __version__
+from optimizr.config import DEFAULT_MAX_PIXELS, PRESETS, EncodeOptions, RunConfig
+from optimizr.errors import OptimizrError
+from optimizr.metrics.progress import TerminalProgress, summary_table
+from optimizr.pipeline import StopToken, convert_tree
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="optimizr")
+def main() -> None:
+    """Convert whole image libraries to WebP."""
+
+
+@main.command()
+@click.argument("src", type=click.Path(path_type=Path, file_okay=False))
+@click.argument("dest", type=click.Path(path_type=Path, file_okay=False))
+@click.option(
+    "-q",
+    "--quality",
+    type=click.IntRange(0, 100),
+    default=80,
+    show_default=True,
+    help="Lossy quality (libwebp -q).",
+)
+@click.option(
+    "--effort",
+    type=click.IntRange(0, 6),
+    default=4,
+    show_default=True,
+    help="CPU effort: 0 fastest, 6 smallest files (libwebp -m).",
+)
+@click.option("--lossless", is_flag=True, help="Lossless WebP.")
+@click.option(
+    "--near-lossless",
+    type=click.IntRange(0, 100),
+    default=None,
+    metavar="N",
+    help="Near-lossless preprocessing level, 0 (most) to 100 (off); implies lossless.",
+)
+@click.option(
+    "--alpha-quality",
+    type=click.IntRange(0, 100),
+    default=100,
+    show_default=True,
+    help="Quality of the alpha plane.",
+)
+@click.option("--smart-subsample", is_flag=True, help="Sharper chroma subsampling (slower).")
+@click.option(
+    "--preset",
+    type=click.Choice(PRESETS),
+    default="default",
+    show_default=True,
+    help="libwebp content preset.",
+)
+@click.option(
+    "--max-width",
+    type=click.IntRange(1),
+    default=None,
+    help="Shrink wider images to this width (aspect kept, never enlarged).",
+)
+@click.option(
+    "--max-height",
+    type=click.IntRange(1),
+    default=None,
+    help="Shrink taller images to this height (aspect kept, never enlarged).",
+)
+@click.option(
+    "--metadata",
+    type=click.Choice(["none", "icc", "all"]),
+    default="icc",
+    show_default=True,
+    help="What to keep: icc keeps only the colour profile (EXIF/GPS/XMP dropped).",
+)
+@click.option(
+    "--srgb", is_flag=True, help="Convert to sRGB instead of keeping a wide-gamut colour profile."
+)
+@click.option(
+    "--oversize",
+    type=click.Choice(["fail", "fit"]),
+    default="fail",
+    show_default=True,
+    help="Images over WebP's 16383 px limit: fail, or fit (downscale to fit).",
+)
+@click.option(
+    "--max-pixels",
+    type=click.IntRange(1),
+    default=DEFAULT_MAX_PIXELS,
+    show_default=True,
+    help="Refuse larger images (decompression bombs) from the header.",
+)
+@click.option(
+    "--if-larger",
+    type=click.Choice(["skip", "write"]),
+    default="skip",
+    show_default=True,
+    help="When the WebP is bigger than the source: skip or write.",
+)
+@click.option(
+    "--name",
+    "name_mode",
+    type=click.Choice(["replace", "append"]),
+    default="replace",
+    show_default=True,
+    help="photo.jpg -> photo.webp (replace) or photo.jpg.webp (append).",
+)
+@click.option(
+    "--include",
+    multiple=True,
+    metavar="GLOB",
+    help="Only files matching (name, or path if it has a /). Repeatable.",
+)
+@click.option(
+    "--exclude", multiple=True, metavar="GLOB", help="Skip files and folders matching. Repeatable."
+)
+@click.option("--follow-symlinks", is_flag=True, help="Follow symbolic links (loops are cut).")
+@click.option("--dry-run", is_flag=True, help="List what would be converted; write nothing.")
+@click.option("--force", is_flag=True, help="Convert even when the output is up to date.")
+@click.option(
+    "-j",
+    "--workers",
+    type=click.IntRange(0),
+    default=0,
+    help="Worker processes (default: the CPUs this process may use).",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=300.0,
+    show_default=True,
+    help="Seconds per image before its worker is killed.",
+)
+@click.option(
+    "--summary",
+    "summary_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Where to write the JSON summary [DEST/optimizr-summary.json].",
+)
+@click.option("-v", "--verbose", is_flag=True, help="One line per file.")
+@click.option(
+    "--progress/--no-progress",
+    "live",
+    default=None,
+    help="Force the live progress bar on or off (default: on for a terminal).",
+)
+def convert(
+    src: Path,
+    dest: Path,
+    quality: int,
+    effort: int,
+    lossless: bool,
+    near_lossless: int | None,
+    alpha_quality: int,
+    smart_subsample: bool,
+    preset: Any,
+    max_width: int | None,
+    max_height: int | None,
+    metadata: Any,
+    srgb: bool,
+    oversize: Any,
+    max_pixels: int,
+    if_larger: Any,
+    name_mode: Any,
+    include: tuple[str, ...],
+    exclude: tuple[str, ...],
+    follow_symlinks: bool,
+    dry_run: bool,
+    force: bool,
+    workers: int,
+    timeout: float,
+    summary_path: Path | None,
+    verbose: bool,
+    live: bool | None,
+) -> None:
+    """Convert every image under SRC into a mirrored tree of .webp files under DEST."""
+    err = Console(stderr=True, highlight=False)
+    try:
+        config = RunConfig(
+            src=src,
+            dest=dest,
+            encode=EncodeOptions(
+                quality=quality,
+                effort=effort,
+                lossless=lossless,
+                near_lossless=near_lossless,
+                alpha_quality=alpha_quality,
+                smart_subsample=smart_subsample,
+                preset=preset,
+                max_width=max_width,
+                max_height=max_height,
+                metadata=metadata,
+                srgb=srgb,
+                oversize=oversize,
+                max_pixels=max_pixels,
+            ),
+            workers=workers,
+            include=include,
+            exclude=exclude,
+            follow_symlinks=follow_symlinks,
+            name=name_mode,
+            if_larger=if_larger,
+            dry_run=dry_run,
+            force=force,
+            summary_path=summary_path,
+            timeout=timeout,
+        )
+        stop = StopToken()
+        progress = TerminalProgress(live=False if dry_run else live, verbose=verbose or dry_run)
+        received: list[int] = []
+
+        def on_signal(signum: int, _frame: FrameType | None) -> None:
+            received.append(signum)
+            stop.request()
+            progress.stopping(hard=stop.hard)
+
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            with progress:
+                summary = convert_tree(src, dest, config, listener=progress, stop=stop)
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+    except OptimizrError as exc:
+        err.print(f"optimizr: error: {exc}", markup=False)
+        sys.exit(exc.exit_code)
+
+    err.print(summary_table(summary))
+    if not dry_run:
+        err.print(f"summary: {config.effective_summary_path}", markup=False)
+    code = summary.exit_code
+    if summary.interrupted and received and received[0] == signal.SIGTERM:
+        code = 143
+    sys.exit(code)

@@ -1,0 +1,152 @@
+"""Frozen configuration objects, built once (by the CLI or a caller) and passed down whole.
+
+``EncodeOptions`` is everything that shapes one output image; it is plain data
+(picklable, hashable) so it can cross into a worker process or, later, a Dask task.
+``RunConfig`` is everything about a whole run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from optimizr.errors import UsageError
+
+#: WebP stores width and height in 14 bits: 16383 is the largest either may be.
+WEBP_MAX_DIMENSION = 16383
+
+#: sharp's default ``limitInputPixels`` (0x3FFF * 0x3FFF): the largest image WebP can hold.
+DEFAULT_MAX_PIXELS = 268_402_689
+
+Metadata = Literal["none", "icc", "all"]
+Oversize = Literal["fail", "fit"]
+IfLarger = Literal["skip", "write"]
+NameMode = Literal["replace", "append"]
+Preset = Literal["default", "picture", "photo", "drawing", "icon", "text"]
+
+PRESETS: tuple[str, ...] = ("default", "picture", "photo", "drawing", "icon", "text")
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    """How one image is turned into WebP. Every field maps to one libwebp/libvips knob."""
+
+    quality: int = 80
+    effort: int = 4
+    lossless: bool = False
+    near_lossless: int | None = None
+    alpha_quality: int = 100
+    smart_subsample: bool = False
+    preset: Preset = "default"
+    max_width: int | None = None
+    max_height: int | None = None
+    metadata: Metadata = "icc"
+    srgb: bool = False
+    oversize: Oversize = "fail"
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def __post_init__(self) -> None:
+        _check_range("--quality", self.quality, 0, 100)
+        _check_range("--effort", self.effort, 0, 6)
+        _check_range("--alpha-quality", self.alpha_quality, 0, 100)
+        if self.near_lossless is not None:
+            _check_range("--near-lossless", self.near_lossless, 0, 100)
+        for name, value in (("--max-width", self.max_width), ("--max-height", self.max_height)):
+            if value is not None:
+                _check_range(name, value, 1, 1 << 30)
+        if self.max_pixels < 1:
+            raise UsageError(f"--max-pixels must be at least 1, not {self.max_pixels}")
+        if self.preset not in PRESETS:
+            raise UsageError(f"--preset must be one of {', '.join(PRESETS)}, not {self.preset!r}")
+        if self.metadata not in ("none", "icc", "all"):
+            raise UsageError(f"--metadata must be none, icc or all, not {self.metadata!r}")
+        if self.oversize not in ("fail", "fit"):
+            raise UsageError(f"--oversize must be fail or fit, not {self.oversize!r}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One ``convert`` run: where from, where to, and how."""
+
+    src: Path
+    dest: Path
+    encode: EncodeOptions = field(default_factory=EncodeOptions)
+    workers: int = 0  # 0 = the CPUs this process may use
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    follow_symlinks: bool = False
+    name: NameMode = "replace"
+    if_larger: IfLarger = "skip"
+    dry_run: bool = False
+    force: bool = False
+    summary_path: Path | None = None
+    #: How far the walk may run ahead of the workers, in files per worker.
+    lookahead_per_worker: int = 4
+    #: Seconds one image may take before its worker is killed (a hung codec).
+    timeout: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.workers < 0:
+            raise UsageError(f"--workers must be 0 (auto) or more, not {self.workers}")
+        if self.name not in ("replace", "append"):
+            raise UsageError(f"--name must be replace or append, not {self.name!r}")
+        if self.if_larger not in ("skip", "write"):
+            raise UsageError(f"--if-larger must be skip or write, not {self.if_larger!r}")
+        if self.timeout <= 0:
+            raise UsageError(f"--timeout must be positive, not {self.timeout}")
+
+    @property
+    def effective_workers(self) -> int:
+        return self.workers or available_cpus()
+
+    @property
+    def effective_summary_path(self) -> Path:
+        return self.summary_path or self.dest / "optimizr-summary.json"
+
+
+def _check_range(name: str, value: int, low: int, high: int) -> None:
+    if not low <= value <= high:
+        raise UsageError(f"{name} must be between {low} and {high}, not {value}")
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """Parse a byte size such as ``512M``, ``2G``, ``1.5GiB`` or ``1000`` (binary units)."""
+    match = _SIZE_RE.match(text)
+    if not match:
+        raise UsageError(f"not a size: {text!r} (expected e.g. 512M, 2G, 1048576)")
+    number, unit, _ = match.groups()
+    return int(float(number) * _UNITS[unit.lower()])
+
+
+def available_cpus() -> int:
+    """CPUs this process may really use: affinity mask, then the cgroup v2/v1 CPU quota."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota()
+    if quota is not None:
+        cpus = min(cpus, max(1, int(quota + 0.5)))
+    return max(1, cpus)
+
+
+def _cgroup_cpu_quota() -> float | None:
+    # cgroup v2: "max 100000" or "150000 100000"; v1: cfs_quota_us = -1 when unlimited.
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+        period_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        return None if quota_us <= 0 else quota_us / period_us
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,450 @@
+"""One image in, WebP bytes and the facts about it out.
+
+``encode_webp`` is pure: it takes a source (a path to read, or the bytes
+themselves) and a frozen :class:`EncodeOptions`, touches no global state and
+writes nothing. That keeps it safe to run in a worker process now and as a
+Dask task later. Everything that can go wrong with the image is raised as an
+:class:`~optimizr.errors.ImageError` subclass with a one-line reason.
+
+The order of operations matters for correctness and for speed:
+
+1. sniff the signature (the name is never trusted);
+2. read the header only, and refuse decompression bombs before any pixel is decoded;
+3. decode with shrink-on-load when a smaller size is wanted, applying EXIF orientation;
+4. bring the colours to something WebP can carry (CMYK, Lab, 16-bit, float -> 8-bit RGB),
+   keeping the ICC profile unless asked otherwise;
+5. encode; libwebp itself drops an alpha plane that is fully opaque.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import struct
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pyvips
+
+from optimizr.config import WEBP_MAX_DIMENSION, EncodeOptions
+from optimizr.errors import (
+    CorruptImage,
+    EncodeFailed,
+    ImageError,
+    NotAnImage,
+    PermissionDenied,
+    SourceUnreadable,
+    TooLarge,
+    TruncatedImage,
+    UnsupportedImage,
+)
+from optimizr.sniff import HEAD_SIZE, Sniffed, sniff_bytes, sniff_file
+
+Source = str | bytes
+
+
+@dataclass(frozen=True)
+class ImageFacts:
+    """What one conversion did, for the summary and for checks."""
+
+    format: str
+    width_in: int
+    height_in: int
+    width_out: int
+    height_out: int
+    frames: int
+    bytes_in: int
+    bytes_out: int
+    has_alpha: bool
+    icc_kept: bool
+    converted_to_srgb: bool
+    resized: bool
+    seconds: float
+    cpu_seconds: float
+
+
+@dataclass(frozen=True)
+class Encoded:
+    webp: bytes
+    facts: ImageFacts
+
+
+# Formats with no signature to sniff, recognised by name only to say what they are.
+_NO_SIGNATURE_FORMATS = {".tga": "tga", ".icb": "tga", ".vda": "tga", ".pcx": "pcx"}
+
+# How strict each decoder is. libjpeg reports recoverable damage inside the
+# entropy-coded data (a bad restart marker, say) as a warning and decodes the
+# rest; such files are common from cameras and every viewer shows them, so for
+# JPEG and GIF only a truncated file fails. libpng reports CRC mismatches on
+# critical chunks as errors, and those files must fail, not decode to garbage.
+_FAIL_ON = {"jpeg": "truncated", "gif": "truncated"}
+
+# Loaders that understand n=-1 (all frames) and produce a "toilet roll" image.
+_ANIMATED_LOADERS = frozenset({"gif", "webp"})
+
+
+def encode_webp(source: Source, options: EncodeOptions) -> Encoded:
+    """Convert one image to WebP in memory.
+
+    ``source`` is a filesystem path (read-only, streamed by libvips) or the
+    file's bytes. Raises an :class:`~optimizr.errors.ImageError` subclass when
+    the image cannot be converted.
+    """
+    started, cpu_started = time.perf_counter(), time.process_time()
+    sniffed, bytes_in = _sniff(source)
+    if sniffed.format is None:
+        suffix = "" if isinstance(source, bytes) else os.path.splitext(source)[1].lower()
+        if suffix in _NO_SIGNATURE_FORMATS:
+            raise UnsupportedImage(
+                f"{_NO_SIGNATURE_FORMATS[suffix]} is not a format optimizr converts"
+            )
+        raise NotAnImage("no known image signature")
+    if not sniffed.supported:
+        raise UnsupportedImage(f"{sniffed.format} is not a format optimizr converts")
+    # libvips keeps one error log per thread and appends to it; without this a
+    # failure would be reported with the messages of earlier images attached.
+    pyvips.vips_lib.vips_error_clear()
+    try:
+        loaded, image, webp = _convert(source, sniffed, options, _FAIL_ON.get(sniffed.format))
+    except pyvips.Error as exc:
+        error = _classify_vips_error(exc, sniffed.format)
+        if sniffed.format == "png" and isinstance(error, CorruptImage) and _png_cut_short(source):
+            error = TruncatedImage(f"png: the file ends before its IEND chunk ({error})")
+        raise error from None
+    has_alpha = image.hasalpha()
+    icc_kept = options.metadata != "none" and image.get_typeof("icc-profile-data") != 0
+    page_height = _page_height(image)
+    facts = ImageFacts(
+        format="apng" if sniffed.animated_png else sniffed.format,
+        width_in=loaded.width,
+        height_in=loaded.height,
+        width_out=image.width,
+        height_out=page_height,
+        frames=loaded.frames,
+        bytes_in=bytes_in,
+        bytes_out=len(webp),
+        has_alpha=has_alpha,
+        icc_kept=icc_kept,
+        converted_to_srgb=loaded.converted_to_srgb,
+        resized=loaded.resized,
+        seconds=time.perf_counter() - started,
+        cpu_seconds=time.process_time() - cpu_started,
+    )
+    return Encoded(webp, facts)
+
+
+def _convert(
+    source: Source, sniffed: Sniffed, options: EncodeOptions, fail_on: str | None
+) -> tuple[_Loaded, Any, bytes]:
+    loaded = _load(source, sniffed, options, fail_on or "error")
+    image, converted = _prepare_colour(loaded.image, options)
+    image = _fit_to_webp(image, options)
+    loaded = dataclasses.replace(loaded, converted_to_srgb=converted)
+    return loaded, image, _save(image, options)
+
+
+def _sniff(source: Source) -> tuple[Sniffed, int]:
+    if isinstance(source, bytes):
+        return sniff_bytes(source), len(source)
+    try:
+        with open(source, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            return sniff_file(fh), size
+    except PermissionError:
+        raise PermissionDenied("cannot read the file") from None
+    except FileNotFoundError:
+        raise SourceUnreadable("the file disappeared before it could be read") from None
+    except IsADirectoryError:
+        raise SourceUnreadable("is a directory") from None
+    except OSError as exc:
+        raise SourceUnreadable(exc.strerror or str(exc)) from None
+
+
+def _read_all(source: Source) -> bytes:
+    if isinstance(source, bytes):
+        return source
+    with open(source, "rb") as fh:
+        return fh.read()
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    image: Any
+    width: int  # as stored, before orientation
+    height: int  # of one frame
+    frames: int
+    resized: bool
+    converted_to_srgb: bool = False
+
+
+def _load(source: Source, sniffed: Sniffed, options: EncodeOptions, fail_on: str) -> _Loaded:
+    """Decode, oriented and (if asked) shrunk."""
+    fmt = sniffed.format
+    assert fmt is not None
+    if fmt == "bmp":
+        from optimizr.decoders.bmp import decode_bmp
+
+        image = decode_bmp(_read_all(source), max_pixels=options.max_pixels)
+        resized = _resize_in_memory(image, options)
+        return _Loaded(resized, image.width, image.height, 1, resized is not image)
+    if sniffed.animated_png:
+        from optimizr.decoders.apng import decode_apng
+
+        image = decode_apng(_read_all(source), max_pixels=options.max_pixels)
+        resized = _resize_in_memory(image, options)
+        return _Loaded(
+            resized, image.width, _page_height(image), _pages(image), resized is not image
+        )
+
+    all_frames = fmt in _ANIMATED_LOADERS
+    header = _open(source, fail_on, n=-1) if all_frames else _open(source, fail_on)
+    frames = _pages(header) if all_frames else 1
+    width, page_height = header.width, _page_height(header)
+    _check_pixels(width, page_height, frames, options)
+    orientation = _orientation(header)
+    out_w, out_h = _oriented(width, page_height, orientation)
+    target = _target_size(out_w, out_h, options)
+
+    if target is None:
+        # Flips and rotations read the rows out of order, which a sequential
+        # (streaming) decode cannot do; only those images are fully decoded first.
+        access = "sequential" if orientation == 1 else "random"
+        image = (
+            _open(source, fail_on, n=-1, access=access)
+            if all_frames
+            else _open(source, fail_on, access=access)
+        )
+        if orientation != 1 and frames == 1:
+            image = image.autorot()
+        return _Loaded(image, width, page_height, frames, False)
+
+    # Shrink on load: libvips' thumbnail asks the JPEG/WebP/HEIF decoder for a
+    # reduced image directly, then finishes with a high-quality resize. It also
+    # applies the EXIF orientation and keeps the embedded profile untouched.
+    t_w, t_h = target
+    kwargs: dict[str, Any] = {"height": t_h, "size": "down", "fail_on": fail_on}
+    if isinstance(source, bytes):
+        image = pyvips.Image.thumbnail_buffer(
+            source, t_w, option_string="n=-1" if all_frames else "", **kwargs
+        )
+    else:
+        image = pyvips.Image.thumbnail(source + ("[n=-1]" if all_frames else ""), t_w, **kwargs)
+    return _Loaded(image, width, page_height, frames, True)
+
+
+def _png_cut_short(source: Source) -> bool:
+    try:
+        if isinstance(source, bytes):
+            tail = source[-12:]
+        else:
+            with open(source, "rb") as fh:
+                fh.seek(max(0, os.fstat(fh.fileno()).st_size - 12))
+                tail = fh.read()
+    except OSError:
+        return False
+    return tail[4:8] != b"IEND"
+
+
+def _open(source: Source, fail_on: str, **kwargs: Any) -> Any:
+    kwargs["fail_on"] = fail_on
+    if isinstance(source, bytes):
+        return pyvips.Image.new_from_buffer(source, "", **kwargs)
+    return pyvips.Image.new_from_file(source, **kwargs)
+
+
+def _resize_in_memory(image: Any, options: EncodeOptions) -> Any:
+    target = _target_size(image.width, _page_height(image), options)
+    if target is None:
+        return image
+    return image.thumbnail_image(target[0], height=target[1], size="down")
+
+
+def _check_pixels(width: int, height: int, frames: int, options: EncodeOptions) -> None:
+    pixels = width * height * frames
+    if pixels > options.max_pixels:
+        what = f"{width}x{height}" + (f"x{frames} frames" if frames > 1 else "")
+        raise TooLarge(f"{what} = {pixels:,} px exceeds --max-pixels {options.max_pixels:,}")
+
+
+def _target_size(width: int, height: int, options: EncodeOptions) -> tuple[int, int] | None:
+    """The box to shrink into, or None when the image is kept at its own size."""
+    box_w = options.max_width or width
+    box_h = options.max_height or height
+    if options.oversize == "fit":
+        box_w, box_h = min(box_w, WEBP_MAX_DIMENSION), min(box_h, WEBP_MAX_DIMENSION)
+    if width <= box_w and height <= box_h:
+        return None
+    return box_w, box_h
+
+
+def _prepare_colour(image: Any, options: EncodeOptions) -> tuple[Any, bool]:
+    """Bring the pixels to 8-bit sRGB-family data WebP can carry. Returns (image, to_srgb)."""
+    interpretation = image.interpretation
+    has_icc = image.get_typeof("icc-profile-data") != 0
+    to_srgb = False
+
+    if interpretation == "cmyk":
+        # libvips falls back to its built-in CMYK profile when none is embedded,
+        # which is what browsers and Photoshop assume for untagged CMYK.
+        image = image.icc_transform("srgb", embedded=True, input_profile="cmyk", intent="relative")
+        image = _without_icc(image)
+        return image, True
+    if interpretation in ("lab", "labs", "labq", "xyz", "yxy", "lch", "cmc", "hsv", "scrgb"):
+        return _without_icc(image.colourspace("srgb")), True
+
+    is_grey = image.bands - (1 if image.hasalpha() else 0) == 1
+    if has_icc and is_grey:
+        # A grey ICC profile cannot describe the RGB data a WebP holds, so grey
+        # images are brought to sRGB-encoded grey: still one neutral channel.
+        image = image.icc_transform("srgb", embedded=True, intent="relative").colourspace("b-w")
+        return _without_icc(image), True
+
+    wants_srgb = options.srgb or options.metadata == "none"
+    if has_icc and wants_srgb and not _is_srgb_profile(image.get("icc-profile-data")):
+        image = image.icc_transform("srgb", embedded=True, intent="relative")
+        to_srgb = True
+    if wants_srgb and has_icc:
+        image = _without_icc(image)
+
+    if image.format != "uchar":
+        # 16-bit and float data: the colourspace converters scale to 8 bits
+        # (65535 -> 255) rather than clipping as a plain cast would.
+        image = image.colourspace("b-w" if is_grey else "srgb")
+    return image, to_srgb
+
+
+def _without_icc(image: Any) -> Any:
+    if image.get_typeof("icc-profile-data") == 0:
+        return image
+    image = image.copy()
+    image.remove("icc-profile-data")
+    return image
+
+
+def _is_srgb_profile(profile: bytes) -> bool:
+    """True for the common sRGB profiles, judged by the profile's description tag."""
+    return b"srgb" in _icc_description(profile).lower().replace(b" ", b"")
+
+
+def _icc_description(profile: bytes) -> bytes:
+    try:
+        count = struct.unpack_from(">I", profile, 128)[0]
+        for i in range(min(count, 100)):
+            sig, offset, size = struct.unpack_from(">4sII", profile, 132 + 12 * i)
+            if sig == b"desc":
+                body = profile[offset : offset + size]
+                if body[:4] == b"desc":  # v2 textDescriptionType: ASCII
+                    length = struct.unpack_from(">I", body, 8)[0]
+                    return body[12 : 12 + length].rstrip(b"\0")
+                if body[:4] == b"mluc":  # v4: first record, UTF-16BE
+                    rec_len, rec_off = struct.unpack_from(">II", body, 20)
+                    return body[rec_off : rec_off + rec_len].decode("utf-16-be", "replace").encode()
+    except struct.error:
+        pass
+    return b""
+
+
+def _fit_to_webp(image: Any, options: EncodeOptions) -> Any:
+    page_height = _page_height(image)
+    if image.width <= WEBP_MAX_DIMENSION and page_height <= WEBP_MAX_DIMENSION:
+        return image
+    if options.oversize == "fail":
+        raise TooLarge(
+            f"{image.width}x{page_height} is over WebP's {WEBP_MAX_DIMENSION} px limit; "
+            "use --oversize fit to downscale it, or --max-width/--max-height"
+        )
+    # Only images that reached here without shrink-on-load (BMP, APNG) need this.
+    return image.thumbnail_image(WEBP_MAX_DIMENSION, height=WEBP_MAX_DIMENSION, size="down")
+
+
+def _save(image: Any, options: EncodeOptions) -> bytes:
+    keep = {
+        "none": pyvips.enums.ForeignKeep.NONE,
+        "icc": pyvips.enums.ForeignKeep.ICC,
+        "all": pyvips.enums.ForeignKeep.ALL,
+    }[options.metadata]
+    kwargs: dict[str, Any] = {
+        "Q": options.quality,
+        "effort": options.effort,
+        "alpha_q": options.alpha_quality,
+        "smart_subsample": options.smart_subsample,
+        "preset": options.preset,
+        "keep": keep,
+    }
+    if options.near_lossless is not None:
+        # libvips reads the near-lossless level from Q (libwebp: 100 = off, 0 = most).
+        kwargs.update(lossless=True, near_lossless=True, Q=options.near_lossless)
+    elif options.lossless:
+        kwargs["lossless"] = True
+    if _pages(image) > 1:
+        kwargs["page_height"] = _page_height(image)
+    data: bytes = image.webpsave_buffer(**kwargs)
+    if not data:
+        raise EncodeFailed("libwebp produced no data")
+    return data
+
+
+def _pages(image: Any) -> int:
+    return int(image.height) // _page_height(image)
+
+
+def _page_height(image: Any) -> int:
+    if image.get_typeof("page-height"):
+        page_height = int(image.get("page-height"))
+        if 0 < page_height <= image.height and image.height % page_height == 0:
+            return page_height
+    return int(image.height)
+
+
+def _orientation(image: Any) -> int:
+    if image.get_typeof("orientation"):
+        value = int(image.get("orientation"))
+        if 1 <= value <= 8:
+            return value
+    return 1
+
+
+def _oriented(width: int, height: int, orientation: int) -> tuple[int, int]:
+    # Orientations 5-8 transpose the image (EXIF 2.32, tag 0x0112).
+    return (height, width) if orientation >= 5 else (width, height)
+
+
+_TRUNCATED_HINTS = ("premature end", "unexpected end", "truncat", "end of file", "read error")
+_UNSUPPORTED_HINTS = (
+    "support for this compression",
+    "unsupported",
+    "not supported",
+    "not configured",
+)
+
+
+def _classify_vips_error(exc: pyvips.Error, fmt: str) -> ImageError:
+    """Turn libvips' multi-line error log into one typed, one-line reason."""
+    lines = [line.strip() for line in str(exc.detail or "").splitlines() if line.strip()]
+    # "unable to call X" only says which operation failed, not why.
+    reasons = [line for line in lines if not line.lower().startswith("unable to call")]
+    reasons = list(dict.fromkeys(reasons))  # libvips often repeats a line per thread
+    detail = "; ".join(reasons)[:240]
+    lower = detail.lower()
+    if any(hint in lower for hint in _UNSUPPORTED_HINTS):
+        if fmt == "heic":
+            return UnsupportedImage("HEIC (HEVC) decoding is not available in this libvips build")
+        return UnsupportedImage(f"{fmt}: {detail}")
+    if "libpng read error" in lower and fmt == "png":
+        return CorruptImage("png: damaged or incomplete image data (libpng read error)")
+    if "corrupt jpeg data" in lower:
+        # libvips gives up after 100 libjpeg warnings ("read gave 100 warnings").
+        return CorruptImage(f"jpeg: too much damage in the compressed data ({detail})")
+    if any(hint in lower for hint in _TRUNCATED_HINTS):
+        return TruncatedImage(f"{fmt}: {detail}")
+    # Decoding is lazy, so a decoder failure often surfaces as "unable to call
+    # webpsave_buffer"; only libwebp's own messages mean the encoder refused.
+    if "webpsave:" in lower or "webpencode" in lower or "vips2webp" in lower:
+        return EncodeFailed(detail)
+    if not detail:
+        return CorruptImage(f"{fmt}: the decoder rejected the file as invalid")
+    return CorruptImage(f"{fmt}: {detail}")
+
+
+__all__ = ["Encoded", "ImageFacts", "Source", "encode_webp", "HEAD_SIZE"]

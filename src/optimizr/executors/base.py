@@ -1,0 +1,71 @@
+"""The executor seam: run per-image jobs somewhere, hand back outcomes.
+
+The local process pool is the first implementation, an in-process one serves
+library callers and tests, and a Dask one comes later. All of them pull jobs
+lazily from an iterator (so the walk never runs far ahead) and yield outcomes
+in completion order.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from optimizr.config import EncodeOptions
+from optimizr.encode import Encoded
+from optimizr.errors import ImageError
+
+
+@dataclass(frozen=True)
+class Job:
+    """One image to convert: plain, picklable data only (never a live image)."""
+
+    id: int
+    key: str
+    source: str | bytes  # a path the worker may read, or the bytes themselves
+    options: EncodeOptions
+
+
+@dataclass(frozen=True)
+class Outcome:
+    job: Job
+    encoded: Encoded | None
+    error: ImageError | None
+    worker: str = ""
+
+
+@dataclass(frozen=True)
+class ExecutorStatistics:
+    workers: int
+    started: int
+    completed: int
+    crashed: int
+    timed_out: int
+    restarts: int
+
+
+class Executor(ABC):
+    workers: int = 1
+
+    @abstractmethod
+    def imap_unordered(self, jobs: Iterable[Job]) -> Iterator[Outcome]:
+        """Run jobs, at most ``workers`` at a time, yielding each outcome as it completes."""
+
+    def stop_accepting(self) -> None:  # noqa: B027 - optional hook, a no-op by default
+        """Graceful stop: take no new jobs; let those in flight finish."""
+
+    def abort(self) -> None:  # noqa: B027 - optional hook, a no-op by default
+        """Hard stop: abandon in-flight jobs now."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook, a no-op by default
+        """Release workers."""
+
+    @abstractmethod
+    def statistics(self) -> ExecutorStatistics: ...
+
+    def __enter__(self) -> Executor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,88 @@
+"""The code that runs inside a worker process.
+
+Kept apart from the pool so that a worker imports only what it needs, and so
+libvips is configured before its first use: one operation cache is useless for
+a stream of different images and only holds memory, and libvips' own thread
+pool must be sized so that workers x threads does not oversubscribe the cores.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from multiprocessing.connection import Connection
+from typing import Any
+
+#: Test-only fault injection: "crash:NAME,hang:NAME,abort:NAME" makes the worker
+#: die with SIGSEGV, sleep forever or abort() when it is handed a file whose key
+#: ends with NAME. It exists so the crash-isolation tests exercise a real dead
+#: process; nothing sets it outside the test suite.
+FAULT_ENV = "OPTIMIZR_TEST_FAULTS"
+
+
+def configure_libvips(threads: int) -> None:
+    # Must happen before pyvips starts libvips, which reads these once.
+    os.environ["VIPS_CONCURRENCY"] = str(max(1, threads))
+    os.environ.setdefault("VIPS_WARNING", "0")
+    import pyvips
+
+    pyvips.cache_set_max(0)
+    pyvips.cache_set_max_mem(0)
+    pyvips.cache_set_max_files(0)
+
+
+def worker_main(conn: Connection, threads: int) -> None:
+    """Serve jobs from ``conn`` until it closes. Runs in a fresh (spawned) process."""
+    # Ctrl-C reaches the whole process group; only the parent decides what it
+    # means (finish in-flight work first), so workers ignore it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    configure_libvips(threads)
+    from optimizr.encode import encode_webp
+    from optimizr.errors import ImageError
+
+    faults = _parse_faults(os.environ.get(FAULT_ENV, ""))
+    while True:
+        try:
+            job = conn.recv()
+        except (EOFError, OSError):
+            return
+        if job is None:
+            return
+        _maybe_fault(faults, job.key)
+        try:
+            result: Any = ("ok", encode_webp(job.source, job.options))
+        except ImageError as exc:
+            result = ("error", exc)
+        except MemoryError:
+            from optimizr.errors import TooLarge
+
+            result = ("error", TooLarge("ran out of memory while converting"))
+        except Exception as exc:  # a bug of ours must not lose the rest of the run
+            from optimizr.errors import EncodeFailed
+
+            result = ("error", EncodeFailed(f"internal error: {type(exc).__name__}: {exc}"))
+        try:
+            conn.send(result)
+        except (OSError, EOFError):
+            return
+
+
+def _parse_faults(text: str) -> dict[str, str]:
+    faults: dict[str, str] = {}
+    for item in filter(None, text.split(",")):
+        kind, _, name = item.partition(":")
+        faults[name] = kind
+    return faults
+
+
+def _maybe_fault(faults: dict[str, str], key: str) -> None:
+    for name, kind in faults.items():
+        if key.endswith(name):
+            if kind == "crash":
+                os.kill(os.getpid(), signal.SIGSEGV)
+            elif kind == "abort":
+                os.abort()
+            elif kind == "hang":
+                while True:
+                    time.sleep(3600)

@@ -1,0 +1,199 @@
+"""What a person watching the terminal sees: a live bar on a TTY, periodic
+plain lines otherwise, one line per failed file, and the final table.
+
+This is the edge of the program: only the CLI uses it, the core never does.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import IO
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+from optimizr.results import Result, RunSummary
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+class _StatsColumn(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        f = task.fields
+        elapsed = task.elapsed or 0.0
+        rate = f["bytes_in"] / 1e6 / elapsed if elapsed > 0 else 0.0
+        text = f"{human_bytes(f['bytes_in'])} -> {human_bytes(f['bytes_out'])}  {rate:.1f} MB/s"
+        style = "red" if f["failed"] else ""
+        return Text(text + (f"  {f['failed']} failed" if f["failed"] else ""), style=style)
+
+
+class TerminalProgress:
+    """Implements the pipeline's ``ProgressListener``."""
+
+    def __init__(
+        self,
+        *,
+        live: bool | None = None,
+        verbose: bool = False,
+        every: int = 100,
+        stream: IO[str] | None = None,
+    ) -> None:
+        self.stream = stream or sys.stderr
+        self.console = Console(file=self.stream, highlight=False, soft_wrap=True)
+        self.live = self.console.is_terminal if live is None else live
+        self.verbose = verbose
+        self.every = max(1, every)
+        self.found_total = 0
+        self.walk_complete = False
+        self.done = 0
+        self.failed = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.started = time.monotonic()
+        self._last_line = 0.0
+        self._progress: Progress | None = None
+        self._task: int | None = None
+
+    # context management starts/stops the live display
+    def __enter__(self) -> TerminalProgress:
+        if self.live:
+            self._progress = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                TextColumn("{task.completed:,.0f}/{task.fields[found]}"),
+                _StatsColumn(),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=self.console,
+                transient=False,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task(
+                "converting", total=None, found="0+", bytes_in=0, bytes_out=0, failed=0
+            )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    # -- ProgressListener ------------------------------------------------------------
+
+    def found(self, count: int) -> None:
+        self.found_total += count
+        self._refresh()
+
+    def walk_done(self, total: int) -> None:
+        self.walk_complete = True
+        self.found_total = total
+        self._refresh()
+
+    def finished(self, result: Result) -> None:
+        self.done += 1
+        if result.status == "converted":
+            self.bytes_in += result.bytes_in
+            self.bytes_out += result.bytes_out
+        elif result.status == "failed":
+            self.failed += 1
+            self._print(f"[red]FAILED[/red] {_escape(result.line())}")
+        if self.verbose and result.status != "failed":
+            self._print(_verbose_line(result))
+        self._refresh()
+
+    def stopping(self, hard: bool) -> None:
+        if hard:
+            self._print("[yellow]aborting: in-flight images are abandoned[/yellow]")
+        else:
+            self._print(
+                "[yellow]stopping: finishing the images in flight "
+                "(press Ctrl-C again to abort)[/yellow]"
+            )
+        if self._progress is not None and self._task is not None:
+            self._progress.update(self._task, description="stopping")  # type: ignore[arg-type]
+
+    # -- output ------------------------------------------------------------------
+
+    def _print(self, markup: str) -> None:
+        if self._progress is not None:
+            self._progress.console.print(markup)
+        else:
+            self.console.print(markup)
+
+    def _refresh(self) -> None:
+        if self._progress is not None and self._task is not None:
+            found = f"{self.found_total:,}" + ("" if self.walk_complete else "+")
+            self._progress.update(
+                self._task,  # type: ignore[arg-type]
+                completed=self.done,
+                total=self.found_total if self.walk_complete else None,
+                found=found,
+                bytes_in=self.bytes_in,
+                bytes_out=self.bytes_out,
+                failed=self.failed,
+            )
+            return
+        if self.done and self.done % self.every == 0:
+            of = f"{self.found_total:,}" + ("" if self.walk_complete else "+ found so far")
+            elapsed = time.monotonic() - self.started
+            rate = self.bytes_in / 1e6 / elapsed if elapsed else 0.0
+            self.console.print(
+                f"{self.done:,}/{of} files, {human_bytes(self.bytes_in)} -> "
+                f"{human_bytes(self.bytes_out)}, {rate:.1f} MB/s, {self.failed} failed"
+            )
+
+
+def _escape(text: str) -> str:
+    return text.replace("[", r"\[")
+
+
+def _verbose_line(result: Result) -> str:
+    if result.status == "converted":
+        return (
+            f"converted {_escape(result.key)} -> {_escape(result.output or '')} "
+            f"({human_bytes(result.bytes_in)} -> {human_bytes(result.bytes_out)})"
+        )
+    return f"skipped {_escape(result.line())}"
+
+
+def summary_table(summary: RunSummary) -> Table:
+    seconds = summary.seconds
+    saving = summary.saved_bytes / summary.bytes_in if summary.bytes_in else 0.0
+    table = Table(title="optimizr" + (" (interrupted)" if summary.interrupted else ""))
+    table.add_column("", style="bold")
+    table.add_column("", justify="right")
+    table.add_row("files found", f"{summary.found:,}")
+    table.add_row("converted", f"{summary.converted:,}")
+    skipped = ", ".join(f"{n:,} {r}" for r, n in sorted(summary.skipped_by_reason.items()))
+    table.add_row("skipped", f"{summary.skipped:,}" + (f" ({skipped})" if skipped else ""))
+    failed = ", ".join(f"{n:,} {r}" for r, n in sorted(summary.failed_by_reason.items()))
+    table.add_row("failed", f"{summary.failed:,}" + (f" ({failed})" if failed else ""))
+    table.add_row("bytes before", human_bytes(summary.bytes_in))
+    table.add_row("bytes after", human_bytes(summary.bytes_out))
+    table.add_row("saving", f"{human_bytes(summary.saved_bytes)} ({saving:.1%})")
+    table.add_row("time", f"{seconds:.1f} s")
+    if seconds > 0:
+        table.add_row(
+            "throughput",
+            f"{summary.converted / seconds:.1f} files/s, "
+            f"{summary.bytes_in / 1e6 / seconds:.1f} MB/s, "
+            f"{summary.pixels / 1e6 / seconds:.1f} MP/s",
+        )
+    return table

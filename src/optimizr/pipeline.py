@@ -1,0 +1,379 @@
+"""discover -> plan -> execute -> commit, for a whole tree.
+
+* **discover**: the source storage is walked one directory at a time, lazily.
+* **plan**: each file gets its output key; two sources claiming one output are
+  caught here (they can only meet inside one directory), outputs already newer
+  than their source are skipped without being opened.
+* **execute**: jobs go to an :class:`~optimizr.executors.base.Executor`, which
+  pulls them only as workers free up, so the walk stays a small window ahead.
+* **commit**: the parent alone writes outputs, each atomically, after checking
+  that the source did not change while it was being converted.
+
+Stopping is cooperative: :class:`StopToken` asks once for a graceful stop (no
+new work, in-flight images finish) and a second time for an abort.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Protocol
+
+from optimizr.atomic import atomic_write
+from optimizr.config import EncodeOptions, IfLarger, NameMode, RunConfig, available_cpus
+from optimizr.errors import (
+    ImageError,
+    NotAnImage,
+    OutputConflict,
+    SourceUnreadable,
+    UnsupportedImage,
+    UsageError,
+)
+from optimizr.executors.base import Executor, Job, Outcome
+from optimizr.results import (
+    DRY_RUN,
+    LARGER_THAN_SOURCE,
+    NOT_AN_IMAGE,
+    UNSUPPORTED,
+    UP_TO_DATE,
+    Result,
+    RunSummary,
+    options_dict,
+)
+from optimizr.sniff import looks_like_image_name, sniff_file
+from optimizr.storage.base import SourceEntry, Storage, WalkOptions
+from optimizr.storage.local import LocalStorage
+
+
+class ProgressListener(Protocol):
+    """What a progress display is told. All calls come from the pipeline's thread."""
+
+    def found(self, count: int) -> None: ...
+    def finished(self, result: Result) -> None: ...
+    def walk_done(self, total: int) -> None: ...
+    def stopping(self, hard: bool) -> None: ...
+
+
+@dataclass
+class StopToken:
+    """Asked once: finish what is in flight. Asked twice: abort now."""
+
+    graceful: bool = False
+    hard: bool = False
+    _listeners: list[Executor] = field(default_factory=list)
+
+    def request(self) -> None:
+        if self.graceful:
+            self.hard = True
+            for executor in self._listeners:
+                executor.abort()
+        else:
+            self.graceful = True
+            for executor in self._listeners:
+                executor.stop_accepting()
+
+    def attach(self, executor: Executor) -> None:
+        self._listeners.append(executor)
+        if self.hard:
+            executor.abort()
+        elif self.graceful:
+            executor.stop_accepting()
+
+
+def output_key(key: str, name: NameMode) -> str:
+    """``a/b/photo.jpg`` -> ``a/b/photo.webp`` (replace) or ``a/b/photo.jpg.webp`` (append)."""
+    if name == "append":
+        return key + ".webp"
+    path = PurePosixPath(key)
+    return str(path.with_suffix(".webp")) if path.suffix else key + ".webp"
+
+
+def classify_error(key: str, error: ImageError) -> Result:
+    """Not every ImageError is a failure: a stray text file is skipped, not failed."""
+    if isinstance(error, NotAnImage) and not looks_like_image_name(key):
+        return Result(key, "skipped", NOT_AN_IMAGE, error.message)
+    if isinstance(error, UnsupportedImage):
+        return Result(key, "skipped", UNSUPPORTED, error.message)
+    return Result(key, "failed", error.reason, error.message)
+
+
+class Pipeline:
+    def __init__(
+        self,
+        config: RunConfig,
+        source: Storage,
+        dest: Storage,
+        executor: Executor,
+        *,
+        listener: ProgressListener | None = None,
+        stop: StopToken | None = None,
+        prune: tuple[str, ...] = (),
+    ) -> None:
+        self.config = config
+        self.source = source
+        self.dest = dest
+        self.executor = executor
+        self.listener = listener
+        self.stop = stop or StopToken()
+        self.prune = prune
+        self.summary = RunSummary(src=source.describe(), dest=dest.describe())
+        self.summary.workers = executor.workers
+        self.summary.options = {
+            **options_dict(config.encode),
+            "name": config.name,
+            "if_larger": config.if_larger,
+            "force": config.force,
+            "include": list(config.include),
+            "exclude": list(config.exclude),
+            "follow_symlinks": config.follow_symlinks,
+        }
+        self._in_flight: dict[int, SourceEntry] = {}
+        self._next_id = 0
+
+    def run(self) -> RunSummary:
+        self.stop.attach(self.executor)
+        self.dest.remove_stale_temporaries()
+        try:
+            for outcome in self.executor.imap_unordered(self._jobs()):
+                if self.stop.hard:
+                    break
+                self._commit(outcome)
+        finally:
+            self.summary.interrupted = self.stop.graceful
+            self.summary.finished_at = time.time()
+        return self.summary
+
+    # -- plan --------------------------------------------------------------------
+
+    def _jobs(self) -> Iterator[Job]:
+        config = self.config
+        walk = WalkOptions(
+            include=config.include,
+            exclude=config.exclude,
+            follow_symlinks=config.follow_symlinks,
+            prune=self.prune,
+        )
+        found = 0
+        for listing in self.source.walk(walk):
+            if self.stop.graceful:
+                return
+            if self.listener:
+                self.listener.found(len(listing.entries))
+            found += len(listing.entries)
+            claimed: dict[str, str] = {}
+            for entry in listing.entries:
+                job = self._plan(entry, claimed)
+                if job is not None:
+                    yield job
+                if self.stop.graceful:
+                    return
+        if self.listener:
+            self.listener.walk_done(found)
+
+    def _plan(self, entry: SourceEntry, claimed: dict[str, str]) -> Job | None:
+        if entry.error is not None:
+            self._record(Result(entry.key, "failed", entry.error, f"cannot read: {entry.error}"))
+            return None
+        out_key = output_key(entry.key, self.config.name)
+        if out_key in claimed:
+            error = OutputConflict(
+                f"{out_key} is already the output of {claimed[out_key]}; "
+                "use --name append to keep both"
+            )
+            self._record(Result(entry.key, "failed", error.reason, error.message))
+            return None
+        claimed[out_key] = entry.key
+        if not self.config.force:
+            existing = self.dest.stat(out_key)
+            if existing is not None and existing.mtime_ns >= entry.mtime_ns:
+                self._record(Result(entry.key, "skipped", UP_TO_DATE, "", out_key))
+                return None
+        if self.config.dry_run:
+            self._record(self._dry_run_result(entry, out_key))
+            return None
+        source: str | bytes | None = self.source.local_path(entry.key)
+        if source is None:
+            try:
+                source = self.source.read_bytes(entry.key)
+            except OSError as exc:
+                unreadable = SourceUnreadable(exc.strerror or str(exc))
+                self._record(Result(entry.key, "failed", unreadable.reason, unreadable.message))
+                return None
+        self._next_id += 1
+        self._in_flight[self._next_id] = entry
+        return Job(self._next_id, entry.key, source, self.config.encode)
+
+    def _dry_run_result(self, entry: SourceEntry, out_key: str) -> Result:
+        path = self.source.local_path(entry.key)
+        try:
+            if path is not None:
+                with open(path, "rb") as fh:
+                    sniffed = sniff_file(fh)
+            else:
+                from optimizr.sniff import sniff_bytes
+
+                sniffed = sniff_bytes(self.source.read_bytes(entry.key))
+        except OSError as exc:
+            return Result(entry.key, "failed", "unreadable", exc.strerror or str(exc))
+        if sniffed.format is None:
+            return classify_error(entry.key, NotAnImage("no known image signature"))
+        if not sniffed.supported:
+            return classify_error(
+                entry.key, UnsupportedImage(f"{sniffed.format} is not a format optimizr converts")
+            )
+        kind = "apng" if sniffed.animated_png else sniffed.format
+        return Result(entry.key, "skipped", DRY_RUN, f"would convert {kind} -> {out_key}", out_key)
+
+    # -- commit ------------------------------------------------------------------
+
+    def _commit(self, outcome: Outcome) -> None:
+        entry = self._in_flight.pop(outcome.job.id)
+        key = entry.key
+        if outcome.error is not None or outcome.encoded is None:
+            error = outcome.error or ImageError("no result")
+            self._record(classify_error(key, error))
+            return
+        encoded = outcome.encoded
+        out_key = output_key(key, self.config.name)
+        size = len(encoded.webp)
+        if self.config.if_larger == "skip" and size >= entry.size:
+            message = f"WebP would be {size:,} bytes, source is {entry.size:,}"
+            self._record(Result(key, "skipped", LARGER_THAN_SOURCE, message, None, entry.size))
+            return
+        now = self.source.stat(key)
+        if now is None or (now.size, now.mtime_ns) != (entry.size, entry.mtime_ns):
+            what = "disappeared" if now is None else "changed"
+            self._record(Result(key, "failed", "source changed", f"the source {what} meanwhile"))
+            return
+        try:
+            self.dest.write_atomic(out_key, encoded.webp)
+        except OSError as exc:
+            reason = "no space left" if exc.errno == 28 else "write failed"
+            self._record(Result(key, "failed", reason, f"{out_key}: {exc.strerror or exc}"))
+            return
+        self._record(Result(key, "converted", None, "", out_key, entry.size, size, encoded.facts))
+
+    def _record(self, result: Result) -> None:
+        self.summary.record(result)
+        if self.listener:
+            self.listener.finished(result)
+
+
+# -- the library API -------------------------------------------------------------
+
+
+def convert_tree(
+    src: str | os.PathLike[str],
+    dest: str | os.PathLike[str],
+    options: EncodeOptions | RunConfig | None = None,
+    *,
+    executor: Executor | None = None,
+    listener: ProgressListener | None = None,
+    stop: StopToken | None = None,
+) -> RunSummary:
+    """Convert every image under ``src`` into a mirrored tree of WebP files under ``dest``.
+
+    ``options`` is an :class:`EncodeOptions` (run settings left at their
+    defaults) or a whole :class:`RunConfig`. Per-file problems never raise:
+    they are counted and listed in the returned :class:`RunSummary`, which is
+    also written to ``DEST/optimizr-summary.json`` (or ``RunConfig.summary_path``).
+    Raises :class:`~optimizr.errors.UsageError` when SRC or DEST cannot be used.
+    """
+    src_path, dest_path = Path(src), Path(dest)
+    if isinstance(options, RunConfig):
+        config = options
+    else:
+        config = RunConfig(src=src_path, dest=dest_path, encode=options or EncodeOptions())
+    if not src_path.exists():
+        raise UsageError(f"SRC does not exist: {src_path}")
+    if not src_path.is_dir():
+        raise UsageError(f"SRC is not a folder: {src_path}")
+    src_real, dest_real = src_path.resolve(), dest_path.resolve()
+    if src_real == dest_real:
+        raise UsageError("DEST must be a different folder from SRC")
+    if dest_real.exists() and not dest_real.is_dir():
+        raise UsageError(f"DEST exists and is not a folder: {dest_path}")
+    prune: tuple[str, ...] = ()
+    if dest_real.is_relative_to(src_real):
+        prune = (dest_real.relative_to(src_real).as_posix(),)
+    if not config.dry_run:
+        try:
+            dest_path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"cannot create DEST {dest_path}: {exc.strerror or exc}") from None
+
+    own_executor = executor is None
+    if executor is None:
+        from optimizr.executors.local import ProcessExecutor
+
+        workers = config.effective_workers
+        executor = ProcessExecutor(
+            workers,
+            threads_per_worker=max(1, available_cpus() // workers),
+            timeout=config.timeout,
+        )
+    try:
+        pipeline = Pipeline(
+            config,
+            LocalStorage(src_path),
+            LocalStorage(dest_path),
+            executor,
+            listener=listener,
+            stop=stop,
+            prune=prune,
+        )
+        summary = pipeline.run()
+    finally:
+        if own_executor:
+            executor.close()
+    if not config.dry_run:
+        write_summary(summary, config.effective_summary_path)
+    return summary
+
+
+def write_summary(summary: RunSummary, path: Path) -> None:
+    data = json.dumps(summary.to_dict(), indent=2, sort_keys=False).encode() + b"\n"
+    atomic_write(path, data)
+
+
+def convert_file(
+    src: str | os.PathLike[str],
+    dest: str | os.PathLike[str],
+    options: EncodeOptions | None = None,
+    *,
+    if_larger: IfLarger = "skip",
+) -> Result:
+    """Convert one image file to ``dest`` (a ``.webp`` path), atomically.
+
+    Runs in the calling process. Never raises for a bad image: the returned
+    :class:`Result` says ``converted``, ``skipped`` (with the reason) or
+    ``failed`` (with the reason and a one-line message).
+    """
+    from optimizr.encode import encode_webp
+
+    options = options or EncodeOptions()
+    src_path, dest_path = Path(src), Path(dest)
+    try:
+        size = src_path.stat().st_size
+        encoded = encode_webp(str(src_path), options)
+    except ImageError as exc:
+        return classify_error(str(src_path), exc)
+    except OSError as exc:
+        error = SourceUnreadable(exc.strerror or str(exc))
+        return Result(str(src_path), "failed", error.reason, error.message)
+    webp_size = len(encoded.webp)
+    if if_larger == "skip" and webp_size >= size:
+        message = f"WebP would be {webp_size:,} bytes, source is {size:,}"
+        return Result(str(src_path), "skipped", LARGER_THAN_SOURCE, message, None, size)
+    try:
+        atomic_write(dest_path, encoded.webp)
+    except OSError as exc:
+        reason = "no space left" if exc.errno == 28 else "write failed"
+        return Result(str(src_path), "failed", reason, f"{dest_path}: {exc.strerror or exc}")
+    return Result(
+        str(src_path), "converted", None, "", str(dest_path), size, webp_size, encoded.facts
+    )

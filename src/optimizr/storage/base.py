@@ -1,0 +1,109 @@
+"""The storage seam: where sources come from and where outputs go.
+
+A backend maps *relative POSIX keys* (``a/b/photo.jpg``) to bytes. The local
+filesystem is the first backend; S3 comes next; ``MemoryStorage`` is the fake
+the tests run the pipeline on. The pipeline only ever talks to this interface.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+
+
+@dataclass(frozen=True)
+class FileStat:
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class SourceEntry:
+    """One file found by a walk, or a place the walk could not enter (``error`` set)."""
+
+    key: str
+    size: int = 0
+    mtime_ns: int = 0
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class WalkOptions:
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    follow_symlinks: bool = False
+    #: Keys (directories) never to enter, relative to the root: DEST inside SRC.
+    prune: tuple[str, ...] = ()
+
+    def wants_file(self, key: str) -> bool:
+        if self.include and not _matches_any(key, self.include):
+            return False
+        return not _matches_any(key, self.exclude)
+
+    def wants_dir(self, key: str) -> bool:
+        return key not in self.prune and not _matches_any(key, self.exclude)
+
+
+def _matches_any(key: str, patterns: tuple[str, ...]) -> bool:
+    # A pattern with a slash is matched against the whole relative path, one
+    # without against the name alone: "*.png" and "raw/**" both do what they say.
+    name = PurePosixPath(key).name
+    for pattern in patterns:
+        target = key if "/" in pattern else name
+        if fnmatch.fnmatchcase(target, pattern):
+            return True
+        if pattern.endswith("/**") and (key + "/").startswith(pattern[:-2]):
+            return True
+    return False
+
+
+@dataclass
+class WalkStatistics:
+    directories: int = 0
+    files: int = 0
+    symlinks_skipped: int = 0
+    excluded: int = 0
+    errors: int = 0
+    loops_avoided: int = 0
+
+
+@dataclass(frozen=True)
+class DirectoryListing:
+    """The wanted files of one directory, sorted by name: the unit the pipeline
+    plans outputs for, so that two sources claiming one output are caught."""
+
+    directory: str
+    entries: tuple[SourceEntry, ...] = field(default_factory=tuple)
+
+
+class Storage(ABC):
+    """A tree of files addressed by relative POSIX keys."""
+
+    @abstractmethod
+    def walk(self, options: WalkOptions) -> Iterator[DirectoryListing]:
+        """Yield the tree one directory at a time, lazily (memory stays flat)."""
+
+    @abstractmethod
+    def stat(self, key: str) -> FileStat | None:
+        """Size and mtime of ``key``, or None if it does not exist."""
+
+    @abstractmethod
+    def read_bytes(self, key: str) -> bytes: ...
+
+    @abstractmethod
+    def write_atomic(self, key: str, data: bytes) -> None:
+        """Replace ``key`` with ``data`` so no reader ever sees a partial object."""
+
+    def local_path(self, key: str) -> str | None:
+        """A filesystem path workers may read directly (streaming), if there is one."""
+        return None
+
+    @abstractmethod
+    def remove_stale_temporaries(self) -> int:
+        """Delete temporaries an interrupted run left behind; return how many."""
+
+    @abstractmethod
+    def describe(self) -> str: ...

@@ -1,0 +1,127 @@
+"""The local filesystem as a :class:`Storage`."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat as stat_mod
+from collections.abc import Iterator
+from pathlib import Path
+
+from optimizr.atomic import atomic_write, is_temp_name
+from optimizr.storage.base import (
+    DirectoryListing,
+    FileStat,
+    SourceEntry,
+    Storage,
+    WalkOptions,
+    WalkStatistics,
+)
+
+
+class LocalStorage(Storage):
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.walk_stats = WalkStatistics()
+
+    def describe(self) -> str:
+        return str(self.root)
+
+    def path_of(self, key: str) -> Path:
+        return self.root / key if key else self.root
+
+    def local_path(self, key: str) -> str | None:
+        return str(self.path_of(key))
+
+    def stat(self, key: str) -> FileStat | None:
+        try:
+            st = os.stat(self.path_of(key))
+        except OSError:
+            return None
+        return FileStat(st.st_size, st.st_mtime_ns)
+
+    def read_bytes(self, key: str) -> bytes:
+        return self.path_of(key).read_bytes()
+
+    def write_atomic(self, key: str, data: bytes) -> None:
+        atomic_write(self.path_of(key), data)
+
+    def remove_stale_temporaries(self) -> int:
+        removed = 0
+        if not self.root.is_dir():
+            return 0
+        for dirpath, _dirnames, filenames in os.walk(self.root):
+            for name in filenames:
+                if is_temp_name(name):
+                    with contextlib.suppress(OSError):
+                        os.unlink(os.path.join(dirpath, name))
+                        removed += 1
+        return removed
+
+    def walk(self, options: WalkOptions) -> Iterator[DirectoryListing]:
+        """Depth-first, one directory in memory at a time.
+
+        Loops through symlinks are cut by remembering the (device, inode) of
+        the directories on the current path only, so memory is bounded by depth.
+        """
+        stats = self.walk_stats
+        root_st = os.stat(self.root)
+        stack: list[tuple[str, tuple[tuple[int, int], ...]]] = [
+            ("", ((root_st.st_dev, root_st.st_ino),))
+        ]
+        while stack:
+            key, ancestors = stack.pop()
+            stats.directories += 1
+            try:
+                with os.scandir(self.path_of(key)) as it:
+                    dir_entries = sorted(it, key=lambda e: e.name)
+            except OSError as exc:
+                stats.errors += 1
+                reason = "permission denied" if isinstance(exc, PermissionError) else str(exc)
+                yield DirectoryListing(key, (SourceEntry(key or ".", error=reason),))
+                continue
+            files: list[SourceEntry] = []
+            subdirs: list[tuple[str, tuple[tuple[int, int], ...]]] = []
+            for entry in dir_entries:
+                child = f"{key}/{entry.name}" if key else entry.name
+                try:
+                    is_link = entry.is_symlink()
+                    if is_link and not options.follow_symlinks:
+                        stats.symlinks_skipped += 1
+                        continue
+                    st = entry.stat(follow_symlinks=True)
+                except OSError as exc:
+                    if is_temp_name(entry.name):
+                        continue
+                    stats.errors += 1
+                    files.append(SourceEntry(child, error=_os_reason(exc)))
+                    continue
+                if stat_mod.S_ISDIR(st.st_mode):
+                    ident = (st.st_dev, st.st_ino)
+                    if ident in ancestors:
+                        stats.loops_avoided += 1
+                        continue
+                    if options.wants_dir(child):
+                        subdirs.append((child, (*ancestors, ident)))
+                    else:
+                        stats.excluded += 1
+                elif stat_mod.S_ISREG(st.st_mode):
+                    if is_temp_name(entry.name):
+                        continue
+                    if options.wants_file(child):
+                        stats.files += 1
+                        files.append(SourceEntry(child, st.st_size, st.st_mtime_ns))
+                    else:
+                        stats.excluded += 1
+            if files:
+                yield DirectoryListing(key, tuple(files))
+            # Reversed so the stack pops subdirectories in name order.
+            stack.extend(reversed(subdirs))
+
+
+def _os_reason(exc: OSError) -> str:
+    if isinstance(exc, PermissionError):
+        return "permission denied"
+    if isinstance(exc, FileNotFoundError):
+        return "disappeared while being listed"
+    return exc.strerror or str(exc)

@@ -1,0 +1,55 @@
+"""An in-memory :class:`Storage`: the fake the pipeline tests run on, and the
+model the S3 backend will follow (flat keys, whole-object writes)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import PurePosixPath
+
+from optimizr.storage.base import DirectoryListing, FileStat, SourceEntry, Storage, WalkOptions
+
+
+class MemoryStorage(Storage):
+    def __init__(self, files: dict[str, bytes] | None = None) -> None:
+        self.objects: dict[str, tuple[bytes, int]] = {}
+        for key, data in (files or {}).items():
+            self.put(key, data)
+        self.writes = 0
+
+    def describe(self) -> str:
+        return "memory://"
+
+    def put(self, key: str, data: bytes, mtime_ns: int | None = None) -> None:
+        self.objects[key] = (data, time.time_ns() if mtime_ns is None else mtime_ns)
+
+    def stat(self, key: str) -> FileStat | None:
+        obj = self.objects.get(key)
+        return None if obj is None else FileStat(len(obj[0]), obj[1])
+
+    def read_bytes(self, key: str) -> bytes:
+        try:
+            return self.objects[key][0]
+        except KeyError:
+            raise FileNotFoundError(key) from None
+
+    def write_atomic(self, key: str, data: bytes) -> None:
+        self.writes += 1
+        self.put(key, bytes(data))
+
+    def remove_stale_temporaries(self) -> int:
+        return 0
+
+    def walk(self, options: WalkOptions) -> Iterator[DirectoryListing]:
+        by_dir: dict[str, list[SourceEntry]] = {}
+        for key in sorted(self.objects):
+            parent = str(PurePosixPath(key).parent)
+            parent = "" if parent == "." else parent
+            parts = PurePosixPath(key).parts[:-1]
+            prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+            if any(not options.wants_dir(p) for p in prefixes) or not options.wants_file(key):
+                continue
+            data, mtime = self.objects[key]
+            by_dir.setdefault(parent, []).append(SourceEntry(key, len(data), mtime))
+        for directory in sorted(by_dir):
+            yield DirectoryListing(directory, tuple(by_dir[directory]))
