@@ -1,0 +1,82 @@
+"""Shared fixtures: image factories (drawn with numpy + Pillow, independently of
+the engine under test), the real-image corpus, and a CLI runner."""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner, Result
+from PIL import Image
+
+CORPUS_ENV = "OPTIMIZR_CORPUS"
+
+
+@pytest.fixture(scope="session")
+def corpus() -> Path:
+    """The shared real-image corpus; tests using it skip without $OPTIMIZR_CORPUS."""
+    root = os.environ.get(CORPUS_ENV)
+    if not root:
+        pytest.skip(f"{CORPUS_ENV} not set: the real-image corpus tests need it (.ci/run sets it)")
+    path = Path(root)
+    if not path.is_dir():
+        pytest.skip(f"{CORPUS_ENV}={root} is not a folder")
+    return path
+
+
+def photo_array(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """A photo-like RGB array: smooth gradients plus texture plus mild noise.
+
+    Photo-like matters: flat synthetic colours compress so well that a WebP can
+    come out larger than the source and the file is (rightly) skipped.
+    """
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    r = 120 + 80 * np.sin(x / (width / 3.1) + seed) * np.cos(y / (height / 2.3))
+    g = 110 + 70 * np.cos(x / (width / 1.7)) + 30 * np.sin(y / 7.0)
+    b = 100 + 60 * np.sin((x + y) / (width / 2.9))
+    noise = rng.normal(0, 6, (height, width, 3))
+    rgb = np.stack([r, g, b], axis=-1) + noise
+    return np.clip(rgb, 0, 255).astype(np.uint8)
+
+
+def save_jpeg(path: Path, array: np.ndarray, *, quality: int = 92, **kwargs: object) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path, format="JPEG", quality=quality, **kwargs)
+    return path
+
+
+def save_png(path: Path, array: np.ndarray, **kwargs: object) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path, format="PNG", **kwargs)
+    return path
+
+
+def decode(path: Path | bytes) -> Image.Image:
+    """Decode with Pillow, the independent reference decoder."""
+    image = Image.open(io.BytesIO(path) if isinstance(path, bytes) else path)
+    image.load()
+    return image
+
+
+@pytest.fixture
+def make_photo(tmp_path: Path) -> Callable[..., Path]:
+    def make(name: str = "photo.jpg", width: int = 320, height: int = 240, seed: int = 0) -> Path:
+        return save_jpeg(tmp_path / "src" / name, photo_array(width, height, seed))
+
+    return make
+
+
+@pytest.fixture
+def cli() -> Callable[..., Result]:
+    from optimizr.cli import main
+
+    def run(*args: str | Path) -> Result:
+        runner = CliRunner()
+        return runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+    return run

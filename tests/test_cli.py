@@ -1,0 +1,278 @@
+"""The CLI as a user runs it: options, exit codes, output, signals, worker faults."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import Result
+
+from conftest import decode, photo_array, save_jpeg
+from optimizr.metrics.progress import TerminalProgress
+from optimizr.results import Result as FileResult
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_tree(src: Path, count: int, size: tuple[int, int] = (96, 64)) -> list[Path]:
+    return [
+        save_jpeg(src / f"d{i % 3}" / f"img{i:03}.jpg", photo_array(*size, seed=i))
+        for i in range(count)
+    ]
+
+
+def no_partial_outputs(dest: Path) -> None:
+    leftovers = [p for p in dest.rglob("*") if p.name.endswith(".optimizr-tmp")]
+    assert leftovers == []
+    for out in dest.rglob("*.webp"):
+        decode(out)  # every output that exists is whole
+
+
+def test_help_lists_every_option(cli: Callable[..., Result]) -> None:
+    result = cli("convert", "--help")
+    assert result.exit_code == 0
+    for option in ("--quality", "--effort", "--lossless", "--near-lossless", "--max-width",
+                   "--metadata", "--srgb", "--oversize", "--max-pixels", "--if-larger",
+                   "--name", "--dry-run", "--force", "--workers", "--summary"):  # fmt: skip
+        assert option in result.output
+
+
+def test_every_cli_option_is_documented_in_the_readme(cli: Callable[..., Result]) -> None:
+    from optimizr.cli import convert
+
+    readme = (ROOT / "README.md").read_text()
+    options = [opt for param in convert.params for opt in param.opts if opt.startswith("--")]
+    assert len(options) > 20
+    missing = [opt for opt in options if opt not in readme]
+    assert missing == []
+
+
+def test_convert_exit_0_and_table(cli: Callable[..., Result], tmp_path: Path) -> None:
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    make_tree(src, 4)
+    result = cli("convert", src, dest, "-j", "2", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "converted" in result.output and "saving" in result.output
+    assert len(list(dest.rglob("*.webp"))) == 4
+    doc = json.loads((dest / "optimizr-summary.json").read_text())
+    assert doc["exit_code"] == 0 and doc["files"]["converted"] == 4
+
+
+def test_failures_give_exit_1_and_one_line_each(cli: Callable[..., Result], tmp_path: Path) -> None:
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    [good] = make_tree(src, 1)
+    (src / "broken.jpg").write_bytes(good.read_bytes()[:500])
+    (src / "fake.png").write_text("not a png at all")
+    result = cli("convert", src, dest, "--no-progress")
+    assert result.exit_code == 1
+    lines = [line for line in result.output.splitlines() if line.startswith("FAILED")]
+    assert len(lines) == 2
+    assert any(line.startswith("FAILED broken.jpg: truncated") for line in lines)
+    assert any(line.startswith("FAILED fake.png: not an image") for line in lines)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("--quality", "101"),
+        ("--effort", "9"),
+        ("--metadata", "some"),
+        ("--workers", "-1"),
+        ("--bogus-option",),
+    ],
+)
+def test_usage_errors_exit_2(cli: Callable[..., Result], tmp_path: Path, args: tuple[str]) -> None:
+    (tmp_path / "src").mkdir()
+    result = cli("convert", tmp_path / "src", tmp_path / "dest", *args)
+    assert result.exit_code == 2
+
+
+def test_missing_src_exits_2(cli: Callable[..., Result], tmp_path: Path) -> None:
+    result = cli("convert", tmp_path / "missing", tmp_path / "dest")
+    assert result.exit_code == 2
+    assert "SRC does not exist" in result.output
+
+
+def test_dry_run_lists_and_writes_nothing(cli: Callable[..., Result], tmp_path: Path) -> None:
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    make_tree(src, 2)
+    (src / "notes.txt").write_text("hi")
+    result = cli("convert", src, dest, "--dry-run")
+    assert result.exit_code == 0
+    assert "would convert jpeg -> d0/img000.webp" in result.output
+    assert "notes.txt: not an image" in result.output
+    assert not dest.exists()
+
+
+def test_verbose_prints_one_line_per_file(cli: Callable[..., Result], tmp_path: Path) -> None:
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    make_tree(src, 3)
+    result = cli("convert", src, dest, "-v", "--no-progress")
+    assert len(re.findall(r"^converted d\d/img\d+\.jpg -> ", result.output, re.M)) == 3
+
+
+def test_plain_progress_lines_without_a_terminal() -> None:
+    stream = io.StringIO()
+    progress = TerminalProgress(live=False, every=2, stream=stream)
+    with progress:
+        progress.found(5)
+        for i in range(5):
+            progress.finished(FileResult(f"f{i}.jpg", "converted", None, "", "o", 1000, 400))
+        progress.walk_done(5)
+    lines = stream.getvalue().splitlines()
+    assert lines == [
+        "2/5+ found so far files, 2.0 KB -> 800 B, " + lines[0].split(", ")[2] + ", 0 failed",
+        "4/5+ found so far files, 4.0 KB -> 1.6 KB, " + lines[1].split(", ")[2] + ", 0 failed",
+    ]
+    assert re.fullmatch(r"[\d.]+ MB/s", lines[0].split(", ")[2])
+
+
+# -- worker faults: a crashing or hanging codec must not take the run down ---------------------
+
+
+def test_worker_crash_fails_only_that_image(
+    cli: Callable[..., Result], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    make_tree(src, 6)
+    monkeypatch.setenv("OPTIMIZR_TEST_FAULTS", "crash:img002.jpg,abort:img004.jpg")
+    result = cli("convert", src, dest, "-j", "2", "--no-progress")
+    assert result.exit_code == 1
+    doc = json.loads((dest / "optimizr-summary.json").read_text())
+    failed = {e["path"]: e for e in doc["not_converted"]}
+    assert set(failed) == {"d2/img002.jpg", "d1/img004.jpg"}
+    assert failed["d2/img002.jpg"]["reason"] == "worker crashed"
+    assert failed["d2/img002.jpg"]["message"] == "SIGSEGV"
+    assert failed["d1/img004.jpg"]["message"] == "SIGABRT"
+    assert doc["files"]["converted"] == 4
+    no_partial_outputs(dest)
+
+
+@pytest.mark.timeout(60)
+def test_hung_worker_is_killed_after_timeout(
+    cli: Callable[..., Result], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    make_tree(src, 4)
+    monkeypatch.setenv("OPTIMIZR_TEST_FAULTS", "hang:img001.jpg")
+    result = cli("convert", src, dest, "-j", "2", "--timeout", "2", "--no-progress")
+    assert result.exit_code == 1
+    doc = json.loads((dest / "optimizr-summary.json").read_text())
+    [failure] = doc["not_converted"]
+    assert failure["path"] == "d1/img001.jpg" and failure["reason"] == "worker crashed"
+    assert "timed out after 2 s" in failure["message"]
+    assert doc["files"]["converted"] == 3
+
+
+# -- signals, against a real process ------------------------------------------------------------
+
+
+def spawn_cli(
+    src: Path, dest: Path, *extra: str, prefix: tuple[str, ...] = (), **kwargs: object
+) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "optimizr", "convert", str(src), str(dest), "--no-progress"]
+    return subprocess.Popen(
+        [*prefix, *command, *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        **kwargs,  # type: ignore[call-overload]
+    )
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 60.0) -> None:
+    """Poll for a state the test needs, not for time to pass."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def big_tree(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    make_tree(src, 40, size=(1200, 900))
+    yield src, dest
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_first_signal_finishes_in_flight_and_writes_summary(
+    big_tree: tuple[Path, Path], signum: int, code: int
+) -> None:
+    src, dest = big_tree
+    proc = spawn_cli(src, dest, "-j", "1", "--effort", "6")
+    wait_for(lambda: any(dest.rglob("*.webp")))
+    proc.send_signal(signum)
+    out, _ = proc.communicate(timeout=100)
+    assert proc.returncode == code, out.decode()
+    assert b"stopping" in out
+    doc = json.loads((dest / "optimizr-summary.json").read_text())
+    assert doc["interrupted"] is True
+    converted = doc["files"]["converted"]
+    assert 1 <= converted < 40
+    # Everything recorded as converted is on disk, whole.
+    assert len(list(dest.rglob("*.webp"))) == converted
+    no_partial_outputs(dest)
+
+
+@pytest.mark.timeout(120)
+def test_second_sigint_aborts_without_partial_files(big_tree: tuple[Path, Path]) -> None:
+    src, dest = big_tree
+    proc = spawn_cli(src, dest, "-j", "2", "--effort", "6")
+    wait_for(lambda: any(dest.rglob("*.webp")))
+    proc.send_signal(signal.SIGINT)
+    # Signals do not queue: the second is sent once the first has been handled.
+    assert proc.stdout is not None
+    first = b""
+    while b"stopping" not in first:
+        line = proc.stdout.readline()
+        assert line, "the process ended before reporting that it is stopping"
+        first += line
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=100)
+    assert proc.returncode == 130, out.decode()
+    assert b"aborting" in out
+    no_partial_outputs(dest)
+    assert len(list(dest.rglob("*.webp"))) < 40
+
+
+# -- permissions ------------------------------------------------------------------------------
+
+# Root reads anything; CI runs as root. Dropping the two capabilities that let
+# root bypass file permissions makes the same process meet them like anyone else.
+NO_DAC = ("setpriv", "--inh-caps=-dac_override,-dac_read_search",
+          "--bounding-set=-dac_override,-dac_read_search")  # fmt: skip
+
+
+def test_unreadable_file_and_folder_fail_with_permission_denied(tmp_path: Path) -> None:
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    make_tree(src, 3)
+    save_jpeg(src / "secret" / "hidden.jpg", photo_array(64, 64))
+    locked = src / "d1" / "img001.jpg"
+    locked.chmod(0o000)
+    (src / "secret").chmod(0o000)
+    try:
+        prefix = NO_DAC if os.geteuid() == 0 else ()
+        proc = spawn_cli(src, dest, "-j", "1", prefix=prefix)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        locked.chmod(0o644)
+        (src / "secret").chmod(0o755)
+    text = out.decode()
+    assert proc.returncode == 1, text
+    assert "FAILED d1/img001.jpg: permission denied" in text
+    assert "FAILED secret: permission denied" in text
+    doc = json.loads((dest / "optimizr-summary.json").read_text())
+    assert doc["files"]["converted"] == 2
+    assert doc["files"]["failed_by_reason"] == {"permission denied": 2}
