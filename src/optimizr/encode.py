@@ -107,12 +107,14 @@ def encode_webp(source: Source, options: EncodeOptions) -> Encoded:
     pyvips.vips_lib.vips_error_clear()
     try:
         loaded, image, webp = _convert(source, sniffed, options, _FAIL_ON.get(sniffed.format))
+    except OSError as exc:  # the BMP and APNG decoders read the file themselves
+        raise SourceUnreadable(exc.strerror or str(exc)) from None
     except pyvips.Error as exc:
         error = _classify_vips_error(exc, sniffed.format)
         if sniffed.format == "png" and isinstance(error, CorruptImage) and _png_cut_short(source):
-            error = TruncatedImage(f"png: the file ends before its IEND chunk ({error})")
+            error = TruncatedImage("png: the file ends before its IEND chunk")
         raise error from None
-    has_alpha = image.hasalpha()
+    has_alpha = webp_has_alpha(webp)
     icc_kept = options.metadata != "none" and image.get_typeof("icc-profile-data") != 0
     page_height = _page_height(image)
     facts = ImageFacts(
@@ -254,10 +256,21 @@ def _open(source: Source, fail_on: str, **kwargs: Any) -> Any:
 
 
 def _resize_in_memory(image: Any, options: EncodeOptions) -> Any:
-    target = _target_size(image.width, _page_height(image), options)
+    page_height = _page_height(image)
+    target = _target_size(image.width, page_height, options)
     if target is None:
         return image
-    return image.thumbnail_image(target[0], height=target[1], size="down")
+    pages = _pages(image)
+    if pages == 1:
+        return image.thumbnail_image(target[0], height=target[1], size="down")
+    # An animation is a strip of frames: scale it as one image, with the
+    # vertical scale chosen so every frame lands on a whole number of rows.
+    scale = min(target[0] / image.width, target[1] / page_height)
+    new_page_height = max(1, round(page_height * scale))
+    strip = image.resize(scale, vscale=new_page_height / page_height)
+    strip = strip.copy()
+    strip.set_type(pyvips.GValue.gint_type, "page-height", new_page_height)
+    return strip
 
 
 def _check_pixels(width: int, height: int, frames: int, options: EncodeOptions) -> None:
@@ -385,6 +398,18 @@ def _save(image: Any, options: EncodeOptions) -> bytes:
     return data
 
 
+def webp_has_alpha(webp: bytes) -> bool:
+    """Whether the WebP bitstream carries alpha (libwebp drops an all-opaque plane)."""
+    chunk = webp[12:16]
+    if chunk == b"VP8X":
+        return bool(webp[20] & 0x10)
+    if chunk == b"VP8L" and len(webp) >= 25:
+        # Lossless header: signature 0x2f, 14+14 bits of size, then alpha_is_used.
+        bits = int.from_bytes(webp[21:25], "little")
+        return bool((bits >> 28) & 1)
+    return False
+
+
 def _pages(image: Any) -> int:
     return int(image.height) // _page_height(image)
 
@@ -447,4 +472,4 @@ def _classify_vips_error(exc: pyvips.Error, fmt: str) -> ImageError:
     return CorruptImage(f"{fmt}: {detail}")
 
 
-__all__ = ["Encoded", "ImageFacts", "Source", "encode_webp", "HEAD_SIZE"]
+__all__ = ["HEAD_SIZE", "Encoded", "ImageFacts", "Source", "encode_webp", "webp_has_alpha"]
