@@ -371,6 +371,9 @@ def _fit_to_webp(image: Any, options: EncodeOptions) -> Any:
     return image.thumbnail_image(WEBP_MAX_DIMENSION, height=WEBP_MAX_DIMENSION, size="down")
 
 
+_WEBP_MAX_LOOP = 65535
+
+
 def _save(image: Any, options: EncodeOptions) -> bytes:
     keep = {
         "none": pyvips.enums.ForeignKeep.NONE,
@@ -392,6 +395,11 @@ def _save(image: Any, options: EncodeOptions) -> bytes:
         kwargs["lossless"] = True
     if _pages(image) > 1:
         kwargs["page_height"] = _page_height(image)
+        if image.get_typeof("loop") and int(image.get("loop")) > _WEBP_MAX_LOOP:
+            # WebP stores 16 bits of loop count; libvips writes anything larger
+            # as 0, which means "forever". A finite animation must stay finite.
+            image = image.copy()
+            image.set_type(pyvips.GValue.gint_type, "loop", _WEBP_MAX_LOOP)
     data: bytes = image.webpsave_buffer(**kwargs)
     if not data:
         raise EncodeFailed("libwebp produced no data")
