@@ -16,7 +16,7 @@ import click
 from rich.console import Console
 
 from optimizr import __version__
-from optimizr.config import DEFAULT_MAX_PIXELS, PRESETS, EncodeOptions, RunConfig
+from optimizr.config import DEFAULT_MAX_PIXELS, PRESETS, EncodeOptions, RunConfig, parse_size
 from optimizr.errors import OptimizrError
 from optimizr.metrics.progress import TerminalProgress, summary_table
 from optimizr.pipeline import StopToken, convert_tree
@@ -147,6 +147,27 @@ def main() -> None:
     help="Seconds per image before its worker is killed.",
 )
 @click.option(
+    "--max-memory",
+    default=None,
+    metavar="SIZE",
+    help="Ceiling on the memory of all processes, e.g. 512M, 2G "
+    "[default: half of the available memory, cgroup limit included].",
+)
+@click.option(
+    "--max-tasks-per-worker",
+    type=click.IntRange(1),
+    default=200,
+    show_default=True,
+    help="Replace each worker process after this many images.",
+)
+@click.option(
+    "--grace",
+    type=click.FloatRange(min=0),
+    default=60.0,
+    show_default=True,
+    help="After Ctrl-C or SIGTERM, seconds in-flight images may take to finish.",
+)
+@click.option(
     "--summary",
     "summary_path",
     type=click.Path(path_type=Path, dir_okay=False),
@@ -185,6 +206,9 @@ def convert(
     force: bool,
     workers: int,
     timeout: float,
+    max_memory: str | None,
+    max_tasks_per_worker: int,
+    grace: float,
     summary_path: Path | None,
     verbose: bool,
     live: bool | None,
@@ -220,6 +244,9 @@ def convert(
             force=force,
             summary_path=summary_path,
             timeout=timeout,
+            max_memory=parse_size(max_memory) if max_memory else None,
+            max_tasks_per_worker=max_tasks_per_worker,
+            grace=grace,
         )
         stop = StopToken()
         progress = TerminalProgress(live=False if dry_run else live, verbose=verbose or dry_run)

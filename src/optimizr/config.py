@@ -87,6 +87,13 @@ class RunConfig:
     lookahead_per_worker: int = 4
     #: Seconds one image may take before its worker is killed (a hung codec).
     timeout: float = 300.0
+    #: Ceiling on the resident memory of the whole process tree; None: half of
+    #: the memory available to the process (cgroup limit included).
+    max_memory: int | None = None
+    #: Replace a worker after this many images, so heap fragmentation cannot build up.
+    max_tasks_per_worker: int | None = 200
+    #: After the first SIGINT/SIGTERM, how long in-flight images may take to finish.
+    grace: float = 60.0
 
     def __post_init__(self) -> None:
         if self.workers < 0:
@@ -97,6 +104,12 @@ class RunConfig:
             raise UsageError(f"--if-larger must be skip or write, not {self.if_larger!r}")
         if self.timeout <= 0:
             raise UsageError(f"--timeout must be positive, not {self.timeout}")
+        if self.max_memory is not None and self.max_memory < 64 << 20:
+            raise UsageError(f"--max-memory must be at least 64M, not {self.max_memory:,} bytes")
+        if self.max_tasks_per_worker is not None and self.max_tasks_per_worker < 1:
+            raise UsageError("--max-tasks-per-worker must be at least 1")
+        if self.grace < 0:
+            raise UsageError(f"--grace must not be negative, not {self.grace}")
 
     @property
     def effective_workers(self) -> int:

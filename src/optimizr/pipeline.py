@@ -24,16 +24,20 @@ from pathlib import Path, PurePosixPath
 from typing import Protocol
 
 from optimizr.atomic import atomic_write
+from optimizr.budget import MemoryBudget, default_memory_budget, estimate_peak_bytes
 from optimizr.config import EncodeOptions, IfLarger, NameMode, RunConfig, available_cpus
 from optimizr.errors import (
     ImageError,
     NotAnImage,
     OutputConflict,
     SourceUnreadable,
+    TooLarge,
     UnsupportedImage,
     UsageError,
 )
 from optimizr.executors.base import Executor, Job, Outcome
+from optimizr.metrics.memory import TreeMemorySampler
+from optimizr.probe import probe
 from optimizr.results import (
     DRY_RUN,
     LARGER_THAN_SOURCE,
@@ -112,8 +116,10 @@ class Pipeline:
         listener: ProgressListener | None = None,
         stop: StopToken | None = None,
         prune: tuple[str, ...] = (),
+        budget: MemoryBudget | None = None,
     ) -> None:
         self.config = config
+        self.budget = budget
         self.source = source
         self.dest = dest
         self.executor = executor
@@ -203,9 +209,23 @@ class Pipeline:
                 unreadable = SourceUnreadable(exc.strerror or str(exc))
                 self._record(Result(entry.key, "failed", unreadable.reason, unreadable.message))
                 return None
+        cost = 0
+        if self.budget is not None:
+            header = probe(source)
+            if header is not None:
+                cost = estimate_peak_bytes(header, self.config.encode)
+                if not self.budget.fits_alone(cost):
+                    refusal = TooLarge(
+                        f"{header.width}x{header.height} needs about {cost / 2**20:,.0f} MiB to "
+                        f"convert, more than --max-memory {self.budget.total / 2**20:,.0f} MiB "
+                        f"leaves for one image ({self.budget.capacity / 2**20:,.0f} MiB); "
+                        "raise --max-memory or use --max-width/--max-height"
+                    )
+                    self._record(Result(entry.key, "failed", refusal.reason, refusal.message))
+                    return None
         self._next_id += 1
         self._in_flight[self._next_id] = entry
-        return Job(self._next_id, entry.key, source, self.config.encode)
+        return Job(self._next_id, entry.key, source, self.config.encode, cost)
 
     def _dry_run_result(self, entry: SourceEntry, out_key: str) -> Result:
         path = self.source.local_path(entry.key)
@@ -307,15 +327,24 @@ def convert_tree(
             raise UsageError(f"cannot create DEST {dest_path}: {exc.strerror or exc}") from None
 
     own_executor = executor is None
+    workers = config.effective_workers if executor is None else executor.workers
+    total_memory = config.max_memory or default_memory_budget()
+    budget = MemoryBudget(total_memory, workers)
     if executor is None:
         from optimizr.executors.local import ProcessExecutor
 
-        workers = config.effective_workers
         executor = ProcessExecutor(
             workers,
+            # workers x libvips threads never exceeds the cores: no oversubscription.
             threads_per_worker=max(1, available_cpus() // workers),
             timeout=config.timeout,
+            max_tasks_per_worker=config.max_tasks_per_worker,
+            budget=budget,
+            lookahead=config.lookahead_per_worker * workers,
+            grace=config.grace,
         )
+    sampler = TreeMemorySampler().start()
+    cpu_start, times_start, wall_start = time.process_time(), os.times(), time.monotonic()
     try:
         pipeline = Pipeline(
             config,
@@ -325,11 +354,54 @@ def convert_tree(
             listener=listener,
             stop=stop,
             prune=prune,
+            budget=budget if own_executor else None,
         )
         summary = pipeline.run()
     finally:
         if own_executor:
             executor.close()
+    memory = sampler.stop()
+    wall = time.monotonic() - wall_start
+    times_end = os.times()
+    parent_cpu = time.process_time() - cpu_start
+    workers_cpu = (times_end.children_user - times_start.children_user) + (
+        times_end.children_system - times_start.children_system
+    )
+    cores = min(available_cpus(), workers * max(1, available_cpus() // workers))
+    stats = executor.statistics()
+    budget_stats = budget.statistics()
+    summary.memory = {
+        "budget_bytes": total_memory,
+        "budget_for_images_bytes": budget_stats.capacity,
+        "peak_rss_bytes": memory.peak_bytes,
+        "peak_estimated_in_flight_bytes": budget_stats.peak_in_use,
+        "admissions_waited": budget_stats.waited,
+        "ran_alone": budget_stats.ran_alone,
+        "samples": memory.samples,
+        "timeline": [list(point) for point in memory.timeline],
+    }
+    summary.cpu = {
+        "cores": cores,
+        "wall_seconds": round(wall, 3),
+        "parent_cpu_seconds": round(parent_cpu, 3),
+        "workers_cpu_seconds": round(workers_cpu, 3),
+        "codec_cpu_seconds": round(summary.codec_cpu_seconds, 3),
+        # Share of all CPU spent outside the workers: the cost of orchestration.
+        "orchestration_share": round(parent_cpu / (parent_cpu + workers_cpu), 4)
+        if parent_cpu + workers_cpu > 0
+        else 0.0,
+        # Codec CPU over the CPU the machine offered during the run.
+        "efficiency": round(summary.codec_cpu_seconds / (cores * wall), 4) if wall > 0 else 0.0,
+    }
+    summary.executor = {
+        "workers": stats.workers,
+        "started": stats.started,
+        "crashed": stats.crashed,
+        "timed_out": stats.timed_out,
+        "restarts": stats.restarts,
+        "tail_seconds": round(stats.tail_seconds, 3),
+        "busy_seconds": round(stats.busy_seconds, 3),
+    }
     if not config.dry_run:
         write_summary(summary, config.effective_summary_path)
     return summary

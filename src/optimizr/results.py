@@ -68,7 +68,12 @@ class RunSummary:
     workers: int = 0
     options: dict[str, Any] = field(default_factory=dict)
     codec_seconds: float = 0.0
+    codec_cpu_seconds: float = 0.0
     pixels: int = 0
+    #: Filled in at the end of a run by the components that measured them.
+    memory: dict[str, Any] = field(default_factory=dict)
+    cpu: dict[str, Any] = field(default_factory=dict)
+    executor: dict[str, Any] = field(default_factory=dict)
 
     def record(self, result: Result) -> None:
         self.found += 1
@@ -78,6 +83,7 @@ class RunSummary:
             self.bytes_out += result.bytes_out
             if result.facts is not None:
                 self.codec_seconds += result.facts.seconds
+                self.codec_cpu_seconds += result.facts.cpu_seconds
                 frame_pixels = result.facts.width_in * result.facts.height_in
                 self.pixels += frame_pixels * result.facts.frames
             return
@@ -137,6 +143,9 @@ class RunSummary:
                 "mb_per_second": round(self.bytes_in / 1e6 / seconds, 3) if seconds else 0,
                 "megapixels_per_second": round(self.pixels / 1e6 / seconds, 3) if seconds else 0,
             },
+            "memory": self.memory,
+            "cpu": self.cpu,
+            "executor": self.executor,
             "not_converted": [
                 {"path": r.key, "status": r.status, "reason": r.reason, "message": r.message}
                 for r in self.not_converted

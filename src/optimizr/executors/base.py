@@ -25,6 +25,8 @@ class Job:
     key: str
     source: str | bytes  # a path the worker may read, or the bytes themselves
     options: EncodeOptions
+    #: Estimated peak memory (bytes) the conversion adds to its worker.
+    cost: int = 0
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,12 @@ class ExecutorStatistics:
     crashed: int
     timed_out: int
     restarts: int
+    #: Seconds from the last job handed to a worker to the last one finishing:
+    #: the tail during which fewer than all workers can be busy.
+    tail_seconds: float = 0.0
+    #: Seconds workers spent holding a job, summed over workers.
+    busy_seconds: float = 0.0
+    pids: tuple[int, ...] = ()
 
 
 class Executor(ABC):

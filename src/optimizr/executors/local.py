@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 
+from optimizr.budget import MemoryBudget
 from optimizr.errors import ImageError, WorkerCrashed
 from optimizr.executors.base import Executor, ExecutorStatistics, Job, Outcome
 from optimizr.executors.worker import worker_main
@@ -38,6 +39,14 @@ class _Worker:
 
 
 class ProcessExecutor(Executor):
+    """Worker processes, one job each at a time.
+
+    Jobs are pulled lazily into a small lookahead window; from it the largest
+    job that the memory budget admits goes first, so the run does not end with
+    one core busy on the biggest photo while the others idle. A job the budget
+    cannot admit yet holds back smaller ones that would delay it further.
+    """
+
     def __init__(
         self,
         workers: int,
@@ -45,15 +54,24 @@ class ProcessExecutor(Executor):
         threads_per_worker: int = 1,
         timeout: float = 300.0,
         max_tasks_per_worker: int | None = None,
+        budget: MemoryBudget | None = None,
+        lookahead: int | None = None,
+        grace: float | None = None,
     ) -> None:
         self.workers = max(1, workers)
         self.threads_per_worker = max(1, threads_per_worker)
         self.timeout = timeout
         self.max_tasks_per_worker = max_tasks_per_worker
+        self.budget = budget
+        self.lookahead = max(1, lookahead if lookahead is not None else 4 * self.workers)
+        self.grace = grace
         self._pool: list[_Worker] = []
         self._stopping = False
+        self._stop_deadline: float | None = None
         self._serial = 0
         self._started = self._completed = self._crashed = self._timed_out = self._restarts = 0
+        self._last_dispatch = self._last_done = 0.0
+        self._busy_seconds = 0.0
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -89,6 +107,8 @@ class ProcessExecutor(Executor):
 
     def stop_accepting(self) -> None:
         self._stopping = True
+        if self.grace is not None and self._stop_deadline is None:
+            self._stop_deadline = time.monotonic() + self.grace
 
     def abort(self) -> None:
         self._stopping = True
@@ -97,6 +117,7 @@ class ProcessExecutor(Executor):
                 worker.process.kill()
 
     def statistics(self) -> ExecutorStatistics:
+        tail = max(0.0, self._last_done - self._last_dispatch) if self._last_done else 0.0
         return ExecutorStatistics(
             self.workers,
             self._started,
@@ -104,20 +125,39 @@ class ProcessExecutor(Executor):
             self._crashed,
             self._timed_out,
             self._restarts,
+            tail,
+            self._busy_seconds,
+            tuple(w.process.pid for w in self._pool if w.process.pid is not None),
         )
+
+    def worker_pids(self) -> list[int]:
+        return [w.process.pid for w in self._pool if w.process.pid is not None]
 
     # -- the loop ----------------------------------------------------------------
 
     def imap_unordered(self, jobs: Iterable[Job]) -> Iterator[Outcome]:
         pending = iter(jobs)
+        window: list[Job] = []
         exhausted = False
         while True:
-            if not self._stopping and not exhausted:
-                exhausted = self._fill(pending)
+            if self._stopping:
+                window.clear()
+            else:
+                while not exhausted and len(window) < self.lookahead:
+                    job = next(pending, None)
+                    if job is None:
+                        exhausted = True
+                    else:
+                        window.append(job)
+                self._dispatch(window)
             busy = [w for w in self._pool if w.job is not None]
             if not busy:
+                if window and not self._stopping:
+                    continue  # nothing running: _dispatch admits the next job
                 return
             now = time.monotonic()
+            if self._stop_deadline is not None and now > self._stop_deadline:
+                self.abort()
             nearest = min(w.started + self.timeout for w in busy)
             # Wake at least every quarter second so a stop request is seen promptly.
             ready = wait(
@@ -127,30 +167,53 @@ class ProcessExecutor(Executor):
             for worker in busy:
                 outcome = self._collect(worker, ready)
                 if outcome is not None:
+                    if self.budget is not None:
+                        self.budget.release(outcome.job.cost)
                     yield outcome
 
-    def _fill(self, pending: Iterator[Job]) -> bool:
-        """Hand a job to every idle worker. Returns True once ``pending`` is exhausted."""
-        while True:
+    def _dispatch(self, window: list[Job]) -> None:
+        """Give idle workers the largest jobs of the window that the budget admits."""
+        window.sort(key=lambda job: job.cost, reverse=True)
+        while window:
             idle = next((w for w in self._pool if w.job is None), None)
             if idle is None and len(self._pool) < self.workers:
                 idle = self._spawn()
                 self._pool.append(idle)
             if idle is None:
-                return False
-            job = next(pending, None)
+                return
+            job = self._admit(window)
             if job is None:
-                return True
-            try:
-                idle.conn.send(job)
-            except OSError:
-                self._replace(idle)
-                idle = self._pool[-1]
-                idle.conn.send(job)
-            idle.job, idle.started = job, time.monotonic()
-            self._started += 1
-            if self._stopping:
-                return False
+                return
+            self._send(idle, job)
+
+    def _admit(self, window: list[Job]) -> Job | None:
+        if self.budget is None:
+            return window.pop(0)
+        running = any(w.job is not None for w in self._pool)
+        head = window[0]
+        if self.budget.try_acquire(head.cost):
+            return window.pop(0)
+        if not running:
+            # Bigger than what is free with nothing running: it runs alone.
+            self.budget.force_acquire(head.cost)
+            return window.pop(0)
+        # The largest job waits for memory; smaller ones may go only if they
+        # leave room for it, or it could wait behind them for ever.
+        for index, job in enumerate(window[1:], start=1):
+            if self.budget.try_acquire(job.cost, reserve=head.cost):
+                return window.pop(index)
+        return None
+
+    def _send(self, worker: _Worker, job: Job) -> None:
+        try:
+            worker.conn.send(job)
+        except OSError:
+            self._replace(worker)
+            worker = self._pool[-1]
+            worker.conn.send(job)
+        worker.job, worker.started = job, time.monotonic()
+        self._started += 1
+        self._last_dispatch = worker.started
 
     def _collect(self, worker: _Worker, ready: Sequence[object]) -> Outcome | None:
         job = worker.job
@@ -160,7 +223,7 @@ class ProcessExecutor(Executor):
                 kind, payload = worker.conn.recv()
             except (EOFError, OSError):
                 return self._crashed_outcome(worker, job)
-            worker.job = None
+            self._finish(worker)
             worker.tasks_done += 1
             self._completed += 1
             if self.max_tasks_per_worker and worker.tasks_done >= self.max_tasks_per_worker:
@@ -172,13 +235,21 @@ class ProcessExecutor(Executor):
         if worker.process.sentinel in ready:
             return self._crashed_outcome(worker, job)
         if time.monotonic() - worker.started > self.timeout:
+            self._finish(worker)
             self._timed_out += 1
             self._replace(worker, kill=True)
             error = WorkerCrashed(f"timed out after {self.timeout:g} s; the worker was killed")
             return Outcome(job, None, error, worker.name)
         return None
 
+    def _finish(self, worker: _Worker) -> None:
+        now = time.monotonic()
+        self._busy_seconds += now - worker.started
+        self._last_done = now
+        worker.job = None
+
     def _crashed_outcome(self, worker: _Worker, job: Job) -> Outcome:
+        self._finish(worker)
         worker.process.join(timeout=5)
         code = worker.process.exitcode
         self._crashed += 1

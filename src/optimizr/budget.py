@@ -1,0 +1,206 @@
+"""The memory budget: how much an image will need, and whether it may start now.
+
+Every image's peak need is estimated from its header alone, before any pixel
+is decoded, and an image is admitted only while the estimates of those in
+flight fit the budget. The budget is a ceiling on the resident memory of the
+whole process tree, so the fixed cost of the parent and of every worker
+(busy or idle) is taken off the top before any image is admitted.
+
+The figures below were measured on this project's machine (x86-64, libvips
+8.18.7 from pyvips-binary, one libvips thread per worker) by
+``bench/calibrate_memory.py``, which converts synthetic photos of 2-60 MP in a
+fresh process each and reads the growth of its peak RSS (``ru_maxrss``):
+
+=====================================  =============================
+what                                   bytes per output pixel
+=====================================  =============================
+lossy, sequential decode               8.7-9.7 (libvips holds the RGB image, libwebp its YUV copy)
+lossy with ``--smart-subsample``       16
+lossless / near-lossless               42-43
+rotated by EXIF (random-access decode) + 3 per *input* pixel
+=====================================  =============================
+
+plus about 25 MB of decoder and encoder buffers that do not scale with size.
+The estimate adds 15% on top of the measured factors.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from optimizr.config import WEBP_MAX_DIMENSION, EncodeOptions
+
+BYTES_PER_PIXEL_LOSSY = 9.7
+BYTES_PER_PIXEL_SHARP_YUV = 16.0
+BYTES_PER_PIXEL_LOSSLESS = 43.0
+BYTES_PER_PIXEL_RANDOM_ACCESS = 3.0
+FIXED_PER_IMAGE = 25 << 20
+SAFETY = 1.15
+
+#: Resident size of an idle worker (Python + pyvips + optimizr), measured: ~31 MB.
+WORKER_BASELINE = 40 << 20
+#: Resident size of the parent (walk, pool, progress), measured: ~45-60 MB.
+PARENT_BASELINE = 70 << 20
+
+
+@dataclass(frozen=True)
+class Header:
+    """What the parent learns about an image without decoding it."""
+
+    format: str
+    width: int
+    height: int  # of one frame
+    bands: int
+    frames: int = 1
+    orientation: int = 1
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height * self.frames
+
+
+def output_size(header: Header, options: EncodeOptions) -> tuple[int, int]:
+    width, height = header.width, header.height
+    if header.orientation >= 5:
+        width, height = height, width
+    box_w = options.max_width or width
+    box_h = options.max_height or height
+    if options.oversize == "fit":
+        box_w, box_h = min(box_w, WEBP_MAX_DIMENSION), min(box_h, WEBP_MAX_DIMENSION)
+    scale = min(1.0, box_w / width, box_h / height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def estimate_peak_bytes(header: Header, options: EncodeOptions) -> int:
+    """Peak resident memory one conversion adds to its worker, from the header alone."""
+    out_w, out_h = output_size(header, options)
+    out_pixels = out_w * out_h * header.frames
+    if options.lossless or options.near_lossless is not None:
+        per_pixel = BYTES_PER_PIXEL_LOSSLESS
+    elif options.smart_subsample:
+        per_pixel = BYTES_PER_PIXEL_SHARP_YUV
+    else:
+        per_pixel = BYTES_PER_PIXEL_LOSSY
+    need = FIXED_PER_IMAGE + per_pixel * out_pixels
+    if header.orientation != 1 or header.format in ("bmp", "apng"):
+        # Rotations need the whole decoded image; BMP and APNG are decoded in memory.
+        need += BYTES_PER_PIXEL_RANDOM_ACCESS * header.bands / 3 * header.pixels
+    return int(need * SAFETY)
+
+
+@dataclass(frozen=True)
+class BudgetStatistics:
+    capacity: int
+    total: int
+    in_use: int
+    peak_in_use: int
+    admitted: int
+    waited: int
+    ran_alone: int
+
+
+class MemoryBudget:
+    """Admission control: images start only while their estimates fit.
+
+    ``total`` is the user's --max-memory; ``capacity`` what is left for images
+    once the parent and the workers' own baselines are paid for.
+    """
+
+    def __init__(self, total: int, workers: int) -> None:
+        self.total = total
+        self.capacity = max(0, total - PARENT_BASELINE - workers * WORKER_BASELINE)
+        self.in_use = 0
+        self.peak_in_use = 0
+        self.admitted = 0
+        self.waited = 0
+        self.ran_alone = 0
+        self._running = 0
+        self._lock = threading.Lock()
+
+    def fits_alone(self, need: int) -> bool:
+        return need <= self.capacity
+
+    def try_acquire(self, need: int, *, reserve: int = 0) -> bool:
+        """Take ``need`` if it fits, leaving ``reserve`` free for a job waiting ahead."""
+        with self._lock:
+            if self.in_use + need + reserve > self.capacity:
+                self.waited += 1
+                return False
+            self._take(need)
+            return True
+
+    def force_acquire(self, need: int) -> None:
+        """Admit a job bigger than what is free, when nothing else runs: it runs alone."""
+        with self._lock:
+            self.ran_alone += 1
+            self._take(need)
+
+    def _take(self, need: int) -> None:
+        self.in_use += need
+        self._running += 1
+        self.admitted += 1
+        self.peak_in_use = max(self.peak_in_use, self.in_use)
+
+    def release(self, need: int) -> None:
+        with self._lock:
+            self.in_use -= need
+            self._running -= 1
+
+    def statistics(self) -> BudgetStatistics:
+        return BudgetStatistics(
+            self.capacity,
+            self.total,
+            self.in_use,
+            self.peak_in_use,
+            self.admitted,
+            self.waited,
+            self.ran_alone,
+        )
+
+
+def default_memory_budget() -> int:
+    """Half of the memory available to this process, cgroup limit included."""
+    available = _meminfo_available()
+    limit = _cgroup_memory_limit()
+    if limit is not None:
+        usage = _cgroup_memory_usage() or 0
+        available = min(available, max(0, limit - usage)) if available else limit - usage
+    return max(256 << 20, available // 2)
+
+
+def _meminfo_available() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError):
+        return 2 << 30
+
+
+def _cgroup_memory_limit() -> int | None:
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text == "max":
+            return None
+        value = int(text)
+        return None if value >= 1 << 60 else value
+    return None
+
+
+def _cgroup_memory_usage() -> int | None:
+    for path in ("/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory/memory.usage_in_bytes"):
+        try:
+            return int(Path(path).read_text().strip())
+        except (OSError, ValueError):
+            continue
+    return None

@@ -1,0 +1,67 @@
+"""Read an image's header in the parent, to estimate its memory need before it starts.
+
+Only the header is read (libvips opens images lazily; BMP and APNG have their
+own header parsers). A file whose header cannot be read gets no estimate
+here: the worker will meet the same problem and report it properly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from optimizr.budget import Header
+from optimizr.sniff import Sniffed, sniff_bytes, sniff_file
+
+_ANIMATED = frozenset({"gif", "webp"})
+
+
+def probe(source: str | bytes) -> Header | None:
+    try:
+        if isinstance(source, bytes):
+            sniffed = sniff_bytes(source)
+        else:
+            with open(source, "rb") as fh:
+                sniffed = sniff_file(fh)
+        if not sniffed.supported or sniffed.format is None:
+            return None
+        return _header(source, sniffed)
+    except Exception:  # noqa: BLE001 - any failure here just means "no estimate"
+        return None
+
+
+def _read(source: str | bytes, limit: int | None = None) -> bytes:
+    if isinstance(source, bytes):
+        return source if limit is None else source[:limit]
+    with open(source, "rb") as fh:
+        return fh.read() if limit is None else fh.read(limit)
+
+
+def _header(source: str | bytes, sniffed: Sniffed) -> Header | None:
+    fmt = sniffed.format
+    assert fmt is not None
+    if fmt == "bmp":
+        from optimizr.decoders.bmp import read_bmp_header
+
+        bmp = read_bmp_header(_read(source, 4096))
+        return Header("bmp", bmp.width, bmp.height, 4 if bmp.has_alpha else 3)
+    if sniffed.animated_png:
+        from optimizr.decoders.apng import read_apng_info
+
+        info = read_apng_info(_read(source))
+        if info is None:
+            return None
+        return Header("apng", info.width, info.height, 4, info.num_frames)
+    import pyvips
+
+    image: Any = (
+        pyvips.Image.new_from_buffer(source, "", fail_on="none")
+        if isinstance(source, bytes)
+        else pyvips.Image.new_from_file(source, fail_on="none")
+    )
+    frames = 1
+    if fmt in _ANIMATED and image.get_typeof("n-pages"):
+        frames = max(1, int(image.get("n-pages")))
+    orientation = int(image.get("orientation")) if image.get_typeof("orientation") else 1
+    if not 1 <= orientation <= 8:
+        orientation = 1
+    return Header(fmt, image.width, image.height, image.bands, frames, orientation)
