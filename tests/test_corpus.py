@@ -904,7 +904,11 @@ def test_animation(key: str, corpus: Path, convert: Callable[..., Converted]) ->
         source_durations = [d or 100 for d in source_durations]
     out = encoded(convert, key)
     frames, durations, loop = pillow_frames(out.webp)
-    starts, expected_durations = merge_identical(source_frames, source_durations)
+    if key == "other/apng/apng_dispose-previous.png":
+        # Pillow's wrong dispose-previous (see below) makes two of its frames equal.
+        starts, expected_durations = list(range(len(source_frames))), source_durations
+    else:
+        starts, expected_durations = merge_identical(source_frames, source_durations)
     assert out.facts.frames == len(source_frames)
     assert len(frames) == len(starts), f"{key}: {len(frames)} frames, expected {len(starts)}"
     assert durations == expected_durations
@@ -1000,28 +1004,37 @@ def test_cmyk_comes_out_rgb(key: str, convert: Callable[..., Converted]) -> None
         assert d.mean <= PHOTO_MEAN and d.p99 <= PHOTO_P99, f"{key}: {d}"
 
 
-@pytest.mark.parametrize(
-    ("key", "original"),
-    [
-        # The same photo with its SWOP profile stripped: the true colours are known.
-        ("color/cmyk-ycck_no-profile.jpg", "color/cmyk-ycck_swop-icc.jpg"),
-        # thumbor made this one from the sRGB photo below: CMYK pixels plus an Orientation
-        # 6 tag (the pixels themselves are not rotated).
-        ("color/cmyk_orientation6.jpg", "photos/canon-5d3_giunchedi.jpg"),
-    ],
-)
-def test_untagged_cmyk_true_colours(key: str, original: str, convert: Callable[..., Converted]):  # type: ignore[no-untyped-def]
-    """libvips' default CMYK profile is not the one the file was made with, so some
-    difference remains (measured mean 11 / p99 26); Pillow's naive formula is 2-3x off."""
+def test_untagged_cmyk_true_colours(convert: Callable[..., Converted]) -> None:
+    """cmyk-ycck_no-profile.jpg is cmyk-ycck_swop-icc.jpg with its SWOP profile stripped,
+    so its true colours are known. libvips' default CMYK profile is not SWOP, so some
+    difference remains (measured mean 11 / p99 26); Pillow's naive formula is 2x off."""
+    key = "color/cmyk-ycck_no-profile.jpg"
     out = webp_pixels(encoded(convert, key).webp)
-    truth = reference(original)
-    if truth.size != out.size:
-        truth = truth.transpose(EXIF_OPERATION[6])
+    truth = reference("color/cmyk-ycck_swop-icc.jpg")
     d = diff(out, truth)
     record("cmyk untagged vs true colours", key, d)
     assert d.mean <= 16 and d.p99 <= 40, f"{key}: {d}"
     naive = diff(reference(key), truth)
     assert d.mean < naive.mean, f"{key}: {d} not better than the naive formula {naive}"
+
+
+def _correlation(a: Image.Image, b: Image.Image) -> float:
+    x = np.asarray(a.convert("L"), np.float64).ravel()
+    y = np.asarray(b.convert("L"), np.float64).ravel()
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def test_untagged_cmyk_with_orientation(convert: Callable[..., Converted]) -> None:
+    """thumbor made cmyk_orientation6.jpg from photos/canon-5d3_giunchedi.jpg with the naive
+    formula (C = 255 - R ..., K = 0; Pillow's convert("RGB") gives the photo's mean colour
+    back exactly) and added an Orientation 6 tag to unrotated pixels. libvips' default
+    CMYK profile renders such a file brighter (measured mean error 36), so only the picture
+    and its orientation are compared here: by correlation of the grey levels."""
+    out = webp_pixels(encoded(convert, "color/cmyk_orientation6.jpg").webp)
+    photo = reference("photos/canon-5d3_giunchedi.jpg")
+    right = _correlation(out, photo.transpose(EXIF_OPERATION[6]))
+    wrong = max(_correlation(out, photo.transpose(EXIF_OPERATION[v])) for v in (5, 7, 8))
+    assert right > 0.98 and wrong < 0.9, (right, wrong)
 
 
 SIXTEEN_BIT = [

@@ -67,6 +67,7 @@ class ProcessExecutor(Executor):
         self.grace = grace
         self._pool: list[_Worker] = []
         self._stopping = False
+        self._aborted = False
         self._stop_deadline: float | None = None
         self._serial = 0
         self._started = self._completed = self._crashed = self._timed_out = self._restarts = 0
@@ -112,6 +113,7 @@ class ProcessExecutor(Executor):
 
     def abort(self) -> None:
         self._stopping = True
+        self._aborted = True
         for worker in self._pool:
             if worker.job is not None:
                 worker.process.kill()
@@ -167,8 +169,6 @@ class ProcessExecutor(Executor):
             for worker in busy:
                 outcome = self._collect(worker, ready)
                 if outcome is not None:
-                    if self.budget is not None:
-                        self.budget.release(outcome.job.cost)
                     yield outcome
 
     def _dispatch(self, window: list[Job]) -> None:
@@ -243,17 +243,21 @@ class ProcessExecutor(Executor):
         return None
 
     def _finish(self, worker: _Worker) -> None:
+        if self.budget is not None and worker.job is not None:
+            self.budget.release(worker.job.cost)
         now = time.monotonic()
         self._busy_seconds += now - worker.started
         self._last_done = now
         worker.job = None
 
-    def _crashed_outcome(self, worker: _Worker, job: Job) -> Outcome:
+    def _crashed_outcome(self, worker: _Worker, job: Job) -> Outcome | None:
         self._finish(worker)
         worker.process.join(timeout=5)
         code = worker.process.exitcode
-        self._crashed += 1
         self._replace(worker, kill=True)
+        if self._aborted:
+            return None  # killed by us: abandoned, not failed
+        self._crashed += 1
         return Outcome(job, None, WorkerCrashed(_describe_exit(code)), worker.name)
 
     def _replace(self, worker: _Worker, *, kill: bool = False) -> None:

@@ -1,0 +1,188 @@
+"""Memory admission, largest-first scheduling, worker recycling and the grace period."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import photo_array, save_jpeg
+from optimizr import EncodeOptions, RunConfig, convert_tree
+from optimizr.budget import (
+    PARENT_BASELINE,
+    WORKER_BASELINE,
+    Header,
+    MemoryBudget,
+    estimate_peak_bytes,
+)
+from optimizr.executors import Job, ProcessExecutor
+from optimizr.pipeline import StopToken
+from optimizr.results import Result
+
+MB = 1 << 20
+
+
+def test_estimate_follows_size_mode_and_orientation() -> None:
+    small = Header("jpeg", 1000, 1000, 3)
+    big = Header("jpeg", 4000, 3000, 3)
+    lossy = EncodeOptions()
+    assert estimate_peak_bytes(big, lossy) > 10 * (estimate_peak_bytes(small, lossy) - 30 * MB)
+    assert estimate_peak_bytes(big, EncodeOptions(lossless=True)) > 3 * estimate_peak_bytes(
+        big, lossy
+    )
+    shrunk = estimate_peak_bytes(big, EncodeOptions(max_width=800))
+    assert shrunk < estimate_peak_bytes(big, lossy) / 4
+    rotated = Header("jpeg", 4000, 3000, 3, orientation=6)
+    assert estimate_peak_bytes(rotated, lossy) > estimate_peak_bytes(big, lossy)
+    animated = Header("gif", 400, 400, 4, frames=40)
+    assert estimate_peak_bytes(animated, lossy) > estimate_peak_bytes(
+        Header("gif", 400, 400, 4), lossy
+    )
+
+
+def test_budget_takes_baselines_off_the_top() -> None:
+    budget = MemoryBudget(1024 * MB, workers=2)
+    assert budget.capacity == 1024 * MB - PARENT_BASELINE - 2 * WORKER_BASELINE
+
+
+def test_budget_admits_while_it_fits_and_reserves_for_the_waiting() -> None:
+    budget = MemoryBudget(PARENT_BASELINE + WORKER_BASELINE + 100 * MB, workers=1)
+    assert budget.capacity == 100 * MB
+    assert budget.try_acquire(60 * MB)
+    assert not budget.try_acquire(50 * MB)
+    assert budget.try_acquire(30 * MB)
+    # 10 MB are free, but a 90 MB job is waiting: a 5 MB job must leave room for it.
+    assert not budget.try_acquire(5 * MB, reserve=90 * MB)
+    budget.release(60 * MB)
+    budget.release(30 * MB)
+    assert budget.in_use == 0 and budget.statistics().peak_in_use == 90 * MB
+    budget.force_acquire(500 * MB)
+    assert budget.statistics().ran_alone == 1
+
+
+class RecordingBudget(MemoryBudget):
+    """Counts how many admitted jobs ran at once."""
+
+    def __init__(self, total: int, workers: int) -> None:
+        super().__init__(total, workers)
+        self.running = 0
+        self.max_running = 0
+
+    def _take(self, need: int) -> None:
+        super()._take(need)
+        self.running += 1
+        self.max_running = max(self.max_running, self.running)
+
+    def release(self, need: int) -> None:
+        super().release(need)
+        self.running -= 1
+
+
+def jobs_for(paths: list[Path], costs: list[int]) -> list[Job]:
+    return [
+        Job(i, p.name, str(p), EncodeOptions(), cost)
+        for i, (p, cost) in enumerate(zip(paths, costs, strict=True))
+    ]
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> list[Path]:
+    return [save_jpeg(tmp_path / f"i{i}.jpg", photo_array(120, 90, seed=i)) for i in range(6)]
+
+
+def test_jobs_that_do_not_fit_together_never_run_together(images: list[Path]) -> None:
+    budget = RecordingBudget(PARENT_BASELINE + 2 * WORKER_BASELINE + 100 * MB, workers=2)
+    with ProcessExecutor(2, budget=budget) as executor:
+        outcomes = list(executor.imap_unordered(jobs_for(images, [60 * MB] * 6)))
+    assert len(outcomes) == 6 and all(o.error is None for o in outcomes)
+    assert budget.max_running == 1
+    assert budget.in_use == 0 and budget.statistics().peak_in_use == 60 * MB
+
+
+def test_jobs_that_fit_together_use_every_worker(images: list[Path]) -> None:
+    budget = RecordingBudget(PARENT_BASELINE + 2 * WORKER_BASELINE + 100 * MB, workers=2)
+    with ProcessExecutor(2, budget=budget) as executor:
+        outcomes = list(executor.imap_unordered(jobs_for(images, [40 * MB] * 6)))
+    assert len(outcomes) == 6
+    assert budget.max_running == 2
+
+
+def test_a_job_bigger_than_what_is_free_runs_alone(images: list[Path]) -> None:
+    budget = RecordingBudget(PARENT_BASELINE + 2 * WORKER_BASELINE + 100 * MB, workers=2)
+    costs = [10 * MB, 10 * MB, 150 * MB, 10 * MB, 10 * MB, 10 * MB]
+    with ProcessExecutor(2, budget=budget, lookahead=2) as executor:
+        outcomes = list(executor.imap_unordered(jobs_for(images, costs)))
+    assert len(outcomes) == 6 and budget.statistics().ran_alone == 1
+    assert budget.in_use == 0
+
+
+def test_largest_first_within_the_lookahead(images: list[Path]) -> None:
+    costs = [1 * MB, 5 * MB, 3 * MB, 4 * MB, 2 * MB, 6 * MB]
+    with ProcessExecutor(1, lookahead=6) as executor:
+        order = [o.job.cost for o in executor.imap_unordered(jobs_for(images, costs))]
+    assert order == sorted(costs, reverse=True)
+
+
+def test_workers_are_recycled_after_n_tasks(images: list[Path]) -> None:
+    with ProcessExecutor(1, max_tasks_per_worker=2) as executor:
+        outcomes = list(executor.imap_unordered(jobs_for(images, [0] * 6)))
+        stats = executor.statistics()
+    assert all(o.error is None for o in outcomes)
+    assert len({o.worker for o in outcomes}) == 3
+    assert stats.restarts == 3 and stats.completed == 6
+
+
+def test_image_over_the_whole_budget_is_refused_with_a_reason(tmp_path: Path) -> None:
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    save_jpeg(src / "small.jpg", photo_array(200, 150))
+    save_jpeg(src / "huge.jpg", photo_array(4000, 3000, seed=1), quality=50)
+    config = RunConfig(src=src, dest=dest, workers=1, max_memory=200 * MB)
+    summary = convert_tree(src, dest, config)
+    assert summary.converted == 1
+    [refused] = summary.not_converted
+    assert refused.key == "huge.jpg" and refused.reason == "too large"
+    assert "--max-memory" in refused.message and "4000x3000" in refused.message
+    assert summary.memory["budget_bytes"] == 200 * MB
+
+
+@pytest.mark.timeout(60)
+def test_grace_period_bounds_a_graceful_stop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    for i in range(4):
+        save_jpeg(src / f"a{i}.jpg", photo_array(64, 64, seed=i))
+    monkeypatch.setenv("OPTIMIZR_TEST_FAULTS", "hang:a1.jpg")
+    stop = StopToken()
+
+    class StopAfterFirst:
+        def found(self, count: int) -> None: ...
+        def walk_done(self, total: int) -> None: ...
+        def stopping(self, hard: bool) -> None: ...
+
+        def finished(self, result: Result) -> None:
+            if not stop.graceful:
+                stop.request()
+
+    config = RunConfig(src=src, dest=dest, workers=2, grace=1.0, timeout=50, lookahead_per_worker=1)
+    started = time.monotonic()
+    summary = convert_tree(src, dest, config, listener=StopAfterFirst(), stop=stop)
+    assert time.monotonic() - started < 30  # the hang lasts 50 s; grace cut it at 1 s
+    assert summary.interrupted and summary.exit_code == 130
+    # The abandoned image is neither converted nor counted as a failure.
+    assert not (dest / "a1.webp").exists() and summary.failed == 0
+    assert not [p for p in dest.rglob("*") if p.name.endswith(".optimizr-tmp")]
+
+
+def test_summary_reports_measured_memory_and_cpu(tmp_path: Path) -> None:
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    for i in range(4):
+        save_jpeg(src / f"p{i}.jpg", photo_array(400, 300, seed=i))
+    summary = convert_tree(src, dest, RunConfig(src=src, dest=dest, workers=2))
+    # The parent alone (Python, numpy, pyvips) is tens of MB; workers add theirs.
+    assert summary.memory["peak_rss_bytes"] > 50 * MB
+    assert summary.memory["samples"] >= 1
+    assert 0 < summary.cpu["codec_cpu_seconds"] <= summary.cpu["workers_cpu_seconds"] * 1.05
+    assert 0 <= summary.cpu["orchestration_share"] < 1
+    assert summary.executor["started"] == 4 and summary.executor["crashed"] == 0
