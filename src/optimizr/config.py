@@ -83,7 +83,8 @@ class RunConfig:
     dry_run: bool = False
     force: bool = False
     summary_path: Path | None = None
-    #: How far the walk may run ahead of the workers, in files per worker.
+    #: How far the walk may run ahead of the workers, in files per worker. The
+    #: largest image in this window starts first; 0 turns that off (plain FIFO).
     lookahead_per_worker: int = 4
     #: Seconds one image may take before its worker is killed (a hung codec).
     timeout: float = 300.0

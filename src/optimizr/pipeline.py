@@ -340,7 +340,7 @@ def convert_tree(
             timeout=config.timeout,
             max_tasks_per_worker=config.max_tasks_per_worker,
             budget=budget,
-            lookahead=config.lookahead_per_worker * workers,
+            lookahead=max(1, config.lookahead_per_worker * workers),
             grace=config.grace,
         )
     sampler = TreeMemorySampler().start()

@@ -176,7 +176,9 @@ def _verbose_line(result: Result) -> str:
 def summary_table(summary: RunSummary) -> Table:
     seconds = summary.seconds
     saving = summary.saved_bytes / summary.bytes_in if summary.bytes_in else 0.0
-    table = Table(title="optimizr" + (" (interrupted)" if summary.interrupted else ""))
+    table = Table(
+        title="optimizr" + (" (interrupted)" if summary.interrupted else ""), show_header=False
+    )
     table.add_column("", style="bold")
     table.add_column("", justify="right")
     table.add_row("files found", f"{summary.found:,}")
