@@ -41,3 +41,41 @@ test: lint typecheck pytest
 
 clean:
 	rm -rf $(VENV) $(SAMPLES) $(OUTPUT) build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+# Benchmarks (bench/README.md): they print figures and assert nothing. Peers (cwebp,
+# sharp) install into bench/.peers when possible and are skipped when not; corpora
+# are built once into bench/.data. `make bench` runs compare, scaling, then memory.
+BENCH_DATA := bench/.data
+BENCH_ROUNDS ?= 3
+BENCH_WORKERS ?= 2
+
+.PHONY: bench bench-peers bench-corpus bench-big-corpus bench-compare bench-scaling bench-memory bench-calibrate
+
+bench: $(STAMP) bench-peers bench-corpus
+	$(BIN)/python bench/compare.py $(BENCH_DATA)/corpus --rounds $(BENCH_ROUNDS) --workers $(BENCH_WORKERS)
+	$(BIN)/python bench/scaling.py $(BENCH_DATA)/corpus
+	$(MAKE) --no-print-directory bench-memory
+
+bench-peers:
+	sh bench/install_peers.sh
+
+# A stamp file, not the folder, says the corpus is complete (a build may be interrupted).
+bench-corpus: $(STAMP)
+	@test -f $(BENCH_DATA)/corpus.done || { \
+	  $(BIN)/python bench/make_corpus.py $(BENCH_DATA)/corpus && touch $(BENCH_DATA)/corpus.done; }
+
+bench-big-corpus: $(STAMP)
+	@test -f $(BENCH_DATA)/big.done || { \
+	  $(BIN)/python bench/make_corpus.py $(BENCH_DATA)/big --big && touch $(BENCH_DATA)/big.done; }
+
+bench-compare: $(STAMP) bench-peers bench-corpus
+	$(BIN)/python bench/compare.py $(BENCH_DATA)/corpus --rounds $(BENCH_ROUNDS) --workers $(BENCH_WORKERS)
+
+bench-scaling: $(STAMP) bench-corpus
+	$(BIN)/python bench/scaling.py $(BENCH_DATA)/corpus
+
+bench-memory: $(STAMP) bench-big-corpus
+	$(BIN)/python bench/memory.py --corpus $(BENCH_DATA)/big --workers $(BENCH_WORKERS)
+
+bench-calibrate: $(STAMP)
+	$(BIN)/python bench/calibrate_memory.py

@@ -45,7 +45,7 @@ LOSSLESS = EncodeOptions(lossless=True)
 TO_SRGB = EncodeOptions(srgb=True)
 
 # ---------------------------------------------------------------- tolerances
-# Measured on this corpus with libvips 8.17 / libwebp 1.6 (see the report table printed
+# Measured on this corpus with pyvips-binary (libvips 8.18) and Pillow 13 (figures printed
 # by test_tree_summary_table with -s). Each limit has a margin over the worst measured
 # file but stays far below what a real colour or geometry bug produces (negative
 # controls below: a dropped ICC profile on rgb-to-gbr-test.jpg gives mean ~160, an
@@ -509,7 +509,9 @@ def convert(corpus: Path, request: pytest.FixtureRequest) -> Callable[..., Conve
     return run
 
 
-def encoded(convert: Callable[..., Converted], key: str, options: EncodeOptions = DEFAULT):  # type: ignore[no-untyped-def]
+def encoded(
+    convert: Callable[..., Converted], key: str, options: EncodeOptions = DEFAULT
+) -> Encoded:
     result = convert(key, options)
     assert isinstance(result, Encoded), f"{key} did not convert: {result}"
     return result
@@ -546,13 +548,19 @@ def test_expectation_lists_match_the_corpus(corpus: Path) -> None:
 # ---------------------------------------------------------------- 1, 2, 5: outcome and size
 
 
-@pytest.fixture(scope="module", params=ALL_FILES)
+@pytest.fixture(scope="module")
 def file_key(request: pytest.FixtureRequest, corpus: Path) -> str:
-    """A corpus file; module scope makes pytest run all per-file tests for one file
-    before moving to the next."""
+    """A corpus file. Parametrised indirectly with module scope, so that pytest runs all
+    the per-file tests of one file together (its decoded output and reference are cached
+    for the next test) before moving to the next file."""
     return str(request.param)
 
 
+def per_file(keys: list[str]) -> pytest.MarkDecorator:
+    return pytest.mark.parametrize("file_key", keys, indirect=True, scope="module")
+
+
+@per_file(ALL_FILES)
 def test_outcome(file_key: str, convert: Callable[..., Converted]) -> None:
     key = file_key
     status, reason = expected_outcome(key)
@@ -565,10 +573,9 @@ def test_outcome(file_key: str, convert: Callable[..., Converted]) -> None:
     assert result.message, f"{key}: the failure must say why"
 
 
+@per_file(CONVERTED)
 def test_output_decodes_at_oriented_size(file_key: str, convert: Callable[..., Converted]) -> None:
     key = file_key
-    if expected_outcome(key)[0] != "converted":
-        pytest.skip("not converted")
     out = encoded(convert, key)
     webp = decoded(out.webp)
     assert webp.format == "WEBP"
@@ -635,10 +642,9 @@ def _category(key: str, out: Encoded) -> str:
     return "photo"
 
 
+@per_file(CONVERTED)
 def test_colours_match_reference(file_key: str, convert: Callable[..., Converted]) -> None:
     key = file_key
-    if expected_outcome(key)[0] != "converted":
-        pytest.skip("not converted")
     if key in NO_PIXEL_REFERENCE:
         pytest.skip(NO_PIXEL_REFERENCE[key])
     if key in LOSSY_EXEMPT:
@@ -668,7 +674,9 @@ def test_colours_match_reference(file_key: str, convert: Callable[..., Converted
 
 
 @pytest.mark.parametrize("key", LOSSLESS_CHECKED)
-def test_lossless_matches_reference(key: str, corpus: Path, convert: Callable[..., Converted]):  # type: ignore[no-untyped-def]
+def test_lossless_matches_reference(
+    key: str, corpus: Path, convert: Callable[..., Converted]
+) -> None:
     """Lossless-coded sources, converted with lossless=True, must match Pillow nearly exactly:
     decoding, palette/bit-depth expansion, tRNS, ICC handling, orientation all included."""
     if key in NO_PIXEL_REFERENCE:
@@ -682,11 +690,12 @@ def test_lossless_matches_reference(key: str, corpus: Path, convert: Callable[..
     assert d.alpha_max <= ALPHA_MAX_ERR, f"{key}: {d}"
 
 
+@per_file(CONVERTED)
 def test_alpha_kept_only_where_needed(file_key: str, convert: Callable[..., Converted]) -> None:
     """Output has alpha iff the source has a pixel that is not fully opaque."""
     key = file_key
-    if expected_outcome(key)[0] != "converted" or key in NO_PIXEL_REFERENCE:
-        pytest.skip("not converted / no reference")
+    if key in NO_PIXEL_REFERENCE:
+        pytest.skip(NO_PIXEL_REFERENCE[key])
     out = encoded(convert, key)
     webp = decoded(out.webp)
     if getattr(webp, "n_frames", 1) > 1:
@@ -697,6 +706,7 @@ def test_alpha_kept_only_where_needed(file_key: str, convert: Callable[..., Conv
     ref, _ = _reference_for(key)
     translucent = ref.mode == "RGBA" and ref.getchannel("A").getextrema()[0] < 255
     assert webp.mode == ("RGBA" if translucent else "RGB"), f"{key}: source {ref.mode}"
+    assert out.facts.has_alpha == translucent
 
 
 # ---------------------------------------------------------------- negative controls
@@ -715,7 +725,7 @@ def test_metric_catches_a_dropped_icc_profile(convert: Callable[..., Converted])
     "key",
     ["orientation/Landscape_6.jpg", "orientation/Portrait_8.jpg", "orientation/Landscape_3.jpg"],
 )
-def test_metric_catches_unapplied_orientation(key: str, convert: Callable[..., Converted]):  # type: ignore[no-untyped-def]
+def test_metric_catches_unapplied_orientation(key: str, convert: Callable[..., Converted]) -> None:
     out = webp_pixels(encoded(convert, key).webp)
     stored = reference(key, orient=False)
     if stored.size != out.size:  # 5-8: compare the unrotated picture squeezed to size
@@ -748,7 +758,9 @@ def _aligned_diff(a: Image.Image, b: Image.Image, shift: int) -> float:
 
 
 @pytest.mark.parametrize("name", ["Landscape", "Portrait", "libvips-progressive"])
-def test_orientation_set_matches_orientation_1(name: str, convert: Callable[..., Converted]):  # type: ignore[no-untyped-def]
+def test_orientation_set_matches_orientation_1(
+    name: str, convert: Callable[..., Converted]
+) -> None:
     """Each file of the set displays the same picture (libvips' set draws its own number on
     it, and stores 5-8 at 3/4 size); after conversion all match the orientation-1 file."""
     one = _oriented_pixels(convert, f"orientation/{name}_1.jpg")
@@ -779,7 +791,9 @@ EXIF_OPERATION = {
 
 
 @pytest.mark.parametrize("value", sorted(EXIF_OPERATION))
-def test_exif_orientation_f_set(value: int, corpus: Path, convert: Callable[..., Converted]):  # type: ignore[no-untyped-def]
+def test_exif_orientation_f_set(
+    value: int, corpus: Path, convert: Callable[..., Converted]
+) -> None:
     """node-canvas' F files store the same pixels with different tags, so each output is the
     f1 output under that tag's operation (not the same picture as f1)."""
     key = f"orientation/exif-orientation-f{value}.jpg"
@@ -807,7 +821,7 @@ def test_exif_orientation_f_set(value: int, corpus: Path, convert: Callable[...,
 )
 def test_invalid_orientation_is_treated_as_1(
     key: str, corpus: Path, convert: Callable[..., Converted]
-):  # type: ignore[no-untyped-def]
+) -> None:
     stored = reference(key, orient=False)
     out = _oriented_pixels(convert, key)
     assert out.size == stored.size
@@ -823,6 +837,21 @@ def test_png_exif_orientation_is_applied(corpus: Path, convert: Callable[..., Co
     rotated = stored.transpose(Image.Transpose.ROTATE_270)  # 90 degrees clockwise
     assert diff(out, rotated).mean <= LOSSLESS_MEAN
     assert diff(out, stored).mean > 10 * LOSSLESS_MEAN
+
+
+@pytest.mark.parametrize(
+    "key", ["orientation/Landscape_6.jpg", "orientation/png-exif-orientation6.png"]
+)
+@pytest.mark.parametrize("max_width", [None, 300])
+def test_kept_exif_says_upright(key: str, max_width: int | None, corpus: Path) -> None:
+    """With metadata="all" the EXIF block is kept, so its Orientation must say 1 once the
+    pixels are rotated, or viewers would rotate them a second time."""
+    out = encode_webp(str(corpus / key), EncodeOptions(metadata="all", max_width=max_width))
+    with Image.open(io.BytesIO(out.webp)) as webp:
+        assert webp.info.get("exif")
+        assert webp.getexif().get(0x0112) in (None, 1)
+        if key.endswith("Landscape_6.jpg"):  # stored 1200x1800, displayed landscape
+            assert webp.width > webp.height
 
 
 # ---------------------------------------------------------------- 6: animations
@@ -1184,7 +1213,9 @@ def test_tree_run(tree_run: TreeRun, corpus: Path) -> None:
     assert files["found"] == summary.found and files["failed"] == summary.failed
 
 
-def test_tree_outputs_match_encode_webp(tree_run: TreeRun, convert: Callable[..., Converted]):  # type: ignore[no-untyped-def]
+def test_tree_outputs_match_encode_webp(
+    tree_run: TreeRun, convert: Callable[..., Converted]
+) -> None:
     """The worker processes produce exactly what encode_webp produces in-process."""
     for key in ["photos/nikon-p6000_gps.jpg", "other/gif/cogs_animated-transparent.gif"]:
         output = tree_run.results[key].output

@@ -76,7 +76,8 @@ _NO_SIGNATURE_FORMATS = {".tga": "tga", ".icb": "tga", ".vda": "tga", ".pcx": "p
 # How strict each decoder is. libjpeg reports recoverable damage inside the
 # entropy-coded data (a bad restart marker, say) as a warning and decodes the
 # rest; such files are common from cameras and every viewer shows them, so for
-# JPEG and GIF only a truncated file fails. libpng reports CRC mismatches on
+# JPEG and GIF only a truncated file fails. (libvips still gives up on a file
+# after 100 such warnings, whatever fail_on says.) libpng reports CRC mismatches on
 # critical chunks as errors, and those files must fail, not decode to garbage.
 _FAIL_ON = {"jpeg": "truncated", "gif": "truncated"}
 
@@ -298,8 +299,10 @@ def _prepare_colour(image: Any, options: EncodeOptions) -> tuple[Any, bool]:
     to_srgb = False
 
     if interpretation == "cmyk":
-        # libvips falls back to its built-in CMYK profile when none is embedded,
-        # which is what browsers and Photoshop assume for untagged CMYK.
+        # Untagged CMYK has no single right answer: browsers invert the inks
+        # naively, Photoshop applies its working CMYK profile. We take the
+        # profile route (libvips' built-in CMYK profile), which is right for
+        # files made from print workflows; see the corpus tests for both cases.
         image = image.icc_transform("srgb", embedded=True, input_profile="cmyk", intent="relative")
         image = _without_icc(image)
         return image, True

@@ -1,0 +1,329 @@
+"""Does optimizr's --max-memory hold, and does memory stay flat over long runs?
+
+1. Budgets. For each of --budgets (default 1G,512M,400M) runs
+   ``optimizr convert BIG DEST --max-memory B -j 2`` over the big corpus (at
+   least 100 images of 12-60 MP, built by ``make_corpus.py --big`` if
+   missing) and reports the peak RSS of the whole process tree measured from
+   outside (the launched process plus all descendants, VmRSS summed from
+   /proc every 20 ms) against the budget, next to optimizr's own
+   summary.json figures: memory.peak_rss_bytes, files converted, refused as
+   "too large", admissions that waited.
+2. Trend. At --trend-budget (512M) runs over --trend-base (100) and
+   --trend-images (1,000) images -- hard links cycling over the corpus, so no
+   extra disk -- and prints the ratio of the two peaks (target: within 10%),
+   and the slope of a straight line fitted to the sampled tree RSS against
+   images done (counted in DEST every 0.5 s) after the first 10% of the run,
+   in MB per 100 images: a positive slope is memory building up.
+3. Scale. A plain two-process Pillow pool (bench/pillow_pool.py) over the same
+   images, with no budget, for comparison.
+
+Sizes are binary: 512M = 512 MiB. The full run converts about 1,300 big
+images; see bench/README.md for the time it takes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import make_corpus
+from _common import (
+    BENCH_DIR,
+    DATA_DIR,
+    MIB,
+    Run,
+    corpus_stats,
+    describe_corpus,
+    fresh_dir,
+    libvips_version,
+    linear_slope,
+    list_images,
+    machine_lines,
+    optimizr_command,
+    print_table,
+    read_json,
+    run_measured,
+    venv_python,
+)
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    match = _SIZE.match(text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+@dataclass
+class Outcome:
+    """One measured run and what optimizr said about it."""
+
+    label: str
+    images: int
+    budget: int | None
+    run: Run
+    summary: dict[str, Any]
+
+    def figure(self, section: str, key: str) -> Any:
+        return self.summary.get(section, {}).get(key)
+
+
+def count_webp(folder: Path) -> Callable[[], float]:
+    """Images finished so far: the .webp files in ``folder`` (temporaries are hidden)."""
+
+    def count() -> float:
+        return float(
+            sum(
+                1
+                for _, _, names in os.walk(folder)
+                for name in names
+                if name.endswith(".webp") and not name.startswith(".")
+            )
+        )
+
+    return count
+
+
+def run_optimizr(src: Path, work: Path, budget: int, workers: int, label: str) -> Outcome:
+    dest = fresh_dir(work / "out")
+    summary = work / "summary.json"
+    summary.unlink(missing_ok=True)
+    command = [
+        *optimizr_command(),
+        "convert",
+        str(src),
+        str(dest),
+        "--max-memory",
+        str(budget),
+        "-j",
+        str(workers),
+        "--no-progress",
+        "--if-larger",
+        "write",
+        "--summary",
+        str(summary),
+    ]
+    run = run_measured(command, progress=count_webp(dest))
+    outcome = Outcome(label, len(list_images(src)), budget, run, read_json(summary) or {})
+    report_run(outcome)
+    shutil.rmtree(dest, ignore_errors=True)
+    return outcome
+
+
+def run_pillow(src: Path, work: Path, workers: int) -> Outcome:
+    dest = fresh_dir(work / "out")
+    script = str(BENCH_DIR / "pillow_pool.py")
+    command = [str(venv_python()), script, str(src), str(dest), "-j", str(workers)]
+    run = run_measured(command)
+    outcome = Outcome(f"pillow_pool -j {workers}", len(list_images(src)), None, run, {})
+    report_run(outcome)
+    shutil.rmtree(dest, ignore_errors=True)
+    return outcome
+
+
+def report_run(outcome: Outcome) -> None:
+    run = outcome.run
+    failed = "" if run.returncode == 0 else f"  exit {run.returncode}"
+    print(
+        f"  {outcome.label:<26} wall {run.wall_seconds:8.1f} s  "
+        f"peak {run.peak_bytes / MIB:6.0f} MiB{failed}",
+        flush=True,
+    )
+
+
+def budget_row(outcome: Outcome) -> list[object]:
+    run = outcome.run
+    peak = run.peak_bytes
+    files = outcome.summary.get("files", {})
+    failed_by = files.get("failed_by_reason", {})
+    own_peak = outcome.figure("memory", "peak_rss_bytes")
+    budget = outcome.budget
+    return [
+        outcome.label,
+        outcome.images,
+        "none" if budget is None else round(budget / MIB),
+        round(peak / MIB),
+        "-" if budget is None else f"{peak / budget:.2f}",
+        "-" if budget is None else ("yes" if peak <= budget else "NO"),
+        "-" if own_peak is None else round(own_peak / MIB),
+        "-" if not own_peak else f"{(own_peak - peak) / peak:+.1%}",
+        files.get("converted", "-"),
+        failed_by.get("too large", 0) if files else "-",
+        files.get("failed", 0) - failed_by.get("too large", 0) if files else "-",
+        outcome.figure("memory", "admissions_waited"),
+        run.wall_seconds,
+    ]
+
+
+def print_budget_table(outcomes: list[Outcome]) -> None:
+    print("\nbudgets: measured peak of the whole process tree vs --max-memory")
+    headers = [
+        "run",
+        "images",
+        "budget MiB",
+        "peak MiB",
+        "peak/budget",
+        "under",
+        "summary peak",
+        "summary vs measured",
+        "converted",
+        "too large",
+        "other failed",
+        "waited",
+        "wall s",
+    ]
+    print_table(headers, [budget_row(o) for o in outcomes])
+
+
+def images_done_at(progress: list[tuple[float, float]], when: float) -> float:
+    """Images done at time ``when``, interpolated between progress samples."""
+    previous = (0.0, 0.0)
+    for point in progress:
+        if point[0] >= when:
+            span = point[0] - previous[0]
+            share = 0.0 if span <= 0 else (when - previous[0]) / span
+            return previous[1] + share * (point[1] - previous[1])
+        previous = point
+    return previous[1]
+
+
+def trend_slope(outcome: Outcome) -> float:
+    """MB per 100 images of a line fitted to tree RSS vs images done, first 10% left out."""
+    run = outcome.run
+    start = 0.1 * run.wall_seconds
+    progress = run.tree.progress
+    if progress:
+        # The last count may predate the final outputs: end at the number converted.
+        progress = [*progress, (run.wall_seconds, float(outcome.images))]
+    points = [
+        (images_done_at(progress, t), rss / 1e6) for t, rss in run.tree.timeline if t >= start
+    ]
+    return linear_slope(points) * 100
+
+
+def half_peaks(outcome: Outcome) -> tuple[float, float]:
+    timeline = outcome.run.tree.timeline
+    middle = outcome.run.wall_seconds / 2
+    first = max((rss for t, rss in timeline if t < middle), default=0)
+    second = max((rss for t, rss in timeline if t >= middle), default=0)
+    return first / MIB, second / MIB
+
+
+def print_trend(base: Outcome, long: Outcome) -> None:
+    print(f"\ntrend at --max-memory {round((long.budget or 0) / MIB)} MiB")
+    rows = []
+    for outcome in (base, long):
+        first, second = half_peaks(outcome)
+        rows.append(
+            [
+                outcome.label,
+                outcome.images,
+                round(outcome.run.peak_bytes / MIB),
+                round(first),
+                round(second),
+                f"{trend_slope(outcome):+.2f}",
+                outcome.run.wall_seconds,
+            ]
+        )
+    headers = [
+        "run",
+        "images",
+        "peak MiB",
+        "1st half peak",
+        "2nd half peak",
+        "slope MB/100 img",
+        "wall s",
+    ]
+    print_table(headers, rows)
+    ratio = long.run.peak_bytes / base.run.peak_bytes
+    print(
+        f"peak with {long.images:,} images / peak with {base.images:,}: {ratio:.3f} "
+        f"(target: within 10%, {'met' if abs(ratio - 1) <= 0.10 else 'NOT MET'})"
+    )
+
+
+def ensure_big_corpus(path: Path) -> None:
+    if list_images(path):
+        return
+    print(f"building the big corpus in {path} (make_corpus.py --big)")
+    if make_corpus.main([str(path), "--big"]) != 0:
+        raise SystemExit("memory: could not build the big corpus")
+
+
+def link_folder(corpus: Path, count: int) -> Path:
+    """``count`` images as hard links next to the corpus (same filesystem)."""
+    folder = corpus.parent / f"{corpus.name}-links-{count}"
+    make_corpus.link_folder(folder, count, corpus)
+    return folder
+
+
+def run_trend(corpus: Path, work: Path, args: argparse.Namespace) -> tuple[Outcome, Outcome]:
+    """The same budget over --trend-base and --trend-images hard-linked images."""
+    label = f"optimizr {round(args.trend_budget / MIB)}M"
+    runs = []
+    for count in (args.trend_base, args.trend_images):
+        folder = link_folder(corpus, count)
+        runs.append(
+            run_optimizr(folder, work, args.trend_budget, args.workers, f"{label} x{count}")
+        )
+    return runs[0], runs[1]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--corpus", type=Path, default=DATA_DIR / "big", help="big images (bench/.data/big)"
+    )
+    parser.add_argument("--budgets", default="1G,512M,400M", help="--max-memory values")
+    parser.add_argument("--workers", type=int, default=2, help="workers asked for (2)")
+    parser.add_argument("--trend-budget", type=parse_size, default=parse_size("512M"))
+    parser.add_argument("--trend-base", type=int, default=100, help="images of the short run")
+    parser.add_argument(
+        "--trend-images", type=int, default=1000, help="images of the long run (0: no trend)"
+    )
+    parser.add_argument("--no-pillow", action="store_true", help="skip the Pillow pool run")
+    parser.add_argument("--workdir", type=Path, help="where outputs go (default: a temp folder)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    budgets = [parse_size(b) for b in args.budgets.split(",") if b]
+    corpus = args.corpus.resolve()
+    ensure_big_corpus(corpus)
+    for line in machine_lines():
+        print(line)
+    print(f"optimizr: {' '.join(optimizr_command())}, libvips {libvips_version()}")
+    print(describe_corpus("big corpus", corpus_stats(list_images(corpus))))
+    work = Path(tempfile.mkdtemp(prefix="optimizr-memory-", dir=args.workdir))
+    try:
+        outcomes = [
+            run_optimizr(corpus, work, b, args.workers, f"optimizr {round(b / MIB)}M")
+            for b in budgets
+        ]
+        if not args.no_pillow:
+            outcomes.append(run_pillow(corpus, work, args.workers))
+        trend = run_trend(corpus, work, args) if args.trend_images else None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print_budget_table(outcomes)
+    if trend is not None:
+        print_trend(*trend)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
