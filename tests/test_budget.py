@@ -32,7 +32,7 @@ def test_estimate_follows_size_mode_and_orientation() -> None:
         big, lossy
     )
     shrunk = estimate_peak_bytes(big, EncodeOptions(max_width=800))
-    assert shrunk < estimate_peak_bytes(big, lossy) / 4
+    assert shrunk < estimate_peak_bytes(big, lossy) / 3
     rotated = Header("jpeg", 4000, 3000, 3, orientation=6)
     assert estimate_peak_bytes(rotated, lossy) > estimate_peak_bytes(big, lossy)
     animated = Header("gif", 400, 400, 4, frames=40)

@@ -8,20 +8,22 @@ whole process tree, so the fixed cost of the parent and of every worker
 
 The figures below were measured on this project's machine (x86-64, libvips
 8.18.7 from pyvips-binary, one libvips thread per worker) by
-``bench/calibrate_memory.py``, which converts synthetic photos of 2-60 MP in a
-fresh process each and reads the growth of its peak RSS (``ru_maxrss``):
+``bench/calibrate_memory.py``, which converts synthetic photos of 2-32 MP in a
+fresh process each and reads the growth of its peak resident size (VmHWM):
 
-=====================================  =============================
-what                                   bytes per output pixel
-=====================================  =============================
-lossy, sequential decode               8.7-9.7 (libvips holds the RGB image, libwebp its YUV copy)
-lossy with ``--smart-subsample``       16
-lossless / near-lossless               42-43
-rotated by EXIF (random-access decode) + 3 per *input* pixel
-=====================================  =============================
+=====================================  ===========================================
+what                                   measured
+=====================================  ===========================================
+lossy, sequential decode               9.0-9.8 bytes per output pixel + ~5 MB
+lossy with ``--smart-subsample``       16.7-17.2 bytes per output pixel
+lossless / near-lossless               32-43 bytes per output pixel + ~22 MB
+rotated by EXIF (random-access decode) 12.1 bytes per output pixel (3 more per input pixel)
+shrunk on load (``--max-width``)       1.6-2.0 bytes per *input* pixel + ~12 MB
+=====================================  ===========================================
 
-plus about 25 MB of decoder and encoder buffers that do not scale with size.
-The estimate adds 15% on top of the measured factors.
+libvips holds the decoded RGB image and libwebp its own YUV picture and
+analysis buffers, which is why lossy needs three times the RGB size. The
+estimate adds 10% on top and a fixed 8 MB per image.
 """
 
 from __future__ import annotations
@@ -33,17 +35,19 @@ from pathlib import Path
 
 from optimizr.config import WEBP_MAX_DIMENSION, EncodeOptions
 
-BYTES_PER_PIXEL_LOSSY = 9.7
-BYTES_PER_PIXEL_SHARP_YUV = 16.0
+BYTES_PER_PIXEL_LOSSY = 9.8
+BYTES_PER_PIXEL_SHARP_YUV = 17.2
 BYTES_PER_PIXEL_LOSSLESS = 43.0
 BYTES_PER_PIXEL_RANDOM_ACCESS = 3.0
-FIXED_PER_IMAGE = 25 << 20
-SAFETY = 1.15
+BYTES_PER_INPUT_PIXEL_SHRINK = 2.0
+FIXED_PER_IMAGE = 8 << 20
+FIXED_LOSSLESS = 22 << 20
+SAFETY = 1.10
 
-#: Resident size of an idle worker (Python + pyvips + optimizr), measured: ~31 MB.
-WORKER_BASELINE = 40 << 20
-#: Resident size of the parent (walk, pool, progress), measured: ~45-60 MB.
-PARENT_BASELINE = 70 << 20
+#: Resident size of an idle worker (Python + pyvips + optimizr), measured: 31 MB.
+WORKER_BASELINE = 35 << 20
+#: Resident size of the parent (walk, pool, progress, RSS sampler), measured: 37-45 MB.
+PARENT_BASELINE = 50 << 20
 
 
 @dataclass(frozen=True)
@@ -78,13 +82,17 @@ def estimate_peak_bytes(header: Header, options: EncodeOptions) -> int:
     """Peak resident memory one conversion adds to its worker, from the header alone."""
     out_w, out_h = output_size(header, options)
     out_pixels = out_w * out_h * header.frames
+    fixed = FIXED_PER_IMAGE
     if options.lossless or options.near_lossless is not None:
-        per_pixel = BYTES_PER_PIXEL_LOSSLESS
+        per_pixel, fixed = BYTES_PER_PIXEL_LOSSLESS, FIXED_LOSSLESS
     elif options.smart_subsample:
         per_pixel = BYTES_PER_PIXEL_SHARP_YUV
     else:
         per_pixel = BYTES_PER_PIXEL_LOSSY
-    need = FIXED_PER_IMAGE + per_pixel * out_pixels
+    need = fixed + per_pixel * out_pixels
+    if out_pixels < header.pixels:
+        # Shrinking still streams every input row through the decoder and resampler.
+        need += BYTES_PER_INPUT_PIXEL_SHRINK * header.pixels
     if header.orientation != 1 or header.format in ("bmp", "apng"):
         # Rotations need the whole decoded image; BMP and APNG are decoded in memory.
         need += BYTES_PER_PIXEL_RANDOM_ACCESS * header.bands / 3 * header.pixels

@@ -344,7 +344,7 @@ def convert_tree(
             grace=config.grace,
         )
     sampler = TreeMemorySampler().start()
-    cpu_start, times_start, wall_start = time.process_time(), os.times(), time.monotonic()
+    times_start, wall_start = os.times(), time.monotonic()
     try:
         pipeline = Pipeline(
             config,
@@ -363,10 +363,12 @@ def convert_tree(
     memory = sampler.stop()
     wall = time.monotonic() - wall_start
     times_end = os.times()
-    parent_cpu = time.process_time() - cpu_start
+    # The parent's whole life, start-up imports included: all of it is overhead.
+    parent_cpu = times_end.user + times_end.system
     workers_cpu = (times_end.children_user - times_start.children_user) + (
         times_end.children_system - times_start.children_system
     )
+    total_cpu = parent_cpu + workers_cpu
     cores = min(available_cpus(), workers * max(1, available_cpus() // workers))
     stats = executor.statistics()
     budget_stats = budget.statistics()
@@ -386,9 +388,10 @@ def convert_tree(
         "parent_cpu_seconds": round(parent_cpu, 3),
         "workers_cpu_seconds": round(workers_cpu, 3),
         "codec_cpu_seconds": round(summary.codec_cpu_seconds, 3),
-        # Share of all CPU spent outside the workers: the cost of orchestration.
-        "orchestration_share": round(parent_cpu / (parent_cpu + workers_cpu), 4)
-        if parent_cpu + workers_cpu > 0
+        # All CPU spent outside the codec (the parent, worker start-up, passing
+        # jobs and results), as a share of all CPU: the cost of orchestration.
+        "orchestration_share": round(1 - summary.codec_cpu_seconds / total_cpu, 4)
+        if total_cpu > 0
         else 0.0,
         # Codec CPU over the CPU the machine offered during the run.
         "efficiency": round(summary.codec_cpu_seconds / (cores * wall), 4) if wall > 0 else 0.0,
