@@ -168,6 +168,14 @@ def main() -> None:
     help="After Ctrl-C or SIGTERM, seconds in-flight images may take to finish.",
 )
 @click.option(
+    "--lookahead",
+    type=click.IntRange(0),
+    default=4,
+    show_default=True,
+    help="Files per worker the walk may run ahead; the largest of them starts first "
+    "(0: strictly in walk order).",
+)
+@click.option(
     "--summary",
     "summary_path",
     type=click.Path(path_type=Path, dir_okay=False),
@@ -209,6 +217,7 @@ def convert(
     max_memory: str | None,
     max_tasks_per_worker: int,
     grace: float,
+    lookahead: int,
     summary_path: Path | None,
     verbose: bool,
     live: bool | None,
@@ -247,6 +256,7 @@ def convert(
             max_memory=parse_size(max_memory) if max_memory else None,
             max_tasks_per_worker=max_tasks_per_worker,
             grace=grace,
+            lookahead_per_worker=lookahead,
         )
         stop = StopToken()
         progress = TerminalProgress(live=False if dry_run else live, verbose=verbose or dry_run)
