@@ -53,6 +53,9 @@ def _header(source: str | bytes, sniffed: Sniffed) -> Header | None:
         return Header("apng", info.width, info.height, 4, info.num_frames)
     import pyvips
 
+    # Header reads would otherwise sit in libvips' operation cache, each with
+    # its file open; nothing here is ever read twice.
+    pyvips.cache_set_max(0)
     image: Any = (
         pyvips.Image.new_from_buffer(source, "", fail_on="none")
         if isinstance(source, bytes)

@@ -8,9 +8,11 @@ pool must be sized so that workers x threads does not oversubscribe the cores.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -19,6 +21,34 @@ from typing import Any
 #: ends with NAME. It exists so the crash-isolation tests exercise a real dead
 #: process; nothing sets it outside the test suite.
 FAULT_ENV = "OPTIMIZR_TEST_FAULTS"
+
+
+def keep_heap_compact() -> Callable[[], None]:
+    """Stop glibc malloc from hoarding the memory of big images; return a trim function.
+
+    glibc raises its mmap threshold each time a large block is freed, so after a
+    few big images libvips' buffers come from the heap and stay resident when
+    freed: an idle worker grew from 31 to 127 MB over four 8-32 MP images
+    (measured). A fixed 1 MiB threshold keeps large buffers in mmap (returned
+    to the system on free), and ``malloc_trim`` after each image hands back the
+    rest; the same four images then leave the worker at 33 MB.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+        libc.mallopt(_M_TRIM_THRESHOLD, 1 << 20)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        return lambda: None
+
+    def trim_now() -> None:
+        trim(0)
+
+    return trim_now
+
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
 
 
 def configure_libvips(threads: int) -> None:
@@ -37,6 +67,7 @@ def worker_main(conn: Connection, threads: int) -> None:
     # Ctrl-C reaches the whole process group; only the parent decides what it
     # means (finish in-flight work first), so workers ignore it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    trim_heap = keep_heap_compact()
     configure_libvips(threads)
     from optimizr.encode import encode_webp
     from optimizr.errors import ImageError
@@ -62,6 +93,8 @@ def worker_main(conn: Connection, threads: int) -> None:
             from optimizr.errors import EncodeFailed
 
             result = ("error", EncodeFailed(f"internal error: {type(exc).__name__}: {exc}"))
+        del job
+        trim_heap()
         try:
             conn.send(result)
         except (OSError, EOFError):
