@@ -15,6 +15,7 @@ new work, in-flight images finish) and a second time for an abort.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -103,6 +104,21 @@ def classify_error(key: str, error: ImageError) -> Result:
     if isinstance(error, UnsupportedImage):
         return Result(key, "skipped", UNSUPPORTED, error.message)
     return Result(key, "failed", error.reason, error.message)
+
+
+def larger_than_source(
+    key: str, webp_size: int, source_size: int, if_larger: IfLarger
+) -> Result | None:
+    """The skip result when ``--if-larger skip`` keeps no output, else None."""
+    if if_larger != "skip" or webp_size < source_size:
+        return None
+    message = f"WebP would be {webp_size:,} bytes, source is {source_size:,}"
+    return Result(key, "skipped", LARGER_THAN_SOURCE, message, None, source_size)
+
+
+def write_failure(key: str, target: str, exc: OSError) -> Result:
+    reason = "no space left" if exc.errno == errno.ENOSPC else "write failed"
+    return Result(key, "failed", reason, f"{target}: {exc.strerror or exc}")
 
 
 class Pipeline:
@@ -260,9 +276,9 @@ class Pipeline:
         encoded = outcome.encoded
         out_key = output_key(key, self.config.name)
         size = len(encoded.webp)
-        if self.config.if_larger == "skip" and size >= entry.size:
-            message = f"WebP would be {size:,} bytes, source is {entry.size:,}"
-            self._record(Result(key, "skipped", LARGER_THAN_SOURCE, message, None, entry.size))
+        larger = larger_than_source(key, size, entry.size, self.config.if_larger)
+        if larger is not None:
+            self._record(larger)
             return
         now = self.source.stat(key)
         if now is None or (now.size, now.mtime_ns) != (entry.size, entry.mtime_ns):
@@ -272,8 +288,7 @@ class Pipeline:
         try:
             self.dest.write_atomic(out_key, encoded.webp)
         except OSError as exc:
-            reason = "no space left" if exc.errno == 28 else "write failed"
-            self._record(Result(key, "failed", reason, f"{out_key}: {exc.strerror or exc}"))
+            self._record(write_failure(key, out_key, exc))
             return
         self._record(Result(key, "converted", None, "", out_key, entry.size, size, encoded.facts))
 
@@ -441,14 +456,13 @@ def convert_file(
         error = SourceUnreadable(exc.strerror or str(exc))
         return Result(str(src_path), "failed", error.reason, error.message)
     webp_size = len(encoded.webp)
-    if if_larger == "skip" and webp_size >= size:
-        message = f"WebP would be {webp_size:,} bytes, source is {size:,}"
-        return Result(str(src_path), "skipped", LARGER_THAN_SOURCE, message, None, size)
+    larger = larger_than_source(str(src_path), webp_size, size, if_larger)
+    if larger is not None:
+        return larger
     try:
         atomic_write(dest_path, encoded.webp)
     except OSError as exc:
-        reason = "no space left" if exc.errno == 28 else "write failed"
-        return Result(str(src_path), "failed", reason, f"{dest_path}: {exc.strerror or exc}")
+        return write_failure(str(src_path), str(dest_path), exc)
     return Result(
         str(src_path), "converted", None, "", str(dest_path), size, webp_size, encoded.facts
     )
