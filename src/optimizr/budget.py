@@ -33,7 +33,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from optimizr.config import WEBP_MAX_DIMENSION, EncodeOptions
+from optimizr.config import EncodeOptions
 
 BYTES_PER_PIXEL_LOSSY = 9.8
 BYTES_PER_PIXEL_SHARP_YUV = 17.2
@@ -71,11 +71,10 @@ def output_size(header: Header, options: EncodeOptions) -> tuple[int, int]:
     width, height = header.width, header.height
     if header.orientation >= 5:
         width, height = height, width
-    box_w = options.max_width or width
-    box_h = options.max_height or height
-    if options.oversize == "fit":
-        box_w, box_h = min(box_w, WEBP_MAX_DIMENSION), min(box_h, WEBP_MAX_DIMENSION)
-    scale = min(1.0, box_w / width, box_h / height)
+    box = options.shrink_box(width, height)
+    if box is None:
+        return width, height
+    scale = min(box[0] / width, box[1] / height)
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 

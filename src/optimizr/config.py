@@ -66,6 +66,17 @@ class EncodeOptions:
         if self.oversize not in ("fail", "fit"):
             raise UsageError(f"--oversize must be fail or fit, not {self.oversize!r}")
 
+    def shrink_box(self, width: int, height: int) -> tuple[int, int] | None:
+        """The box an upright ``width`` x ``height`` image must shrink into, or None
+        when it is kept at its own size (never enlarged)."""
+        box_w = self.max_width or width
+        box_h = self.max_height or height
+        if self.oversize == "fit":
+            box_w, box_h = min(box_w, WEBP_MAX_DIMENSION), min(box_h, WEBP_MAX_DIMENSION)
+        if width <= box_w and height <= box_h:
+            return None
+        return box_w, box_h
+
 
 @dataclass(frozen=True)
 class RunConfig:

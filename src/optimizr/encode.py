@@ -207,7 +207,7 @@ def _load(source: Source, sniffed: Sniffed, options: EncodeOptions, fail_on: str
     _check_pixels(width, page_height, frames, options)
     orientation = _orientation(header)
     out_w, out_h = _oriented(width, page_height, orientation)
-    target = _target_size(out_w, out_h, options)
+    target = options.shrink_box(out_w, out_h)
 
     if target is None:
         # Flips and rotations read the rows out of order, which a sequential
@@ -258,7 +258,7 @@ def _open(source: Source, fail_on: str, **kwargs: Any) -> Any:
 
 def _resize_in_memory(image: Any, options: EncodeOptions) -> Any:
     page_height = _page_height(image)
-    target = _target_size(image.width, page_height, options)
+    target = options.shrink_box(image.width, page_height)
     if target is None:
         return image
     pages = _pages(image)
@@ -279,17 +279,6 @@ def _check_pixels(width: int, height: int, frames: int, options: EncodeOptions) 
     if pixels > options.max_pixels:
         what = f"{width}x{height}" + (f"x{frames} frames" if frames > 1 else "")
         raise TooLarge(f"{what} = {pixels:,} px exceeds --max-pixels {options.max_pixels:,}")
-
-
-def _target_size(width: int, height: int, options: EncodeOptions) -> tuple[int, int] | None:
-    """The box to shrink into, or None when the image is kept at its own size."""
-    box_w = options.max_width or width
-    box_h = options.max_height or height
-    if options.oversize == "fit":
-        box_w, box_h = min(box_w, WEBP_MAX_DIMENSION), min(box_h, WEBP_MAX_DIMENSION)
-    if width <= box_w and height <= box_h:
-        return None
-    return box_w, box_h
 
 
 def _prepare_colour(image: Any, options: EncodeOptions) -> tuple[Any, bool]:
