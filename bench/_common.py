@@ -316,6 +316,28 @@ def optimizr_command() -> list[str]:
     return [found] if found else [str(venv_python()), "-m", "optimizr"]
 
 
+def optimizr_convert(src: Path, dest: Path, summary: Path, *options: str) -> list[str]:
+    """``optimizr convert`` as every benchmark runs it: no progress bar, every
+    output written (the peers write them all, so equal work), summary to ``summary``."""
+    return [*optimizr_command(), "convert", str(src), str(dest), "--no-progress",
+            "--if-larger", "write", "--summary", str(summary), *options]  # fmt: skip
+
+
+def measure_optimizr(
+    src: Path,
+    work: Path,
+    *options: str,
+    progress: Callable[[Path], Callable[[], float]] | None = None,
+) -> tuple[Run, Path, dict[str, Any]]:
+    """One measured run into a fresh ``work/out``; returns the run, DEST and summary.json."""
+    dest = fresh_dir(work / "out")
+    summary = work / "summary.json"
+    summary.unlink(missing_ok=True)
+    command = optimizr_convert(src, dest, summary, *options)
+    run = run_measured(command, progress=progress(dest) if progress else None)
+    return run, dest, read_json(summary) or {}
+
+
 def venv_python() -> Path:
     local = VENV_BIN / "python"
     return local if local.exists() else Path(sys.executable)

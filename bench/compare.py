@@ -52,6 +52,7 @@ from _common import (
     machine_lines,
     median,
     optimizr_command,
+    optimizr_convert,
     pillow_version,
     print_table,
     read_json,
@@ -95,25 +96,10 @@ class Tool:
 
 def optimizr_tool(s: Settings) -> Tool:
     def command(dest: Path, summary: Path) -> list[str]:
-        return [
-            *optimizr_command(),
-            "convert",
-            str(s.src),
-            str(dest),
-            "-j",
-            str(s.workers),
-            "-q",
-            str(s.quality),
-            "--effort",
-            str(s.effort),
-            "--no-progress",
-            # The peers write every output; so must optimizr for equal work.
-            "--if-larger",
-            "write",
-            "--summary",
-            str(summary),
-            *s.optimizr_args,
-        ]
+        return optimizr_convert(
+            s.src, dest, summary, "-j", str(s.workers), "-q", str(s.quality),
+            "--effort", str(s.effort), *s.optimizr_args,
+        )  # fmt: skip
 
     return Tool("optimizr", command)
 

@@ -47,9 +47,9 @@ from _common import (
     linear_slope,
     list_images,
     machine_lines,
+    measure_optimizr,
     optimizr_command,
     print_table,
-    read_json,
     run_measured,
     venv_python,
 )
@@ -96,26 +96,10 @@ def count_webp(folder: Path) -> Callable[[], float]:
 
 
 def run_optimizr(src: Path, work: Path, budget: int, workers: int, label: str) -> Outcome:
-    dest = fresh_dir(work / "out")
-    summary = work / "summary.json"
-    summary.unlink(missing_ok=True)
-    command = [
-        *optimizr_command(),
-        "convert",
-        str(src),
-        str(dest),
-        "--max-memory",
-        str(budget),
-        "-j",
-        str(workers),
-        "--no-progress",
-        "--if-larger",
-        "write",
-        "--summary",
-        str(summary),
-    ]
-    run = run_measured(command, progress=count_webp(dest))
-    outcome = Outcome(label, len(list_images(src)), budget, run, read_json(summary) or {})
+    run, dest, data = measure_optimizr(
+        src, work, "--max-memory", str(budget), "-j", str(workers), progress=count_webp
+    )
+    outcome = Outcome(label, len(list_images(src)), budget, run, data)
     report_run(outcome)
     shutil.rmtree(dest, ignore_errors=True)
     return outcome

@@ -28,45 +28,24 @@ from _common import (
     Run,
     corpus_stats,
     describe_corpus,
-    fresh_dir,
     libvips_version,
     list_images,
     machine_lines,
+    measure_optimizr,
     median,
     optimizr_command,
     print_table,
-    read_json,
-    run_measured,
     warm_cache,
 )
 
 
-def run_optimizr(
+def run_with_workers(
     src: Path, work: Path, workers: int, args: argparse.Namespace
 ) -> tuple[Run, float]:
     """One run; returns it and optimizr's cpu.efficiency (nan without a summary)."""
-    dest = fresh_dir(work / "out")
-    summary = work / "summary.json"
-    summary.unlink(missing_ok=True)
-    command = [
-        *optimizr_command(),
-        "convert",
-        str(src),
-        str(dest),
-        "-j",
-        str(workers),
-        "-q",
-        str(args.quality),
-        "--effort",
-        str(args.effort),
-        "--no-progress",
-        "--if-larger",
-        "write",
-        "--summary",
-        str(summary),
-    ]
-    run = run_measured(command)
-    data = read_json(summary) or {}
+    run, _, data = measure_optimizr(
+        src, work, "-j", str(workers), "-q", str(args.quality), "--effort", str(args.effort)
+    )
     efficiency = float(data.get("cpu", {}).get("efficiency", float("nan")))
     failed = "" if run.returncode == 0 else f"  EXIT {run.returncode}: {run.stderr_tail[-300:]!r}"
     print(
@@ -109,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         for number in range(args.rounds):
             print(f"round {number + 1}/{args.rounds}")
             for workers in counts:
-                runs[workers].append(run_optimizr(args.corpus.resolve(), work, workers, args))
+                runs[workers].append(run_with_workers(args.corpus.resolve(), work, workers, args))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -27,11 +27,9 @@ from _common import (
     image_megapixels,
     list_images,
     machine_lines,
+    measure_optimizr,
     median,
-    optimizr_command,
     print_table,
-    read_json,
-    run_measured,
     warm_cache,
 )
 
@@ -46,16 +44,9 @@ def big_last_copy(files: list[Path], folder: Path) -> Path:
 
 
 def run_once(src: Path, work: Path, lookahead: int, workers: int) -> tuple[float, float, float]:
-    dest = fresh_dir(work / "out")
-    summary = work / "summary.json"
-    summary.unlink(missing_ok=True)
-    command = [*optimizr_command(), "convert", str(src), str(dest), "-j", str(workers),
-               "--no-progress", "--if-larger", "write", "--lookahead", str(lookahead),
-               "--summary", str(summary)]  # fmt: skip
-    run = run_measured(command)
+    run, _, data = measure_optimizr(src, work, "-j", str(workers), "--lookahead", str(lookahead))
     if run.returncode != 0:
         print(f"  EXIT {run.returncode}: {run.stderr_tail[-300:]!r}", file=sys.stderr)
-    data = read_json(summary) or {}
     tail = float(data.get("executor", {}).get("tail_seconds", float("nan")))
     efficiency = float(data.get("cpu", {}).get("efficiency", float("nan")))
     print(f"  lookahead {lookahead}: wall {run.wall_seconds:7.2f} s  tail {tail:6.2f} s  "
