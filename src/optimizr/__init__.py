@@ -15,33 +15,44 @@ from optimizr.config import EncodeOptions, RunConfig, parse_size
 from optimizr.encode import Encoded, ImageFacts, encode_webp
 from optimizr.errors import (
     CorruptImage,
+    DestBusy,
     EncodeFailed,
     ImageError,
     Interrupted,
+    ManifestDamaged,
+    NoSpaceLeft,
     NotAnImage,
     OptimizrError,
     OutputConflict,
     PermissionDenied,
+    SourceChanged,
+    SourceDisappeared,
     SourceUnreadable,
     TooLarge,
     TruncatedImage,
     UnsupportedImage,
     UsageError,
+    VerifyFailed,
     WorkerCrashed,
+    WriteFailed,
 )
 from optimizr.pipeline import StopToken, convert_file, convert_tree
 from optimizr.results import Result, RunSummary
+from optimizr.status import StatusReport, read_status
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CorruptImage",
+    "DestBusy",
     "EncodeFailed",
     "EncodeOptions",
     "Encoded",
     "ImageError",
     "ImageFacts",
     "Interrupted",
+    "ManifestDamaged",
+    "NoSpaceLeft",
     "NotAnImage",
     "OptimizrError",
     "OutputConflict",
@@ -49,16 +60,22 @@ __all__ = [
     "Result",
     "RunConfig",
     "RunSummary",
+    "SourceChanged",
+    "SourceDisappeared",
     "SourceUnreadable",
+    "StatusReport",
     "StopToken",
     "TooLarge",
     "TruncatedImage",
     "UnsupportedImage",
     "UsageError",
+    "VerifyFailed",
     "WorkerCrashed",
+    "WriteFailed",
     "__version__",
     "convert_file",
     "convert_tree",
     "encode_webp",
     "parse_size",
+    "read_status",
 ]

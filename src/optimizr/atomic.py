@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 TMP_SUFFIX = ".optimizr-tmp"
 
@@ -42,6 +44,26 @@ def atomic_write(target: Path, data: bytes, *, mode: int = 0o644) -> None:
         os.replace(tmp, target)
     except BaseException:
         # Also on KeyboardInterrupt: an interrupted write must leave nothing behind.
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(target.parent)
+
+
+@contextlib.contextmanager
+def atomic_open(target: Path, *, mode: int = 0o644) -> Iterator[BinaryIO]:
+    """Stream a file into place: ``target`` appears whole when the block ends, or
+    not at all if it raises. For documents too large to build in memory first."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_name_for(target)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), mode)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise

@@ -1,11 +1,13 @@
 """The command line: parse, build one frozen config, make one library call, exit.
 
-Exit codes: 0 every file converted or skipped; 1 some failed; 2 usage error;
-130 interrupted by SIGINT, 143 by SIGTERM.
+Exit codes: 0 every file converted or skipped; 1 some failed; 2 usage error
+(or a damaged manifest); 3 another run holds DEST; 130 interrupted by SIGINT,
+143 by SIGTERM.
 """
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
 from pathlib import Path
@@ -18,8 +20,10 @@ from rich.console import Console
 from optimizr import __version__
 from optimizr.config import DEFAULT_MAX_PIXELS, PRESETS, EncodeOptions, RunConfig, parse_size
 from optimizr.errors import OptimizrError
+from optimizr.lock import describe_holder
 from optimizr.metrics.progress import TerminalProgress, summary_table
 from optimizr.pipeline import StopToken, convert_tree
+from optimizr.status import StatusReport, read_status
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -131,7 +135,29 @@ def main() -> None:
 )
 @click.option("--follow-symlinks", is_flag=True, help="Follow symbolic links (loops are cut).")
 @click.option("--dry-run", is_flag=True, help="List what would be converted; write nothing.")
-@click.option("--force", is_flag=True, help="Convert even when the output is up to date.")
+@click.option("--force", is_flag=True, help="Ignore the manifest: convert even what is up to date.")
+@click.option(
+    "--retry-failed",
+    is_flag=True,
+    help="Try again the images earlier runs found bad (corrupt, crashed the codec...).",
+)
+@click.option(
+    "--max-attempts",
+    type=click.IntRange(1),
+    default=3,
+    show_default=True,
+    help="With --retry-failed: give up on an image after this many attempts in all.",
+)
+@click.option(
+    "--verify",
+    is_flag=True,
+    help="Decode each output before committing it; a mismatch is a failure.",
+)
+@click.option(
+    "--rebuild-manifest",
+    is_flag=True,
+    help="Set a damaged manifest aside and rebuild it from the outputs in DEST.",
+)
 @click.option(
     "-j",
     "--workers",
@@ -212,6 +238,10 @@ def convert(
     follow_symlinks: bool,
     dry_run: bool,
     force: bool,
+    retry_failed: bool,
+    max_attempts: int,
+    verify: bool,
+    rebuild_manifest: bool,
     workers: int,
     timeout: float,
     max_memory: str | None,
@@ -251,6 +281,10 @@ def convert(
             if_larger=if_larger,
             dry_run=dry_run,
             force=force,
+            retry_failed=retry_failed,
+            max_attempts=max_attempts,
+            verify=verify,
+            rebuild_manifest=rebuild_manifest,
             summary_path=summary_path,
             timeout=timeout,
             max_memory=parse_size(max_memory) if max_memory else None,
@@ -279,9 +313,60 @@ def convert(
         sys.exit(exc.exit_code)
 
     err.print(summary_table(summary))
+    for warning in summary.warnings:
+        err.print(f"optimizr: warning: {warning}", markup=False)
     if not dry_run:
         err.print(f"summary: {config.effective_summary_path}", markup=False)
     code = summary.exit_code
     if summary.interrupted and received and received[0] == signal.SIGTERM:
         code = 143
     sys.exit(code)
+
+
+@main.command()
+@click.argument("dest", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the status as one JSON document.")
+def status(dest: Path, as_json: bool) -> None:
+    """What DEST's manifest says: counts, failures by reason, bytes saved, lock."""
+    try:
+        report = read_status(dest)
+    except OptimizrError as exc:
+        Console(stderr=True, highlight=False).print(f"optimizr: error: {exc}", markup=False)
+        sys.exit(exc.exit_code)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        click.echo(format_status(report))
+
+
+def format_status(report: StatusReport) -> str:
+    lines = [f"DEST      {report.dest}", f"manifest  {report.manifest}"]
+    if report.lock_holder is not None:
+        lines.append(f"running   yes ({describe_holder(report.lock_holder)})")
+    else:
+        lines.append("running   no")
+    if report.last_run:
+        run = report.last_run
+        ended = (
+            "still running or killed"
+            if run["finished_at"] is None
+            else (f"exit {run['exit_code']}")
+        )
+        lines.append(f"last run  #{run['id']} ({ended})")
+    counts = report.by_status
+    lines.append(
+        f"files     {report.total:,}: {counts['done']:,} done, {counts['failed']:,} failed, "
+        f"{counts['skipped']:,} skipped"
+    )
+    if report.bytes_in:
+        ratio = report.saved / report.bytes_in
+        lines.append(
+            f"bytes     {report.bytes_in:,} in, {report.bytes_out:,} out, "
+            f"{report.saved:,} saved ({ratio:.1%})"
+        )
+    for reason, count in report.skipped_by_reason.items():
+        lines.append(f"skipped   {count:>8,}  {reason}")
+    for group in report.failures:
+        example = f"{group.example}: {group.message}" if group.message else group.example
+        lines.append(f"failed    {group.count:>8,}  {group.reason}  e.g. {example}")
+    return "\n".join(lines)

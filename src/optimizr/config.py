@@ -106,6 +106,14 @@ class RunConfig:
     max_tasks_per_worker: int | None = 200
     #: After the first SIGINT/SIGTERM, how long in-flight images may take to finish.
     grace: float = 60.0
+    #: Try again the images an earlier run found bad (corrupt, crashed the codec...).
+    retry_failed: bool = False
+    #: ... but give up on an image after this many attempts in all.
+    max_attempts: int = 3
+    #: Decode every output before it is committed; a mismatch is a failure.
+    verify: bool = False
+    #: Set a damaged manifest aside and rebuild it from the outputs on disk.
+    rebuild_manifest: bool = False
 
     def __post_init__(self) -> None:
         if self.workers < 0:
@@ -120,6 +128,8 @@ class RunConfig:
             raise UsageError(f"--max-memory must be at least 64M, not {self.max_memory:,} bytes")
         if self.max_tasks_per_worker is not None and self.max_tasks_per_worker < 1:
             raise UsageError("--max-tasks-per-worker must be at least 1")
+        if self.max_attempts < 1:
+            raise UsageError(f"--max-attempts must be at least 1, not {self.max_attempts}")
         if self.grace < 0:
             raise UsageError(f"--grace must not be negative, not {self.grace}")
 

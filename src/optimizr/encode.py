@@ -34,6 +34,7 @@ from optimizr.errors import (
     ImageError,
     NotAnImage,
     PermissionDenied,
+    SourceDisappeared,
     SourceUnreadable,
     TooLarge,
     TruncatedImage,
@@ -157,7 +158,7 @@ def _sniff(source: Source) -> tuple[Sniffed, int]:
     except PermissionError:
         raise PermissionDenied("cannot read the file") from None
     except FileNotFoundError:
-        raise SourceUnreadable("the file disappeared before it could be read") from None
+        raise SourceDisappeared("the file disappeared before it could be read") from None
     except IsADirectoryError:
         raise SourceUnreadable("is a directory") from None
     except OSError as exc:

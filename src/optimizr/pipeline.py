@@ -18,9 +18,11 @@ from __future__ import annotations
 import errno
 import json
 import os
+import sqlite3
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import Protocol
 
@@ -28,15 +30,28 @@ from optimizr.atomic import atomic_write
 from optimizr.budget import MemoryBudget, default_memory_budget, estimate_peak_bytes
 from optimizr.config import EncodeOptions, IfLarger, NameMode, RunConfig, available_cpus
 from optimizr.errors import (
+    TRANSIENT,
     ImageError,
+    NoSpaceLeft,
     NotAnImage,
     OutputConflict,
+    PermissionDenied,
+    SourceChanged,
     SourceUnreadable,
     TooLarge,
     UnsupportedImage,
     UsageError,
+    WriteFailed,
 )
 from optimizr.executors.base import Executor, Job, Outcome
+from optimizr.lock import RunLock
+from optimizr.manifest import (
+    FAILED_LIST_NAME,
+    Manifest,
+    Row,
+    options_fingerprint,
+    state_dir,
+)
 from optimizr.metrics.memory import TreeMemorySampler
 from optimizr.probe import probe
 from optimizr.results import (
@@ -50,8 +65,9 @@ from optimizr.results import (
     options_dict,
 )
 from optimizr.sniff import looks_like_image_name, sniff_file
-from optimizr.storage.base import SourceEntry, Storage, WalkOptions
+from optimizr.storage.base import FileStat, SourceEntry, Storage, WalkOptions
 from optimizr.storage.local import LocalStorage
+from optimizr.verify import file_is_complete_webp
 
 
 class ProgressListener(Protocol):
@@ -99,11 +115,12 @@ def output_key(key: str, name: NameMode) -> str:
 
 def classify_error(key: str, error: ImageError) -> Result:
     """Not every ImageError is a failure: a stray text file is skipped, not failed."""
+    cls = type(error).__name__
     if isinstance(error, NotAnImage) and not looks_like_image_name(key):
-        return Result(key, "skipped", NOT_AN_IMAGE, error.message)
+        return Result(key, "skipped", NOT_AN_IMAGE, error.message, error_class=cls)
     if isinstance(error, UnsupportedImage):
-        return Result(key, "skipped", UNSUPPORTED, error.message)
-    return Result(key, "failed", error.reason, error.message)
+        return Result(key, "skipped", UNSUPPORTED, error.message, error_class=cls)
+    return Result(key, "failed", error.reason, error.message, error_class=cls)
 
 
 def larger_than_source(
@@ -117,8 +134,16 @@ def larger_than_source(
 
 
 def write_failure(key: str, target: str, exc: OSError) -> Result:
-    reason = "no space left" if exc.errno == errno.ENOSPC else "write failed"
-    return Result(key, "failed", reason, f"{target}: {exc.strerror or exc}")
+    error_type = NoSpaceLeft if exc.errno in (errno.ENOSPC, errno.EDQUOT) else WriteFailed
+    error = error_type(f"{target}: {exc.strerror or exc}")
+    return Result(key, "failed", error.reason, error.message, error_class=error_type.__name__)
+
+
+@dataclass(frozen=True)
+class _InFlight:
+    entry: SourceEntry
+    checked_ns: int
+    attempts: int
 
 
 class Pipeline:
@@ -133,6 +158,7 @@ class Pipeline:
         stop: StopToken | None = None,
         prune: tuple[str, ...] = (),
         budget: MemoryBudget | None = None,
+        manifest: Manifest | None = None,
     ) -> None:
         self.config = config
         self.budget = budget
@@ -142,6 +168,8 @@ class Pipeline:
         self.listener = listener
         self.stop = stop or StopToken()
         self.prune = prune
+        self.manifest = manifest
+        self.fingerprint = options_fingerprint(config)
         self.summary = RunSummary(src=source.describe(), dest=dest.describe())
         self.summary.workers = executor.workers
         self.summary.options = {
@@ -152,13 +180,18 @@ class Pipeline:
             "include": list(config.include),
             "exclude": list(config.exclude),
             "follow_symlinks": config.follow_symlinks,
+            "retry_failed": config.retry_failed,
+            "max_attempts": config.max_attempts,
+            "verify": config.verify,
+            "fingerprint": self.fingerprint,
         }
-        self._in_flight: dict[int, SourceEntry] = {}
+        self._in_flight: dict[int, _InFlight] = {}
         self._next_id = 0
 
     def run(self) -> RunSummary:
         self.stop.attach(self.executor)
-        self.dest.remove_stale_temporaries()
+        if not self.config.dry_run:
+            self.dest.remove_stale_temporaries()
         try:
             for outcome in self.executor.imap_unordered(self._jobs()):
                 if self.stop.hard:
@@ -186,9 +219,9 @@ class Pipeline:
             if self.listener:
                 self.listener.found(len(listing.entries))
             found += len(listing.entries)
-            claimed: dict[str, str] = {}
+            planner = _DirectoryPlan(self, listing.directory)
             for entry in listing.entries:
-                job = self._plan(entry, claimed)
+                job = self._plan(entry, planner)
                 if job is not None:
                     yield job
                 if self.stop.graceful:
@@ -196,24 +229,34 @@ class Pipeline:
         if self.listener:
             self.listener.walk_done(found)
 
-    def _plan(self, entry: SourceEntry, claimed: dict[str, str]) -> Job | None:
+    def _plan(self, entry: SourceEntry, plan: _DirectoryPlan) -> Job | None:
+        checked_ns = plan.checked_ns
         if entry.error is not None:
-            self._record(Result(entry.key, "failed", entry.error, f"cannot read: {entry.error}"))
+            kind = PermissionDenied if entry.error == "permission denied" else SourceUnreadable
+            error = kind(f"cannot read: {entry.error}")
+            self._record(_failure(entry.key, error), entry, checked_ns)
             return None
         out_key = output_key(entry.key, self.config.name)
-        if out_key in claimed:
-            error = OutputConflict(
-                f"{out_key} is already the output of {claimed[out_key]}; "
+        if out_key in plan.claimed:
+            conflict = OutputConflict(
+                f"{out_key} is already the output of {plan.claimed[out_key]}; "
                 "use --name append to keep both"
             )
-            self._record(Result(entry.key, "failed", error.reason, error.message))
+            self._record(_failure(entry.key, conflict), entry, checked_ns)
             return None
-        claimed[out_key] = entry.key
+        plan.claimed[out_key] = entry.key
+        attempts = 0
         if not self.config.force:
-            existing = self.dest.stat(out_key)
-            if existing is not None and existing.mtime_ns >= entry.mtime_ns:
-                self._record(Result(entry.key, "skipped", UP_TO_DATE, "", out_key))
-                return None
+            row = plan.rows.get(PurePosixPath(entry.key).name)
+            if row is not None and row.describes(entry.size, entry.mtime_ns, self.fingerprint):
+                settled = self._settled(entry, row, out_key, plan)
+                if settled is not None:
+                    self._record(settled)
+                    return None
+                attempts = row.attempts if row.status == "failed" else 0
+            elif row is None and self.manifest is not None and self.manifest.rebuilt:
+                if self._adopt(entry, out_key, plan):
+                    return None
         if self.config.dry_run:
             self._record(self._dry_run_result(entry, out_key))
             return None
@@ -223,7 +266,7 @@ class Pipeline:
                 source = self.source.read_bytes(entry.key)
             except OSError as exc:
                 unreadable = SourceUnreadable(exc.strerror or str(exc))
-                self._record(Result(entry.key, "failed", unreadable.reason, unreadable.message))
+                self._record(_failure(entry.key, unreadable), entry, checked_ns, attempts)
                 return None
         cost = 0
         if self.budget is not None:
@@ -237,11 +280,65 @@ class Pipeline:
                         f"leaves for one image ({self.budget.capacity / 2**20:,.0f} MiB); "
                         "raise --max-memory or use --max-width/--max-height"
                     )
-                    self._record(Result(entry.key, "failed", refusal.reason, refusal.message))
+                    self._record(_failure(entry.key, refusal), entry, checked_ns, attempts)
                     return None
         self._next_id += 1
-        self._in_flight[self._next_id] = entry
-        return Job(self._next_id, entry.key, source, self.config.encode, cost)
+        self._in_flight[self._next_id] = _InFlight(entry, checked_ns, attempts)
+        return Job(
+            self._next_id, entry.key, source, self.config.encode, cost, verify=self.config.verify
+        )
+
+    def _settled(
+        self, entry: SourceEntry, row: Row, out_key: str, plan: _DirectoryPlan
+    ) -> Result | None:
+        """The result that stands without opening the file, if the manifest proves one."""
+        if row.status == "done":
+            output = plan.outputs().get(PurePosixPath(out_key).name)
+            if row.output == out_key and output is not None and output.size == row.output_size:
+                return Result(entry.key, "skipped", UP_TO_DATE, "", out_key)
+            return None  # the output is gone or was changed: make it again
+        if row.status == "skipped":
+            return Result(entry.key, "skipped", row.reason, row.message)
+        if row.reason in TRANSIENT:
+            return None  # the disk was full, the file unreadable...: not the image's fault
+        if self.config.retry_failed and row.attempts < self.config.max_attempts:
+            return None
+        self.summary.known_failed += 1
+        if self.config.retry_failed:
+            hint = f"gave up after {row.attempts} attempts (--max-attempts)"
+        else:
+            hint = f"known bad after {row.attempts} attempt(s); --retry-failed tries again"
+        return Result(
+            entry.key,
+            "failed",
+            row.reason,
+            f"{row.message} [{hint}]" if row.message else hint,
+            error_class=row.error_class,
+        )
+
+    def _adopt(self, entry: SourceEntry, out_key: str, plan: _DirectoryPlan) -> bool:
+        """After --rebuild-manifest: an output already on disk, complete and newer
+        than its source, is taken as done under the current options."""
+        assert self.manifest is not None
+        output = plan.outputs().get(PurePosixPath(out_key).name)
+        path = self.dest.local_path(out_key)
+        if output is None or output.mtime_ns < entry.mtime_ns or path is None:
+            return False
+        if not file_is_complete_webp(path):
+            return False
+        self.manifest.stats.adopted += 1
+        self.manifest.record(
+            entry.key,
+            size=entry.size,
+            mtime_ns=entry.mtime_ns,
+            checked_ns=plan.checked_ns,
+            fingerprint=self.fingerprint,
+            status="done",
+            output=out_key,
+            output_size=output.size,
+        )
+        self._record(Result(entry.key, "skipped", UP_TO_DATE, "adopted by --rebuild-manifest"))
+        return True
 
     def _dry_run_result(self, entry: SourceEntry, out_key: str) -> Result:
         path = self.source.local_path(entry.key)
@@ -267,35 +364,90 @@ class Pipeline:
     # -- commit ------------------------------------------------------------------
 
     def _commit(self, outcome: Outcome) -> None:
-        entry = self._in_flight.pop(outcome.job.id)
-        key = entry.key
+        flight = self._in_flight.pop(outcome.job.id)
+        entry, key = flight.entry, flight.entry.key
+        record = partial(
+            self._record, entry=entry, checked_ns=flight.checked_ns, attempts=flight.attempts
+        )
         if outcome.error is not None or outcome.encoded is None:
             error = outcome.error or ImageError("no result")
-            self._record(classify_error(key, error))
+            record(classify_error(key, error))
             return
         encoded = outcome.encoded
         out_key = output_key(key, self.config.name)
         size = len(encoded.webp)
         larger = larger_than_source(key, size, entry.size, self.config.if_larger)
         if larger is not None:
-            self._record(larger)
+            record(larger)
             return
         now = self.source.stat(key)
         if now is None or (now.size, now.mtime_ns) != (entry.size, entry.mtime_ns):
-            what = "disappeared" if now is None else "changed"
-            self._record(Result(key, "failed", "source changed", f"the source {what} meanwhile"))
+            what = "was deleted" if now is None else "was modified"
+            changed = SourceChanged(f"the source {what} while it was being converted")
+            # Recorded with the size and mtime it had when listed: the next run
+            # sees the difference and converts it again.
+            record(_failure(key, changed))
             return
         try:
             self.dest.write_atomic(out_key, encoded.webp)
         except OSError as exc:
-            self._record(write_failure(key, out_key, exc))
+            record(write_failure(key, out_key, exc))
             return
-        self._record(Result(key, "converted", None, "", out_key, entry.size, size, encoded.facts))
+        # Only now, with the output renamed into place, may the row say done.
+        record(Result(key, "converted", None, "", out_key, entry.size, size, encoded.facts))
 
-    def _record(self, result: Result) -> None:
+    def _record(
+        self,
+        result: Result,
+        entry: SourceEntry | None = None,
+        checked_ns: int = 0,
+        attempts: int = 0,
+    ) -> None:
         self.summary.record(result)
         if self.listener:
             self.listener.finished(result)
+        if entry is None or self.manifest is None or self.config.dry_run:
+            return
+        status = {"converted": "done", "skipped": "skipped", "failed": "failed"}[result.status]
+        self.manifest.record(
+            entry.key,
+            size=entry.size,
+            mtime_ns=entry.mtime_ns,
+            checked_ns=checked_ns,
+            fingerprint=self.fingerprint,
+            status=status,
+            reason=result.reason,
+            output=result.output if status == "done" else None,
+            output_size=result.bytes_out if status == "done" else None,
+            error_class=result.error_class,
+            message=result.message,
+            attempts=attempts + 1 if status == "failed" else attempts,
+        )
+
+
+class _DirectoryPlan:
+    """What the pipeline knows about one source directory while planning it."""
+
+    def __init__(self, pipeline: Pipeline, directory: str) -> None:
+        self.directory = directory
+        self.dest = pipeline.dest
+        # Taken before the rows are read: an edit after this moment shows as a
+        # newer mtime than the row's, or falls inside the settle window.
+        self.checked_ns = time.time_ns()
+        self.claimed: dict[str, str] = {}
+        use_rows = pipeline.manifest is not None and not pipeline.config.force
+        self.rows = pipeline.manifest.rows_in(directory) if use_rows and pipeline.manifest else {}
+        self._outputs: dict[str, FileStat] | None = None
+
+    def outputs(self) -> dict[str, FileStat]:
+        """The files in the mirrored DEST directory, listed once and only if needed."""
+        if self._outputs is None:
+            self._outputs = self.dest.list_files(self.directory)
+        return self._outputs
+
+
+def _failure(key: str, error: ImageError) -> Result:
+    return Result(key, "failed", error.reason, error.message, error_class=type(error).__name__)
 
 
 # -- the library API -------------------------------------------------------------
@@ -341,6 +493,75 @@ def convert_tree(
         except OSError as exc:
             raise UsageError(f"cannot create DEST {dest_path}: {exc.strerror or exc}") from None
 
+    lock: RunLock | None = None
+    manifest: Manifest | None = None
+    if config.dry_run:
+        # Read-only: a dry run reports what the manifest would let a real run skip.
+        manifest = Manifest.open_readonly(dest_path) if dest_real.is_dir() else None
+    else:
+        lock = RunLock(state_dir(dest_path))
+        lock.acquire()
+    try:
+        if lock is not None:
+            manifest = (
+                Manifest.rebuild(dest_path) if config.rebuild_manifest else Manifest.open(dest_path)
+            )
+            assert manifest is not None
+            manifest.begin_run(config, options_fingerprint(config))
+        summary = _execute(config, src_path, dest_path, prune, manifest, executor, listener, stop)
+        if manifest is not None and lock is not None:
+            _finish_manifest(summary, manifest, dest_path)
+        if not config.dry_run:
+            write_summary(summary, config.effective_summary_path)
+    finally:
+        if manifest is not None:
+            manifest.close()
+        if lock is not None:
+            lock.release()
+    return summary
+
+
+def _finish_manifest(summary: RunSummary, manifest: Manifest, dest: Path) -> None:
+    manifest.finish_run(
+        summary.found, summary.converted, summary.skipped, summary.failed, summary.exit_code
+    )
+    failed_list = state_dir(dest) / FAILED_LIST_NAME
+    try:
+        failed_listed = manifest.write_failed_list(failed_list)
+    except (OSError, sqlite3.Error) as exc:
+        failed_listed = -1
+        summary.warnings.append(f"could not write {failed_list}: {exc}")
+    stats = manifest.statistics()
+    if stats.unsaved_rows:
+        summary.warnings.append(
+            f"{stats.unsaved_rows} results could not be saved to the manifest "
+            f"({stats.last_error}); those files will be converted again next time"
+        )
+    summary.manifest = {
+        "path": str(manifest.path),
+        "run_id": manifest.run_id,
+        "rows_written": stats.rows_written,
+        "commits": stats.commits,
+        "commit_seconds": round(stats.commit_seconds, 3),
+        "commit_failures": stats.commit_failures,
+        "unsaved_rows": stats.unsaved_rows,
+        "rebuilt": manifest.rebuilt,
+        "adopted": stats.adopted,
+        "failed_list": str(failed_list),
+        "failed_listed": failed_listed,
+    }
+
+
+def _execute(
+    config: RunConfig,
+    src_path: Path,
+    dest_path: Path,
+    prune: tuple[str, ...],
+    manifest: Manifest | None,
+    executor: Executor | None,
+    listener: ProgressListener | None,
+    stop: StopToken | None,
+) -> RunSummary:
     own_executor = executor is None
     workers = config.effective_workers if executor is None else executor.workers
     total_memory = config.max_memory or default_memory_budget()
@@ -370,6 +591,7 @@ def convert_tree(
             stop=stop,
             prune=prune,
             budget=budget if own_executor else None,
+            manifest=manifest,
         )
         summary = pipeline.run()
     finally:
@@ -420,8 +642,6 @@ def convert_tree(
         "tail_seconds": round(stats.tail_seconds, 3),
         "busy_seconds": round(stats.busy_seconds, 3),
     }
-    if not config.dry_run:
-        write_summary(summary, config.effective_summary_path)
     return summary
 
 

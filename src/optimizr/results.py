@@ -36,6 +36,8 @@ class Result:
     bytes_in: int = 0
     bytes_out: int = 0
     facts: ImageFacts | None = None
+    #: The ImageError subclass behind a failure, for the manifest and failed.jsonl.
+    error_class: str | None = None
 
     def line(self) -> str:
         """The one line a person reads: path and reason."""
@@ -58,6 +60,8 @@ class RunSummary:
     converted: int = 0
     skipped: int = 0
     failed: int = 0
+    #: Of the failed: images an earlier run found bad, not tried again (--retry-failed).
+    known_failed: int = 0
     bytes_in: int = 0  # of converted files
     bytes_out: int = 0  # of the outputs written
     skipped_by_reason: Counter[str] = field(default_factory=Counter)
@@ -74,6 +78,9 @@ class RunSummary:
     memory: dict[str, Any] = field(default_factory=dict)
     cpu: dict[str, Any] = field(default_factory=dict)
     executor: dict[str, Any] = field(default_factory=dict)
+    manifest: dict[str, Any] = field(default_factory=dict)
+    #: Problems with the run itself (not with one file), one line each.
+    warnings: list[str] = field(default_factory=list)
 
     def record(self, result: Result) -> None:
         self.found += 1
@@ -129,6 +136,7 @@ class RunSummary:
                 "converted": self.converted,
                 "skipped": self.skipped,
                 "failed": self.failed,
+                "known_failed": self.known_failed,
                 "skipped_by_reason": dict(sorted(self.skipped_by_reason.items())),
                 "failed_by_reason": dict(sorted(self.failed_by_reason.items())),
             },
@@ -146,6 +154,8 @@ class RunSummary:
             "memory": self.memory,
             "cpu": self.cpu,
             "executor": self.executor,
+            "manifest": self.manifest,
+            "warnings": self.warnings,
             "not_converted": [
                 {"path": r.key, "status": r.status, "reason": r.reason, "message": r.message}
                 for r in self.not_converted

@@ -27,6 +27,8 @@ class Job:
     options: EncodeOptions
     #: Estimated peak memory (bytes) the conversion adds to its worker.
     cost: int = 0
+    #: Decode the WebP before handing it back (--verify).
+    verify: bool = False
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Iterator
 from optimizr.encode import encode_webp
 from optimizr.errors import ImageError
 from optimizr.executors.base import Executor, ExecutorStatistics, Job, Outcome
+from optimizr.verify import verify_webp
 
 
 class InlineExecutor(Executor):
@@ -22,9 +23,13 @@ class InlineExecutor(Executor):
                 return
             self._started += 1
             try:
-                yield Outcome(job, encode_webp(job.source, job.options), None, "inline")
+                encoded = encode_webp(job.source, job.options)
+                if job.verify:
+                    verify_webp(encoded)
             except ImageError as exc:
                 yield Outcome(job, None, exc, "inline")
+            else:
+                yield Outcome(job, encoded, None, "inline")
 
     def stop_accepting(self) -> None:
         self._stopping = True

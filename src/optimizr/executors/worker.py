@@ -16,10 +16,12 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
-#: Test-only fault injection: "crash:NAME,hang:NAME,abort:NAME" makes the worker
-#: die with SIGSEGV, sleep forever or abort() when it is handed a file whose key
-#: ends with NAME. It exists so the crash-isolation tests exercise a real dead
-#: process; nothing sets it outside the test suite.
+#: Test-only fault injection, "KIND:NAME,...", for a file whose key ends with NAME:
+#: crash (SIGSEGV), abort (SIGABRT), hang (sleep for ever), delete (the source
+#: vanishes before it is read), modify (the source is rewritten after it was
+#: converted), corrupt (the WebP is cut short), resize (a valid WebP of the
+#: wrong size). It exists so the fault tests exercise real processes and real
+#: files; nothing sets it outside the test suite.
 FAULT_ENV = "OPTIMIZR_TEST_FAULTS"
 
 
@@ -71,6 +73,7 @@ def worker_main(conn: Connection, threads: int) -> None:
     configure_libvips(threads)
     from optimizr.encode import encode_webp
     from optimizr.errors import ImageError
+    from optimizr.verify import verify_webp
 
     faults = _parse_faults(os.environ.get(FAULT_ENV, ""))
     while True:
@@ -80,9 +83,14 @@ def worker_main(conn: Connection, threads: int) -> None:
             return
         if job is None:
             return
-        _maybe_fault(faults, job.key)
+        _maybe_fault(faults, job.key, job.source)
         try:
-            result: Any = ("ok", encode_webp(job.source, job.options))
+            encoded = encode_webp(job.source, job.options)
+            if faults:
+                encoded = _after_encode_fault(faults, job.key, job.source, encoded)
+            if job.verify:
+                verify_webp(encoded)
+            result: Any = ("ok", encoded)
         except ImageError as exc:
             result = ("error", exc)
         except MemoryError:
@@ -109,13 +117,35 @@ def _parse_faults(text: str) -> dict[str, str]:
     return faults
 
 
-def _maybe_fault(faults: dict[str, str], key: str) -> None:
+def _maybe_fault(faults: dict[str, str], key: str, source: str | bytes) -> None:
     for name, kind in faults.items():
         if key.endswith(name):
-            if kind == "crash":
+            if kind == "delete" and isinstance(source, str):
+                os.unlink(source)
+            elif kind == "crash":
                 os.kill(os.getpid(), signal.SIGSEGV)
             elif kind == "abort":
                 os.abort()
             elif kind == "hang":
                 while True:
                     time.sleep(3600)
+
+
+def _after_encode_fault(faults: dict[str, str], key: str, source: str | bytes, encoded: Any) -> Any:
+    import dataclasses
+
+    for name, kind in faults.items():
+        if not key.endswith(name):
+            continue
+        if kind == "modify" and isinstance(source, str):
+            with open(source, "ab") as fh:
+                fh.write(b"edited meanwhile")
+            os.utime(source, ns=(time.time_ns(),) * 2)
+        elif kind == "corrupt":
+            return dataclasses.replace(encoded, webp=encoded.webp[: len(encoded.webp) * 2 // 3])
+        elif kind == "resize":
+            import pyvips
+
+            tiny = pyvips.Image.black(1, 1, bands=3).webpsave_buffer()
+            return dataclasses.replace(encoded, webp=tiny)
+    return encoded

@@ -40,6 +40,21 @@ class LocalStorage(Storage):
             return None
         return FileStat(st.st_size, st.st_mtime_ns)
 
+    def list_files(self, directory: str) -> dict[str, FileStat]:
+        files: dict[str, FileStat] = {}
+        try:
+            with os.scandir(self.path_of(directory)) as it:
+                for entry in it:
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except OSError:
+                        continue
+                    if stat_mod.S_ISREG(st.st_mode):
+                        files[entry.name] = FileStat(st.st_size, st.st_mtime_ns)
+        except OSError:
+            return {}
+        return files
+
     def read_bytes(self, key: str) -> bytes:
         return self.path_of(key).read_bytes()
 

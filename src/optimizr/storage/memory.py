@@ -27,6 +27,14 @@ class MemoryStorage(Storage):
         obj = self.objects.get(key)
         return None if obj is None else FileStat(len(obj[0]), obj[1])
 
+    def list_files(self, directory: str) -> dict[str, FileStat]:
+        prefix = f"{directory}/" if directory else ""
+        return {
+            key[len(prefix) :]: FileStat(len(data), mtime)
+            for key, (data, mtime) in self.objects.items()
+            if key.startswith(prefix) and "/" not in key[len(prefix) :]
+        }
+
     def read_bytes(self, key: str) -> bytes:
         try:
             return self.objects[key][0]

@@ -1,0 +1,516 @@
+"""The manifest: ``DEST/.optimizr/manifest.sqlite``, what became of every source.
+
+It is the evidence a re-run skips on (STYLE rule 5, after borg's files cache):
+a source whose size, mtime_ns and options fingerprint are unchanged, and whose
+output is still on disk at the recorded size, is not opened again.
+
+Ordering is what makes it safe. A row says ``done`` only after its output was
+renamed into place and fsynced; rows are committed in batches, so a crash
+loses at most the last batch of rows, never an output, and those files are
+simply converted again. A ``done`` row without its file cannot happen, and if
+someone deletes the file later the size check sends it back to work.
+
+One table row per source, keyed by (directory, name) so that a whole
+directory's rows, the unit the pipeline plans in, come back in one query with
+memory bounded by the largest directory, not by the tree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import socket
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from optimizr.atomic import atomic_open, fsync_dir, temp_name_for
+from optimizr.config import RunConfig
+from optimizr.errors import ManifestDamaged
+from optimizr.results import options_dict
+
+STATE_DIR = ".optimizr"
+MANIFEST_NAME = "manifest.sqlite"
+FAILED_LIST_NAME = "failed.jsonl"
+SCHEMA_VERSION = 1
+
+#: Bumped when a change to the encoder makes earlier outputs worth redoing.
+ENCODER_GENERATION = 1
+
+#: Rows are committed every BATCH_ROWS rows or BATCH_SECONDS, whichever comes
+#: first: one fsync per batch instead of per file, and a crash costs at most
+#: one batch of reconversions.
+BATCH_ROWS = 256
+BATCH_SECONDS = 1.0
+
+#: A source modified this close to the moment it was listed may change again
+#: within the same timestamp tick, unseen; such a row is not trusted as
+#: evidence next time (STYLE rule 5). 10 ms covers the kernel's coarse clock;
+#: whole-second mtimes come from a filesystem with 1-2 s granularity (FAT, HFS+).
+SETTLE_NS = 10_000_000
+SETTLE_COARSE_NS = 2_000_000_000
+
+_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE runs (
+    id INTEGER PRIMARY KEY,
+    started_at REAL NOT NULL,
+    finished_at REAL,
+    pid INTEGER NOT NULL,
+    host TEXT NOT NULL,
+    version TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    options TEXT NOT NULL,
+    found INTEGER,
+    converted INTEGER,
+    skipped INTEGER,
+    failed INTEGER,
+    exit_code INTEGER
+);
+CREATE TABLE files (
+    dir TEXT NOT NULL,
+    name TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    checked_ns INTEGER NOT NULL,
+    fingerprint TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('done', 'failed', 'skipped')),
+    reason TEXT,
+    output TEXT,
+    output_size INTEGER,
+    error_class TEXT,
+    message TEXT NOT NULL DEFAULT '',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    first_seen REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    run_id INTEGER,
+    PRIMARY KEY (dir, name)
+) WITHOUT ROWID;
+CREATE INDEX files_by_status ON files (status, reason);
+CREATE VIEW sources AS
+    SELECT CASE WHEN dir = '' THEN name ELSE dir || '/' || name END AS path, *
+    FROM files;
+"""
+
+_COLUMNS = (
+    "dir, name, size, mtime_ns, checked_ns, fingerprint, status, reason, output, output_size, "
+    "error_class, message, attempts, first_seen, updated_at, run_id"
+)
+_UPSERT = f"""
+INSERT INTO files ({_COLUMNS}) VALUES ({", ".join("?" * 16)})
+ON CONFLICT (dir, name) DO UPDATE SET
+    size = excluded.size, mtime_ns = excluded.mtime_ns, checked_ns = excluded.checked_ns,
+    fingerprint = excluded.fingerprint, status = excluded.status, reason = excluded.reason,
+    output = excluded.output, output_size = excluded.output_size,
+    error_class = excluded.error_class, message = excluded.message,
+    attempts = excluded.attempts, updated_at = excluded.updated_at, run_id = excluded.run_id
+"""
+
+
+def state_dir(dest: Path) -> Path:
+    return dest / STATE_DIR
+
+
+def manifest_path(dest: Path) -> Path:
+    return state_dir(dest) / MANIFEST_NAME
+
+
+def options_fingerprint(config: RunConfig) -> str:
+    """A digest of every option that shapes what is written for a source."""
+    shaping = {
+        "generation": ENCODER_GENERATION,
+        "encode": options_dict(config.encode),
+        "name": config.name,
+        "if_larger": config.if_larger,
+    }
+    text = json.dumps(shaping, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def split_key(key: str) -> tuple[str, str]:
+    path = PurePosixPath(key)
+    parent = str(path.parent)
+    return ("" if parent == "." else parent), path.name
+
+
+@dataclass(frozen=True)
+class Row:
+    """What the manifest knows about one source."""
+
+    key: str
+    size: int
+    mtime_ns: int
+    checked_ns: int
+    fingerprint: str
+    status: str  # done | failed | skipped
+    reason: str | None
+    output: str | None
+    output_size: int | None
+    error_class: str | None
+    message: str
+    attempts: int
+
+    def describes(self, size: int, mtime_ns: int, fingerprint: str) -> bool:
+        """Is this row evidence about the source as it is now, under these options?"""
+        if (self.size, self.mtime_ns, self.fingerprint) != (size, mtime_ns, fingerprint):
+            return False
+        coarse = self.mtime_ns % 1_000_000_000 == 0
+        settle = SETTLE_COARSE_NS if coarse else SETTLE_NS
+        return self.checked_ns - self.mtime_ns >= settle
+
+
+@dataclass
+class ManifestStatistics:
+    rows_written: int = 0
+    commits: int = 0
+    commit_seconds: float = 0.0
+    commit_failures: int = 0
+    unsaved_rows: int = 0
+    lookups: int = 0
+    adopted: int = 0
+    last_error: str = ""
+
+
+@dataclass
+class Manifest:
+    """An open manifest. Single writer: the pipeline's thread of one run."""
+
+    path: Path
+    conn: sqlite3.Connection
+    run_id: int = 0
+    #: Set after --rebuild-manifest: outputs already on disk may be adopted.
+    rebuilt: bool = False
+    stats: ManifestStatistics = field(default_factory=ManifestStatistics)
+    _pending: list[tuple[Any, ...]] = field(default_factory=list)
+    _last_commit: float = field(default_factory=time.monotonic)
+
+    # -- opening -------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, dest: Path, *, create: bool = True) -> Manifest | None:
+        """Open DEST's manifest, creating it when there is none and ``create``.
+
+        A damaged one raises :class:`ManifestDamaged`: never a silent restart
+        from zero, which would redo (and pay for) every file already done.
+        """
+        path = manifest_path(dest)
+        if not path.exists():
+            if not create:
+                return None
+            _create(path)
+        conn = _connect(path)
+        _check(conn, path)
+        return cls(path, conn)
+
+    @classmethod
+    def open_readonly(cls, dest: Path) -> Manifest | None:
+        path = manifest_path(dest)
+        if not path.exists():
+            return None
+        try:
+            conn = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise _damaged(path, exc) from None
+        _check(conn, path)
+        return cls(path, conn)
+
+    @classmethod
+    def in_memory(cls) -> Manifest:
+        """A manifest that lives as long as the object: for storages with no DEST folder."""
+        conn = sqlite3.connect(":memory:", isolation_level=None)
+        conn.executescript(_SCHEMA)
+        return cls(Path(":memory:"), conn)
+
+    @classmethod
+    def rebuild(cls, dest: Path) -> Manifest:
+        """Set a damaged manifest aside and start a new one that adopts what is on disk.
+
+        The pipeline fills it: an output that exists, is a complete WebP and is
+        newer than its source is recorded as done under the current options;
+        the dead-letter list brings back the known failures.
+        """
+        path = manifest_path(dest)
+        if path.exists():
+            stamp = time.strftime("%Y%m%dT%H%M%S")
+            for suffix in ("", "-wal", "-shm"):
+                old = path.with_name(path.name + suffix)
+                if old.exists():
+                    os.replace(old, path.with_name(f"{MANIFEST_NAME}.damaged-{stamp}{suffix}"))
+        _create(path)
+        manifest = cls(path, _connect(path), rebuilt=True)
+        manifest._restore_failures(state_dir(dest) / FAILED_LIST_NAME)
+        return manifest
+
+    def _restore_failures(self, failed_list: Path) -> None:
+        try:
+            lines = failed_list.read_text().splitlines()
+        except OSError:
+            return
+        now = time.time()
+        for line in lines:
+            try:
+                item = json.loads(line)
+                key = item["path"]
+                row = (
+                    *split_key(key),
+                    int(item["size"]),
+                    int(item["mtime_ns"]),
+                    int(item["checked_ns"]),
+                    str(item["fingerprint"]),
+                    "failed",
+                    item.get("reason"),
+                    None,
+                    None,
+                    item.get("error_class"),
+                    item.get("message", ""),
+                    int(item.get("attempts", 1)),
+                    now,
+                    now,
+                    None,
+                )
+            except (ValueError, KeyError, TypeError):
+                continue  # a line from an older format, or torn: that file is simply retried
+            self._pending.append(row)
+        self.flush()
+
+    # -- runs ----------------------------------------------------------------------
+
+    def begin_run(self, config: RunConfig, fingerprint: str) -> int:
+        from optimizr import __version__
+
+        options = json.dumps({"encode": options_dict(config.encode), "name": config.name})
+        cursor = self.conn.execute(
+            "INSERT INTO runs (started_at, pid, host, version, fingerprint, options) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (time.time(), os.getpid(), socket.gethostname(), __version__, fingerprint, options),
+        )
+        self.run_id = int(cursor.lastrowid or 0)
+        return self.run_id
+
+    def finish_run(self, found: int, converted: int, skipped: int, failed: int, code: int) -> None:
+        self.flush()
+        with contextlib.suppress(sqlite3.Error):
+            self.conn.execute(
+                "UPDATE runs SET finished_at = ?, found = ?, converted = ?, skipped = ?, "
+                "failed = ?, exit_code = ? WHERE id = ?",
+                (time.time(), found, converted, skipped, failed, code, self.run_id),
+            )
+
+    # -- rows ----------------------------------------------------------------------
+
+    def rows_in(self, directory: str) -> dict[str, Row]:
+        """Every row of one directory, by file name."""
+        self.stats.lookups += 1
+        prefix = f"{directory}/" if directory else ""
+        rows = self.conn.execute(
+            "SELECT name, size, mtime_ns, checked_ns, fingerprint, status, reason, output, "
+            "output_size, error_class, message, attempts FROM files WHERE dir = ?",
+            (directory,),
+        )
+        return {r[0]: Row(prefix + r[0], *r[1:]) for r in rows}
+
+    def record(
+        self,
+        key: str,
+        *,
+        size: int,
+        mtime_ns: int,
+        checked_ns: int,
+        fingerprint: str,
+        status: str,
+        reason: str | None = None,
+        output: str | None = None,
+        output_size: int | None = None,
+        error_class: str | None = None,
+        message: str = "",
+        attempts: int = 0,
+    ) -> None:
+        now = time.time()
+        self._pending.append(
+            (
+                *split_key(key),
+                size,
+                mtime_ns,
+                checked_ns,
+                fingerprint,
+                status,
+                reason,
+                output,
+                output_size,
+                error_class,
+                message,
+                attempts,
+                now,
+                now,
+                self.run_id or None,
+            )
+        )
+        if (
+            len(self._pending) >= BATCH_ROWS
+            or time.monotonic() - self._last_commit >= BATCH_SECONDS
+        ):
+            self.flush()
+
+    def flush(self) -> bool:
+        """Commit the pending rows; False (rows kept for the next try) if the disk refused."""
+        self._last_commit = time.monotonic()
+        if not self._pending:
+            return True
+        start = time.perf_counter()
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                self.conn.executemany(_UPSERT, self._pending)
+                self.conn.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    self.conn.execute("ROLLBACK")
+                raise
+        except sqlite3.OperationalError as exc:
+            # A full disk must not lose the run: outputs are already safe, and
+            # rows that never reach the manifest only mean those files are
+            # converted again next time. Keep them and try again later.
+            self.stats.commit_failures += 1
+            self.stats.last_error = str(exc)
+            self.stats.unsaved_rows = len(self._pending)
+            return False
+        self.stats.commits += 1
+        self.stats.rows_written += len(self._pending)
+        self.stats.commit_seconds += time.perf_counter() - start
+        self.stats.unsaved_rows = 0
+        self._pending.clear()
+        return True
+
+    def close(self) -> None:
+        self.flush()
+        with contextlib.suppress(sqlite3.Error):
+            self.conn.close()
+
+    def statistics(self) -> ManifestStatistics:
+        return ManifestStatistics(**vars(self.stats))
+
+    # -- reading, for status and the dead-letter list --------------------------------
+
+    def iter_rows(self, status: str | None = None) -> Iterator[Row]:
+        query = (
+            "SELECT dir, name, size, mtime_ns, checked_ns, fingerprint, status, reason, output, "
+            "output_size, error_class, message, attempts FROM files"
+        )
+        args: tuple[str, ...] = ()
+        if status is not None:
+            query += " WHERE status = ?"
+            args = (status,)
+        for r in self.conn.execute(query + " ORDER BY dir, name", args):
+            key = f"{r[0]}/{r[1]}" if r[0] else r[1]
+            yield Row(key, *r[2:])
+
+    def write_failed_list(self, target: Path) -> int:
+        """DEST/.optimizr/failed.jsonl: every failed source, one JSON object a line."""
+        count = 0
+        with atomic_open(target) as fh:
+            rows = self.conn.execute(
+                "SELECT path, error_class, reason, message, attempts, updated_at, size, "
+                "mtime_ns, checked_ns, fingerprint FROM sources WHERE status = 'failed' "
+                "ORDER BY dir, name"
+            )
+            for path, cls, reason, message, attempts, updated, size, mtime, checked, fp in rows:
+                item = {
+                    "path": path,
+                    "error_class": cls,
+                    "reason": reason,
+                    "message": message,
+                    "attempts": attempts,
+                    "last_time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(updated)),
+                    "size": size,
+                    "mtime_ns": mtime,
+                    "checked_ns": checked,
+                    "fingerprint": fp,
+                }
+                fh.write(json.dumps(item).encode() + b"\n")
+                count += 1
+        return count
+
+    def last_run(self) -> dict[str, Any] | None:
+        row = self.conn.execute(
+            "SELECT id, started_at, finished_at, pid, host, version, found, converted, skipped, "
+            "failed, exit_code FROM runs ORDER BY id DESC LIMIT 1"
+        ).fetchone()
+        if row is None:
+            return None
+        names = (
+            "id started_at finished_at pid host version found converted skipped failed exit_code"
+        )
+        return dict(zip(names.split(), row, strict=True))
+
+
+def _create(path: Path) -> None:
+    # Built under a temporary name and renamed: a crash while creating leaves
+    # no manifest rather than an empty one that would read as "nothing done".
+    from optimizr import __version__
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_name_for(path)
+    try:
+        conn = sqlite3.connect(tmp, isolation_level=None)
+        try:
+            conn.executescript(_SCHEMA)
+            conn.execute(
+                "INSERT INTO meta VALUES ('schema', ?), ('created_by', ?), ('created_at', ?)",
+                (str(SCHEMA_VERSION), f"optimizr {__version__}", str(time.time())),
+            )
+        finally:
+            conn.close()
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    try:
+        conn = sqlite3.connect(path, isolation_level=None, timeout=5)
+        # WAL: readers (optimizr status) never block the run, and a commit is
+        # one sequential append. NORMAL: a power cut may lose the last commits
+        # (those files are redone) but never corrupts the database.
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+    except sqlite3.Error as exc:
+        raise _damaged(path, exc) from None
+    return conn
+
+
+def _check(conn: sqlite3.Connection, path: Path) -> None:
+    try:
+        problems = [r[0] for r in conn.execute("PRAGMA quick_check")]
+        if problems != ["ok"]:
+            raise _damaged(path, "; ".join(problems[:3]))
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+        if not {"meta", "runs", "files"} <= tables:
+            raise _damaged(path, "it has no optimizr tables")
+        schema = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+        if schema is None or schema[0] != str(SCHEMA_VERSION):
+            found = "none" if schema is None else schema[0]
+            raise _damaged(path, f"schema version {found}, expected {SCHEMA_VERSION}")
+    except sqlite3.Error as exc:
+        conn.close()
+        raise _damaged(path, exc) from None
+    except ManifestDamaged:
+        conn.close()
+        raise
+
+
+def _damaged(path: Path, detail: object) -> ManifestDamaged:
+    return ManifestDamaged(
+        f"the manifest {path} is damaged ({detail}). Nothing was converted. "
+        "Run again with --rebuild-manifest to rebuild it from the files in DEST "
+        "(the damaged copy is kept beside it)"
+    )
