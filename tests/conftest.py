@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import os
+import sqlite3
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -80,3 +82,34 @@ def cli() -> Callable[..., Result]:
         return runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
 
     return run
+
+
+def age(root: Path, seconds: float = 3600) -> None:
+    """Date every file under ``root`` back: the manifest does not trust a source
+    modified within moments of being listed, and tests write theirs just before."""
+    then = time.time_ns() - int(seconds * 1e9)
+    for path in [root] if root.is_file() else root.rglob("*"):
+        if path.is_file():
+            os.utime(path, ns=(then, then))
+
+
+def manifest_rows(dest: Path) -> dict[str, dict[str, object]]:
+    """Every row of DEST's manifest, read with plain sqlite3, by source path."""
+    conn = sqlite3.connect(dest / ".optimizr" / "manifest.sqlite")
+    conn.row_factory = sqlite3.Row
+    try:
+        return {row["path"]: dict(row) for row in conn.execute("SELECT * FROM sources")}
+    finally:
+        conn.close()
+
+
+def assert_manifest_agrees_with_disk(dest: Path) -> None:
+    """Every done row has its output at the recorded size; every output has a done row;
+    no temporary file is left anywhere."""
+    rows = manifest_rows(dest)
+    done = {r["output"]: r for r in rows.values() if r["status"] == "done"}
+    on_disk = {p.relative_to(dest).as_posix(): p for p in dest.rglob("*.webp")}
+    assert set(done) == set(on_disk)
+    for output, row in done.items():
+        assert on_disk[str(output)].stat().st_size == row["output_size"], output
+    assert [p for p in dest.rglob("*optimizr-tmp")] == []

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from conftest import decode, photo_array, save_jpeg, save_png
+from conftest import age, decode, photo_array, save_jpeg, save_png
 from optimizr import EncodeOptions, RunConfig, RunSummary, convert_tree
 from optimizr.executors import InlineExecutor
 from optimizr.pipeline import output_key
@@ -157,6 +157,7 @@ def test_dry_run_writes_nothing_and_says_why(tmp_path: Path) -> None:
 def test_up_to_date_outputs_are_skipped_then_redone_when_source_changes(tmp_path: Path) -> None:
     src, dest = tmp_path / "src", tmp_path / "dest"
     first, second = tree(src, ["one.jpg", "two.jpg"])
+    age(src)
     assert run(src, dest).converted == 2
     again = run(src, dest)
     assert again.converted == 0 and again.skipped_by_reason == {"up to date": 2}

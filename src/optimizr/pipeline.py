@@ -507,12 +507,18 @@ def convert_tree(
                 Manifest.rebuild(dest_path) if config.rebuild_manifest else Manifest.open(dest_path)
             )
             assert manifest is not None
-            manifest.begin_run(config, options_fingerprint(config))
+            try:
+                manifest.begin_run(config, options_fingerprint(config))
+            except sqlite3.OperationalError:
+                pass  # a full disk: the rows themselves are retried as the run goes
         summary = _execute(config, src_path, dest_path, prune, manifest, executor, listener, stop)
         if manifest is not None and lock is not None:
             _finish_manifest(summary, manifest, dest_path)
         if not config.dry_run:
-            write_summary(summary, config.effective_summary_path)
+            try:
+                write_summary(summary, config.effective_summary_path)
+            except OSError as exc:  # DEST full: the run's results still stand
+                summary.warnings.append(f"could not write the summary: {exc.strerror or exc}")
     finally:
         if manifest is not None:
             manifest.close()
