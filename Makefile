@@ -49,7 +49,7 @@ BENCH_DATA := bench/.data
 BENCH_ROUNDS ?= 3
 BENCH_WORKERS ?= 2
 
-.PHONY: bench bench-peers bench-corpus bench-big-corpus bench-compare bench-scaling bench-memory bench-calibrate
+.PHONY: bench bench-peers bench-corpus bench-big-corpus bench-compare bench-scaling bench-memory bench-calibrate bench-resume
 
 bench: $(STAMP) bench-peers bench-corpus
 	$(BIN)/python bench/compare.py $(BENCH_DATA)/corpus --rounds $(BENCH_ROUNDS) --workers $(BENCH_WORKERS)
@@ -79,3 +79,7 @@ bench-memory: $(STAMP) bench-big-corpus
 
 bench-calibrate: $(STAMP)
 	$(BIN)/python bench/calibrate_memory.py
+
+# Trees of tiny images and their first conversion are cached in bench/.data/resume.
+bench-resume: $(STAMP)
+	$(BIN)/python bench/resume.py --rounds $(BENCH_ROUNDS) --workers $(BENCH_WORKERS)

@@ -45,8 +45,8 @@ ENCODER_GENERATION = 1
 #: Rows are committed every BATCH_ROWS rows or BATCH_SECONDS, whichever comes
 #: first: one fsync per batch instead of per file, and a crash costs at most
 #: one batch of reconversions.
-BATCH_ROWS = 256
-BATCH_SECONDS = 1.0
+BATCH_ROWS = 64
+BATCH_SECONDS = 0.5
 
 #: A source modified this close to the moment it was listed may change again
 #: within the same timestamp tick, unseen; such a row is not trusted as
@@ -355,6 +355,12 @@ class Manifest:
             or time.monotonic() - self._last_commit >= BATCH_SECONDS
         ):
             self.flush()
+
+    def forget(self, key: str) -> None:
+        """Drop the row of a source that no longer exists."""
+        self.flush()
+        with contextlib.suppress(sqlite3.OperationalError):
+            self.conn.execute("DELETE FROM files WHERE dir = ? AND name = ?", split_key(key))
 
     def flush(self) -> bool:
         """Commit the pending rows; False (rows kept for the next try) if the disk refused."""

@@ -65,7 +65,7 @@ from optimizr.results import (
     options_dict,
 )
 from optimizr.sniff import looks_like_image_name, sniff_file
-from optimizr.storage.base import FileStat, SourceEntry, Storage, WalkOptions
+from optimizr.storage.base import DirectoryListing, FileStat, SourceEntry, Storage, WalkOptions
 from optimizr.storage.local import LocalStorage
 from optimizr.verify import file_is_complete_webp
 
@@ -226,8 +226,19 @@ class Pipeline:
                     yield job
                 if self.stop.graceful:
                     return
+            self._forget_deleted(listing, planner)
         if self.listener:
             self.listener.walk_done(found)
+
+    def _forget_deleted(self, listing: DirectoryListing, plan: _DirectoryPlan) -> None:
+        """Rows of this directory whose source is gone (not merely excluded) are dropped,
+        so status and failed.jsonl do not report files that no longer exist."""
+        if self.manifest is None or self.config.dry_run or plan.matched == len(plan.rows):
+            return
+        listed = {e.key.rpartition("/")[2] for e in listing.entries}
+        for name, row in plan.rows.items():
+            if name not in listed and self.source.stat(row.key) is None:
+                self.manifest.forget(row.key)
 
     def _plan(self, entry: SourceEntry, plan: _DirectoryPlan) -> Job | None:
         checked_ns = plan.checked_ns
@@ -247,7 +258,9 @@ class Pipeline:
         plan.claimed[out_key] = entry.key
         attempts = 0
         if not self.config.force:
-            row = plan.rows.get(PurePosixPath(entry.key).name)
+            row = plan.rows.get(entry.key.rpartition("/")[2])
+            if row is not None:
+                plan.matched += 1
             if row is not None and row.describes(entry.size, entry.mtime_ns, self.fingerprint):
                 settled = self._settled(entry, row, out_key, plan)
                 if settled is not None:
@@ -293,7 +306,7 @@ class Pipeline:
     ) -> Result | None:
         """The result that stands without opening the file, if the manifest proves one."""
         if row.status == "done":
-            output = plan.outputs().get(PurePosixPath(out_key).name)
+            output = plan.outputs().get(out_key.rpartition("/")[2])
             if row.output == out_key and output is not None and output.size == row.output_size:
                 return Result(entry.key, "skipped", UP_TO_DATE, "", out_key)
             return None  # the output is gone or was changed: make it again
@@ -437,6 +450,7 @@ class _DirectoryPlan:
         self.claimed: dict[str, str] = {}
         use_rows = pipeline.manifest is not None and not pipeline.config.force
         self.rows = pipeline.manifest.rows_in(directory) if use_rows and pipeline.manifest else {}
+        self.matched = 0  # rows that a listed file found
         self._outputs: dict[str, FileStat] | None = None
 
     def outputs(self) -> dict[str, FileStat]:
