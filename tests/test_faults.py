@@ -285,3 +285,22 @@ def test_status_of_a_folder_without_a_manifest_is_a_usage_error(tmp_path: Path) 
     )  # fmt: skip
     assert status.returncode == 2
     assert "no optimizr manifest" in status.stderr
+
+
+def test_a_damaged_manifest_stops_the_command_with_the_way_out(tmp_path: Path) -> None:
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    for i in range(4):
+        save_jpeg(src / f"img{i}.jpg", photo_array(64, 48, seed=i))
+    age(src)
+    assert run_cli(src, dest)[0] == 0
+    manifest = dest / ".optimizr/manifest.sqlite"
+    manifest.write_bytes(manifest.read_bytes()[:3000])  # a torn write
+    code, text = run_cli(src, dest)
+    assert code == 2, text
+    assert "manifest" in text and "damaged" in text and "--rebuild-manifest" in text
+    assert "Traceback" not in text
+    code, text = run_cli(src, dest, "--rebuild-manifest")
+    assert code == 0, text
+    summary = json.loads((dest / "optimizr-summary.json").read_text())
+    assert summary["files"]["converted"] == 0
+    assert summary["manifest"]["rebuilt"] is True and summary["manifest"]["adopted"] == 4
