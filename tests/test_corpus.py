@@ -1202,7 +1202,11 @@ def test_tree_run(tree_run: TreeRun, corpus: Path) -> None:
             assert (results[key].status, results[key].reason) == ("skipped", "not an image")
     assert not [p for p in _all_files(dest) if p.name.endswith(".optimizr-tmp")]
     written = {p.relative_to(dest).as_posix() for p in _all_files(dest)}
-    assert written == {r.output for r in results.values() if r.output} | {"optimizr-summary.json"}
+    state = {p for p in written if p.startswith(".optimizr/")}
+    assert {"manifest.sqlite", "failed.jsonl", "lock"} <= {p.split("/", 1)[1] for p in state}
+    assert written - state == {r.output for r in results.values() if r.output} | {
+        "optimizr-summary.json"
+    }
     assert summary.bytes_in == sum(r.bytes_in for r in results.values() if r.output)
     assert summary.bytes_out == sum(
         (dest / r.output).stat().st_size for r in results.values() if r.output

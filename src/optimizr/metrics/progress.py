@@ -187,6 +187,10 @@ def summary_table(summary: RunSummary) -> Table:
     table.add_row("skipped", f"{summary.skipped:,}" + (f" ({skipped})" if skipped else ""))
     failed = ", ".join(f"{n:,} {r}" for r, n in sorted(summary.failed_by_reason.items()))
     table.add_row("failed", f"{summary.failed:,}" + (f" ({failed})" if failed else ""))
+    if summary.known_failed:
+        table.add_row(
+            "  of which known bad", f"{summary.known_failed:,} (not retried: --retry-failed)"
+        )
     table.add_row("bytes before", human_bytes(summary.bytes_in))
     table.add_row("bytes after", human_bytes(summary.bytes_out))
     table.add_row("saving", f"{human_bytes(summary.saved_bytes)} ({saving:.1%})")
