@@ -455,6 +455,8 @@ class _Collect:
     def walk_done(self, total: int) -> None:
         pass
 
+    def started(self, snapshot: object) -> None: ...
+
     def stopping(self, hard: bool) -> None:
         pass
 

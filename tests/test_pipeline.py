@@ -273,6 +273,8 @@ def test_work_starts_before_the_walk_ends(tmp_path: Path) -> None:
         def walk_done(self, total: int) -> None:
             events.append("walk_done")
 
+        def started(self, snapshot: object) -> None: ...
+
         def stopping(self, hard: bool) -> None:
             events.append("stopping")
 

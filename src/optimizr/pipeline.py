@@ -20,7 +20,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path, PurePosixPath
@@ -70,13 +70,73 @@ from optimizr.storage.local import LocalStorage
 from optimizr.verify import file_is_complete_webp
 
 
-class ProgressListener(Protocol):
-    """What a progress display is told. All calls come from the pipeline's thread."""
+@dataclass(frozen=True)
+class RunSnapshot:
+    """The state of a run at one instant, for exporters that poll (Prometheus,
+    health checks, the progress display). Built from each component's own
+    statistics; safe to ask for from another thread."""
 
+    found: int
+    walk_done: bool
+    finished: int
+    converted: int
+    skipped: int
+    failed: int
+    bytes_in: int
+    bytes_out: int
+    #: Images a worker is converting right now.
+    running: int
+    #: Images planned and waiting for a worker or for memory (the lookahead window).
+    queued: int
+    workers: int
+    #: Worker processes alive: the run is ready once this is non-zero.
+    workers_alive: int
+    worker_restarts: int
+    budget_total: int
+    budget_in_use: int
+    #: A graceful stop was asked for (in-flight images finishing), or an abort.
+    draining: bool
+    #: time.monotonic() of the last image finished (or of the start).
+    last_progress: float
+
+
+class ProgressListener(Protocol):
+    """What a progress display or exporter is told. All calls come from the
+    pipeline's thread, except that ``snapshot`` (given to ``started``) may be
+    called from any thread."""
+
+    def started(self, snapshot: Callable[[], RunSnapshot]) -> None: ...
     def found(self, count: int) -> None: ...
     def finished(self, result: Result) -> None: ...
     def walk_done(self, total: int) -> None: ...
     def stopping(self, hard: bool) -> None: ...
+
+
+class Listeners:
+    """Tells several listeners the same things, in order."""
+
+    def __init__(self, *listeners: ProgressListener) -> None:
+        self.listeners = listeners
+
+    def started(self, snapshot: Callable[[], RunSnapshot]) -> None:
+        for listener in self.listeners:
+            listener.started(snapshot)
+
+    def found(self, count: int) -> None:
+        for listener in self.listeners:
+            listener.found(count)
+
+    def finished(self, result: Result) -> None:
+        for listener in self.listeners:
+            listener.finished(result)
+
+    def walk_done(self, total: int) -> None:
+        for listener in self.listeners:
+            listener.walk_done(total)
+
+    def stopping(self, hard: bool) -> None:
+        for listener in self.listeners:
+            listener.stopping(hard)
 
 
 @dataclass
@@ -187,8 +247,38 @@ class Pipeline:
         }
         self._in_flight: dict[int, _InFlight] = {}
         self._next_id = 0
+        self._found = 0
+        self._walk_done = False
+        self._last_progress = time.monotonic()
+
+    def snapshot(self) -> RunSnapshot:
+        summary = self.summary
+        executor = self.executor.statistics()
+        budget = self.budget.statistics() if self.budget is not None else None
+        in_flight = len(self._in_flight)
+        return RunSnapshot(
+            found=self._found,
+            walk_done=self._walk_done,
+            finished=summary.found,
+            converted=summary.converted,
+            skipped=summary.skipped,
+            failed=summary.failed,
+            bytes_in=summary.bytes_in,
+            bytes_out=summary.bytes_out,
+            running=executor.running,
+            queued=max(0, in_flight - executor.running),
+            workers=executor.workers,
+            workers_alive=executor.alive,
+            worker_restarts=executor.restarts,
+            budget_total=budget.total if budget else 0,
+            budget_in_use=budget.in_use if budget else 0,
+            draining=self.stop.graceful,
+            last_progress=self._last_progress,
+        )
 
     def run(self) -> RunSummary:
+        if self.listener:
+            self.listener.started(self.snapshot)
         self.stop.attach(self.executor)
         if not self.config.dry_run:
             self.dest.remove_stale_temporaries()
@@ -216,9 +306,10 @@ class Pipeline:
         for listing in self.source.walk(walk):
             if self.stop.graceful:
                 return
+            found += len(listing.entries)
+            self._found = found
             if self.listener:
                 self.listener.found(len(listing.entries))
-            found += len(listing.entries)
             planner = _DirectoryPlan(self, listing.directory)
             for entry in listing.entries:
                 job = self._plan(entry, planner)
@@ -227,6 +318,7 @@ class Pipeline:
                 if self.stop.graceful:
                     return
             self._forget_deleted(listing, planner)
+        self._walk_done = True
         if self.listener:
             self.listener.walk_done(found)
 
@@ -417,6 +509,7 @@ class Pipeline:
         attempts: int = 0,
     ) -> None:
         self.summary.record(result)
+        self._last_progress = time.monotonic()
         if self.listener:
             self.listener.finished(result)
         if entry is None or self.manifest is None or self.config.dry_run:

@@ -53,6 +53,10 @@ class ExecutorStatistics:
     #: Seconds workers spent holding a job, summed over workers.
     busy_seconds: float = 0.0
     pids: tuple[int, ...] = ()
+    #: Jobs being converted right now.
+    running: int = 0
+    #: Worker processes alive (in-process executors count as one).
+    alive: int = 0
 
 
 class Executor(ABC):

@@ -37,4 +37,4 @@ class InlineExecutor(Executor):
     abort = stop_accepting
 
     def statistics(self) -> ExecutorStatistics:
-        return ExecutorStatistics(1, self._started, self._started, 0, 0, 0)
+        return ExecutorStatistics(1, self._started, self._started, 0, 0, 0, alive=1)

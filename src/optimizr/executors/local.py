@@ -130,6 +130,8 @@ class ProcessExecutor(Executor):
             tail,
             self._busy_seconds,
             tuple(w.process.pid for w in self._pool if w.process.pid is not None),
+            running=sum(1 for w in list(self._pool) if w.job is not None),
+            alive=sum(1 for w in list(self._pool) if w.process.is_alive()),
         )
 
     def worker_pids(self) -> list[int]:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import IO
+from collections.abc import Callable
+from typing import IO, TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import (
@@ -24,6 +25,9 @@ from rich.table import Table
 from rich.text import Text
 
 from optimizr.results import Result, RunSummary
+
+if TYPE_CHECKING:
+    from optimizr.pipeline import RunSnapshot
 
 
 def human_bytes(n: float) -> str:
@@ -66,8 +70,9 @@ class TerminalProgress:
         self.failed = 0
         self.bytes_in = 0
         self.bytes_out = 0
-        self.started = time.monotonic()
+        self._t0 = time.monotonic()
         self._last_line = 0.0
+        self._snapshot: Callable[[], RunSnapshot] | None = None
         self._progress: Progress | None = None
         self._task: int | None = None
 
@@ -96,6 +101,9 @@ class TerminalProgress:
             self._progress.stop()
 
     # -- ProgressListener ------------------------------------------------------------
+
+    def started(self, snapshot: Callable[[], RunSnapshot]) -> None:
+        self._snapshot = snapshot
 
     def found(self, count: int) -> None:
         self.found_total += count
@@ -152,7 +160,7 @@ class TerminalProgress:
             return
         if self.done and self.done % self.every == 0:
             of = f"{self.found_total:,}" + ("" if self.walk_complete else "+ found so far")
-            elapsed = time.monotonic() - self.started
+            elapsed = time.monotonic() - self._t0
             rate = self.bytes_in / 1e6 / elapsed if elapsed else 0.0
             self.console.print(
                 f"{self.done:,}/{of} files, {human_bytes(self.bytes_in)} -> "
