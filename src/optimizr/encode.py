@@ -63,6 +63,14 @@ class ImageFacts:
     resized: bool
     seconds: float
     cpu_seconds: float
+    #: Where ``seconds`` went. read: sniffing and parsing the header; decode:
+    #: until the last pixel reached the encoder (colour conversion and resizing
+    #: included: libvips runs them in the same streaming pass); encode: libwebp
+    #: after that. For animations libwebp encodes frame by frame as pixels
+    #: arrive, so most of their encoding is counted as decode.
+    read_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    encode_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -107,8 +115,11 @@ def encode_webp(source: Source, options: EncodeOptions) -> Encoded:
     # libvips keeps one error log per thread and appends to it; without this a
     # failure would be reported with the messages of earlier images attached.
     pyvips.vips_lib.vips_error_clear()
+    clock = _PhaseClock(started)
     try:
-        loaded, image, webp = _convert(source, sniffed, options, _FAIL_ON.get(sniffed.format))
+        loaded, image, webp = _convert(
+            source, sniffed, options, _FAIL_ON.get(sniffed.format), clock
+        )
     except OSError as exc:  # the BMP and APNG decoders read the file themselves
         raise SourceUnreadable(exc.strerror or str(exc)) from None
     except pyvips.Error as exc:
@@ -134,18 +145,64 @@ def encode_webp(source: Source, options: EncodeOptions) -> Encoded:
         resized=loaded.resized,
         seconds=time.perf_counter() - started,
         cpu_seconds=time.process_time() - cpu_started,
+        read_seconds=round(clock.read, 6),
+        decode_seconds=round(clock.decode, 6),
+        encode_seconds=round(clock.encode, 6),
     )
     return Encoded(webp, facts)
 
 
+class _PhaseClock:
+    """Splits one conversion's time into read, decode and encode.
+
+    libvips decodes lazily, inside the save: the boundary between decoding and
+    encoding is the moment the save's progress reaches 100% (every pixel has
+    been handed to libwebp, which then compresses). Measured with libvips'
+    own ``eval`` progress signal, so nothing is decoded twice to time it.
+    """
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self.read = self.decode = self.encode = 0.0
+        self._built = self._pixels = 0.0
+
+    def built(self, decoded_already: bool) -> None:
+        self._built = time.perf_counter()
+        if decoded_already:  # our own BMP/APNG decoders finish before the save
+            self.decode = self._built - self.started
+        else:
+            self.read = self._built - self.started
+
+    def watch(self, image: Any) -> None:
+        def on_eval(_image: Any, progress: Any) -> None:
+            if not self._pixels and progress.percent >= 100:
+                self._pixels = time.perf_counter()
+
+        image.set_progress(True)
+        image.signal_connect("eval", on_eval)
+
+    def saved(self) -> None:
+        end = time.perf_counter()
+        pixels = self._pixels or end
+        self.decode += pixels - self._built
+        self.encode = end - pixels
+
+
 def _convert(
-    source: Source, sniffed: Sniffed, options: EncodeOptions, fail_on: str | None
+    source: Source,
+    sniffed: Sniffed,
+    options: EncodeOptions,
+    fail_on: str | None,
+    clock: _PhaseClock,
 ) -> tuple[_Loaded, Any, bytes]:
     loaded = _load(source, sniffed, options, fail_on or "error")
     image, converted = _prepare_colour(loaded.image, options)
     image = _fit_to_webp(image, options)
     loaded = dataclasses.replace(loaded, converted_to_srgb=converted)
-    return loaded, image, _save(image, options)
+    clock.built(decoded_already=sniffed.format == "bmp" or sniffed.animated_png)
+    webp = _save(image, options, clock)
+    clock.saved()
+    return loaded, image, webp
 
 
 def _sniff(source: Source) -> tuple[Sniffed, int]:
@@ -367,7 +424,7 @@ def _fit_to_webp(image: Any, options: EncodeOptions) -> Any:
 _WEBP_MAX_LOOP = 65535
 
 
-def _save(image: Any, options: EncodeOptions) -> bytes:
+def _save(image: Any, options: EncodeOptions, clock: _PhaseClock | None = None) -> bytes:
     keep = {
         "none": pyvips.enums.ForeignKeep.NONE,
         "icc": pyvips.enums.ForeignKeep.ICC,
@@ -393,6 +450,8 @@ def _save(image: Any, options: EncodeOptions) -> bytes:
             # as 0, which means "forever". A finite animation must stay finite.
             image = image.copy()
             image.set_type(pyvips.GValue.gint_type, "loop", _WEBP_MAX_LOOP)
+    if clock is not None:
+        clock.watch(image)
     data: bytes = image.webpsave_buffer(**kwargs)
     if not data:
         raise EncodeFailed("libwebp produced no data")

@@ -190,7 +190,7 @@ def larger_than_source(
     if if_larger != "skip" or webp_size < source_size:
         return None
     message = f"WebP would be {webp_size:,} bytes, source is {source_size:,}"
-    return Result(key, "skipped", LARGER_THAN_SOURCE, message, None, source_size)
+    return Result(key, "skipped", LARGER_THAN_SOURCE, message, None, source_size, webp_size)
 
 
 def write_failure(key: str, target: str, exc: OSError) -> Result:
@@ -493,13 +493,27 @@ class Pipeline:
             # sees the difference and converts it again.
             record(_failure(key, changed))
             return
+        write_started = time.perf_counter()
         try:
             self.dest.write_atomic(out_key, encoded.webp)
         except OSError as exc:
             record(write_failure(key, out_key, exc))
             return
+        written = time.perf_counter() - write_started
         # Only now, with the output renamed into place, may the row say done.
-        record(Result(key, "converted", None, "", out_key, entry.size, size, encoded.facts))
+        record(
+            Result(
+                key,
+                "converted",
+                None,
+                "",
+                out_key,
+                entry.size,
+                size,
+                encoded.facts,
+                write_seconds=written,
+            )
+        )
 
     def _record(
         self,
@@ -754,8 +768,35 @@ def _execute(
         "restarts": stats.restarts,
         "tail_seconds": round(stats.tail_seconds, 3),
         "busy_seconds": round(stats.busy_seconds, 3),
+        # Share of the workers' time spent holding an image.
+        "utilisation": round(stats.busy_seconds / (stats.workers * wall), 4) if wall > 0 else 0.0,
     }
+    summary.tool = tool_versions()
     return summary
+
+
+def tool_versions() -> dict[str, str]:
+    import platform
+    from importlib import metadata
+
+    import pyvips
+
+    from optimizr import __version__
+
+    try:
+        binary = metadata.version("pyvips-binary")
+    except metadata.PackageNotFoundError:
+        binary = "none (system libvips)"
+    return {
+        "name": "optimizr",
+        "version": __version__,
+        "python": platform.python_version(),
+        "pyvips": metadata.version("pyvips"),
+        "libvips": f"{pyvips.version(0)}.{pyvips.version(1)}.{pyvips.version(2)}",
+        # libvips links libwebp statically and exports neither its symbols nor
+        # its version; the wheel that bundles it is the most precise fact there is.
+        "libwebp": f"bundled with pyvips-binary {binary}",
+    }
 
 
 def write_summary(summary: RunSummary, path: Path) -> None:

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from optimizr.encode import ImageFacts
+from optimizr.metrics.stats import LogHistogram, Timeline, TopN
 
 Status = Literal["converted", "skipped", "failed"]
 
@@ -38,6 +39,8 @@ class Result:
     facts: ImageFacts | None = None
     #: The ImageError subclass behind a failure, for the manifest and failed.jsonl.
     error_class: str | None = None
+    #: Seconds the parent spent writing the output into place.
+    write_seconds: float = 0.0
 
     def line(self) -> str:
         """The one line a person reads: path and reason."""
@@ -48,9 +51,29 @@ class Result:
         return f"{text} ({detail})" if detail and detail != self.reason else text
 
 
+SCHEMA = "optimizr-summary/2"
+
+_EXTENSION_FORMATS = {
+    "jpg": "jpeg", "jpeg": "jpeg", "jpe": "jpeg", "png": "png", "gif": "gif", "webp": "webp",
+    "tif": "tiff", "tiff": "tiff", "bmp": "bmp", "avif": "avif", "heic": "heif", "heif": "heif",
+}  # fmt: skip
+
+
+def input_format(result: Result) -> str:
+    """The sniffed format when the image was decoded, else a guess from the name."""
+    if result.facts is not None:
+        return result.facts.format
+    suffix = result.key.rpartition(".")[2].lower() if "." in result.key else ""
+    return _EXTENSION_FORMATS.get(suffix, "other")
+
+
 @dataclass
 class RunSummary:
-    """Figures for a whole run; ``to_dict`` is the summary.json document."""
+    """Figures for a whole run; ``to_dict`` is the summary.json document.
+
+    Everything here is bounded: counters, log histograms, a top ten and a
+    timeline that thins itself out; only the files not converted are listed.
+    """
 
     src: str
     dest: str
@@ -66,6 +89,7 @@ class RunSummary:
     bytes_out: int = 0  # of the outputs written
     skipped_by_reason: Counter[str] = field(default_factory=Counter)
     failed_by_reason: Counter[str] = field(default_factory=Counter)
+    by_format: dict[str, Counter[str]] = field(default_factory=dict)
     #: Files not converted (failed, or skipped for any reason but "up to date").
     not_converted: list[Result] = field(default_factory=list)
     interrupted: bool = False
@@ -74,7 +98,18 @@ class RunSummary:
     codec_seconds: float = 0.0
     codec_cpu_seconds: float = 0.0
     pixels: int = 0
+    #: Per converted image: worker seconds, and input and output sizes.
+    latency: LogHistogram = field(default_factory=lambda: LogHistogram(1e-4, 1e4))
+    sizes_in: LogHistogram = field(default_factory=lambda: LogHistogram(10, 1e11, 10))
+    sizes_out: LogHistogram = field(default_factory=lambda: LogHistogram(10, 1e11, 10))
+    phases: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys(("read", "decode", "encode", "write"), 0.0)
+    )
+    largest_savings: TopN = field(default_factory=TopN)
+    grew: TopN = field(default_factory=TopN)
+    timeline: Timeline = field(default_factory=Timeline)
     #: Filled in at the end of a run by the components that measured them.
+    tool: dict[str, Any] = field(default_factory=dict)
     memory: dict[str, Any] = field(default_factory=dict)
     cpu: dict[str, Any] = field(default_factory=dict)
     executor: dict[str, Any] = field(default_factory=dict)
@@ -84,25 +119,50 @@ class RunSummary:
 
     def record(self, result: Result) -> None:
         self.found += 1
+        if result.reason != UP_TO_DATE:
+            counts = self.by_format.setdefault(input_format(result), Counter())
+            counts[result.status] += 1
         if result.status == "converted":
             self.converted += 1
             self.bytes_in += result.bytes_in
             self.bytes_out += result.bytes_out
-            if result.facts is not None:
-                self.codec_seconds += result.facts.seconds
-                self.codec_cpu_seconds += result.facts.cpu_seconds
-                frame_pixels = result.facts.width_in * result.facts.height_in
-                self.pixels += frame_pixels * result.facts.frames
+            counts["bytes_in"] += result.bytes_in
+            counts["bytes_out"] += result.bytes_out
+            self.sizes_in.add(result.bytes_in)
+            self.sizes_out.add(result.bytes_out)
+            saved = result.bytes_in - result.bytes_out
+            entry = {"path": result.key, "bytes_in": result.bytes_in,
+                     "bytes_out": result.bytes_out}  # fmt: skip
+            if saved > 0:
+                self.largest_savings.offer(saved, {**entry, "saved": saved})
+            else:
+                self.grew.offer(-saved, entry)
+            self.phases["write"] += result.write_seconds
+            facts = result.facts
+            if facts is not None:
+                self.codec_seconds += facts.seconds
+                self.codec_cpu_seconds += facts.cpu_seconds
+                self.pixels += facts.width_in * facts.height_in * facts.frames
+                self.latency.add(facts.seconds)
+                self.phases["read"] += facts.read_seconds
+                self.phases["decode"] += facts.decode_seconds
+                self.phases["encode"] += facts.encode_seconds
+            self.timeline.sample(self.found, self.bytes_in, self.bytes_out)
             return
         if result.status == "skipped":
             self.skipped += 1
             self.skipped_by_reason[result.reason or "skipped"] += 1
+            if result.reason == LARGER_THAN_SOURCE and result.bytes_out:
+                entry = {"path": result.key, "bytes_in": result.bytes_in,
+                         "bytes_out": result.bytes_out}  # fmt: skip
+                self.grew.offer(result.bytes_out - result.bytes_in, entry)
             if result.reason != UP_TO_DATE:
                 self.not_converted.append(result)
         else:
             self.failed += 1
             self.failed_by_reason[result.reason or "failed"] += 1
             self.not_converted.append(result)
+        self.timeline.sample(self.found, self.bytes_in, self.bytes_out)
 
     @property
     def seconds(self) -> float:
@@ -119,9 +179,14 @@ class RunSummary:
         return 1 if self.failed else 0
 
     def to_dict(self) -> dict[str, Any]:
+        from optimizr.metrics.analysis import analyse
+
         seconds = self.seconds
-        return {
-            "schema": "optimizr-summary/1",
+        self.timeline.sample(self.found, self.bytes_in, self.bytes_out, force=True)
+        per_second = (lambda n: round(n / seconds, 3)) if seconds else (lambda n: 0)
+        doc: dict[str, Any] = {
+            "schema": SCHEMA,
+            "tool": self.tool,
             "src": self.src,
             "dest": self.dest,
             "started_at": _iso(self.started_at),
@@ -139,6 +204,13 @@ class RunSummary:
                 "known_failed": self.known_failed,
                 "skipped_by_reason": dict(sorted(self.skipped_by_reason.items())),
                 "failed_by_reason": dict(sorted(self.failed_by_reason.items())),
+                "by_format": {
+                    fmt: {
+                        key: counts[key]
+                        for key in ("converted", "skipped", "failed", "bytes_in", "bytes_out")
+                    }
+                    for fmt, counts in sorted(self.by_format.items())
+                },
             },
             "bytes": {
                 "in": self.bytes_in,
@@ -146,21 +218,50 @@ class RunSummary:
                 "saved": self.saved_bytes,
                 "saving_ratio": round(self.saved_bytes / self.bytes_in, 4) if self.bytes_in else 0,
             },
-            "throughput": {
-                "files_per_second": round(self.converted / seconds, 3) if seconds else 0,
-                "mb_per_second": round(self.bytes_in / 1e6 / seconds, 3) if seconds else 0,
-                "megapixels_per_second": round(self.pixels / 1e6 / seconds, 3) if seconds else 0,
+            "latency_seconds": self.latency.summary(),
+            "phases_seconds": {
+                phase: round(self.phases[phase], 3)
+                for phase in ("read", "decode", "encode", "write")
             },
+            "throughput": {
+                "files_per_second": per_second(self.found),
+                "images_per_second": per_second(self.converted),
+                "mb_per_second": per_second(self.bytes_in / 1e6),
+                "megapixels_per_second": per_second(self.pixels / 1e6),
+            },
+            "histograms": {
+                "latency_seconds": {"buckets": self.latency.buckets()},
+                "bytes_in": {"buckets": self.sizes_in.buckets()},
+                "bytes_out": {"buckets": self.sizes_out.buckets()},
+            },
+            "timeline": self.timeline.points,
             "memory": self.memory,
             "cpu": self.cpu,
             "executor": self.executor,
             "manifest": self.manifest,
-            "warnings": self.warnings,
+            "failures_by_reason": self._failure_groups(),
+            "largest_savings": self.largest_savings.items(),
+            "grew": self.grew.items(),
             "not_converted": [
                 {"path": r.key, "status": r.status, "reason": r.reason, "message": r.message}
                 for r in self.not_converted
             ],
+            "warnings": self.warnings,
         }
+        doc["analysis"] = analyse(doc)
+        return doc
+
+    def _failure_groups(self, examples: int = 5) -> list[dict[str, Any]]:
+        groups: dict[str, dict[str, Any]] = {}
+        for r in self.not_converted:
+            if r.status != "failed":
+                continue
+            reason = r.reason or "failed"
+            group = groups.setdefault(reason, {"reason": reason, "count": 0, "examples": []})
+            group["count"] += 1
+            if len(group["examples"]) < examples:
+                group["examples"].append({"path": r.key, "message": r.message})
+        return sorted(groups.values(), key=lambda g: (-g["count"], g["reason"]))
 
 
 def _iso(timestamp: float) -> str:
