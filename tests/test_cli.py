@@ -122,18 +122,20 @@ def test_verbose_prints_one_line_per_file(cli: Callable[..., Result], tmp_path: 
 
 def test_plain_progress_lines_without_a_terminal() -> None:
     stream = io.StringIO()
-    progress = TerminalProgress(live=False, every=2, stream=stream)
+    progress = TerminalProgress(live=False, interval=0.0, stream=stream)
     with progress:
         progress.found(5)
-        for i in range(5):
+        for i in range(2):
             progress.finished(FileResult(f"f{i}.jpg", "converted", None, "", "o", 1000, 400))
         progress.walk_done(5)
-    lines = stream.getvalue().splitlines()
-    assert lines == [
-        "2/5+ found so far files, 2.0 KB -> 800 B, " + lines[0].split(", ")[2] + ", 0 failed",
-        "4/5+ found so far files, 4.0 KB -> 1.6 KB, " + lines[1].split(", ")[2] + ", 0 failed",
-    ]
-    assert re.fullmatch(r"[\d.]+ MB/s", lines[0].split(", ")[2])
+        progress.finished(FileResult("f2.jpg", "failed", "corrupt", "bad data"))
+    lines = [line for line in stream.getvalue().splitlines() if not line.startswith("FAILED")]
+    assert lines[0].startswith("1/5+ found so far files, 1.0 KB -> 400 B, ")
+    assert re.search(r", [\d.]+ MB/s, ETA \?, 0 failed$", lines[0])
+    assert lines[1].startswith("2/5+ found so far files, 2.0 KB -> 800 B, ")
+    # Once the walk is done the total is known, and so is an estimate of the time left.
+    assert lines[-1].startswith("3/5 files, ") and lines[-1].endswith(", 1 failed")
+    assert re.search(r"ETA \d+s", lines[-1])
 
 
 # -- worker faults: a crashing or hanging codec must not take the run down ---------------------

@@ -45,7 +45,9 @@ class _StatsColumn(ProgressColumn):
         rate = f["bytes_in"] / 1e6 / elapsed if elapsed > 0 else 0.0
         text = f"{human_bytes(f['bytes_in'])} -> {human_bytes(f['bytes_out'])}  {rate:.1f} MB/s"
         style = "red" if f["failed"] else ""
-        return Text(text + (f"  {f['failed']} failed" if f["failed"] else ""), style=style)
+        text += f"  {f['failed']} failed" if f["failed"] else ""
+        text += f"  {f['memory']}" if f.get("memory") else ""
+        return Text(text, style=style)
 
 
 class TerminalProgress:
@@ -56,14 +58,15 @@ class TerminalProgress:
         *,
         live: bool | None = None,
         verbose: bool = False,
-        every: int = 100,
+        interval: float = 5.0,
         stream: IO[str] | None = None,
     ) -> None:
         self.stream = stream or sys.stderr
         self.console = Console(file=self.stream, highlight=False, soft_wrap=True)
         self.live = self.console.is_terminal if live is None else live
         self.verbose = verbose
-        self.every = max(1, every)
+        #: Without a live bar: seconds between plain progress lines.
+        self.interval = interval
         self.found_total = 0
         self.walk_complete = False
         self.done = 0
@@ -71,7 +74,7 @@ class TerminalProgress:
         self.bytes_in = 0
         self.bytes_out = 0
         self._t0 = time.monotonic()
-        self._last_line = 0.0
+        self._last_line = time.monotonic()
         self._snapshot: Callable[[], RunSnapshot] | None = None
         self._progress: Progress | None = None
         self._task: int | None = None
@@ -92,7 +95,7 @@ class TerminalProgress:
             )
             self._progress.start()
             self._task = self._progress.add_task(
-                "converting", total=None, found="0+", bytes_in=0, bytes_out=0, failed=0
+                "converting", total=None, found="0+", bytes_in=0, bytes_out=0, failed=0, memory=""
             )
         return self
 
@@ -156,16 +159,45 @@ class TerminalProgress:
                 bytes_in=self.bytes_in,
                 bytes_out=self.bytes_out,
                 failed=self.failed,
+                memory=self._memory(),
             )
             return
-        if self.done and self.done % self.every == 0:
-            of = f"{self.found_total:,}" + ("" if self.walk_complete else "+ found so far")
-            elapsed = time.monotonic() - self._t0
-            rate = self.bytes_in / 1e6 / elapsed if elapsed else 0.0
-            self.console.print(
-                f"{self.done:,}/{of} files, {human_bytes(self.bytes_in)} -> "
-                f"{human_bytes(self.bytes_out)}, {rate:.1f} MB/s, {self.failed} failed"
-            )
+        now = time.monotonic()
+        if not self.done or now - self._last_line < self.interval:
+            return
+        self._last_line = now
+        of = f"{self.found_total:,}" + ("" if self.walk_complete else "+ found so far")
+        elapsed = now - self._t0
+        rate = self.bytes_in / 1e6 / elapsed if elapsed else 0.0
+        parts = [
+            f"{self.done:,}/{of} files",
+            f"{human_bytes(self.bytes_in)} -> {human_bytes(self.bytes_out)}",
+            f"{rate:.1f} MB/s",
+            f"ETA {self._eta(elapsed)}",
+            f"{self.failed} failed",
+        ]
+        memory = self._memory()
+        if memory:
+            parts.append(memory)
+        self.console.print(", ".join(parts))
+
+    def _eta(self, elapsed: float) -> str:
+        if not self.walk_complete or not self.done or elapsed <= 0:
+            return "?"
+        left = (self.found_total - self.done) / (self.done / elapsed)
+        minutes, seconds = divmod(int(left + 0.5), 60)
+        return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
+
+    def _memory(self) -> str:
+        if self._snapshot is None:
+            return ""
+        snap = self._snapshot()
+        if not snap.budget_total:
+            return ""
+        return (
+            f"memory budget {snap.budget_in_use / 2**20:,.0f} of "
+            f"{snap.budget_total / 2**20:,.0f} MiB in use"
+        )
 
 
 def _escape(text: str) -> str:
