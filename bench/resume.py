@@ -10,28 +10,33 @@
    --no-progress --if-larger write -j W``, the command line of every benchmark)
    into DATA_DIR/resume/N/dest, checks that all N were converted and prints how
    long it took. Cached: a DEST whose optimizr-summary.json shows all N
-   converted is kept (with the time the conversion took when it was made).
-3. No-op re-runs. --rounds times (sizes alternate within a round), the same
-   command again, summary written next to DEST so DEST's own summary stays the
-   first run's. Wall time is time.perf_counter around the process; peak RSS is
-   the summed RSS of the whole process tree sampled from /proc every 20 ms
-   (bench/_common.py, independent of optimizr's own figures). Checks from the
-   summary: exit 0, found == N, converted == 0, failed == 0 and
-   skipped_by_reason == {"up to date": N}.
+   converted (or whose conversion N/first.json recorded) is kept, and the time
+   the conversion took when it was made is printed.
+3. No-op re-runs. --warmup times uncounted (warms the caches; a stale DEST
+   shows up here), then --rounds times (sizes alternate within a round), the
+   same command again, summary written next to DEST so DEST's own summary stays
+   the first run's. Wall time is time.perf_counter around the process; peak
+   RSS is the summed RSS of the whole process tree sampled from /proc every
+   20 ms (bench/_common.py, independent of optimizr's own figures). Checks from
+   the summary: exit 0, found == N, converted == 0, failed == 0 and
+   skipped_by_reason == {"up to date": N}; a run that fails them is printed
+   and left out of the figures.
 
-Prints per round and per size: files/s as N / wall (process start to exit,
+Prints per run and per size: files/s as N / wall (process start to exit,
 interpreter start-up included) and as N / the summary's ``seconds``, peak tree
 RSS, CPU seconds and the most processes seen; then the medians, the ratio of
 the peak RSS at the largest size to the peak at the smallest (about 1.0 when
-memory does not grow with the number of files) and PASS/FAIL against the
-target of 20,000 files/s (issue 4). Exits 1 only when a check fails (the run
-did not do what is measured), never on a slow figure.
+memory does not grow with the number of files), the marginal rate (start-up
+cancelled out) and PASS/FAIL against the target of 20,000 files/s (issue 4).
+Exits 1 only when a check fails (the run did not do what is measured), never
+on a slow figure.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import shutil
 import sys
@@ -165,17 +170,23 @@ class First:
 
 
 def ensure_converted(root: Path, src: Path, count: int, workers: int) -> First:
-    """Convert ROOT/src into ROOT/dest for real, unless DEST's summary shows it was."""
+    """Convert ROOT/src into ROOT/dest for real, unless it was done already.
+
+    Done already: DEST's summary shows all ``count`` converted, or ROOT/first.json
+    (written only after a checked full conversion) says so; and the manifest exists.
+    The no-op runs write their summary elsewhere, so DEST's stays the first run's.
+    """
     dest = root / "dest"
     summary_path = dest / "optimizr-summary.json"
     record = root / "first.json"
     summary = read_json(summary_path)
-    if all_converted(summary, count) and (dest / ".optimizr" / "manifest.sqlite").exists():
-        known = read_json(record) or {}
+    known = read_json(record) or {}
+    done = all_converted(summary, count) or known.get("files") == count
+    if done and (dest / ".optimizr" / "manifest.sqlite").exists():
         first = First(
             count,
             float(known.get("wall_seconds", float("nan"))),
-            float((summary or {}).get("seconds", float("nan"))),
+            float(known.get("summary_seconds", float("nan"))),
             int(known.get("peak_bytes", 0)),
             cached=True,
         )
@@ -202,9 +213,13 @@ def ensure_converted(root: Path, src: Path, count: int, workers: int) -> First:
         run.peak_bytes,
         cached=False,
     )
-    record.write_text(
-        f'{{"wall_seconds": {run.wall_seconds:.3f}, "peak_bytes": {run.peak_bytes}}}\n'
-    )
+    facts = {
+        "files": count,
+        "wall_seconds": round(run.wall_seconds, 3),
+        "summary_seconds": first.summary_seconds,
+        "peak_bytes": run.peak_bytes,
+    }
+    record.write_text(json.dumps(facts) + "\n")
     print(
         f"  {count:>9,} files: converted in {run.wall_seconds:,.1f} s "
         f"({first.files_per_second:,.0f} files/s), peak {run.peak_bytes / MIB:,.0f} MiB",
@@ -272,16 +287,18 @@ def noop_run(root: Path, src: Path, count: int, workers: int) -> Rerun:
 # --------------------------------------------------------------------------- figures
 
 
-def verdict(rate: float) -> str:
-    return "PASS" if rate >= TARGET_FILES_PER_SECOND else "FAIL"
+def rate(value: float) -> str:
+    return "-" if value != value else f"{value:,.0f}"  # nan: no valid run
 
 
 def print_results(firsts: dict[int, First], reruns: dict[int, list[Rerun]]) -> None:
-    print("\nno-op re-runs: medians over the rounds")
+    """Medians over the rounds whose checks passed (a failed run measures something else)."""
+    print("\nno-op re-runs: medians over the rounds whose checks passed")
     headers = [
         "files",
         "first run s",
         "first files/s",
+        "valid runs",
         "wall s",
         "files/s (wall)",
         "summary s",
@@ -290,34 +307,34 @@ def print_results(firsts: dict[int, First], reruns: dict[int, list[Rerun]]) -> N
         "max peak MiB",
         "CPU s",
         "processes",
-        "checks",
     ]
+    valid = {count: [r for r in runs if not r.problems] for count, runs in reruns.items()}
     rows = []
-    for count, runs in reruns.items():
+    for count, runs in valid.items():
         first = firsts[count]
         rows.append(
             [
                 f"{count:,}",
                 first.wall_seconds,
-                f"{first.files_per_second:,.0f}",
+                rate(first.files_per_second),
+                f"{len(runs)} of {len(reruns[count])}",
                 median(r.run.wall_seconds for r in runs),
-                f"{median(r.wall_rate for r in runs):,.0f}",
+                rate(median(r.wall_rate for r in runs)),
                 median(r.summary_seconds for r in runs),
-                f"{median(r.summary_rate for r in runs):,.0f}",
+                rate(median(r.summary_rate for r in runs)),
                 median(r.run.peak_bytes / MIB for r in runs),
-                max(r.run.peak_bytes / MIB for r in runs),
+                max((r.run.peak_bytes / MIB for r in runs), default=None),
                 median(r.run.cpu_seconds for r in runs),
-                max(r.run.tree.max_processes for r in runs),
-                "ok" if not any(r.problems for r in runs) else "FAILED",
+                max((r.run.tree.max_processes for r in runs), default=None),
             ]
         )
     print_table(headers, rows)
 
-    counts = sorted(reruns)
+    counts = sorted(c for c, runs in valid.items() if runs)
     if len(counts) >= 2:
         small, large = counts[0], counts[-1]
-        ratio = median(r.run.peak_bytes for r in reruns[large]) / median(
-            r.run.peak_bytes for r in reruns[small]
+        ratio = median(r.run.peak_bytes for r in valid[large]) / median(
+            r.run.peak_bytes for r in valid[small]
         )
         flat = "flat" if ratio <= FLAT_MEMORY_RATIO else "GROWS"
         print(
@@ -325,22 +342,31 @@ def print_results(firsts: dict[int, First], reruns: dict[int, list[Rerun]]) -> N
             f"({flat}; target about 1.0, at most {FLAT_MEMORY_RATIO:.2f})"
         )
         # The fixed cost (interpreter start-up, imports, opening the manifest) cancels out.
-        extra = median(r.run.wall_seconds for r in reruns[large]) - median(
-            r.run.wall_seconds for r in reruns[small]
+        extra = median(r.run.wall_seconds for r in valid[large]) - median(
+            r.run.wall_seconds for r in valid[small]
         )
         marginal = (large - small) / extra if extra > 0 else float("nan")
         print(
             f"marginal rate, ({large:,} - {small:,}) files / difference of the median walls: "
-            f"{marginal:,.0f} files/s"
+            f"{rate(marginal)} files/s"
         )
-    print(f"\ntarget: {TARGET_FILES_PER_SECOND:,} files/s (median of the rounds)")
-    for count in counts:
-        wall = median(r.wall_rate for r in reruns[count])
-        own = median(r.summary_rate for r in reruns[count])
+    print(f"\ntarget: {TARGET_FILES_PER_SECOND:,} files/s or more (median of the valid rounds)")
+    for count, runs in valid.items():
+        failed = len(reruns[count]) - len(runs)
+        if not runs:
+            print(f"  {count:>9,} files: NO VERDICT, every run failed its checks")
+            continue
+        by_wall = median(r.wall_rate for r in runs)
+        by_summary = median(r.summary_rate for r in runs)
+        note = f" ({failed} run(s) failed their checks and are left out)" if failed else ""
         print(
-            f"  {count:>9,} files: {verdict(wall)} by wall ({wall:,.0f} files/s), "
-            f"{verdict(own)} by summary seconds ({own:,.0f} files/s)"
+            f"  {count:>9,} files: {verdict(by_wall)} by wall ({rate(by_wall)} files/s), "
+            f"{verdict(by_summary)} by summary seconds ({rate(by_summary)} files/s){note}"
         )
+
+
+def verdict(value: float) -> str:
+    return "PASS" if value >= TARGET_FILES_PER_SECOND else "FAIL"
 
 
 # --------------------------------------------------------------------------- main
@@ -367,6 +393,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="files per tree, comma-separated (20000,200000)",
     )
     parser.add_argument("--rounds", type=int, default=3, help="no-op re-runs per size (3)")
+    parser.add_argument(
+        "--warmup", type=int, default=1, help="uncounted no-op re-runs per size first (1)"
+    )
     parser.add_argument("--workers", type=int, default=2, help="-j of every run (2)")
     parser.add_argument(
         "--data-dir",
@@ -393,6 +422,14 @@ def main(argv: list[str] | None = None) -> int:
         count: ensure_converted(data / str(count), src, count, args.workers)
         for count, src in sources.items()
     }
+
+    if args.warmup:
+        # Not counted: warms the dentry and page caches after a cached session, and
+        # shows at once a stale cache (options or encoder changed since DEST was made).
+        print(f"\nwarm-up: {args.warmup} no-op re-run(s) per size, not counted")
+        for _ in range(args.warmup):
+            for count in args.sizes:
+                noop_run(data / str(count), sources[count], count, args.workers)
 
     print(f"\nno-op re-runs: {args.rounds} round(s)")
     reruns: dict[int, list[Rerun]] = {count: [] for count in args.sizes}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
@@ -40,6 +40,12 @@ def test_output_key_modes() -> None:
     assert output_key("a/b/photo.jpg", "append") == "a/b/photo.jpg.webp"
     assert output_key("noext", "replace") == "noext.webp"
     assert output_key("a.b/c.tar.png", "replace") == "a.b/c.tar.webp"
+    # The fast string version agrees with pathlib on the awkward names.
+    for key in (".hidden", "a/.hidden", "file.", "a/file.", "x..y", ".a.b", "a/...", "a.b/c",
+                "a/..b", "a/b..", "é.JPG", "a b/c d.png"):  # fmt: skip
+        path = PurePosixPath(key)
+        expected = str(path.with_suffix(".webp")) if path.suffix else key + ".webp"
+        assert output_key(key, "replace") == expected, key
 
 
 def test_mirrors_the_tree(tmp_path: Path) -> None:

@@ -53,17 +53,21 @@ class Result:
 
 SCHEMA = "optimizr-summary/2"
 
+# A closed set, so that a tree of oddly named files cannot create endless
+# format labels (summary keys, Prometheus series): anything else is "other".
 _EXTENSION_FORMATS = {
-    "jpg": "jpeg", "jpeg": "jpeg", "jpe": "jpeg", "png": "png", "gif": "gif", "webp": "webp",
-    "tif": "tiff", "tiff": "tiff", "bmp": "bmp", "avif": "avif", "heic": "heif", "heif": "heif",
+    "jpg": "jpeg", "jpeg": "jpeg", "jpe": "jpeg", "jfif": "jpeg", "png": "png",
+    "apng": "apng", "gif": "gif", "webp": "webp", "tif": "tiff", "tiff": "tiff",
+    "bmp": "bmp", "dib": "bmp", "heic": "heic", "heif": "heic", "avif": "avif",
 }  # fmt: skip
 
 
 def input_format(result: Result) -> str:
-    """The sniffed format when the image was decoded, else a guess from the name."""
+    """The format the decoder found, else what the name says, else "other"."""
     if result.facts is not None:
         return result.facts.format
-    suffix = result.key.rpartition(".")[2].lower() if "." in result.key else ""
+    name = result.key.rpartition("/")[2]
+    suffix = name.rpartition(".")[2].lower() if "." in name else ""
     return _EXTENSION_FORMATS.get(suffix, "other")
 
 

@@ -39,6 +39,8 @@ class WalkOptions:
     prune: tuple[str, ...] = ()
 
     def wants_file(self, key: str) -> bool:
+        if not self.include and not self.exclude:
+            return True
         if self.include and not _matches_any(key, self.include):
             return False
         return not _matches_any(key, self.exclude)
