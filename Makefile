@@ -7,7 +7,7 @@ INPUT ?=
 OUTPUT ?= out-webp
 SAMPLES := samples
 
-.PHONY: run test lint typecheck pytest samples clean
+.PHONY: run test lint typecheck pytest samples clean chromium report-demo
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,13 +34,43 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-pytest: $(STAMP)
+pytest: $(STAMP) chromium
 	$(BIN)/pytest
 
 test: lint typecheck pytest
 
 clean:
-	rm -rf $(VENV) $(SAMPLES) $(OUTPUT) build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(SAMPLES) $(OUTPUT) $(REPORT_DEMO) build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+# The report test (tests/test_report.py) opens the page in headless Chromium: Debian's,
+# installed when missing (as root; apt-get update only then; about 12 s here). Without
+# root and without chromium, say so and go on: that test then skips, saying why.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update && DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y --no-install-recommends chromium; \
+	  else \
+	    echo "chromium is missing and installing it needs root: the browser test will skip"; \
+	  fi; }
+
+# `optimizr report` on the sample set, and a screenshot of the page to look at. --force:
+# a second demo converts again rather than report a run where all was up to date.
+REPORT_DEMO := report-demo
+CHROMIUM_FLAGS := --headless --no-sandbox --disable-gpu --disable-quic --no-first-run \
+	--disable-background-networking --disable-component-update --disable-sync --hide-scrollbars
+
+report-demo: $(STAMP) chromium
+	$(BIN)/python -m optimizr.samples $(SAMPLES)
+	$(BIN)/optimizr convert $(SAMPLES) $(OUTPUT) --no-progress --force
+	$(BIN)/optimizr report $(OUTPUT)/optimizr-summary.json -o $(REPORT_DEMO)/report.html
+	rm -rf $(REPORT_DEMO)/.chromium-profile
+	chromium $(CHROMIUM_FLAGS) --user-data-dir=$(REPORT_DEMO)/.chromium-profile \
+	  --virtual-time-budget=10000 --window-size=1280,2400 \
+	  --screenshot=$(REPORT_DEMO)/report.png file://$(CURDIR)/$(REPORT_DEMO)/report.html \
+	  2>$(REPORT_DEMO)/chromium.log || { cat $(REPORT_DEMO)/chromium.log; exit 1; }
+	rm -rf $(REPORT_DEMO)/.chromium-profile
+	@echo "report: $(REPORT_DEMO)/report.html  screenshot: $(REPORT_DEMO)/report.png"
 
 # Benchmarks (bench/README.md): they print figures and assert nothing. Peers (cwebp,
 # sharp) install into bench/.peers when possible and are skipped when not; corpora

@@ -278,3 +278,47 @@ def test_unreadable_file_and_folder_fail_with_permission_denied(tmp_path: Path) 
     doc = json.loads((dest / "optimizr-summary.json").read_text())
     assert doc["files"]["converted"] == 2
     assert doc["files"]["failed_by_reason"] == {"permission denied": 2}
+
+
+def test_json_logs_are_one_object_per_line(tmp_path: Path) -> None:
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    make_tree(src, 5)
+    (src / "d1" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(64))
+    (src / "notes.txt").write_text("hi")
+    command = [sys.executable, "-m", "optimizr", "convert", str(src), str(dest),
+               "--log-format", "json", "-j", "2"]  # fmt: skip
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    events = [json.loads(line) for line in proc.stderr.splitlines()]  # every line parses
+    assert all({"time", "level", "event"} <= set(e) for e in events)
+    images = [e for e in events if e["event"] == "image"]
+    assert len(images) == 7
+    for event in images:
+        assert {"path", "status", "bytes_in", "bytes_out", "ms", "error"} <= set(event)
+    by_path = {e["path"]: e for e in images}
+    broken = by_path["d1/broken.jpg"]
+    assert broken["level"] == "warning" and broken["status"] == "failed"
+    assert broken["error"]["class"] in ("CorruptImage", "TruncatedImage")
+    ok = by_path["d0/img000.jpg"]
+    assert ok["status"] == "converted" and ok["error"] is None and ok["ms"] > 0
+    assert ok["bytes_out"] == (dest / "d0/img000.webp").stat().st_size
+    assert by_path["notes.txt"]["status"] == "skipped"
+    [finished] = [e for e in events if e["event"] == "run finished"]
+    summary = json.loads((dest / "optimizr-summary.json").read_text())
+    assert finished["converted"] == summary["files"]["converted"] == 5
+    assert finished["bytes_out"] == summary["bytes"]["out"] and finished["exit_code"] == 1
+    assert proc.stdout == ""
+
+    quiet = subprocess.run(
+        [*command, "--log-level", "warning", "--force"], capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    levels = {json.loads(line)["level"] for line in quiet.stderr.splitlines()}
+    assert levels == {"warning"}
+    bad = subprocess.run(
+        [sys.executable, "-m", "optimizr", "convert", str(tmp_path / "nope"), str(dest),
+         "--log-format", "json"], capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert bad.returncode == 2
+    [error] = [json.loads(line) for line in bad.stderr.splitlines()]
+    assert error["event"] == "error" and "SRC does not exist" in error["message"]

@@ -7,12 +7,15 @@ Exit codes: 0 every file converted or skipped; 1 some failed; 2 usage error
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import signal
 import sys
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
@@ -21,9 +24,13 @@ from optimizr import __version__
 from optimizr.config import DEFAULT_MAX_PIXELS, PRESETS, EncodeOptions, RunConfig, parse_size
 from optimizr.errors import OptimizrError
 from optimizr.lock import describe_holder
+from optimizr.metrics.logs import LogListener, configure_logging
 from optimizr.metrics.progress import TerminalProgress, summary_table
-from optimizr.pipeline import StopToken, convert_tree
+from optimizr.pipeline import Listeners, ProgressListener, StopToken, convert_tree
 from optimizr.status import StatusReport, read_status
+
+if TYPE_CHECKING:
+    from optimizr.metrics.exporter import MetricsExporter
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -215,9 +222,64 @@ def main() -> None:
     default=None,
     help="Force the live progress bar on or off (default: on for a terminal).",
 )
-def convert(
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    metavar="PORT",
+    help="During the run, serve Prometheus /metrics, /healthz and /readyz on this port "
+    "(0: any free port).",
+)
+@click.option(
+    "--metrics-host",
+    default="127.0.0.1",
+    show_default=True,
+    metavar="HOST",
+    help="Address the --metrics-port server listens on (0.0.0.0: every interface).",
+)
+@click.option(
+    "--metrics-textfile",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    metavar="PATH",
+    help="At the end of the run, write the final metrics here, atomically "
+    "(node_exporter textfile collector format, name it *.prom).",
+)
+@click.option(
+    "--stall-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=300.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="/healthz answers 503 when no image finished for this long while work is pending.",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="json: one JSON object per line on stderr (an event per image and per "
+    "milestone) instead of the progress display and table.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+    help="Least severe log events shown (failed images are warnings).",
+)
+def convert(src: Path, dest: Path, log_format: str, log_level: str, **options: Any) -> None:
+    """Convert every image under SRC into a mirrored tree of .webp files under DEST."""
+    with configure_logging("json" if log_format == "json" else "text", log_level) as logger:
+        sys.exit(_convert(logger, log_format == "json", src, dest, **options))
+
+
+def _convert(
+    logger: logging.Logger,
+    json_logs: bool,
     src: Path,
     dest: Path,
+    *,
     quality: int,
     effort: int,
     lossless: bool,
@@ -251,8 +313,12 @@ def convert(
     summary_path: Path | None,
     verbose: bool,
     live: bool | None,
-) -> None:
-    """Convert every image under SRC into a mirrored tree of .webp files under DEST."""
+    metrics_port: int | None,
+    metrics_host: str,
+    metrics_textfile: Path | None,
+    stall_timeout: float,
+) -> int:
+    """The body of ``convert``; returns the exit code."""
     err = Console(stderr=True, highlight=False)
     try:
         config = RunConfig(
@@ -293,34 +359,68 @@ def convert(
             lookahead_per_worker=lookahead,
         )
         stop = StopToken()
-        progress = TerminalProgress(live=False if dry_run else live, verbose=verbose or dry_run)
+        log = LogListener(logger, images=json_logs)
+        # JSON logs own stderr: no live bar, plain lines or table may mix into them.
+        progress = TerminalProgress(
+            live=False if dry_run or json_logs else live,
+            verbose=verbose or dry_run,
+            stream=io.StringIO() if json_logs else None,
+        )
+        listener: ProgressListener = Listeners(progress, log)
+        exporter: MetricsExporter | None = None
+        if metrics_port is not None or metrics_textfile is not None:
+            # Imported here: prometheus_client costs ~70 ms, paid only by runs that use it.
+            from optimizr.metrics.exporter import MetricsExporter
+
+            exporter = MetricsExporter(stall_timeout=stall_timeout)
+            listener = Listeners(progress, log, exporter)
         received: list[int] = []
 
         def on_signal(signum: int, _frame: FrameType | None) -> None:
             received.append(signum)
             stop.request()
-            progress.stopping(hard=stop.hard)
+            listener.stopping(hard=stop.hard)
 
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
-            with progress:
-                summary = convert_tree(src, dest, config, listener=progress, stop=stop)
+            # The server answers from before the run starts until it ends, then frees the port.
+            with exporter or contextlib.nullcontext(), progress:
+                if exporter is not None and metrics_port is not None:
+                    url = exporter.serve(metrics_host, metrics_port)
+                    logger.info(
+                        "metrics: %s/metrics (and /healthz, /readyz)",
+                        url,
+                        extra={"event": "metrics", "fields": {"url": url}},
+                    )
+                summary = convert_tree(src, dest, config, listener=listener, stop=stop)
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
     except OptimizrError as exc:
-        err.print(f"optimizr: error: {exc}", markup=False)
-        sys.exit(exc.exit_code)
+        if json_logs:
+            fields = {"message": str(exc), "exit_code": exc.exit_code}
+            logger.error("%s", exc, extra={"event": "error", "fields": fields})
+        else:
+            err.print(f"optimizr: error: {exc}", markup=False)
+        return exc.exit_code
 
-    err.print(summary_table(summary))
-    for warning in summary.warnings:
-        err.print(f"optimizr: warning: {warning}", markup=False)
-    if not dry_run:
-        err.print(f"summary: {config.effective_summary_path}", markup=False)
+    if exporter is not None and metrics_textfile is not None:
+        try:
+            exporter.write_textfile(metrics_textfile)
+        except OSError as exc:
+            summary.warnings.append(f"could not write {metrics_textfile}: {exc.strerror or exc}")
     code = summary.exit_code
     if summary.interrupted and received and received[0] == signal.SIGTERM:
         code = 143
-    sys.exit(code)
+    if json_logs:
+        log.run_finished(summary, code)
+    else:
+        err.print(summary_table(summary))
+        for warning in summary.warnings:
+            err.print(f"optimizr: warning: {warning}", markup=False)
+        if not dry_run:
+            err.print(f"summary: {config.effective_summary_path}", markup=False)
+    return code
 
 
 @main.command()
@@ -370,3 +470,26 @@ def format_status(report: StatusReport) -> str:
         example = f"{group.example}: {group.message}" if group.message else group.example
         lines.append(f"failed    {group.count:>8,}  {group.reason}  e.g. {example}")
     return "\n".join(lines)
+
+
+@main.command()
+@click.argument("summary", type=click.Path(path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Where to write the HTML page [report.html beside SUMMARY].",
+)
+def report(summary: Path, output: Path | None) -> None:
+    """Draw SUMMARY (a run's optimizr-summary.json) as one self-contained HTML page."""
+    # Imported here, like plotly inside it: `optimizr convert` should not load either.
+    from optimizr.report import write_report
+
+    out = output or summary.with_name("report.html")
+    try:
+        write_report(summary, out)
+    except OptimizrError as exc:
+        click.echo(f"optimizr: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    click.echo(f"report: {out}", err=True)

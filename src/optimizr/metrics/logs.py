@@ -8,11 +8,12 @@ Like the progress display this is the edge of the program: only the CLI uses it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import IO, TYPE_CHECKING, Any, Literal
 
 from optimizr.results import Result, RunSummary
@@ -51,21 +52,27 @@ class TextFormatter(logging.Formatter):
         return f"{record.levelname.lower()}: {record.getMessage()}"
 
 
+@contextlib.contextmanager
 def configure_logging(
     log_format: LogFormat, level: str, stream: IO[str] | None = None
-) -> logging.Logger:
-    """Route optimizr's logs, and any library's (pyvips), to one stream in one format."""
+) -> Iterator[logging.Logger]:
+    """Route optimizr's logs, and any library's (pyvips), to one stream in one
+    format, for the duration of a command; the previous setup comes back after."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
-    root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
+    root, vips = logging.getLogger(), logging.getLogger("pyvips")
+    saved = root.level, vips.level
     root.addHandler(handler)
     root.setLevel(level.upper())
     # libvips warnings about individual files are already in each failure's
     # message; repeated on the log they would only be noise.
-    logging.getLogger("pyvips").setLevel(logging.ERROR)
-    return logging.getLogger(LOGGER)
+    vips.setLevel(logging.ERROR)
+    try:
+        yield logging.getLogger(LOGGER)
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(saved[0])
+        vips.setLevel(saved[1])
 
 
 class LogListener:

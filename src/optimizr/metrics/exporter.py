@@ -1,0 +1,367 @@
+"""Prometheus metrics and health checks for a run: ``/metrics``, ``/healthz``, ``/readyz``.
+
+Counters and the per-image histogram are fed by the pipeline's ``finished``
+calls; every gauge is read from the run's :class:`~optimizr.pipeline.RunSnapshot`
+when Prometheus scrapes, so a scrape always shows the state at that instant and
+nothing runs on a timer. The exporter has its own registry: two runs in one
+process (tests, a library user) never share or clash over metrics.
+
+This is the edge of the program: only the CLI uses it, the core never does.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import socketserver
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from optimizr.atomic import atomic_write
+from optimizr.errors import UsageError
+from optimizr.results import Result, input_format
+
+if TYPE_CHECKING:
+    from optimizr.pipeline import RunSnapshot
+
+#: Seconds one image may take, from thumbnails to 100 MP scans near --timeout.
+SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+def format_label(result: Result) -> str:
+    """The same input format the summary counts by (see ``results.input_format``)."""
+    return input_format(result)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One health or readiness answer: the HTTP status and a small JSON body."""
+
+    ok: bool
+    status: str
+    reason: str
+    figures: dict[str, Any]
+
+    @property
+    def http_status(self) -> int:
+        return 200 if self.ok else 503
+
+    def body(self) -> bytes:
+        doc = {"status": self.status, "reason": self.reason, **self.figures}
+        return json.dumps(doc).encode() + b"\n"
+
+
+def health(snapshot: RunSnapshot | None, stall_timeout: float, now: float) -> Verdict:
+    """Alive and making progress, unless no image finished for ``stall_timeout``
+    seconds while some are running or queued. ``now`` is time.monotonic()."""
+    if snapshot is None:
+        return Verdict(True, "ok", "the run is starting", {"stall_timeout": stall_timeout})
+    idle = max(0.0, now - snapshot.last_progress)
+    pending = snapshot.running + snapshot.queued
+    figures = {
+        "seconds_since_progress": round(idle, 3),
+        "stall_timeout": stall_timeout,
+        "running": snapshot.running,
+        "queued": snapshot.queued,
+        "finished": snapshot.finished,
+    }
+    if pending and idle > stall_timeout:
+        reason = f"no image finished for {idle:.0f} s with {pending} running or queued"
+        return Verdict(False, "stalled", reason, figures)
+    reason = "making progress" if pending else "idle: nothing running or queued"
+    return Verdict(True, "ok", reason, figures)
+
+
+def readiness(snapshot: RunSnapshot | None, draining: bool = False) -> Verdict:
+    """Ready once a worker is up (or something finished); not while draining."""
+    if snapshot is None:
+        return Verdict(False, "starting", "the run has not started", {})
+    draining = draining or snapshot.draining
+    figures = {
+        "workers": snapshot.workers,
+        "workers_alive": snapshot.workers_alive,
+        "finished": snapshot.finished,
+        "draining": draining,
+    }
+    if draining:
+        return Verdict(False, "draining", "stopping: finishing the images in flight", figures)
+    if snapshot.workers_alive > 0 or snapshot.finished > 0:
+        return Verdict(True, "ready", "workers are up", figures)
+    return Verdict(False, "starting", "no worker is up yet", figures)
+
+
+@dataclass(frozen=True)
+class ExporterStatistics:
+    #: Where the server listens (``http://host:port``), None when not serving.
+    url: str | None
+    scrapes: int
+    health_checks: int
+    #: /healthz answers that were 503 (stalled).
+    unhealthy: int
+    readiness_checks: int
+    #: /readyz answers that were 503 (starting or draining).
+    not_ready: int
+    #: Requests for any other path (404).
+    not_found: int
+
+
+class _SnapshotCollector:
+    """Gauges computed from the run's snapshot at scrape time."""
+
+    def __init__(self, exporter: MetricsExporter) -> None:
+        self.exporter = exporter
+
+    def collect(self) -> Iterator[Metric]:
+        snapshot = self.exporter.snapshot()
+        if snapshot is None:
+            return
+        idle = max(0.0, self.exporter.clock() - snapshot.last_progress)
+        gauges: list[tuple[str, str, float]] = [
+            ("optimizr_files_found", "Files the walk has found so far.", snapshot.found),
+            ("optimizr_walk_done", "1 once the walk of SRC is complete.", snapshot.walk_done),
+            ("optimizr_images_in_flight", "Images a worker is converting now.", snapshot.running),
+            ("optimizr_images_queued", "Images planned, waiting for a worker or memory.",
+             snapshot.queued),
+            ("optimizr_workers", "Worker processes the run uses.", snapshot.workers),
+            ("optimizr_workers_alive", "Worker processes alive now.", snapshot.workers_alive),
+            ("optimizr_memory_budget_bytes", "The memory budget (--max-memory).",
+             snapshot.budget_total),
+            ("optimizr_memory_budget_in_use_bytes", "Estimated bytes of the images in flight.",
+             snapshot.budget_in_use),
+            ("optimizr_draining", "1 after a stop was asked for (SIGINT, SIGTERM).",
+             snapshot.draining or self.exporter.draining),
+            ("optimizr_seconds_since_progress", "Seconds since the last image finished.", idle),
+        ]  # fmt: skip
+        for name, documentation, value in gauges:
+            yield GaugeMetricFamily(name, documentation, value=float(value))
+        yield CounterMetricFamily(
+            "optimizr_worker_restarts",
+            "Worker processes replaced (after a crash, a timeout or --max-tasks-per-worker).",
+            value=snapshot.worker_restarts,
+        )
+
+
+class MetricsExporter:
+    """Implements the pipeline's ``ProgressListener`` and serves what it learns.
+
+    ::
+
+        exporter = MetricsExporter(stall_timeout=300)
+        with exporter:
+            url = exporter.serve("127.0.0.1", 9464)
+            convert_tree(src, dest, config, listener=exporter)
+        exporter.write_textfile(Path("optimizr.prom"))
+    """
+
+    def __init__(
+        self, *, stall_timeout: float = 300.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.stall_timeout = stall_timeout
+        self.clock = clock
+        self.draining = False
+        self.registry = CollectorRegistry()
+        self._images = Counter(
+            "optimizr_images",
+            "Files finished, by status and input format.",
+            ["status", "format"],
+            registry=self.registry,
+        )
+        # The summary's figures: bytes of converted images only.
+        self._bytes_in = Counter(
+            "optimizr_bytes_in", "Bytes of the sources converted.", registry=self.registry
+        )
+        self._bytes_out = Counter(
+            "optimizr_bytes_out", "Bytes of the WebP files written.", registry=self.registry
+        )
+        self._seconds = Histogram(
+            "optimizr_image_seconds",
+            "Seconds to convert one image (decode, resize, encode), converted images.",
+            buckets=SECONDS_BUCKETS,
+            registry=self.registry,
+        )
+        self.registry.register(_SnapshotCollector(self))
+        self._snapshot: Callable[[], RunSnapshot] | None = None
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self._url: str | None = None
+        self._lock = threading.Lock()
+        self._counts = dict.fromkeys(
+            ("scrapes", "health_checks", "unhealthy", "readiness_checks", "not_ready", "not_found"),
+            0,
+        )
+
+    # -- ProgressListener ----------------------------------------------------------
+
+    def started(self, snapshot: Callable[[], RunSnapshot]) -> None:
+        self._snapshot = snapshot
+
+    def found(self, count: int) -> None:
+        pass  # the snapshot has the figure at scrape time
+
+    def finished(self, result: Result) -> None:
+        self._images.labels(status=result.status, format=format_label(result)).inc()
+        if result.status != "converted":
+            return
+        self._bytes_in.inc(result.bytes_in)
+        self._bytes_out.inc(result.bytes_out)
+        if result.facts is not None:
+            self._seconds.observe(result.facts.seconds)
+
+    def walk_done(self, total: int) -> None:
+        pass
+
+    def stopping(self, hard: bool) -> None:
+        self.draining = True
+
+    # -- what is served --------------------------------------------------------------
+
+    def snapshot(self) -> RunSnapshot | None:
+        return self._snapshot() if self._snapshot is not None else None
+
+    def health(self) -> Verdict:
+        return health(self.snapshot(), self.stall_timeout, self.clock())
+
+    def readiness(self) -> Verdict:
+        return readiness(self.snapshot(), self.draining)
+
+    def render(self) -> bytes:
+        """The metrics in Prometheus' text format."""
+        return generate_latest(self.registry)
+
+    def write_textfile(self, path: Path) -> None:
+        """Write the metrics atomically, for node_exporter's textfile collector (which
+        must never read half a file). Raises OSError."""
+        atomic_write(path, self.render())
+
+    def answer(self, path: str) -> tuple[int, str, bytes]:
+        """HTTP status, content type and body for a GET of ``path``."""
+        route = urlsplit(path).path.rstrip("/") or "/"
+        if route == "/metrics":
+            self._count("scrapes")
+            return 200, CONTENT_TYPE_LATEST, self.render()
+        if route in ("/healthz", "/readyz"):
+            healthz = route == "/healthz"
+            verdict = self.health() if healthz else self.readiness()
+            self._count("health_checks" if healthz else "readiness_checks")
+            if not verdict.ok:
+                self._count("unhealthy" if healthz else "not_ready")
+            return verdict.http_status, "application/json", verdict.body()
+        self._count("not_found")
+        return 404, "text/plain; charset=utf-8", b"not found: try /metrics, /healthz, /readyz\n"
+
+    # -- serving -------------------------------------------------------------------
+
+    def serve(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Start answering on ``host:port`` (port 0: any free one) in a daemon thread;
+        return the base URL. Raises UsageError when the address cannot be used."""
+        if self._server is not None:
+            raise RuntimeError("already serving")
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        try:
+            server = _Server((host, port), partial(_Handler, self), family)
+        except OSError as exc:
+            message = f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}"
+            raise UsageError(message) from None
+        netloc = f"[{host}]" if family == socket.AF_INET6 else host
+        self._url = f"http://{netloc}:{server.server_port}"
+        self._server = server
+        # serve_forever notices shutdown() only between polls: a short interval keeps
+        # the end of a run from waiting up to the default half second.
+        self._thread = threading.Thread(
+            target=server.serve_forever, args=(0.05,), name="optimizr-metrics", daemon=True
+        )
+        self._thread.start()
+        return self._url
+
+    @property
+    def url(self) -> str | None:
+        return self._url
+
+    def close(self) -> None:
+        """Stop serving and release the port; safe to call more than once."""
+        server, thread = self._server, self._thread
+        self._server = self._thread = None
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+        if thread is not None:
+            thread.join()
+        self._url = None
+
+    def __enter__(self) -> MetricsExporter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def statistics(self) -> ExporterStatistics:
+        with self._lock:
+            counts = dict(self._counts)
+        return ExporterStatistics(
+            url=self._url,
+            scrapes=counts["scrapes"],
+            health_checks=counts["health_checks"],
+            unhealthy=counts["unhealthy"],
+            readiness_checks=counts["readiness_checks"],
+            not_ready=counts["not_ready"],
+            not_found=counts["not_found"],
+        )
+
+    def _count(self, name: str) -> None:
+        with self._lock:
+            self._counts[name] += 1
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        handler: Callable[..., BaseHTTPRequestHandler],
+        family: socket.AddressFamily,
+    ) -> None:
+        self.address_family = family
+        super().__init__(address, handler)
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind looks the host up with getfqdn(), a reverse DNS
+        # query that can hang for seconds on a box without DNS; the name is unused.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server_version = "optimizr"
+
+    def __init__(self, exporter: MetricsExporter, *args: Any, **kwargs: Any) -> None:
+        self.exporter = exporter
+        super().__init__(*args, **kwargs)
+
+    def do_GET(self) -> None:
+        status, content_type, body = self.exporter.answer(self.path)
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # one line per scrape would bury the run's own output on stderr

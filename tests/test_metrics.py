@@ -1,0 +1,475 @@
+"""Prometheus metrics and health checks: the exporter against a fake run, then the real
+CLI serving /metrics, /healthz and /readyz while it converts."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import signal
+import socket
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from click.testing import Result
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import photo_array, save_jpeg
+from optimizr.encode import ImageFacts
+from optimizr.errors import UsageError
+from optimizr.metrics.exporter import MetricsExporter
+from optimizr.pipeline import RunSnapshot
+from optimizr.results import Result as FileResult
+from test_cli import make_tree, spawn_cli, wait_for
+
+NOW = 1000.0
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def get(host: str, port: int, path: str) -> tuple[int, str, bytes]:
+    """GET with http.client: no proxy from the environment, and a 503 is an answer."""
+    conn = http.client.HTTPConnection(host, port, timeout=10)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, response.getheader("Content-Type", ""), response.read()
+    finally:
+        conn.close()
+
+
+def parse(text: str) -> Samples:
+    """Every sample of a text exposition, by name and labels."""
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples[(name, frozenset(labels.items()))]
+
+
+def total(samples: Samples, name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels``."""
+    wanted = set(labels.items())
+    return sum(v for (n, have), v in samples.items() if n == name and wanted <= have)
+
+
+def connects(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except ConnectionRefusedError:
+        return False
+    return True
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+class FakeRun:
+    """Stands in for Pipeline.snapshot: the test sets the state a scrape will see."""
+
+    def __init__(self, **changes: object) -> None:
+        self.state = RunSnapshot(
+            found=10, walk_done=False, finished=0, converted=0, skipped=0, failed=0,
+            bytes_in=0, bytes_out=0, running=0, queued=0, workers=2, workers_alive=0,
+            worker_restarts=0, budget_total=1 << 30, budget_in_use=0, draining=False,
+            last_progress=NOW,
+        )  # fmt: skip
+        self.set(**changes)
+
+    def set(self, **changes: object) -> None:
+        self.state = replace(self.state, **changes)  # type: ignore[arg-type]
+
+    def __call__(self) -> RunSnapshot:
+        return self.state
+
+
+@pytest.fixture
+def served() -> Iterator[tuple[MetricsExporter, Callable[[str], tuple[int, str, bytes]]]]:
+    """An exporter on a free port with a stall timeout of 60 s and a clock at NOW."""
+    with MetricsExporter(stall_timeout=60, clock=lambda: NOW) as exporter:
+        exporter.serve("127.0.0.1", 0)
+        assert exporter.url is not None
+        port = int(exporter.url.rpartition(":")[2])
+        yield exporter, lambda path: get("127.0.0.1", port, path)
+
+
+# -- health and readiness ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("running", "queued"), [(1, 0), (0, 3), (2, 5)])
+def test_healthz_is_503_when_nothing_finished_for_the_stall_timeout_with_work_pending(
+    served: tuple[MetricsExporter, Callable[[str], tuple[int, str, bytes]]],
+    running: int,
+    queued: int,
+) -> None:
+    exporter, get_path = served
+    run = FakeRun(running=running, queued=queued, workers_alive=2, last_progress=NOW - 59)
+    exporter.started(run)
+    status, content_type, body = get_path("/healthz")
+    assert (status, content_type) == (200, "application/json")
+    assert json.loads(body)["status"] == "ok"
+
+    run.set(last_progress=NOW - 61)
+    status, _, body = get_path("/healthz")
+    assert status == 503
+    doc = json.loads(body)
+    assert doc["status"] == "stalled" and "no image finished for 61 s" in doc["reason"]
+    assert (doc["running"], doc["queued"], doc["stall_timeout"]) == (running, queued, 60)
+    assert doc["seconds_since_progress"] == 61
+
+    run.set(last_progress=NOW, finished=1)  # an image finished: healthy again
+    assert get_path("/healthz")[0] == 200
+    stats = exporter.statistics()
+    assert (stats.health_checks, stats.unhealthy) == (3, 1)
+
+
+def test_healthz_is_200_when_idle_or_finished_however_long_ago(
+    served: tuple[MetricsExporter, Callable[[str], tuple[int, str, bytes]]],
+) -> None:
+    exporter, get_path = served
+    status, _, body = get_path("/healthz")
+    assert status == 200 and json.loads(body)["reason"] == "the run is starting"
+    # Nothing running or queued: a slow walk or a finished run is not a stall.
+    exporter.started(FakeRun(last_progress=NOW - 10_000, walk_done=True, finished=10))
+    status, _, body = get_path("/healthz")
+    assert status == 200
+    doc = json.loads(body)
+    assert doc["status"] == "ok" and doc["reason"].startswith("idle")
+    assert doc["finished"] == 10
+
+
+def test_readyz_waits_for_workers_and_goes_503_while_draining(
+    served: tuple[MetricsExporter, Callable[[str], tuple[int, str, bytes]]],
+) -> None:
+    exporter, get_path = served
+    status, _, body = get_path("/readyz")
+    assert status == 503 and json.loads(body)["status"] == "starting"
+    run = FakeRun(workers_alive=0)
+    exporter.started(run)
+    status, _, body = get_path("/readyz")
+    assert status == 503 and json.loads(body)["reason"] == "no worker is up yet"
+
+    run.set(workers_alive=2)
+    status, _, body = get_path("/readyz")
+    assert status == 200
+    assert json.loads(body) == {
+        "status": "ready", "reason": "workers are up", "workers": 2, "workers_alive": 2,
+        "finished": 0, "draining": False,
+    }  # fmt: skip
+
+    run.set(workers_alive=0, finished=4)  # workers gone after finishing work: still ready
+    assert get_path("/readyz")[0] == 200
+
+    run.set(workers_alive=2, draining=True)
+    status, _, body = get_path("/readyz")
+    assert status == 503 and json.loads(body)["status"] == "draining"
+    assert exporter.statistics().not_ready == 3
+
+
+def test_readyz_goes_503_as_soon_as_the_listener_hears_of_a_stop(
+    served: tuple[MetricsExporter, Callable[[str], tuple[int, str, bytes]]],
+) -> None:
+    exporter, get_path = served
+    exporter.started(FakeRun(workers_alive=2))
+    assert get_path("/readyz")[0] == 200
+    exporter.stopping(hard=False)
+    status, _, body = get_path("/readyz")
+    assert status == 503 and json.loads(body)["draining"] is True
+
+
+def test_unknown_paths_are_404(
+    served: tuple[MetricsExporter, Callable[[str], tuple[int, str, bytes]]],
+) -> None:
+    exporter, get_path = served
+    assert get_path("/")[0] == 404
+    assert get_path("/metricsx")[0] == 404
+    assert get_path("/metrics?name=x")[0] == 200
+    assert exporter.statistics().not_found == 2
+
+
+# -- /metrics ----------------------------------------------------------------------------------
+
+
+def facts(fmt: str, seconds: float, size_in: int, size_out: int) -> ImageFacts:
+    return ImageFacts(
+        format=fmt, width_in=64, height_in=48, width_out=64, height_out=48, frames=1,
+        bytes_in=size_in, bytes_out=size_out, has_alpha=False, icc_kept=False,
+        converted_to_srgb=False, resized=False, seconds=seconds, cpu_seconds=seconds,
+    )  # fmt: skip
+
+
+def test_metrics_count_images_by_status_and_format_and_bytes_of_converted_images(
+    served: tuple[MetricsExporter, Callable[[str], tuple[int, str, bytes]]],
+) -> None:
+    exporter, get_path = served
+    exporter.started(FakeRun())
+    for result in [
+        # A PNG named .jpg: the decoded format wins over the name.
+        FileResult("a/photo.jpg", "converted", None, "", "a/photo.webp", 1000, 400,
+                   facts("png", 0.2, 1000, 400)),
+        FileResult("b.jpg", "converted", None, "", "b.webp", 3000, 1000,
+                   facts("jpeg", 3.0, 3000, 1000)),
+        FileResult("c.GIF", "failed", "truncated", "ends early"),
+        FileResult("notes.txt", "skipped", "not an image"),
+        FileResult("d.jpeg", "skipped", "larger than source", "", None, 500),
+        FileResult("e.psd.bak", "failed", "not an image"),
+    ]:  # fmt: skip
+        exporter.finished(result)
+    status, content_type, body = get_path("/metrics")
+    assert (status, content_type) == (200, CONTENT_TYPE_LATEST)
+    samples = parse(body.decode())
+    images = "optimizr_images_total"
+    assert value(samples, images, status="converted", format="png") == 1
+    assert value(samples, images, status="converted", format="jpeg") == 1
+    assert value(samples, images, status="failed", format="gif") == 1
+    assert value(samples, images, status="failed", format="other") == 1
+    assert value(samples, images, status="skipped", format="other") == 1
+    assert value(samples, images, status="skipped", format="jpeg") == 1
+    assert total(samples, images) == 6
+    # As in the summary: a skipped source's size is not "bytes in".
+    assert value(samples, "optimizr_bytes_in_total") == 4000
+    assert value(samples, "optimizr_bytes_out_total") == 1400
+    assert value(samples, "optimizr_image_seconds_count") == 2
+    assert value(samples, "optimizr_image_seconds_sum") == pytest.approx(3.2)
+    assert value(samples, "optimizr_image_seconds_bucket", le="0.25") == 1
+    assert value(samples, "optimizr_image_seconds_bucket", le="2.5") == 1
+    assert value(samples, "optimizr_image_seconds_bucket", le="5.0") == 2
+    assert exporter.statistics().scrapes == 1
+
+
+def test_gauges_are_read_from_the_snapshot_at_scrape_time(
+    served: tuple[MetricsExporter, Callable[[str], tuple[int, str, bytes]]],
+) -> None:
+    exporter, get_path = served
+    before = parse(get_path("/metrics")[2].decode())
+    assert ("optimizr_images_in_flight", frozenset()) not in before  # no run yet
+    run = FakeRun(running=2, queued=7, workers_alive=2, budget_in_use=300 << 20,
+                  worker_restarts=1, last_progress=NOW - 4)  # fmt: skip
+    exporter.started(run)
+    samples = parse(get_path("/metrics")[2].decode())
+    assert value(samples, "optimizr_images_in_flight") == 2
+    assert value(samples, "optimizr_images_queued") == 7
+    assert value(samples, "optimizr_workers") == 2
+    assert value(samples, "optimizr_workers_alive") == 2
+    assert value(samples, "optimizr_files_found") == 10
+    assert value(samples, "optimizr_walk_done") == 0
+    assert value(samples, "optimizr_memory_budget_bytes") == 1 << 30
+    assert value(samples, "optimizr_memory_budget_in_use_bytes") == 300 << 20
+    assert value(samples, "optimizr_worker_restarts_total") == 1
+    assert value(samples, "optimizr_seconds_since_progress") == 4
+    assert value(samples, "optimizr_draining") == 0
+    # The next scrape sees the new state without anyone telling the exporter.
+    run.set(running=1, queued=0, walk_done=True, found=12, workers_alive=1, draining=True)
+    samples = parse(get_path("/metrics")[2].decode())
+    assert value(samples, "optimizr_images_in_flight") == 1
+    assert value(samples, "optimizr_images_queued") == 0
+    assert value(samples, "optimizr_files_found") == 12
+    assert value(samples, "optimizr_walk_done") == 1
+    assert value(samples, "optimizr_workers_alive") == 1
+    assert value(samples, "optimizr_draining") == 1
+
+
+def test_each_exporter_has_its_own_registry() -> None:
+    first, second = MetricsExporter(), MetricsExporter()
+    first.finished(FileResult("a.jpg", "failed", "truncated"))
+    assert total(parse(first.render().decode()), "optimizr_images_total") == 1
+    assert total(parse(second.render().decode()), "optimizr_images_total") == 0
+    assert REGISTRY.get_sample_value("optimizr_images_total") is None
+
+
+def test_textfile_is_written_atomically_with_the_same_metrics(tmp_path: Path) -> None:
+    exporter = MetricsExporter()
+    exporter.started(FakeRun(workers_alive=1))
+    exporter.finished(FileResult("a.jpg", "failed", "truncated"))
+    target = tmp_path / "textfile" / "optimizr.prom"
+    exporter.write_textfile(target)
+    samples = parse(target.read_text())
+    assert value(samples, "optimizr_images_total", status="failed", format="jpeg") == 1
+    assert value(samples, "optimizr_workers_alive") == 1
+    assert [p.name for p in target.parent.iterdir()] == ["optimizr.prom"]
+
+
+# -- the server ----------------------------------------------------------------------------------
+
+
+def test_serves_only_on_the_address_asked_for() -> None:
+    with MetricsExporter() as loopback, MetricsExporter() as everywhere:
+        url = loopback.serve("127.0.0.1", 0)
+        port = int(url.rpartition(":")[2])
+        assert url == f"http://127.0.0.1:{port}"
+        assert connects("127.0.0.1", port)
+        # All of 127/8 reaches this host, but a socket bound to 127.0.0.1 answers only there.
+        assert not connects("127.0.0.2", port)
+        # The control: the check above can tell the difference.
+        other = int(everywhere.serve("0.0.0.0", 0).rpartition(":")[2])
+        assert connects("127.0.0.2", other)
+
+
+def test_close_stops_serving_and_frees_the_port() -> None:
+    exporter = MetricsExporter()
+    port = int(exporter.serve("127.0.0.1", 0).rpartition(":")[2])
+    assert get("127.0.0.1", port, "/healthz")[0] == 200
+    exporter.close()
+    exporter.close()
+    assert exporter.url is None
+    assert not connects("127.0.0.1", port)
+    with MetricsExporter() as again:  # the same port can be served again at once
+        assert again.serve("127.0.0.1", port) == f"http://127.0.0.1:{port}"
+
+
+def test_a_port_in_use_is_a_usage_error(cli: Callable[..., Result], tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(UsageError, match=f"cannot serve metrics on 127.0.0.1:{port}"):
+            MetricsExporter().serve("127.0.0.1", port)
+        src = tmp_path / "src"
+        make_tree(src, 1)
+        result = cli("convert", src, tmp_path / "dest", "--no-progress", "--metrics-port", port)
+    assert result.exit_code == 2
+    assert f"cannot serve metrics on 127.0.0.1:{port}" in result.output
+    assert not (tmp_path / "dest" / "optimizr-summary.json").exists()
+
+
+def test_textfile_alone_needs_no_server(cli: Callable[..., Result], tmp_path: Path) -> None:
+    src, dest, prom = tmp_path / "src", tmp_path / "dest", tmp_path / "optimizr.prom"
+    make_tree(src, 3)
+    result = cli("convert", src, dest, "-j", "1", "--no-progress", "--metrics-textfile", prom)
+    assert result.exit_code == 0, result.output
+    assert "metrics: http" not in result.output
+    samples = parse(prom.read_text())
+    assert value(samples, "optimizr_images_total", status="converted", format="jpeg") == 3
+
+
+# -- the real CLI --------------------------------------------------------------------------------
+
+
+def scrape(port: int) -> Samples | None:
+    """The metrics now, or None while nothing listens (before the run, or after it)."""
+    try:
+        status, _, body = get("127.0.0.1", port, "/metrics")
+    except ConnectionRefusedError:
+        return None
+    assert status == 200
+    return parse(body.decode())
+
+
+def health(port: int, path: str) -> tuple[int, dict[str, object]] | None:
+    try:
+        status, _, body = get("127.0.0.1", port, path)
+    except ConnectionRefusedError:
+        return None
+    return status, json.loads(body)
+
+
+@pytest.mark.timeout(120)
+def test_cli_serves_metrics_during_the_run_and_its_totals_match_the_summary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src, dest, prom = tmp_path / "src", tmp_path / "dest", tmp_path / "optimizr.prom"
+    make_tree(src, 60)
+    good = save_jpeg(src / "broken.jpg", photo_array(96, 64, seed=99))
+    good.write_bytes(good.read_bytes()[:400])
+    (src / "notes.txt").write_text("not an image")
+    # One image hangs until --timeout kills its worker: the run cannot end sooner, so
+    # the scrape below happens during it; the kill is one more failure to count.
+    monkeypatch.setenv("OPTIMIZR_TEST_FAULTS", "hang:img030.jpg")
+    port = free_port()
+    args = ("-j", "2", "--timeout", "6", "--metrics-port", str(port), "--metrics-textfile", prom)
+    proc = spawn_cli(src, dest, *args)
+    try:
+        during: list[Samples] = []
+
+        def counted_one() -> bool:
+            samples = scrape(port)
+            if samples is None or not total(samples, "optimizr_images_total", status="converted"):
+                return False
+            during.append(samples)
+            return True
+
+        wait_for(counted_one)
+        [samples] = during
+        assert value(samples, "optimizr_workers") == 2
+        assert value(samples, "optimizr_files_found") >= 1
+        assert value(samples, "optimizr_bytes_in_total") > 0
+        out, _ = proc.communicate(timeout=100)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    text = out.decode()
+    assert proc.returncode == 1, text
+    assert f"metrics: http://127.0.0.1:{port}/metrics" in text
+    assert not connects("127.0.0.1", port)  # the server went with the run
+
+    doc = json.loads((dest / "optimizr-summary.json").read_text())
+    final = parse(prom.read_text())
+    images = "optimizr_images_total"
+    files = doc["files"]
+    assert (files["converted"], files["failed"], files["skipped"]) == (59, 2, 1)
+    assert total(final, images, status="converted") == files["converted"]
+    assert total(final, images, status="failed") == files["failed"]
+    assert total(final, images, status="skipped") == files["skipped"]
+    assert total(final, images) == files["found"]
+    assert value(final, "optimizr_files_found") == files["found"]
+    assert value(final, "optimizr_bytes_in_total") == doc["bytes"]["in"]
+    assert value(final, "optimizr_bytes_out_total") == doc["bytes"]["out"]
+    assert value(final, "optimizr_image_seconds_count") == files["converted"]
+    assert value(final, images, status="failed", format="jpeg") == 2  # truncated, and hung
+    assert value(final, images, status="skipped", format="other") == 1
+    # The hung worker was killed and replaced.
+    assert value(final, "optimizr_worker_restarts_total") == doc["executor"]["restarts"] == 1
+
+
+@pytest.mark.timeout(120)
+def test_cli_healthz_reports_a_stalled_run_on_loopback_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    make_tree(src, 3)
+    monkeypatch.setenv("OPTIMIZR_TEST_FAULTS", "hang:img001.jpg")  # hangs for --timeout
+    port = free_port()
+    args = ("-j", "2", "--timeout", "100", "--grace", "0", "--stall-timeout", "0.5")
+    proc = spawn_cli(src, dest, *args, "--metrics-port", str(port))
+    try:
+        stalled: list[dict[str, object]] = []
+
+        def reports_stall() -> bool:
+            answer = health(port, "/healthz")
+            # A slow worker start-up may look like a stall too: wait for the hung image.
+            if answer is None or answer[0] != 503 or answer[1]["finished"] != 2:
+                return False
+            stalled.append(answer[1])
+            return True
+
+        wait_for(reports_stall)
+        [doc] = stalled
+        assert doc["status"] == "stalled"
+        assert (doc["running"], doc["queued"]) == (1, 0)
+        # The hung image holds the run open: everything below is asked during it.
+        assert health(port, "/readyz") == (
+            200,
+            {"status": "ready", "reason": "workers are up", "workers": 2, "workers_alive": 2,
+             "finished": 2, "draining": False},
+        )  # fmt: skip
+        assert not connects("127.0.0.2", port)  # bound to 127.0.0.1 by default
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=100)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 143, out.decode()
+    assert not connects("127.0.0.1", port)
