@@ -10,6 +10,7 @@ import socket
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import Result
@@ -386,7 +387,8 @@ def test_cli_serves_metrics_during_the_run_and_its_totals_match_the_summary(
     # the scrape below happens during it; the kill is one more failure to count.
     monkeypatch.setenv("OPTIMIZR_TEST_FAULTS", "hang:img030.jpg")
     port = free_port()
-    args = ("-j", "2", "--timeout", "6", "--metrics-port", str(port), "--metrics-textfile", prom)
+    args = ("-j", "2", "--timeout", "6", "--metrics-port", str(port), "--metrics-textfile", prom,
+            "--metrics-linger", "60")  # fmt: skip
     proc = spawn_cli(src, dest, *args)
     try:
         during: list[Samples] = []
@@ -403,6 +405,19 @@ def test_cli_serves_metrics_during_the_run_and_its_totals_match_the_summary(
         assert value(samples, "optimizr_workers") == 2
         assert value(samples, "optimizr_files_found") >= 1
         assert value(samples, "optimizr_bytes_in_total") > 0
+        assert value(samples, "optimizr_run_finished") == 0
+
+        # --metrics-linger keeps the endpoint up after the run: scrape the final figures.
+        def final_figures() -> bool:
+            samples = scrape(port)
+            if samples is None or not value(samples, "optimizr_run_finished"):
+                return False
+            during.append(samples)
+            return True
+
+        wait_for(final_figures, timeout=90)
+        scraped = during[-1]
+        proc.send_signal(signal.SIGINT)  # ends the linger early
         out, _ = proc.communicate(timeout=100)
     finally:
         if proc.poll() is None:
@@ -414,10 +429,16 @@ def test_cli_serves_metrics_during_the_run_and_its_totals_match_the_summary(
     assert not connects("127.0.0.1", port)  # the server went with the run
 
     doc = json.loads((dest / "optimizr-summary.json").read_text())
-    final = parse(prom.read_text())
-    images = "optimizr_images_total"
     files = doc["files"]
     assert (files["converted"], files["failed"], files["skipped"]) == (59, 2, 1)
+    # The last scrape of /metrics and the textfile both equal the summary.
+    for final in (scraped, parse(prom.read_text())):
+        check_totals(final, doc)
+
+
+def check_totals(final: Samples, doc: dict[str, Any]) -> None:
+    images = "optimizr_images_total"
+    files = doc["files"]
     assert total(final, images, status="converted") == files["converted"]
     assert total(final, images, status="failed") == files["failed"]
     assert total(final, images, status="skipped") == files["skipped"]

@@ -246,6 +246,14 @@ def main() -> None:
     "(node_exporter textfile collector format, name it *.prom).",
 )
 @click.option(
+    "--metrics-linger",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="After the run, keep serving the final metrics this long (Ctrl-C ends it sooner).",
+)
+@click.option(
     "--stall-timeout",
     type=click.FloatRange(min=0, min_open=True),
     default=300.0,
@@ -316,6 +324,7 @@ def _convert(
     metrics_port: int | None,
     metrics_host: str,
     metrics_textfile: Path | None,
+    metrics_linger: float,
     stall_timeout: float,
 ) -> int:
     """The body of ``convert``; returns the exit code."""
@@ -393,6 +402,10 @@ def _convert(
                         extra={"event": "metrics", "fields": {"url": url}},
                     )
                 summary = convert_tree(src, dest, config, listener=listener, stop=stop)
+                if exporter is not None:
+                    exporter.run_ended()
+                    if metrics_port is not None and metrics_linger > 0:
+                        exporter.linger(metrics_linger)
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)

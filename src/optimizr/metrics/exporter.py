@@ -147,6 +147,8 @@ class _SnapshotCollector:
             ("optimizr_draining", "1 after a stop was asked for (SIGINT, SIGTERM).",
              snapshot.draining or self.exporter.draining),
             ("optimizr_seconds_since_progress", "Seconds since the last image finished.", idle),
+            ("optimizr_run_finished", "1 once the run has ended (the figures are final).",
+             self.exporter.run_finished),
         ]  # fmt: skip
         for name, documentation, value in gauges:
             yield GaugeMetricFamily(name, documentation, value=float(value))
@@ -197,6 +199,8 @@ class MetricsExporter:
         )
         self.registry.register(_SnapshotCollector(self))
         self._snapshot: Callable[[], RunSnapshot] | None = None
+        self.run_finished = False
+        self._linger_cancelled = threading.Event()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._url: str | None = None
@@ -228,6 +232,17 @@ class MetricsExporter:
 
     def stopping(self, hard: bool) -> None:
         self.draining = True
+        self._linger_cancelled.set()
+
+    def run_ended(self) -> None:
+        """The run is over: the figures served from now on are final."""
+        self.run_finished = True
+
+    def linger(self, seconds: float) -> None:
+        """Keep serving the final figures for up to ``seconds``, so that a
+        scraper can collect them; a signal (``stopping``) ends the wait early."""
+        self._linger_cancelled.clear()
+        self._linger_cancelled.wait(seconds)
 
     # -- what is served --------------------------------------------------------------
 
