@@ -278,6 +278,13 @@ def test_unreadable_file_and_folder_fail_with_permission_denied(tmp_path: Path) 
     doc = json.loads((dest / "optimizr-summary.json").read_text())
     assert doc["files"]["converted"] == 2
     assert doc["files"]["failed_by_reason"] == {"permission denied": 2}
+    # Once readable they are retried without --retry-failed: not the images' fault.
+    proc = spawn_cli(src, dest, "-j", "1")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out.decode()
+    assert (dest / "d1/img001.webp").exists() and (dest / "secret/hidden.webp").exists()
+    doc = json.loads((dest / "optimizr-summary.json").read_text())
+    assert doc["files"]["converted"] == 2 and doc["files"]["skipped_by_reason"] == {"up to date": 2}
 
 
 def test_json_logs_are_one_object_per_line(tmp_path: Path) -> None:

@@ -14,7 +14,6 @@ import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
 
 TMP_SUFFIX = ".optimizr-tmp"
 
@@ -27,20 +26,21 @@ def is_temp_name(name: str) -> bool:
     return name.startswith(".") and name.endswith(TMP_SUFFIX)
 
 
-def atomic_write(target: Path, data: bytes, *, mode: int = 0o644) -> None:
-    """Write ``data`` to ``target`` atomically, creating parent directories."""
+@contextlib.contextmanager
+def atomic_path(target: Path, *, sync: bool = True) -> Iterator[Path]:
+    """A temporary path beside ``target``: whatever the block writes there replaces
+    ``target`` when the block ends (fsynced first, unless the writer already did),
+    or is removed if the block raises. For writers that want a path (SQLite)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name_for(target)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), mode)
     try:
-        try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        yield tmp
+        if sync:
+            fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         os.replace(tmp, target)
     except BaseException:
         # Also on KeyboardInterrupt: an interrupted write must leave nothing behind.
@@ -50,24 +50,46 @@ def atomic_write(target: Path, data: bytes, *, mode: int = 0o644) -> None:
     fsync_dir(target.parent)
 
 
+class AtomicFile:
+    """What ``atomic_open`` yields: buffered writes through ``os.write``."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._buffer = bytearray()
+
+    def write(self, data: bytes) -> None:
+        self._buffer += data
+        if len(self._buffer) >= 1 << 16:
+            self.flush()
+
+    def flush(self) -> None:
+        view = memoryview(self._buffer)
+        while view:
+            written = os.write(self.fd, view)
+            view = view[written:]
+        view.release()
+        self._buffer.clear()
+
+
 @contextlib.contextmanager
-def atomic_open(target: Path, *, mode: int = 0o644) -> Iterator[BinaryIO]:
+def atomic_open(target: Path, *, mode: int = 0o644) -> Iterator[AtomicFile]:
     """Stream a file into place: ``target`` appears whole when the block ends, or
-    not at all if it raises. For documents too large to build in memory first."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_name_for(target)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), mode)
-    try:
-        with os.fdopen(fd, "wb") as fh:
+    not at all if it raises."""
+    with atomic_path(target, sync=False) as tmp:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), mode)
+        try:
+            fh = AtomicFile(fd)
             yield fh
             fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(target.parent)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write(target: Path, data: bytes, *, mode: int = 0o644) -> None:
+    """Write ``data`` to ``target`` atomically, creating parent directories."""
+    with atomic_open(target, mode=mode) as fh:
+        fh.write(data)
 
 
 def fsync_dir(directory: Path) -> None:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from optimizr.atomic import atomic_open, fsync_dir, temp_name_for
+from optimizr.atomic import atomic_open, atomic_path
 from optimizr.config import RunConfig
 from optimizr.errors import ManifestDamaged
 from optimizr.results import options_dict
@@ -459,9 +459,7 @@ def _create(path: Path) -> None:
     # no manifest rather than an empty one that would read as "nothing done".
     from optimizr import __version__
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_name_for(path)
-    try:
+    with atomic_path(path) as tmp:
         conn = sqlite3.connect(tmp, isolation_level=None)
         try:
             conn.executescript(_SCHEMA)
@@ -471,14 +469,6 @@ def _create(path: Path) -> None:
             )
         finally:
             conn.close()
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
 
 
 def _connect(path: Path) -> sqlite3.Connection:
