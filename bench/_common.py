@@ -232,10 +232,12 @@ def fresh_dir(path: Path) -> Path:
 
 
 def tree_bytes(root: Path) -> tuple[int, int]:
-    """(files, bytes) of the regular files under ``root``."""
+    """(files, bytes) of the WebP files under ``root`` (not summaries or manifests)."""
     count = size = 0
     for dirpath, _, names in os.walk(root):
         for name in names:
+            if not name.endswith(".webp"):
+                continue
             count += 1
             size += os.stat(os.path.join(dirpath, name)).st_size
     return count, size

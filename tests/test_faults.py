@@ -88,6 +88,7 @@ def test_kill_9_of_the_process_tree_then_rerun_finishes_exactly(
     assert proc.poll() is None, "the run ended before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=30)
+    on_disk = len(list(dest.rglob("*.webp")))
     assert proc.returncode == -signal.SIGKILL
 
     committed: set[str] = set()
@@ -119,8 +120,8 @@ def test_kill_9_of_the_process_tree_then_rerun_finishes_exactly(
     summary = json.loads((dest / "optimizr-summary.json").read_text())
     assert summary["files"]["converted"] == len(redone)
     assert summary["files"]["skipped_by_reason"].get("up to date", 0) == len(committed)
-    print(f"seed {seed}: killed at {moment} outputs, {len(committed)} committed, "
-          f"{len(redone)} converted by the re-run")  # fmt: skip
+    print(f"seed {seed}: killed once {moment} outputs existed ({on_disk} on disk), "
+          f"{len(committed)} committed, {len(redone)} converted by the re-run")  # fmt: skip
 
 
 @pytest.fixture
@@ -281,3 +282,22 @@ def test_a_damaged_manifest_stops_the_command_with_the_way_out(tmp_path: Path) -
     summary = json.loads((dest / "optimizr-summary.json").read_text())
     assert summary["files"]["converted"] == 0
     assert summary["manifest"]["rebuilt"] is True and summary["manifest"]["adopted"] == 4
+
+
+def test_a_dest_that_cannot_be_written_is_a_usage_error(tmp_path: Path) -> None:
+    from test_cli import NO_DAC
+
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    save_jpeg(src / "a.jpg", photo_array(64, 48))
+    dest.mkdir()
+    dest.chmod(0o555)
+    try:
+        prefix = NO_DAC if os.geteuid() == 0 else ()
+        proc = spawn_cli(src, dest, prefix=prefix)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        dest.chmod(0o755)
+    text = out.decode()
+    assert proc.returncode == 2, text
+    assert f"cannot use DEST {dest}: Permission denied" in text
+    assert "Traceback" not in text

@@ -328,7 +328,7 @@ def _convert(
     stall_timeout: float,
 ) -> int:
     """The body of ``convert``; returns the exit code."""
-    err = Console(stderr=True, highlight=False)
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
         config = RunConfig(
             src=src,
@@ -444,7 +444,9 @@ def status(dest: Path, as_json: bool) -> None:
     try:
         report = read_status(dest)
     except OptimizrError as exc:
-        Console(stderr=True, highlight=False).print(f"optimizr: error: {exc}", markup=False)
+        Console(stderr=True, highlight=False, soft_wrap=True).print(
+            f"optimizr: error: {exc}", markup=False
+        )
         sys.exit(exc.exit_code)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))

@@ -625,12 +625,22 @@ def convert_tree(
         manifest = Manifest.open_readonly(dest_path) if dest_real.is_dir() else None
     else:
         lock = RunLock(state_dir(dest_path))
-        lock.acquire()
+        try:
+            lock.acquire()
+        except OSError as exc:
+            raise UsageError(f"cannot use DEST {dest_path}: {exc.strerror or exc}") from None
     try:
         if lock is not None:
-            manifest = (
-                Manifest.rebuild(dest_path) if config.rebuild_manifest else Manifest.open(dest_path)
-            )
+            try:
+                manifest = (
+                    Manifest.rebuild(dest_path)
+                    if config.rebuild_manifest
+                    else Manifest.open(dest_path)
+                )
+            except OSError as exc:
+                raise UsageError(
+                    f"cannot create the manifest in {state_dir(dest_path)}: {exc.strerror or exc}"
+                ) from None
             assert manifest is not None
             try:
                 manifest.begin_run(config, options_fingerprint(config))
