@@ -16,8 +16,8 @@ from optimizr.budget import (
     MemoryBudget,
     estimate_peak_bytes,
 )
+from optimizr.events import StopToken
 from optimizr.executors import Job, ProcessExecutor
-from optimizr.pipeline import StopToken
 from optimizr.results import Result
 
 MB = 1 << 20

@@ -20,8 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import photo_array, save_jpeg
 from optimizr.encode import ImageFacts
 from optimizr.errors import UsageError
+from optimizr.events import RunSnapshot
 from optimizr.metrics.exporter import MetricsExporter
-from optimizr.pipeline import RunSnapshot
 from optimizr.results import Result as FileResult
 from test_cli import make_tree, spawn_cli, wait_for
 

@@ -12,6 +12,7 @@ Per-image problems never raise; they come back in the :class:`Result` or
 """
 
 from optimizr.config import EncodeOptions, RunConfig, parse_size
+from optimizr.convert import convert_file, convert_tree
 from optimizr.encode import Encoded, ImageFacts, encode_webp
 from optimizr.errors import (
     CorruptImage,
@@ -36,7 +37,7 @@ from optimizr.errors import (
     WorkerCrashed,
     WriteFailed,
 )
-from optimizr.pipeline import StopToken, convert_file, convert_tree
+from optimizr.events import StopToken
 from optimizr.results import Result, RunSummary
 from optimizr.status import StatusReport, read_status
 

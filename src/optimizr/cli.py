@@ -22,11 +22,12 @@ from rich.console import Console
 
 from optimizr import __version__
 from optimizr.config import DEFAULT_MAX_PIXELS, PRESETS, EncodeOptions, RunConfig, parse_size
+from optimizr.convert import convert_tree
 from optimizr.errors import OptimizrError
+from optimizr.events import Listeners, ProgressListener, StopToken
 from optimizr.lock import describe_holder
 from optimizr.metrics.logs import LogListener, configure_logging
 from optimizr.metrics.progress import TerminalProgress, summary_table
-from optimizr.pipeline import Listeners, ProgressListener, StopToken, convert_tree
 from optimizr.status import StatusReport, read_status
 
 if TYPE_CHECKING:

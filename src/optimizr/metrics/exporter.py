@@ -38,7 +38,7 @@ from optimizr.errors import UsageError
 from optimizr.results import Result, input_format
 
 if TYPE_CHECKING:
-    from optimizr.pipeline import RunSnapshot
+    from optimizr.events import RunSnapshot
 
 #: Seconds one image may take, from thumbnails to 100 MP scans near --timeout.
 SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)

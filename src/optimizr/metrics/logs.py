@@ -19,7 +19,7 @@ from typing import IO, TYPE_CHECKING, Any, Literal
 from optimizr.results import Result, RunSummary
 
 if TYPE_CHECKING:
-    from optimizr.pipeline import RunSnapshot
+    from optimizr.events import RunSnapshot
 
 LogFormat = Literal["text", "json"]
 LOGGER = "optimizr"

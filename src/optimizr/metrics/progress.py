@@ -27,7 +27,7 @@ from rich.text import Text
 from optimizr.results import Result, RunSummary
 
 if TYPE_CHECKING:
-    from optimizr.pipeline import RunSnapshot
+    from optimizr.events import RunSnapshot
 
 
 def human_bytes(n: float) -> str:

@@ -1,0 +1,319 @@
+"""The library API: convert one file, or a whole tree.
+
+``convert_tree`` sets a run up (checks SRC and DEST, takes DEST's lock, opens
+the manifest, builds the memory budget and the worker pool), runs the
+:class:`~optimizr.pipeline.Pipeline`, then gathers each component's figures
+into the summary and writes it. ``convert_file`` is the one-image version,
+in the calling process, with no manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from pathlib import Path
+
+from optimizr.atomic import atomic_write
+from optimizr.budget import MemoryBudget, default_memory_budget
+from optimizr.config import EncodeOptions, IfLarger, RunConfig, available_cpus
+from optimizr.errors import (
+    ImageError,
+    SourceUnreadable,
+    UsageError,
+)
+from optimizr.events import ProgressListener, StopToken
+from optimizr.executors.base import Executor
+from optimizr.lock import RunLock
+from optimizr.manifest import (
+    FAILED_LIST_NAME,
+    Manifest,
+    options_fingerprint,
+    state_dir,
+)
+from optimizr.metrics.memory import TreeMemorySampler
+from optimizr.pipeline import Pipeline, classify_error, larger_than_source, write_failure
+from optimizr.results import (
+    Result,
+    RunSummary,
+)
+from optimizr.storage.local import LocalStorage
+
+
+def convert_tree(
+    src: str | os.PathLike[str],
+    dest: str | os.PathLike[str],
+    options: EncodeOptions | RunConfig | None = None,
+    *,
+    executor: Executor | None = None,
+    listener: ProgressListener | None = None,
+    stop: StopToken | None = None,
+) -> RunSummary:
+    """Convert every image under ``src`` into a mirrored tree of WebP files under ``dest``.
+
+    ``options`` is an :class:`EncodeOptions` (run settings left at their
+    defaults) or a whole :class:`RunConfig`. Per-file problems never raise:
+    they are counted and listed in the returned :class:`RunSummary`, which is
+    also written to ``DEST/optimizr-summary.json`` (or ``RunConfig.summary_path``).
+    Raises :class:`~optimizr.errors.UsageError` when SRC or DEST cannot be used.
+    """
+    src_path, dest_path = Path(src), Path(dest)
+    if isinstance(options, RunConfig):
+        config = options
+    else:
+        config = RunConfig(src=src_path, dest=dest_path, encode=options or EncodeOptions())
+    if not src_path.exists():
+        raise UsageError(f"SRC does not exist: {src_path}")
+    if not src_path.is_dir():
+        raise UsageError(f"SRC is not a folder: {src_path}")
+    src_real, dest_real = src_path.resolve(), dest_path.resolve()
+    if src_real == dest_real:
+        raise UsageError("DEST must be a different folder from SRC")
+    if dest_real.exists() and not dest_real.is_dir():
+        raise UsageError(f"DEST exists and is not a folder: {dest_path}")
+    prune: tuple[str, ...] = ()
+    if dest_real.is_relative_to(src_real):
+        prune = (dest_real.relative_to(src_real).as_posix(),)
+    if not config.dry_run:
+        try:
+            dest_path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"cannot create DEST {dest_path}: {exc.strerror or exc}") from None
+
+    lock: RunLock | None = None
+    manifest: Manifest | None = None
+    if config.dry_run:
+        # Read-only: a dry run reports what the manifest would let a real run skip.
+        manifest = Manifest.open_readonly(dest_path) if dest_real.is_dir() else None
+    else:
+        lock = RunLock(state_dir(dest_path))
+        try:
+            lock.acquire()
+        except OSError as exc:
+            raise UsageError(f"cannot use DEST {dest_path}: {exc.strerror or exc}") from None
+    try:
+        if lock is not None:
+            try:
+                manifest = (
+                    Manifest.rebuild(dest_path)
+                    if config.rebuild_manifest
+                    else Manifest.open(dest_path)
+                )
+            except OSError as exc:
+                raise UsageError(
+                    f"cannot create the manifest in {state_dir(dest_path)}: {exc.strerror or exc}"
+                ) from None
+            assert manifest is not None
+            try:
+                manifest.begin_run(config, options_fingerprint(config))
+            except sqlite3.OperationalError:
+                pass  # a full disk: the rows themselves are retried as the run goes
+        summary = _execute(config, src_path, dest_path, prune, manifest, executor, listener, stop)
+        if manifest is not None and lock is not None:
+            _finish_manifest(summary, manifest, dest_path)
+        if not config.dry_run:
+            try:
+                write_summary(summary, config.effective_summary_path)
+            except OSError as exc:  # DEST full: the run's results still stand
+                summary.warnings.append(f"could not write the summary: {exc.strerror or exc}")
+    finally:
+        if manifest is not None:
+            manifest.close()
+        if lock is not None:
+            lock.release()
+    return summary
+
+
+def _finish_manifest(summary: RunSummary, manifest: Manifest, dest: Path) -> None:
+    manifest.finish_run(
+        summary.found, summary.converted, summary.skipped, summary.failed, summary.exit_code
+    )
+    failed_list = state_dir(dest) / FAILED_LIST_NAME
+    try:
+        failed_listed = manifest.write_failed_list(failed_list)
+    except (OSError, sqlite3.Error) as exc:
+        failed_listed = -1
+        summary.warnings.append(f"could not write {failed_list}: {exc}")
+    stats = manifest.statistics()
+    if stats.unsaved_rows:
+        summary.warnings.append(
+            f"{stats.unsaved_rows} results could not be saved to the manifest "
+            f"({stats.last_error}); those files will be converted again next time"
+        )
+    summary.manifest = {
+        "path": str(manifest.path),
+        "run_id": manifest.run_id,
+        "rows_written": stats.rows_written,
+        "commits": stats.commits,
+        "commit_seconds": round(stats.commit_seconds, 3),
+        "commit_failures": stats.commit_failures,
+        "unsaved_rows": stats.unsaved_rows,
+        "rebuilt": manifest.rebuilt,
+        "adopted": stats.adopted,
+        "failed_list": str(failed_list),
+        "failed_listed": failed_listed,
+    }
+
+
+def _execute(
+    config: RunConfig,
+    src_path: Path,
+    dest_path: Path,
+    prune: tuple[str, ...],
+    manifest: Manifest | None,
+    executor: Executor | None,
+    listener: ProgressListener | None,
+    stop: StopToken | None,
+) -> RunSummary:
+    own_executor = executor is None
+    workers = config.effective_workers if executor is None else executor.workers
+    total_memory = config.max_memory or default_memory_budget()
+    budget = MemoryBudget(total_memory, workers)
+    if executor is None:
+        from optimizr.executors.local import ProcessExecutor
+
+        executor = ProcessExecutor(
+            workers,
+            # workers x libvips threads never exceeds the cores: no oversubscription.
+            threads_per_worker=max(1, available_cpus() // workers),
+            timeout=config.timeout,
+            max_tasks_per_worker=config.max_tasks_per_worker,
+            budget=budget,
+            lookahead=max(1, config.lookahead_per_worker * workers),
+            grace=config.grace,
+        )
+    sampler = TreeMemorySampler().start()
+    times_start, wall_start = os.times(), time.monotonic()
+    try:
+        pipeline = Pipeline(
+            config,
+            LocalStorage(src_path),
+            LocalStorage(dest_path),
+            executor,
+            listener=listener,
+            stop=stop,
+            prune=prune,
+            budget=budget if own_executor else None,
+            manifest=manifest,
+        )
+        summary = pipeline.run()
+    finally:
+        if own_executor:
+            executor.close()
+    memory = sampler.stop()
+    wall = time.monotonic() - wall_start
+    times_end = os.times()
+    # The parent's whole life, start-up imports included: all of it is overhead.
+    parent_cpu = times_end.user + times_end.system
+    workers_cpu = (times_end.children_user - times_start.children_user) + (
+        times_end.children_system - times_start.children_system
+    )
+    total_cpu = parent_cpu + workers_cpu
+    cores = min(available_cpus(), workers * max(1, available_cpus() // workers))
+    stats = executor.statistics()
+    budget_stats = budget.statistics()
+    summary.memory = {
+        "budget_bytes": total_memory,
+        "budget_for_images_bytes": budget_stats.capacity,
+        "peak_rss_bytes": memory.peak_bytes,
+        "peak_estimated_in_flight_bytes": budget_stats.peak_in_use,
+        "admissions_waited": budget_stats.waited,
+        "ran_alone": budget_stats.ran_alone,
+        "samples": memory.samples,
+        "timeline": [list(point) for point in memory.timeline],
+    }
+    summary.cpu = {
+        "cores": cores,
+        "wall_seconds": round(wall, 3),
+        "parent_cpu_seconds": round(parent_cpu, 3),
+        "workers_cpu_seconds": round(workers_cpu, 3),
+        "codec_cpu_seconds": round(summary.codec_cpu_seconds, 3),
+        # All CPU spent outside the codec (the parent, worker start-up, passing
+        # jobs and results), as a share of all CPU: the cost of orchestration.
+        "orchestration_share": round(1 - summary.codec_cpu_seconds / total_cpu, 4)
+        if total_cpu > 0
+        else 0.0,
+        # Codec CPU over the CPU the machine offered during the run.
+        "efficiency": round(summary.codec_cpu_seconds / (cores * wall), 4) if wall > 0 else 0.0,
+    }
+    summary.executor = {
+        "workers": stats.workers,
+        "started": stats.started,
+        "crashed": stats.crashed,
+        "timed_out": stats.timed_out,
+        "restarts": stats.restarts,
+        "tail_seconds": round(stats.tail_seconds, 3),
+        "busy_seconds": round(stats.busy_seconds, 3),
+        # Share of the workers' time spent holding an image.
+        "utilisation": round(stats.busy_seconds / (stats.workers * wall), 4) if wall > 0 else 0.0,
+    }
+    summary.tool = tool_versions()
+    return summary
+
+
+def tool_versions() -> dict[str, str]:
+    import platform
+    from importlib import metadata
+
+    import pyvips
+
+    from optimizr import __version__
+
+    try:
+        binary = metadata.version("pyvips-binary")
+    except metadata.PackageNotFoundError:
+        binary = "none (system libvips)"
+    return {
+        "name": "optimizr",
+        "version": __version__,
+        "python": platform.python_version(),
+        "pyvips": metadata.version("pyvips"),
+        "libvips": f"{pyvips.version(0)}.{pyvips.version(1)}.{pyvips.version(2)}",
+        # libvips links libwebp statically and exports neither its symbols nor
+        # its version; the wheel that bundles it is the most precise fact there is.
+        "libwebp": f"bundled with pyvips-binary {binary}",
+    }
+
+
+def write_summary(summary: RunSummary, path: Path) -> None:
+    data = json.dumps(summary.to_dict(), indent=2, sort_keys=False).encode() + b"\n"
+    atomic_write(path, data)
+
+
+def convert_file(
+    src: str | os.PathLike[str],
+    dest: str | os.PathLike[str],
+    options: EncodeOptions | None = None,
+    *,
+    if_larger: IfLarger = "skip",
+) -> Result:
+    """Convert one image file to ``dest`` (a ``.webp`` path), atomically.
+
+    Runs in the calling process. Never raises for a bad image: the returned
+    :class:`Result` says ``converted``, ``skipped`` (with the reason) or
+    ``failed`` (with the reason and a one-line message).
+    """
+    from optimizr.encode import encode_webp
+
+    options = options or EncodeOptions()
+    src_path, dest_path = Path(src), Path(dest)
+    try:
+        size = src_path.stat().st_size
+        encoded = encode_webp(str(src_path), options)
+    except ImageError as exc:
+        return classify_error(str(src_path), exc)
+    except OSError as exc:
+        error = SourceUnreadable(exc.strerror or str(exc))
+        return Result(str(src_path), "failed", error.reason, error.message)
+    webp_size = len(encoded.webp)
+    larger = larger_than_source(str(src_path), webp_size, size, if_larger)
+    if larger is not None:
+        return larger
+    try:
+        atomic_write(dest_path, encoded.webp)
+    except OSError as exc:
+        return write_failure(str(src_path), str(dest_path), exc)
+    return Result(
+        str(src_path), "converted", None, "", str(dest_path), size, webp_size, encoded.facts
+    )
