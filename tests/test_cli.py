@@ -130,11 +130,11 @@ def test_plain_progress_lines_without_a_terminal() -> None:
         progress.walk_done(5)
         progress.finished(FileResult("f2.jpg", "failed", "corrupt", "bad data"))
     lines = [line for line in stream.getvalue().splitlines() if not line.startswith("FAILED")]
-    assert lines[0].startswith("1/5+ found so far files, 1.0 KB -> 400 B, ")
+    assert lines[0].startswith("1 of 5+ files (still walking), 1.0 KB -> 400 B, ")
     assert re.search(r", [\d.]+ MB/s, ETA \?, 0 failed$", lines[0])
-    assert lines[1].startswith("2/5+ found so far files, 2.0 KB -> 800 B, ")
+    assert lines[1].startswith("2 of 5+ files (still walking), 2.0 KB -> 800 B, ")
     # Once the walk is done the total is known, and so is an estimate of the time left.
-    assert lines[-1].startswith("3/5 files, ") and lines[-1].endswith(", 1 failed")
+    assert lines[-1].startswith("3 of 5 files, ") and lines[-1].endswith(", 1 failed")
     assert re.search(r"ETA \d+s", lines[-1])
 
 

@@ -166,11 +166,11 @@ class TerminalProgress:
         if not self.done or now - self._last_line < self.interval:
             return
         self._last_line = now
-        of = f"{self.found_total:,}" + ("" if self.walk_complete else "+ found so far")
+        of = f"{self.found_total:,}" + ("" if self.walk_complete else "+")
         elapsed = now - self._t0
         rate = self.bytes_in / 1e6 / elapsed if elapsed else 0.0
         parts = [
-            f"{self.done:,}/{of} files",
+            f"{self.done:,} of {of} files" + ("" if self.walk_complete else " (still walking)"),
             f"{human_bytes(self.bytes_in)} -> {human_bytes(self.bytes_out)}",
             f"{rate:.1f} MB/s",
             f"ETA {self._eta(elapsed)}",
