@@ -273,3 +273,15 @@ def test_manifest_is_plain_sqlite_in_wal_mode(library: tuple[Path, Path]) -> Non
         assert runs == 1
     finally:
         conn.close()
+
+
+def test_status_and_dry_run_take_relative_paths(
+    library: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src, dest = library
+    run(src, dest)
+    monkeypatch.chdir(dest.parent)
+    report = read_status("dest")
+    assert report.by_status["done"] == 4
+    dry = convert_tree("src", "dest", RunConfig(src=Path("src"), dest=Path("dest"), dry_run=True))
+    assert dry.skipped_by_reason["up to date"] == 4 and dry.converted == 0

@@ -213,7 +213,9 @@ class Manifest:
         if not path.exists():
             return None
         try:
-            conn = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, isolation_level=None)
+            conn = sqlite3.connect(
+                f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None
+            )
         except sqlite3.Error as exc:
             raise _damaged(path, exc) from None
         _check(conn, path)

@@ -83,15 +83,17 @@ class LogListener:
     def __init__(self, logger: logging.Logger, *, images: bool) -> None:
         self.logger = logger
         self.images = images
+        # On a terminal the progress display already says this much.
+        self.milestones = logging.INFO if images else logging.DEBUG
 
     def started(self, snapshot: Callable[[], RunSnapshot]) -> None:
-        self._event(logging.INFO, "run started", "run started", {})
+        self._event(self.milestones, "run started", "run started", {})
 
     def found(self, count: int) -> None:
         pass
 
     def walk_done(self, total: int) -> None:
-        self._event(logging.INFO, "walk done", f"walk done: {total:,} files", {"found": total})
+        self._event(self.milestones, "walk done", f"walk done: {total:,} files", {"found": total})
 
     def stopping(self, hard: bool) -> None:
         what = "aborting" if hard else "stopping"
