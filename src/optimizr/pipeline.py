@@ -311,15 +311,16 @@ class Pipeline:
         if self.config.retry_failed and row.attempts < self.config.max_attempts:
             return None
         self.summary.known_failed += 1
+        attempts = f"{row.attempts} attempt" + ("s" if row.attempts != 1 else "")
         if self.config.retry_failed:
-            hint = f"gave up after {row.attempts} attempts (--max-attempts)"
+            hint = f"gave up after {attempts} (--max-attempts)"
         else:
-            hint = f"known bad after {row.attempts} attempt(s); --retry-failed tries again"
+            hint = f"known bad after {attempts}, not retried without --retry-failed"
         return Result(
             entry.key,
             "failed",
             row.reason,
-            f"{row.message} [{hint}]" if row.message else hint,
+            f"{row.message}; {hint}" if row.message else hint,
             error_class=row.error_class,
         )
 

@@ -37,11 +37,10 @@ class JsonFormatter(logging.Formatter):
             "event": getattr(record, "event", "message"),
         }
         fields = getattr(record, "fields", None)
-        if fields:
-            data.update(fields)
-        else:
-            data["message"] = record.getMessage()
+        if fields is None:  # a library's record, or a plain one
             data["logger"] = record.name
+        data["message"] = record.getMessage()
+        data.update(fields or {})
         if record.exc_info:
             data["exception"] = self.formatException(record.exc_info)
         return json.dumps(data, ensure_ascii=False)
