@@ -299,7 +299,7 @@ def _throughput_chart(summary: Mapping[str, Any]) -> Chart:
     if len(intervals) < MIN_INTERVALS:
         return None, (
             f"This summary's progress timeline has {len(intervals)} interval(s): too few for"
-            " a chart (it samples about once a second, so the run was too short, or the"
+            " a chart (it samples at most every 0.1 s, so the run was too short, or the"
             " summary predates the timeline)."
         )
     starts = [a[0] for a, _ in intervals] + [intervals[-1][1][0]]

@@ -9,6 +9,9 @@
 * ``graphics/grey_scan.jpg``: a one-channel grayscale JPEG;
 * ``animations/spinner.gif``: an 8-frame animated GIF that loops forever;
 * ``README.txt``: not an image (it is skipped, not failed).
+
+``--photos N`` adds N more photo-like JPEGs of assorted sizes under ``photos/more/``,
+for a run long enough to show progress over time (``make report-demo`` uses it).
 """
 
 from __future__ import annotations
@@ -70,7 +73,7 @@ def _spinner(size: int, frames: int) -> Any:
     return strip
 
 
-def write_samples(root: Path) -> list[Path]:
+def write_samples(root: Path, extra_photos: int = 0) -> list[Path]:
     """Write the sample library under ``root``; return the files written."""
     (root / "photos").mkdir(parents=True, exist_ok=True)
     (root / "graphics").mkdir(parents=True, exist_ok=True)
@@ -104,13 +107,26 @@ def write_samples(root: Path) -> list[Path]:
     path = root / "README.txt"
     path.write_text("Sample images drawn by optimizr.samples; this file is not an image.\n")
     written.append(path)
+
+    if extra_photos:
+        (root / "photos" / "more").mkdir(exist_ok=True)
+    for i in range(extra_photos):
+        width = 800 + (i * 397) % 2400  # 800 to 3200 px wide, in no particular order
+        path = root / "photos" / "more" / f"photo_{i:03}.jpg"
+        _photo(width, width * 2 // 3, seed=10 + i).jpegsave(str(path), Q=88)
+        written.append(path)
     return written
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
+    args = list(sys.argv[1:] if argv is None else argv)
+    extra = 0
+    if "--photos" in args:
+        at = args.index("--photos")
+        extra = int(args[at + 1])
+        del args[at : at + 2]
     root = Path(args[0] if args else "samples")
-    for path in write_samples(root):
+    for path in write_samples(root, extra):
         print(f"wrote {path}")
     return 0
 

@@ -108,7 +108,7 @@ class Timeline:
     interval, so a week-long run has as many points as a minute-long one.
     """
 
-    def __init__(self, interval: float = 1.0, max_points: int = 720) -> None:
+    def __init__(self, interval: float = 0.1, max_points: int = 720) -> None:
         self.interval = interval
         self.max_points = max_points
         self.start = time.monotonic()
