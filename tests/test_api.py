@@ -121,3 +121,13 @@ def test_sample_library_converts_completely(tmp_path: Path) -> None:
     # WebP has no grey mode: lossy YUV rounding may move a channel by one level.
     grey = np.asarray(decode(out / "graphics" / "grey_scan.webp").convert("RGB"), dtype=int)
     assert np.abs(grey - grey[..., :1]).max() <= 1
+
+
+def test_samples_can_add_photos_of_assorted_sizes(tmp_path: Path) -> None:
+    from optimizr.samples import main
+
+    assert main([str(tmp_path / "s"), "--photos", "3"]) == 0
+    extra = sorted((tmp_path / "s" / "photos" / "more").glob("*.jpg"))
+    assert len(extra) == 3
+    widths = {decode(p).size[0] for p in extra}
+    assert len(widths) == 3 and min(widths) >= 800
