@@ -107,6 +107,8 @@ def test_kill_9_of_the_process_tree_then_rerun_finishes_exactly(
     final = outputs(dest)
     assert set(final) == set(ref_outputs)
     assert final == ref_outputs  # byte for byte: nothing half-written, nothing stale
+    for data in final.values():
+        decode(data)  # and every output decodes
     assert_manifest_agrees_with_disk(dest)
     rows = manifest_rows(dest)
     [(rerun,)] = sqlite3.connect(dest / ".optimizr/manifest.sqlite").execute(
