@@ -285,3 +285,37 @@ def test_status_and_dry_run_take_relative_paths(
     assert report.by_status["done"] == 4
     dry = convert_tree("src", "dest", RunConfig(src=Path("src"), dest=Path("dest"), dry_run=True))
     assert dry.skipped_by_reason["up to date"] == 4 and dry.converted == 0
+
+
+def test_rows_of_deleted_files_and_folders_are_dropped_excluded_ones_kept(
+    library: tuple[Path, Path],
+) -> None:
+    src, dest = library
+    run(src, dest)
+    (src / "a/two.jpg").unlink()  # a file gone from a folder still walked
+    (src / "b/three.jpg").unlink()  # a whole folder gone...
+    (src / "b/four.png").unlink()
+    (src / "b/bad.jpg").unlink()
+    (src / "b").rmdir()
+    # Folder a is excluded, not deleted: the row of its file that still exists stays.
+    run(src, dest, exclude=("a",))
+    assert set(manifest_rows(dest)) == {"a/one.jpg", "notes.txt"}
+    assert run(src, dest).skipped_by_reason["up to date"] == 1
+    assert read_status(dest).failures == ()  # b/bad.jpg no longer reported
+
+
+def test_dest_is_swept_for_temporaries_only_after_an_unfinished_run(
+    library: tuple[Path, Path],
+) -> None:
+    src, dest = library
+    run(src, dest)
+    planted = dest / "a" / ".one.webp.0badf00d.optimizr-tmp"
+    planted.write_bytes(b"half")
+    run(src, dest)  # the run before finished cleanly: it cannot have left any
+    assert planted.exists()
+    conn = sqlite3.connect(dest / ".optimizr/manifest.sqlite")
+    with conn:
+        conn.execute("UPDATE runs SET finished_at = NULL WHERE id = (SELECT MAX(id) FROM runs)")
+    conn.close()
+    run(src, dest)  # as after kill -9: the whole of DEST is swept
+    assert not planted.exists()

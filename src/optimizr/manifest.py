@@ -358,6 +358,18 @@ class Manifest:
         ):
             self.flush()
 
+    def previous_run_finished(self) -> bool:
+        """Did the run before this one end (normally, or stopped by a signal)?"""
+        row = self.conn.execute(
+            "SELECT finished_at FROM runs WHERE id < ? ORDER BY id DESC LIMIT 1",
+            (self.run_id or 1 << 62,),
+        ).fetchone()
+        return row is not None and row[0] is not None
+
+    def directories(self) -> list[str]:
+        """Every directory that has rows (far fewer than files)."""
+        return [r[0] for r in self.conn.execute("SELECT DISTINCT dir FROM files")]
+
     def forget(self, key: str) -> None:
         """Drop the row of a source that no longer exists."""
         self.flush()

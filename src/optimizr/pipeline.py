@@ -182,7 +182,11 @@ class Pipeline:
         if self.listener:
             self.listener.started(self.snapshot)
         self.stop.attach(self.executor)
-        if not self.config.dry_run:
+        if not self.config.dry_run and (
+            self.manifest is None or not self.manifest.previous_run_finished()
+        ):
+            # Only a run that did not finish (killed, crashed) can have left
+            # temporaries behind: after a clean one, skip walking all of DEST.
             self.dest.remove_stale_temporaries()
         try:
             for outcome in self.executor.imap_unordered(self._jobs()):
@@ -205,9 +209,11 @@ class Pipeline:
             prune=self.prune,
         )
         found = 0
+        visited: set[str] = set()
         for listing in self.source.walk(walk):
             if self.stop.graceful:
                 return
+            visited.add(listing.directory)
             found += len(listing.entries)
             self._found = found
             if self.listener:
@@ -220,6 +226,7 @@ class Pipeline:
                 if self.stop.graceful:
                     return
             self._forget_deleted(listing, planner)
+        self._forget_vanished_directories(visited)
         self._walk_done = True
         if self.listener:
             self.listener.walk_done(found)
@@ -233,6 +240,19 @@ class Pipeline:
         for name, row in plan.rows.items():
             if name not in listed and self.source.stat(row.key) is None:
                 self.manifest.forget(row.key)
+
+    def _forget_vanished_directories(self, visited: set[str]) -> None:
+        """After a whole walk: rows of directories the walk never listed, whose
+        sources are gone (a folder deleted or emptied since), are dropped too.
+        Directories merely excluded keep their rows: their files still exist."""
+        if self.manifest is None or self.config.dry_run:
+            return
+        for directory in self.manifest.directories():
+            if directory in visited:
+                continue
+            for row in self.manifest.rows_in(directory).values():
+                if self.source.stat(row.key) is None:
+                    self.manifest.forget(row.key)
 
     def _plan(self, entry: SourceEntry, plan: _DirectoryPlan) -> Job | None:
         checked_ns = plan.checked_ns
