@@ -104,7 +104,6 @@ def convert_tree(
                 raise UsageError(
                     f"cannot create the manifest in {state_dir(dest_path)}: {exc.strerror or exc}"
                 ) from None
-            assert manifest is not None
             try:
                 manifest.begin_run(config, options_fingerprint(config))
             except sqlite3.OperationalError:
@@ -148,6 +147,7 @@ def _finish_manifest(summary: RunSummary, manifest: Manifest, dest: Path) -> Non
         "commits": stats.commits,
         "commit_seconds": round(stats.commit_seconds, 3),
         "commit_failures": stats.commit_failures,
+        "directory_lookups": stats.lookups,
         "unsaved_rows": stats.unsaved_rows,
         "rebuilt": manifest.rebuilt,
         "adopted": stats.adopted,

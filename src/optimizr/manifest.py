@@ -24,9 +24,8 @@ import os
 import socket
 import sqlite3
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from optimizr.atomic import atomic_open, atomic_path
@@ -133,9 +132,12 @@ def options_fingerprint(config: RunConfig) -> str:
 
 
 def split_key(key: str) -> tuple[str, str]:
-    path = PurePosixPath(key)
-    parent = str(path.parent)
-    return ("" if parent == "." else parent), path.name
+    """``a/b/c.jpg`` -> (``a/b``, ``c.jpg``); a top-level key has directory ``""``.
+
+    Plain string work on the walk's normalised POSIX keys: it runs for every
+    file of every run, where path objects would cost more than the lookup."""
+    directory, _, name = key.rpartition("/")
+    return directory, name
 
 
 @dataclass(frozen=True)
@@ -192,16 +194,14 @@ class Manifest:
     # -- opening -------------------------------------------------------------------
 
     @classmethod
-    def open(cls, dest: Path, *, create: bool = True) -> Manifest | None:
-        """Open DEST's manifest, creating it when there is none and ``create``.
+    def open(cls, dest: Path) -> Manifest:
+        """Open DEST's manifest, creating it when there is none.
 
         A damaged one raises :class:`ManifestDamaged`: never a silent restart
         from zero, which would redo (and pay for) every file already done.
         """
         path = manifest_path(dest)
         if not path.exists():
-            if not create:
-                return None
             _create(path)
         conn = _connect(path)
         _check(conn, path)
@@ -253,31 +253,23 @@ class Manifest:
             lines = failed_list.read_text().splitlines()
         except OSError:
             return
-        now = time.time()
         for line in lines:
             try:
                 item = json.loads(line)
-                key = item["path"]
-                row = (
-                    *split_key(key),
-                    int(item["size"]),
-                    int(item["mtime_ns"]),
-                    int(item["checked_ns"]),
-                    str(item["fingerprint"]),
-                    "failed",
-                    item.get("reason"),
-                    None,
-                    None,
-                    item.get("error_class"),
-                    item.get("message", ""),
-                    int(item.get("attempts", 1)),
-                    now,
-                    now,
-                    None,
-                )
+                restored = {
+                    "size": int(item["size"]),
+                    "mtime_ns": int(item["mtime_ns"]),
+                    "checked_ns": int(item["checked_ns"]),
+                    "fingerprint": str(item["fingerprint"]),
+                    "reason": item.get("reason"),
+                    "error_class": item.get("error_class"),
+                    "message": item.get("message", ""),
+                    "attempts": int(item.get("attempts", 1)),
+                }
+                key = str(item["path"])
             except (ValueError, KeyError, TypeError):
                 continue  # a line from an older format, or torn: that file is simply retried
-            self._pending.append(row)
+            self.record(key, status="failed", **restored)
         self.flush()
 
     # -- runs ----------------------------------------------------------------------
@@ -415,19 +407,6 @@ class Manifest:
         return ManifestStatistics(**vars(self.stats))
 
     # -- reading, for status and the dead-letter list --------------------------------
-
-    def iter_rows(self, status: str | None = None) -> Iterator[Row]:
-        query = (
-            "SELECT dir, name, size, mtime_ns, checked_ns, fingerprint, status, reason, output, "
-            "output_size, error_class, message, attempts FROM files"
-        )
-        args: tuple[str, ...] = ()
-        if status is not None:
-            query += " WHERE status = ?"
-            args = (status,)
-        for r in self.conn.execute(query + " ORDER BY dir, name", args):
-            key = f"{r[0]}/{r[1]}" if r[0] else r[1]
-            yield Row(key, *r[2:])
 
     def write_failed_list(self, target: Path) -> int:
         """DEST/.optimizr/failed.jsonl: every failed source, one JSON object a line."""

@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import errno
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
-from pathlib import PurePosixPath
 
 from optimizr.budget import MemoryBudget, estimate_peak_bytes
 from optimizr.config import IfLarger, NameMode, RunConfig
@@ -46,6 +45,7 @@ from optimizr.manifest import (
     Manifest,
     Row,
     options_fingerprint,
+    split_key,
 )
 from optimizr.probe import probe
 from optimizr.results import (
@@ -236,10 +236,8 @@ class Pipeline:
         so status and failed.jsonl do not report files that no longer exist."""
         if self.manifest is None or self.config.dry_run or plan.matched == len(plan.rows):
             return
-        listed = {e.key.rpartition("/")[2] for e in listing.entries}
-        for name, row in plan.rows.items():
-            if name not in listed and self.source.stat(row.key) is None:
-                self.manifest.forget(row.key)
+        listed = {split_key(e.key)[1] for e in listing.entries}
+        self._forget_missing(row for name, row in plan.rows.items() if name not in listed)
 
     def _forget_vanished_directories(self, visited: set[str]) -> None:
         """After a whole walk: rows of directories the walk never listed, whose
@@ -248,11 +246,14 @@ class Pipeline:
         if self.manifest is None or self.config.dry_run:
             return
         for directory in self.manifest.directories():
-            if directory in visited:
-                continue
-            for row in self.manifest.rows_in(directory).values():
-                if self.source.stat(row.key) is None:
-                    self.manifest.forget(row.key)
+            if directory not in visited:
+                self._forget_missing(self.manifest.rows_in(directory).values())
+
+    def _forget_missing(self, rows: Iterable[Row]) -> None:
+        assert self.manifest is not None
+        for row in rows:
+            if self.source.stat(row.key) is None:
+                self.manifest.forget(row.key)
 
     def _plan(self, entry: SourceEntry, plan: _DirectoryPlan) -> Job | None:
         checked_ns = plan.checked_ns
@@ -272,7 +273,7 @@ class Pipeline:
         plan.claimed[out_key] = entry.key
         attempts = 0
         if not self.config.force:
-            row = plan.rows.get(entry.key.rpartition("/")[2])
+            row = plan.rows.get(split_key(entry.key)[1])
             if row is not None:
                 plan.matched += 1
             if row is not None and row.describes(entry.size, entry.mtime_ns, self.fingerprint):
@@ -320,7 +321,7 @@ class Pipeline:
     ) -> Result | None:
         """The result that stands without opening the file, if the manifest proves one."""
         if row.status == "done":
-            output = plan.outputs().get(out_key.rpartition("/")[2])
+            output = plan.outputs().get(split_key(out_key)[1])
             if row.output == out_key and output is not None and output.size == row.output_size:
                 return Result(entry.key, "skipped", UP_TO_DATE, "", out_key)
             return None  # the output is gone or was changed: make it again
@@ -348,7 +349,7 @@ class Pipeline:
         """After --rebuild-manifest: an output already on disk, complete and newer
         than its source, is taken as done under the current options."""
         assert self.manifest is not None
-        output = plan.outputs().get(PurePosixPath(out_key).name)
+        output = plan.outputs().get(split_key(out_key)[1])
         path = self.dest.local_path(out_key)
         if output is None or output.mtime_ns < entry.mtime_ns or path is None:
             return False

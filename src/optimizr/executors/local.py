@@ -134,9 +134,6 @@ class ProcessExecutor(Executor):
             alive=sum(1 for w in list(self._pool) if w.process.is_alive()),
         )
 
-    def worker_pids(self) -> list[int]:
-        return [w.process.pid for w in self._pool if w.process.pid is not None]
-
     # -- the loop ----------------------------------------------------------------
 
     def imap_unordered(self, jobs: Iterable[Job]) -> Iterator[Outcome]:

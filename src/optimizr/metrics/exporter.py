@@ -44,11 +44,6 @@ if TYPE_CHECKING:
 SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
-def format_label(result: Result) -> str:
-    """The same input format the summary counts by (see ``results.input_format``)."""
-    return input_format(result)
-
-
 @dataclass(frozen=True)
 class Verdict:
     """One health or readiness answer: the HTTP status and a small JSON body."""
@@ -219,7 +214,7 @@ class MetricsExporter:
         pass  # the snapshot has the figure at scrape time
 
     def finished(self, result: Result) -> None:
-        self._images.labels(status=result.status, format=format_label(result)).inc()
+        self._images.labels(status=result.status, format=input_format(result)).inc()
         if result.status != "converted":
             return
         self._bytes_in.inc(result.bytes_in)
