@@ -80,15 +80,15 @@ BENCH_DATA := bench/.data
 BENCH_ROUNDS ?= 3
 BENCH_WORKERS ?= 2
 
-.PHONY: bench bench-peers bench-corpus bench-big-corpus bench-compare bench-scaling bench-memory bench-calibrate bench-resume
+.PHONY: bench bench-peers bench-corpus bench-big-corpus bench-compare bench-scaling bench-memory bench-calibrate bench-resume bench-encoder
 
 bench: $(STAMP) bench-peers bench-corpus
 	$(BIN)/python bench/compare.py $(BENCH_DATA)/corpus --rounds $(BENCH_ROUNDS) --workers $(BENCH_WORKERS)
 	$(BIN)/python bench/scaling.py $(BENCH_DATA)/corpus
 	$(MAKE) --no-print-directory bench-memory
 
-bench-peers:
-	sh bench/install_peers.sh
+bench-peers: $(STAMP)
+	PYTHON=$(BIN)/python sh bench/install_peers.sh
 
 # A stamp file, not the folder, says the corpus is complete (a build may be interrupted).
 bench-corpus: $(STAMP)
@@ -110,6 +110,9 @@ bench-memory: $(STAMP) bench-big-corpus
 
 bench-calibrate: $(STAMP)
 	$(BIN)/python bench/calibrate_memory.py
+
+bench-encoder: $(STAMP) bench-peers bench-corpus
+	$(BIN)/python bench/encoder_speed.py $$(ls $(BENCH_DATA)/corpus/*.jpg | awk 'NR % 10 == 1')
 
 # Trees of tiny images and their first conversion are cached in bench/.data/resume.
 bench-resume: $(STAMP)

@@ -6,14 +6,19 @@
 #          apt-get download + dpkg -x into $PEERS (bench/.peers); compare.py then
 #          runs $PEERS/usr/bin/cwebp with LD_LIBRARY_PATH=$PEERS/usr/lib/<triplet>.
 #   sharp  npm install --prefix $PEERS sharp@$SHARP_VERSION (prebuilt binaries).
+#   webp   the PyPI wheel "webp" (a cffi binding with its own libwebp), pip-installed
+#          with $PYTHON into $PEERS/python, outside the project's venv: only
+#          encoder_speed.py uses it, to time another build of libwebp.
 #
 # Environment: PEERS (default bench/.peers next to this script), SHARP_VERSION
-# (default 0.34), AS_ROOT=0 to take the unprivileged path even as root.
+# (default 0.34), WEBP_WHEEL_VERSION (default 0.4.0), PYTHON (default python3), AS_ROOT=0 to take the unprivileged path even as root.
 set -u
 
 here=$(cd "$(dirname "$0")" && pwd)
 PEERS=${PEERS:-$here/.peers}
 SHARP_VERSION=${SHARP_VERSION:-0.34}
+WEBP_WHEEL_VERSION=${WEBP_WHEEL_VERSION:-0.4.0}
+PYTHON=${PYTHON:-python3}
 if [ "${AS_ROOT:-}" = 0 ]; then root=0; elif [ "$(id -u)" = 0 ]; then root=1; else root=0; fi
 mkdir -p "$PEERS"
 
@@ -58,5 +63,14 @@ elif npm install --prefix "$PEERS" --no-audit --no-fund --loglevel=error \
     echo "sharp: installed into $PEERS/node_modules"
 else
     echo "sharp: not installed (npm install sharp@$SHARP_VERSION failed)"
+fi
+
+if [ -d "$PEERS/python/webp" ]; then
+    echo "webp wheel: already installed"
+elif "$PYTHON" -m pip install -q --disable-pip-version-check --target "$PEERS/python" \
+        "webp==$WEBP_WHEEL_VERSION" >/dev/null 2>&1; then
+    echo "webp wheel: installed into $PEERS/python"
+else
+    echo "webp wheel: not installed (pip install webp==$WEBP_WHEEL_VERSION failed)"
 fi
 exit 0
