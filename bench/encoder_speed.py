@@ -23,7 +23,6 @@ import argparse
 import importlib
 import io
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -40,7 +39,9 @@ import numpy as np  # noqa: E402
 import pyvips  # noqa: E402
 from PIL import Image, features  # noqa: E402
 
-WHEEL_DIR = Path(__file__).resolve().parent / ".peers" / "python"
+from _common import PEERS_DIR, Peer, find_cwebp  # noqa: E402
+
+WHEEL_DIR = PEERS_DIR / "python"
 
 Encoder = Callable[[], int]
 
@@ -83,16 +84,16 @@ def wheel_encoder(binding: Any, rgb: bytes, width: int, height: int, quality: in
     return encode
 
 
-def cwebp_cpu(path: Path, reps: int, quality: int, effort: int) -> float:
-    cwebp = shutil.which("cwebp")
-    if not cwebp:
+def cwebp_cpu(cwebp: Peer | None, path: Path, reps: int, quality: int, effort: int) -> float:
+    if cwebp is None:
         return float("nan")
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(reps):
             before = os.times()
-            subprocess.run([cwebp, "-quiet", "-q", str(quality), "-m", str(effort),
-                            str(path), "-o", f"{tmp}/o.webp"], check=True)  # fmt: skip
+            subprocess.run([cwebp.executable, "-quiet", "-q", str(quality), "-m", str(effort),
+                            str(path), "-o", f"{tmp}/o.webp"],
+                           check=True, env={**os.environ, **cwebp.env})  # fmt: skip
             after = os.times()
             runs.append(after.children_user - before.children_user
                         + after.children_system - before.children_system)  # fmt: skip
@@ -108,7 +109,8 @@ class Row:
     cwebp: float
 
 
-def measure(path: Path, reps: int, quality: int, effort: int, binding: Any | None) -> Row:
+def measure(path: Path, reps: int, quality: int, effort: int, binding: Any | None,
+            cwebp: Peer | None) -> Row:  # fmt: skip
     pyvips.cache_set_max(0)
     vips_image = pyvips.Image.new_from_file(str(path)).colourspace("srgb")[0:3].copy_memory()
     rgb = vips_image.write_to_memory()
@@ -135,7 +137,7 @@ def measure(path: Path, reps: int, quality: int, effort: int, binding: Any | Non
             cpu[name].append(time.process_time() - started)
     medians = {name: statistics.median(values) for name, values in cpu.items()}
     return Row(path.name, width * height / 1e6, medians, sizes,
-               cwebp_cpu(path, reps, quality, effort))  # fmt: skip
+               cwebp_cpu(cwebp, path, reps, quality, effort))  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,10 +150,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--effort", type=int, default=4)
     args = parser.parse_args(argv)
     binding = wheel_libwebp()
+    cwebp = find_cwebp()
     wheel = "installed" if binding is not None else "not installed (make bench-peers)"
     print(f"libvips {pyvips.version(0)}.{pyvips.version(1)}.{pyvips.version(2)} (pyvips-binary), "
-          f"Pillow libwebp {features.version('webp')}, webp wheel {wheel}")  # fmt: skip
-    rows = [measure(path, args.reps, args.quality, args.effort, binding) for path in args.images]
+          f"Pillow libwebp {features.version('webp')}, webp wheel {wheel}, "
+          f"cwebp {cwebp.version if cwebp else 'not installed'}")  # fmt: skip
+    rows = [measure(path, args.reps, args.quality, args.effort, binding, cwebp)
+            for path in args.images]  # fmt: skip
     others = [name for name in rows[0].cpu if name != "libvips"]
     rows.append(Row("all", sum(r.megapixels for r in rows),
                     {n: sum(r.cpu[n] for r in rows) for n in rows[0].cpu}, {},

@@ -7,7 +7,8 @@
 #          runs $PEERS/usr/bin/cwebp with LD_LIBRARY_PATH=$PEERS/usr/lib/<triplet>.
 #   sharp  npm install --prefix $PEERS sharp@$SHARP_VERSION (prebuilt binaries).
 #   webp   the PyPI wheel "webp" (a cffi binding with its own libwebp), pip-installed
-#          with $PYTHON into $PEERS/python, outside the project's venv: only
+#          with $PYTHON into $PEERS/python (cffi beside it; numpy and Pillow come
+#          from the venv), outside the project's venv: only
 #          encoder_speed.py uses it, to time another build of libwebp.
 #
 # Environment: PEERS (default bench/.peers next to this script), SHARP_VERSION
@@ -67,8 +68,9 @@ fi
 
 if [ -d "$PEERS/python/webp" ]; then
     echo "webp wheel: already installed"
-elif "$PYTHON" -m pip install -q --disable-pip-version-check --target "$PEERS/python" \
-        "webp==$WEBP_WHEEL_VERSION" >/dev/null 2>&1; then
+# --no-deps: its numpy and Pillow come from the venv; only cffi's runtime is new.
+elif "$PYTHON" -m pip install -q --disable-pip-version-check --no-deps --target "$PEERS/python" \
+        "webp==$WEBP_WHEEL_VERSION" cffi >/dev/null 2>&1; then
     echo "webp wheel: installed into $PEERS/python"
 else
     echo "webp wheel: not installed (pip install webp==$WEBP_WHEEL_VERSION failed)"
