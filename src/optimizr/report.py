@@ -21,20 +21,20 @@ from optimizr.atomic import atomic_write
 from optimizr.errors import UsageError
 from optimizr.report_charts import (
     Chart,
-    _bytes,
-    _count,
-    _dict,
-    _e,
-    _figure_value,
-    _formats_chart,
-    _latency_chart,
-    _list,
-    _memory_chart,
-    _num,
-    _seconds,
-    _sizes_chart,
-    _text,
-    _throughput_chart,
+    as_dict,
+    as_list,
+    as_number,
+    as_text,
+    esc,
+    fmt_bytes,
+    fmt_count,
+    fmt_figure,
+    fmt_seconds,
+    formats_chart,
+    latency_chart,
+    memory_chart,
+    sizes_chart,
+    throughput_chart,
 )
 
 SCHEMA_PREFIX = "optimizr-summary/"
@@ -117,11 +117,11 @@ def render_report(summary: Mapping[str, Any]) -> str:
     if not isinstance(schema, str) or not schema.startswith(SCHEMA_PREFIX):
         raise UsageError(f"not an optimizr summary (no {SCHEMA_PREFIX}N schema)")
     charts = [
-        _chart_section("sizes", "Size before and after", _sizes_chart(summary)),
-        _chart_section("formats", "Saving by input format", _formats_chart(summary)),
-        _chart_section("latency", "Time per image", _latency_chart(summary)),
-        _chart_section("memory", "Memory over time", _memory_chart(summary)),
-        _chart_section("throughput", "Throughput over time", _throughput_chart(summary)),
+        _chart_section("sizes", "Size before and after", sizes_chart(summary)),
+        _chart_section("formats", "Saving by input format", formats_chart(summary)),
+        _chart_section("latency", "Time per image", latency_chart(summary)),
+        _chart_section("memory", "Memory over time", memory_chart(summary)),
+        _chart_section("throughput", "Throughput over time", throughput_chart(summary)),
     ]
     tables = [
         _failures_section(summary),
@@ -134,14 +134,14 @@ def render_report(summary: Mapping[str, Any]) -> str:
 
         # "<\/" is "</" inside a JS string; it keeps the HTML parser inside the script.
         scripts += "\n<script>" + str(get_plotlyjs()).replace("</", "<\\/") + "</script>"
-    title = f"optimizr report: {_text(summary.get('src'))} to {_text(summary.get('dest'))}"
+    title = f"optimizr report: {as_text(summary.get('src'))} to {as_text(summary.get('dest'))}"
     return "\n".join(
         [
             "<!DOCTYPE html>",
             '<html lang="en">',
             '<head>\n<meta charset="utf-8">',
             '<meta name="viewport" content="width=device-width, initial-scale=1">',
-            f"<title>{_e(title)}</title>",
+            f"<title>{esc(title)}</title>",
             f"<style>{_CSS}</style>",
             scripts,
             "</head>",
@@ -188,19 +188,19 @@ def write_report(summary_path: Path | str, out_path: Path | str) -> None:
 
 
 def _header(summary: Mapping[str, Any]) -> str:
-    files, size = _dict(summary.get("files")), _dict(summary.get("bytes"))
-    rate, tool = _dict(summary.get("throughput")), _dict(summary.get("tool"))
-    ratio = _num(size.get("saving_ratio"))
+    files, size = as_dict(summary.get("files")), as_dict(summary.get("bytes"))
+    rate, tool = as_dict(summary.get("throughput")), as_dict(summary.get("tool"))
+    ratio = as_number(size.get("saving_ratio"))
     cards = [
-        ("files found", _count(files.get("found"))),
-        ("converted", _count(files.get("converted"))),
-        ("skipped", _count(files.get("skipped"))),
-        ("failed", _count(files.get("failed"))),
-        ("bytes before", _bytes(size.get("in"))),
-        ("bytes after", _bytes(size.get("out"))),
-        ("bytes saved", _bytes(size.get("saved"))),
+        ("files found", fmt_count(files.get("found"))),
+        ("converted", fmt_count(files.get("converted"))),
+        ("skipped", fmt_count(files.get("skipped"))),
+        ("failed", fmt_count(files.get("failed"))),
+        ("bytes before", fmt_bytes(size.get("in"))),
+        ("bytes after", fmt_bytes(size.get("out"))),
+        ("bytes saved", fmt_bytes(size.get("saved"))),
         ("saving", "n/a" if ratio is None else f"{ratio:.1%}"),
-        ("time", _seconds(summary.get("seconds"))),
+        ("time", fmt_seconds(summary.get("seconds"))),
     ]
     for key, unit in [
         ("files_per_second", "files/s"),
@@ -208,16 +208,16 @@ def _header(summary: Mapping[str, Any]) -> str:
         ("mb_per_second", "MB/s"),
         ("megapixels_per_second", "megapixels/s"),
     ]:
-        if (n := _num(rate.get(key))) is not None:
+        if (n := as_number(rate.get(key))) is not None:
             cards.append((f"throughput, {unit}", f"{n:,.1f}"))
-    version = " ".join(_text(tool.get(k)) for k in ("name", "version") if tool.get(k))
+    version = " ".join(as_text(tool.get(k)) for k in ("name", "version") if tool.get(k))
     meta = [
-        f"{_e(summary.get('src'))} → {_e(summary.get('dest'))}",
-        f"started {_e(summary.get('started_at'))}, finished {_e(summary.get('finished_at'))}",
-        f"{_count(summary.get('workers'))} workers, exit code {_e(summary.get('exit_code'))}",
+        f"{esc(summary.get('src'))} → {esc(summary.get('dest'))}",
+        f"started {esc(summary.get('started_at'))}, finished {esc(summary.get('finished_at'))}",
+        f"{fmt_count(summary.get('workers'))} workers, exit code {esc(summary.get('exit_code'))}",
     ]
     if version:
-        meta.append(_e(version))
+        meta.append(esc(version))
     lines = [
         "<header>",
         "<h1>optimizr report</h1>",
@@ -226,26 +226,26 @@ def _header(summary: Mapping[str, Any]) -> str:
     if summary.get("interrupted"):
         lines.append('<p class="banner">The run was interrupted: these figures are partial.</p>')
     lines.append('<dl class="headline">')
-    lines += [f"<div><dt>{_e(k)}</dt><dd>{_e(v)}</dd></div>" for k, v in cards]
+    lines += [f"<div><dt>{esc(k)}</dt><dd>{esc(v)}</dd></div>" for k, v in cards]
     lines.append("</dl>")
     for key, label in [("skipped_by_reason", "skipped"), ("failed_by_reason", "failed")]:
-        reasons = _dict(files.get(key))
+        reasons = as_dict(files.get(key))
         if reasons:
-            parts = ", ".join(f"{_count(n)} {_e(r)}" for r, n in reasons.items())
+            parts = ", ".join(f"{fmt_count(n)} {esc(r)}" for r, n in reasons.items())
             lines.append(f'<p class="meta">{label}: {parts}</p>')
-    if _num(files.get("known_failed")):
+    if as_number(files.get("known_failed")):
         lines.append(
-            f'<p class="meta">of the failed, {_count(files.get("known_failed"))} were found bad '
+            f'<p class="meta">of the failed, {fmt_count(files.get("known_failed"))} were found bad '
             "by an earlier run and not tried again (--retry-failed)</p>"
         )
-    phases = _dict(summary.get("phases_seconds"))
+    phases = as_dict(summary.get("phases_seconds"))
     if phases:
-        parts = " · ".join(f"{_e(k)} {_seconds(v)}" for k, v in phases.items())
+        parts = " · ".join(f"{esc(k)} {fmt_seconds(v)}" for k, v in phases.items())
         lines.append(f'<p class="meta">time in each phase, summed over images: {parts}</p>')
-    warnings = [w for w in _list(summary.get("warnings")) if w]
+    warnings = [w for w in as_list(summary.get("warnings")) if w]
     if warnings:
         lines.append('<ul class="banner">')
-        lines += [f"<li>{_e(w)}</li>" for w in warnings]
+        lines += [f"<li>{esc(w)}</li>" for w in warnings]
         lines.append("</ul>")
     lines.append("</header>")
     return "\n".join(lines)
@@ -255,13 +255,13 @@ def _analysis_section(summary: Mapping[str, Any]) -> str:
     if "analysis" not in summary:
         return ""  # written before the analysis existed: nothing to say about it
     items = []
-    for finding in _list(summary.get("analysis")):
-        finding = _dict(finding)
+    for finding in as_list(summary.get("analysis")):
+        finding = as_dict(finding)
         figures = ", ".join(
-            f"{_e(k)}: {_e(_figure_value(v))}" for k, v in _dict(finding.get("figures")).items()
+            f"{esc(k)}: {esc(fmt_figure(v))}" for k, v in as_dict(finding.get("figures")).items()
         )
         items.append(
-            f'<li>{_e(finding.get("finding"))} <span class="rule">{_e(finding.get("rule"))}'
+            f'<li>{esc(finding.get("finding"))} <span class="rule">{esc(finding.get("rule"))}'
             + (f" · {figures}" if figures else "")
             + "</span></li>"
         )
@@ -271,7 +271,7 @@ def _analysis_section(summary: Mapping[str, Any]) -> str:
 
 def _table(headers: list[tuple[str, str]], rows: list[list[str]]) -> str:
     """``headers`` are (label, css class); cells in ``rows`` are already escaped."""
-    head = "".join(f'<th class="{cls}">{_e(label)}</th>' for label, cls in headers)
+    head = "".join(f'<th class="{cls}">{esc(label)}</th>' for label, cls in headers)
     cells = [
         "".join(
             f'<td class="{cls}">{cell}</td>' for (_, cls), cell in zip(headers, row, strict=True)
@@ -283,18 +283,18 @@ def _table(headers: list[tuple[str, str]], rows: list[list[str]]) -> str:
 
 
 def _failures_section(summary: Mapping[str, Any]) -> str:
-    failed_count = _num(_dict(summary.get("files")).get("failed")) or 0
+    failed_count = as_number(as_dict(summary.get("files")).get("failed")) or 0
     rows = [
-        [_e(r.get("path")), _e(r.get("reason")), _e(r.get("message"))]
-        for r in map(_dict, _list(summary.get("not_converted")))
+        [esc(r.get("path")), esc(r.get("reason")), esc(r.get("message"))]
+        for r in map(as_dict, as_list(summary.get("not_converted")))
         if r.get("status") == "failed"
     ]
     note = ""
     if not rows:  # a writer that lists no files may still give examples per reason
-        for group in map(_dict, _list(summary.get("failures_by_reason"))):
+        for group in map(as_dict, as_list(summary.get("failures_by_reason"))):
             rows += [
-                [_e(ex.get("path")), _e(group.get("reason")), _e(ex.get("message"))]
-                for ex in map(_dict, _list(group.get("examples")))
+                [esc(ex.get("path")), esc(group.get("reason")), esc(ex.get("message"))]
+                for ex in map(as_dict, as_list(group.get("examples")))
             ]
         if rows:
             note = '<p class="caption">Examples of each reason; the summary lists no more.</p>'
@@ -322,9 +322,13 @@ def _paths_section(summary: Mapping[str, Any], key: str, title: str, saved: str 
     if key not in summary:
         return ""
     rows = []
-    for item in map(_dict, _list(summary.get(key))):
-        cells = [_e(item.get("path")), _bytes(item.get("bytes_in")), _bytes(item.get("bytes_out"))]
-        rows.append(cells + ([_bytes(item.get(saved))] if saved else []))
+    for item in map(as_dict, as_list(summary.get(key))):
+        cells = [
+            esc(item.get("path")),
+            fmt_bytes(item.get("bytes_in")),
+            fmt_bytes(item.get("bytes_out")),
+        ]
+        rows.append(cells + ([fmt_bytes(item.get(saved))] if saved else []))
     if not rows:
         return f'<section id="{key}">\n<h2>{title}</h2>\n<p class="empty">None.</p>\n</section>'
     headers = [("path", "path"), ("before", "num"), ("after", "num")]

@@ -2,7 +2,9 @@
 
 Each chart function returns ``(figure, caption)``, or ``(None, why there is no
 chart)`` when the summary lacks the data. The summary is read tolerantly: a
-missing or mistyped section means "no data", never an exception.
+missing or mistyped section means "no data", never an exception. The tolerant
+readers (``as_dict``, ``as_number``...) and formatters (``fmt_bytes``...) serve the
+page in ``report.py`` too.
 """
 
 from __future__ import annotations
@@ -22,40 +24,40 @@ MIN_INTERVALS = 3
 # --- reading the summary tolerantly: a missing or mistyped section means "no data" ---
 
 
-def _dict(value: Any) -> dict[str, Any]:
+def as_dict(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _list(value: Any) -> list[Any]:
+def as_list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else []
 
 
-def _num(value: Any) -> float | None:
+def as_number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     return float(value) if math.isfinite(value) else None
 
 
-def _text(value: Any) -> str:
+def as_text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def _e(value: Any) -> str:
-    return html.escape(_text(value), quote=True)
+def esc(value: Any) -> str:
+    return html.escape(as_text(value), quote=True)
 
 
-def _count(value: Any) -> str:
-    n = _num(value)
+def fmt_count(value: Any) -> str:
+    n = as_number(value)
     return "n/a" if n is None else f"{n:,.0f}"
 
 
-def _bytes(value: Any) -> str:
-    n = _num(value)
+def fmt_bytes(value: Any) -> str:
+    n = as_number(value)
     return "n/a" if n is None else human_bytes(n)
 
 
-def _seconds(value: Any) -> str:
-    s = _num(value)
+def fmt_seconds(value: Any) -> str:
+    s = as_number(value)
     if s is None:
         return "n/a"
     if s < 1:
@@ -67,10 +69,10 @@ def _seconds(value: Any) -> str:
     return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {sec:02d} s"
 
 
-def _figure_value(value: Any) -> str:
-    n = _num(value)
+def fmt_figure(value: Any) -> str:
+    n = as_number(value)
     if n is None:
-        return _text(value)
+        return as_text(value)
     return f"{n:,.0f}" if n.is_integer() else f"{n:,.4g}"
 
 
@@ -82,9 +84,9 @@ Chart = tuple[Any, str]
 def _buckets(histogram: Any) -> dict[float, float]:
     """{upper bound: count} of a histogram's ``buckets``; an unbounded last one is inf."""
     out: dict[float, float] = {}
-    for row in _list(_dict(histogram).get("buckets")):
-        if isinstance(row, list) and len(row) == 2 and (count := _num(row[1])) is not None:
-            bound = _num(row[0])
+    for row in as_list(as_dict(histogram).get("buckets")):
+        if isinstance(row, list) and len(row) == 2 and (count := as_number(row[1])) is not None:
+            bound = as_number(row[0])
             out[math.inf if bound is None else bound] = count
     return out
 
@@ -165,8 +167,8 @@ def _histogram_bars(histograms: dict[str, dict[float, float]], unit: str, noun: 
     return figure
 
 
-def _sizes_chart(summary: Mapping[str, Any]) -> Chart:
-    histograms = _dict(summary.get("histograms"))
+def sizes_chart(summary: Mapping[str, Any]) -> Chart:
+    histograms = as_dict(summary.get("histograms"))
     before, after = _buckets(histograms.get("bytes_in")), _buckets(histograms.get("bytes_out"))
     if not before and not after:
         return None, "This summary has no file-size histogram (bytes_in, bytes_out)."
@@ -175,21 +177,24 @@ def _sizes_chart(summary: Mapping[str, Any]) -> Chart:
     return figure, caption
 
 
-def _formats_chart(summary: Mapping[str, Any]) -> Chart:
+def formats_chart(summary: Mapping[str, Any]) -> Chart:
     go = _go()
-    by_format = _dict(_dict(summary.get("files")).get("by_format"))
+    by_format = as_dict(as_dict(summary.get("files")).get("by_format"))
     rows = []
     for fmt, figures in by_format.items():
-        figures = _dict(figures)
-        bytes_in, bytes_out = _num(figures.get("bytes_in")), _num(figures.get("bytes_out"))
+        figures = as_dict(figures)
+        bytes_in, bytes_out = (
+            as_number(figures.get("bytes_in")),
+            as_number(figures.get("bytes_out")),
+        )
         if bytes_in and bytes_out is not None:
-            rows.append((_e(fmt), bytes_in, bytes_out, figures))
+            rows.append((esc(fmt), bytes_in, bytes_out, figures))
     if not rows:
         return None, "This summary has no bytes converted by input format (files.by_format)."
     rows.sort(key=lambda row: -row[1])
     names = [row[0] for row in rows]
     counts = [
-        [_count(f.get("converted")), _count(f.get("skipped")), _count(f.get("failed"))]
+        [fmt_count(f.get("converted")), fmt_count(f.get("skipped")), fmt_count(f.get("failed"))]
         for *_, f in rows
     ]
     saving = [f"−{(i - o) / i:.0%}" if i > o else f"+{(o - i) / i:.0%}" for _, i, o, _ in rows]
@@ -224,36 +229,36 @@ def _formats_chart(summary: Mapping[str, Any]) -> Chart:
     return figure, caption
 
 
-def _latency_chart(summary: Mapping[str, Any]) -> Chart:
-    latency = _buckets(_dict(summary.get("histograms")).get("latency_seconds"))
+def latency_chart(summary: Mapping[str, Any]) -> Chart:
+    latency = _buckets(as_dict(summary.get("histograms")).get("latency_seconds"))
     if not latency:
         return None, "This summary has no per-image latency histogram."
     figure = _histogram_bars({"images": latency}, "s", "images")
     figure.update_layout(showlegend=False)
     figure.update_traces(marker_color=_COLOURS["after"])
-    stats = _dict(summary.get("latency_seconds"))
-    parts = [f"{k} {_seconds(stats.get(k))}" for k in ("mean", "p50", "p95", "p99", "max")]
+    stats = as_dict(summary.get("latency_seconds"))
+    parts = [f"{k} {fmt_seconds(stats.get(k))}" for k in ("mean", "p50", "p95", "p99", "max")]
     caption = "How long each image took (its latency), in log-spaced buckets."
     if stats:
-        caption += f" {_count(stats.get('count'))} images: " + ", ".join(parts) + "."
+        caption += f" {fmt_count(stats.get('count'))} images: " + ", ".join(parts) + "."
     return figure, caption
 
 
 def _points(value: Any, width: int) -> list[list[float]]:
     """Rows of a timeline with ``width`` numbers each, in time order; others dropped."""
     rows = []
-    for row in _list(value):
+    for row in as_list(value):
         if isinstance(row, list) and len(row) >= width:
-            numbers = [_num(v) for v in row[:width]]
+            numbers = [as_number(v) for v in row[:width]]
             if all(n is not None for n in numbers):
                 rows.append([n for n in numbers if n is not None])
     # By time only, stably: two samples may share a (rounded) time.
     return sorted(rows, key=lambda row: row[0])
 
 
-def _memory_chart(summary: Mapping[str, Any]) -> Chart:
+def memory_chart(summary: Mapping[str, Any]) -> Chart:
     go = _go()
-    memory = _dict(summary.get("memory"))
+    memory = as_dict(summary.get("memory"))
     points = _points(memory.get("timeline"), 2)
     if len(points) < 2:
         return None, (
@@ -273,7 +278,7 @@ def _memory_chart(summary: Mapping[str, Any]) -> Chart:
         )
     )
     figure.update_layout(xaxis_title="seconds since start", yaxis_title="MB", showlegend=False)
-    budget = _num(memory.get("budget_bytes"))
+    budget = as_number(memory.get("budget_bytes"))
     # Drawn only when it is within reach of the curve: a 12 GB budget above a 150 MB
     # run would flatten the curve into the axis. The caption gives it either way.
     if budget and budget / 1e6 <= 3 * max(rss):
@@ -285,11 +290,11 @@ def _memory_chart(summary: Mapping[str, Any]) -> Chart:
             annotation_position="top left",
         )
     caption = "Resident memory of optimizr and its workers together."
-    caption += f" Peak {_bytes(memory.get('peak_rss_bytes'))}; budget {_bytes(budget)}."
+    caption += f" Peak {fmt_bytes(memory.get('peak_rss_bytes'))}; budget {fmt_bytes(budget)}."
     return figure, caption
 
 
-def _throughput_chart(summary: Mapping[str, Any]) -> Chart:
+def throughput_chart(summary: Mapping[str, Any]) -> Chart:
     go = _go()
     points = _points(summary.get("timeline"), 3)
     if points and points[0][0] > 0:
