@@ -41,9 +41,8 @@ class RunLock:
                 f"({describe_holder(holder)}); wait for it to finish or stop it first"
             ) from None
         info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
-        with contextlib.suppress(
-            OSError
-        ):  # who holds it is a courtesy; a full disk is no reason to stop
+        # Who holds it is a courtesy for people; a full disk is no reason to stop.
+        with contextlib.suppress(OSError):
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps(info).encode(), 0)
         self._fd = fd
