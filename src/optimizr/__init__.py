@@ -35,6 +35,7 @@ from optimizr.errors import (
     UsageError,
     VerifyFailed,
     WorkerCrashed,
+    WorkerStartFailed,
     WriteFailed,
 )
 from optimizr.events import StopToken
@@ -72,6 +73,7 @@ __all__ = [
     "UsageError",
     "VerifyFailed",
     "WorkerCrashed",
+    "WorkerStartFailed",
     "WriteFailed",
     "__version__",
     "convert_file",

@@ -1,8 +1,8 @@
 """The command line: parse, build one frozen config, make one library call, exit.
 
 Exit codes: 0 every file converted or skipped; 1 some failed; 2 usage error
-(or a damaged manifest); 3 another run holds DEST; 130 interrupted by SIGINT,
-143 by SIGTERM.
+(or a damaged manifest); 3 another run holds DEST; 4 the worker processes
+cannot start; 130 interrupted by SIGINT, 143 by SIGTERM.
 """
 
 from __future__ import annotations
