@@ -292,6 +292,66 @@ def test_libvips_warnings_are_on_the_images_outcome(tmp_path: Path) -> None:
     assert outcomes[clean.name].warnings == ()
 
 
+@pytest.mark.timeout(120)
+def test_json_logs_stay_json_and_carry_each_images_warnings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    make_tree(src, 3)
+    damaged_jpeg(src / "damaged.jpg")
+    # A codec library printing straight to fd 2 while converting d1/img001.jpg.
+    monkeypatch.setenv("OPTIMIZR_TEST_FAULTS", "stderr:img001.jpg")
+    command = [sys.executable, "-m", "optimizr", "convert", str(src), str(dest),
+               "--log-format", "json", "-j", "2"]  # fmt: skip
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=100)
+    assert proc.returncode == 0, proc.stderr
+    events = [json.loads(line) for line in proc.stderr.splitlines()]  # every line parses
+    images = {e["path"]: e for e in events if e["event"] == "image"}
+    assert len(images) == 4
+    assert "VIPS: read gave 1 warnings" in images["damaged.jpg"]["warnings"]
+    assert images["d1/img001.jpg"]["warnings"] == ["GLib-GObject: injected codec message"]
+    assert images["d0/img000.jpg"]["warnings"] == []
+
+    text = spawn_cli(src, tmp_path / "text-dest", "-j", "2").communicate(timeout=100)[0].decode()
+    assert "warning: damaged.jpg: VIPS: read gave 1 warnings" in text.splitlines()
+    assert "warning: d1/img001.jpg: GLib-GObject: injected codec message" in text.splitlines()
+    assert "(process:" not in text
+
+
+@pytest.mark.timeout(120)
+def test_what_a_dying_worker_printed_reaches_the_parent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    make_tree(src, 3)
+    monkeypatch.setenv("OPTIMIZR_TEST_FAULTS", "raise:img001.jpg")
+    summary = convert_tree(src, dest, RunConfig(src=src, dest=dest, workers=2))
+    [failure] = summary.not_converted
+    assert failure.key == "d1/img001.jpg" and failure.reason == "worker crashed"
+    assert failure.message == (
+        "the worker exited with status 1: RuntimeError: injected fault: "
+        "the worker dies with a traceback"
+    )
+    assert any(w.startswith("Traceback (most recent call last)") for w in failure.warnings)
+    assert summary.converted == 2
+
+
+@pytest.mark.timeout(200)
+def test_the_olympus_photo_logs_only_json(tmp_path: Path, corpus: Path) -> None:
+    """The photo whose libvips warnings broke ``jq`` (issue 10)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    photo = src / "olympus.jpg"
+    photo.write_bytes((corpus / "photos/olympus-u1020_3648x2736.jpg").read_bytes())
+    command = [sys.executable, "-m", "optimizr", "convert", str(src), str(tmp_path / "dest"),
+               "--log-format", "json", "-j", "1"]  # fmt: skip
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=180)
+    events = [json.loads(line) for line in proc.stderr.splitlines()]  # every line parses
+    [image] = [e for e in events if e["event"] == "image"]
+    assert image["path"] == "olympus.jpg"
+    assert "VIPS: read gave 100 warnings" in image["warnings"]
+
+
 def test_codec_messages_are_tidied_into_one_line_each() -> None:
     raw = (
         "\n(process:7885): VIPS-WARNING **: 09:16:10.363: read gave 100 warnings\n\n"

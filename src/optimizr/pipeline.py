@@ -21,8 +21,7 @@ from __future__ import annotations
 import errno
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
-from functools import partial
+from dataclasses import dataclass, replace
 
 from optimizr.budget import MemoryBudget, estimate_peak_bytes
 from optimizr.config import IfLarger, NameMode, RunConfig
@@ -395,9 +394,12 @@ class Pipeline:
     def _commit(self, outcome: Outcome) -> None:
         flight = self._in_flight.pop(outcome.job.id)
         entry, key = flight.entry, flight.entry.key
-        record = partial(
-            self._record, entry=entry, checked_ns=flight.checked_ns, attempts=flight.attempts
-        )
+
+        def record(result: Result) -> None:
+            if outcome.warnings:  # libvips' messages about this image stay with it
+                result = replace(result, warnings=outcome.warnings)
+            self._record(result, entry, flight.checked_ns, flight.attempts)
+
         if outcome.error is not None or outcome.encoded is None:
             error = outcome.error or ImageError("no result")
             record(classify_error(key, error))

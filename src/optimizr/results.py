@@ -41,6 +41,8 @@ class Result:
     error_class: str | None = None
     #: Seconds the parent spent writing the output into place.
     write_seconds: float = 0.0
+    #: What the codec (libvips) said about this image while converting it.
+    warnings: tuple[str, ...] = ()
 
     def line(self) -> str:
         """The one line a person reads: path and reason."""

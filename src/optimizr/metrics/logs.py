@@ -25,7 +25,9 @@ LogFormat = Literal["text", "json"]
 LOGGER = "optimizr"
 
 #: Fields of an image event, in the order they are written.
-IMAGE_FIELDS = ("path", "status", "reason", "bytes_in", "bytes_out", "ms", "error", "output")
+IMAGE_FIELDS = (
+    "path", "status", "reason", "bytes_in", "bytes_out", "ms", "error", "output", "warnings"
+)  # fmt: skip
 
 
 class JsonFormatter(logging.Formatter):
@@ -142,4 +144,6 @@ def image_fields(result: Result) -> dict[str, Any]:
         "ms": ms,
         "error": error,
         "output": result.output,
+        # What libvips said about this image (recoverable damage, ...), one per entry.
+        "warnings": list(result.warnings),
     }

@@ -125,6 +125,8 @@ class TerminalProgress:
         elif result.status == "failed":
             self.failed += 1
             self._print(f"[red]FAILED[/red] {_escape(result.line())}")
+        for warning in result.warnings:  # what libvips said about this image
+            self._print(f"[yellow]warning[/yellow]: {_escape(result.key)}: {_escape(warning)}")
         if self.verbose and result.status != "failed":
             self._print(_verbose_line(result))
         self._refresh()
