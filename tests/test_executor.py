@@ -204,12 +204,12 @@ def test_nothing_to_convert_starts_no_worker() -> None:
 
 @pytest.fixture
 def slow_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> float:
-    """Every new interpreter takes 3 s to start (a loaded machine, a cold disk)."""
+    """Every new interpreter takes 4 s to start (a loaded machine, a cold disk)."""
     site = tmp_path / "slow-site"
     site.mkdir()
-    (site / "sitecustomize.py").write_text("import time\ntime.sleep(3)\n")
+    (site / "sitecustomize.py").write_text("import time\ntime.sleep(4)\n")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
-    return 3.0
+    return 4.0
 
 
 @pytest.mark.timeout(120)
@@ -217,9 +217,9 @@ def test_the_timeout_counts_from_when_a_ready_worker_gets_the_image(
     tmp_path: Path, slow_start: float
 ) -> None:
     paths = make_tree(tmp_path / "src", 3)
-    # Each image takes milliseconds; the workers take 3 s to start. The start-up
-    # must not count against the images' 1.5 s.
-    with ProcessExecutor(2, timeout=slow_start / 2) as executor:
+    # Each image takes milliseconds; the workers take 4 s to start. The start-up
+    # must not count against the images' 3 s.
+    with ProcessExecutor(2, timeout=slow_start - 1) as executor:
         outcomes = list(executor.imap_unordered(jobs_for(paths)))
         stats = executor.statistics()
     assert [o.error for o in outcomes] == [None] * 3
@@ -249,7 +249,7 @@ def test_ctrl_c_while_workers_start_fails_no_image(tmp_path: Path, slow_start: f
     src, dest = tmp_path / "src", tmp_path / "dest"
     make_tree(src, 4)
     proc = spawn_cli(src, dest, "-j", "2", start_new_session=True)
-    # Both workers exist and are still starting (3 s each): Ctrl-C at the terminal.
+    # Both workers exist and are still starting (4 s each): Ctrl-C at the terminal.
     wait_for(lambda: len(children(proc.pid)) == 2 or proc.poll() is not None)
     os.killpg(proc.pid, signal.SIGINT)
     out, _ = proc.communicate(timeout=100)
