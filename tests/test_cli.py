@@ -108,8 +108,8 @@ def test_dry_run_lists_and_writes_nothing(cli: Callable[..., Result], tmp_path: 
     (src / "notes.txt").write_text("hi")
     result = cli("convert", src, dest, "--dry-run")
     assert result.exit_code == 0
-    assert "would convert jpeg -> d0/img000.webp" in result.output
-    assert "notes.txt: not an image" in result.output
+    assert "would convert d0/img000.jpg -> d0/img000.webp (" in result.stdout
+    assert "notes.txt: not an image" in result.stderr
     assert not dest.exists()
 
 

@@ -89,10 +89,14 @@ class RunConfig:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     follow_symlinks: bool = False
+    #: Give each output the modification time of its source (as rsync -t, cwebp-based
+    #: deploy scripts and CDNs that sort by mtime expect).
+    preserve_mtime: bool = False
     name: NameMode = "replace"
     if_larger: IfLarger = "skip"
     dry_run: bool = False
     force: bool = False
+    #: Where the JSON summary goes; ``-`` is standard output.
     summary_path: Path | None = None
     #: How far the walk may run ahead of the workers, in files per worker. The
     #: largest image in this window starts first; 0 turns that off (plain FIFO).
@@ -140,6 +144,10 @@ class RunConfig:
     @property
     def effective_summary_path(self) -> Path:
         return self.summary_path or self.dest / "optimizr-summary.json"
+
+    @property
+    def summary_to_stdout(self) -> bool:
+        return self.summary_path is not None and str(self.summary_path) == "-"
 
 
 def _check_range(name: str, value: int, low: int, high: int) -> None:

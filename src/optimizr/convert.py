@@ -111,7 +111,8 @@ def convert_tree(
         summary = _execute(config, src_path, dest_path, prune, manifest, executor, listener, stop)
         if manifest is not None and lock is not None:
             _finish_manifest(summary, manifest, dest_path)
-        if not config.dry_run:
+        # "--summary -": the caller (the CLI) prints it on stdout.
+        if not config.dry_run and not config.summary_to_stdout:
             try:
                 write_summary(summary, config.effective_summary_path)
             except OSError as exc:  # DEST full: the run's results still stand

@@ -18,6 +18,7 @@ graceful stop (no new work, in-flight images finish) and a second time for an ab
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import time
 from collections.abc import Iterable, Iterator
@@ -388,7 +389,14 @@ class Pipeline:
                 entry.key, UnsupportedImage(f"{sniffed.format} is not a format optimizr converts")
             )
         kind = "apng" if sniffed.animated_png else sniffed.format
-        return Result(entry.key, "skipped", DRY_RUN, f"would convert {kind} -> {out_key}", out_key)
+        return Result(
+            entry.key,
+            "skipped",
+            DRY_RUN,
+            f"would convert {kind} -> {out_key}",
+            out_key,
+            bytes_in=entry.size,
+        )
 
     # -- commit ------------------------------------------------------------------
 
@@ -419,7 +427,11 @@ class Pipeline:
             return
         write_started = time.perf_counter()
         try:
-            self.dest.write_atomic(out_key, encoded.webp)
+            self.dest.write_atomic(
+                out_key,
+                encoded.webp,
+                mtime_ns=entry.mtime_ns if self.config.preserve_mtime else None,
+            )
         except OSError as exc:
             record(write_failure(key, out_key, exc))
             return
@@ -446,6 +458,9 @@ class Pipeline:
         checked_ns: int = 0,
         attempts: int = 0,
     ) -> None:
+        if entry is not None and result.status == "failed" and not result.bytes_in:
+            # A failure still had a source of some size: logs and the report show it.
+            result = dataclasses.replace(result, bytes_in=entry.size)
         self.summary.record(result)
         self._last_progress = time.monotonic()
         if self.listener:

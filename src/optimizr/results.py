@@ -94,6 +94,10 @@ class RunSummary:
     skipped_by_reason: Counter[str] = field(default_factory=Counter)
     failed_by_reason: Counter[str] = field(default_factory=Counter)
     by_format: dict[str, Counter[str]] = field(default_factory=dict)
+    #: --dry-run: the files a real run would convert, and their bytes. Not "skipped":
+    #: nothing was decided about them but that they need work.
+    would_convert: int = 0
+    would_convert_bytes: int = 0
     #: Files not converted (failed, or skipped for any reason but "up to date").
     not_converted: list[Result] = field(default_factory=list)
     interrupted: bool = False
@@ -153,6 +157,10 @@ class RunSummary:
                 self.phases["encode"] += facts.encode_seconds
             self.timeline.sample(self.found, self.bytes_in, self.bytes_out)
             return
+        if result.reason == DRY_RUN:
+            self.would_convert += 1
+            self.would_convert_bytes += result.bytes_in
+            return
         if result.status == "skipped":
             self.skipped += 1
             self.skipped_by_reason[result.reason or "skipped"] += 1
@@ -206,6 +214,8 @@ class RunSummary:
                 "skipped": self.skipped,
                 "failed": self.failed,
                 "known_failed": self.known_failed,
+                "would_convert": self.would_convert,
+                "would_convert_bytes": self.would_convert_bytes,
                 "skipped_by_reason": dict(sorted(self.skipped_by_reason.items())),
                 "failed_by_reason": dict(sorted(self.failed_by_reason.items())),
                 "by_format": {
