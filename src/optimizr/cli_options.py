@@ -120,6 +120,9 @@ OPTIONS: tuple[Opt, ...] = (
     Opt(("--max-pixels",), "max_pixels", "encode",
         "Refuse larger images (decompression bombs) from the header.",
         DEFAULT_MAX_PIXELS, click.IntRange(1)),
+    Opt(("--pages",), "pages", "encode",
+        "Multi-page TIFF: the first page (with a warning), or all (name.p2.webp, ...).",
+        "first", click.Choice(["first", "all"])),
     # -- what the run does with outputs and sources (RunConfig)
     Opt(("--if-larger",), "if_larger", "run",
         "When the WebP is bigger than the source: skip or write.",
@@ -262,7 +265,7 @@ def build_configs(
 def find_config_file(explicit: Path | None, cwd: Path | None = None) -> Path | None:
     """--config (or $OPTIMIZR_CONFIG) if given, else ./optimizr.toml if it exists."""
     if explicit is not None:
-        if not explicit.is_file():
+        if not explicit.exists() or explicit.is_dir():  # /dev/null: no file at all
             raise UsageError(f"config file {explicit} does not exist")
         return explicit
     candidate = (cwd or Path.cwd()) / CONFIG_NAME

@@ -26,6 +26,7 @@ Oversize = Literal["fail", "fit"]
 IfLarger = Literal["skip", "write"]
 NameMode = Literal["replace", "append"]
 Preset = Literal["default", "picture", "photo", "drawing", "icon", "text"]
+Pages = Literal["first", "all"]
 
 PRESETS: tuple[str, ...] = ("default", "picture", "photo", "drawing", "icon", "text")
 
@@ -47,6 +48,9 @@ class EncodeOptions:
     srgb: bool = False
     oversize: Oversize = "fail"
     max_pixels: int = DEFAULT_MAX_PIXELS
+    #: A multi-page TIFF: its first page (with a warning), or every page as its own
+    #: output (``scan.webp``, ``scan.p2.webp``, ...).
+    pages: Pages = "first"
 
     def __post_init__(self) -> None:
         _check_range("--quality", self.quality, 0, 100)
@@ -65,6 +69,8 @@ class EncodeOptions:
             raise UsageError(f"--metadata must be none, icc or all, not {self.metadata!r}")
         if self.oversize not in ("fail", "fit"):
             raise UsageError(f"--oversize must be fail or fit, not {self.oversize!r}")
+        if self.pages not in ("first", "all"):
+            raise UsageError(f"--pages must be first or all, not {self.pages!r}")
 
     def shrink_box(self, width: int, height: int) -> tuple[int, int] | None:
         """The box an upright ``width`` x ``height`` image must shrink into, or None

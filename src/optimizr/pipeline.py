@@ -76,6 +76,15 @@ def output_key(key: str, name: NameMode) -> str:
     return key + ".webp"
 
 
+#: The message of a done row whose source had several pages: "pages: 3".
+PAGES_PREFIX = "pages: "
+
+
+def page_key(out_key: str, page: int) -> str:
+    """The output of page ``page`` (2, 3, ...) of a multi-page source: ``a/scan.p2.webp``."""
+    return f"{out_key.removesuffix('.webp')}.p{page}.webp"
+
+
 def classify_error(key: str, error: ImageError) -> Result:
     """Not every ImageError is a failure: a stray text file is skipped, not failed."""
     cls = type(error).__name__
@@ -322,8 +331,22 @@ class Pipeline:
     ) -> Result | None:
         """The result that stands without opening the file, if the manifest proves one."""
         if row.status == "done":
-            output = plan.outputs().get(split_key(out_key)[1])
-            if row.output == out_key and output is not None and output.size == row.output_size:
+            outputs = plan.outputs()
+            output = outputs.get(split_key(out_key)[1])
+            pages = (
+                int(row.message[len(PAGES_PREFIX) :] or 1)
+                if row.message.startswith(PAGES_PREFIX)
+                else 1
+            )
+            pages_there = all(
+                split_key(page_key(out_key, n))[1] in outputs for n in range(2, pages + 1)
+            )
+            if (
+                row.output == out_key
+                and output is not None
+                and output.size == row.output_size
+                and pages_there
+            ):
                 return Result(entry.key, "skipped", UP_TO_DATE, "", out_key)
             return None  # the output is gone or was changed: make it again
         if row.status == "skipped":
@@ -412,7 +435,8 @@ class Pipeline:
             return
         encoded = outcome.encoded
         out_key = output_key(key, self.config.name)
-        size = len(encoded.webp)
+        more_bytes = sum(len(page) for page in encoded.more_pages)
+        size = len(encoded.webp) + more_bytes
         larger = larger_than_source(key, size, entry.size, self.config.if_larger)
         if larger is not None:
             record(larger)
@@ -426,15 +450,17 @@ class Pipeline:
             record(_failure(key, changed))
             return
         write_started = time.perf_counter()
-        try:
-            self.dest.write_atomic(
-                out_key,
-                encoded.webp,
-                mtime_ns=entry.mtime_ns if self.config.preserve_mtime else None,
-            )
-        except OSError as exc:
-            record(write_failure(key, out_key, exc))
-            return
+        mtime_ns = entry.mtime_ns if self.config.preserve_mtime else None
+        # Pages 2, 3, ... first: the main output, and the row after it, say the
+        # whole source is done only once every page is in place.
+        writes = [(page_key(out_key, n), data) for n, data in enumerate(encoded.more_pages, 2)]
+        writes.append((out_key, encoded.webp))
+        for target, data in writes:
+            try:
+                self.dest.write_atomic(target, data, mtime_ns=mtime_ns)
+            except OSError as exc:
+                record(write_failure(key, target, exc))
+                return
         written = time.perf_counter() - write_started
         # Only now, with the output renamed into place, may the row say done.
         record(
@@ -442,12 +468,15 @@ class Pipeline:
                 key,
                 "converted",
                 None,
-                "",
+                # Kept in the manifest row: a re-run checks that every page is still there.
+                f"{PAGES_PREFIX}{1 + len(encoded.more_pages)}" if encoded.more_pages else "",
                 out_key,
                 entry.size,
                 size,
                 encoded.facts,
                 write_seconds=written,
+                warnings=encoded.facts.warnings,
+                more_pages_bytes=more_bytes,
             )
         )
 
@@ -477,7 +506,8 @@ class Pipeline:
             status=status,
             reason=result.reason,
             output=result.output if status == "done" else None,
-            output_size=result.bytes_out if status == "done" else None,
+            # The main output's own size: the evidence a re-run checks on disk.
+            output_size=result.bytes_out - result.more_pages_bytes if status == "done" else None,
             error_class=result.error_class,
             message=result.message,
             attempts=attempts + 1 if status == "failed" else attempts,
@@ -504,6 +534,15 @@ class _DirectoryPlan:
         if self._outputs is None:
             self._outputs = self.dest.list_files(self.directory)
         return self._outputs
+
+
+def _pages_of(row: Row) -> int:
+    if row.message.startswith(PAGES_PREFIX):
+        try:
+            return max(1, int(row.message[len(PAGES_PREFIX) :]))
+        except ValueError:
+            pass
+    return 1
 
 
 def _failure(key: str, error: ImageError) -> Result:

@@ -41,6 +41,11 @@ class Result:
     error_class: str | None = None
     #: Seconds the parent spent writing the output into place.
     write_seconds: float = 0.0
+    #: Things the user should know about a converted image, one line each
+    #: ("multi-page: 3 pages, only the first was converted ...").
+    warnings: tuple[str, ...] = ()
+    #: Of ``bytes_out``: the outputs of pages 2, 3, ... of a multi-page source.
+    more_pages_bytes: int = 0
 
     def line(self) -> str:
         """The one line a person reads: path and reason."""
@@ -98,6 +103,8 @@ class RunSummary:
     #: nothing was decided about them but that they need work.
     would_convert: int = 0
     would_convert_bytes: int = 0
+    #: Images converted with a warning, by its kind (the words before its first colon).
+    warned_by_kind: Counter[str] = field(default_factory=Counter)
     #: Files not converted (failed, or skipped for any reason but "up to date").
     not_converted: list[Result] = field(default_factory=list)
     interrupted: bool = False
@@ -127,6 +134,8 @@ class RunSummary:
 
     def record(self, result: Result) -> None:
         self.found += 1
+        for warning in result.warnings:
+            self.warned_by_kind[warning.partition(":")[0]] += 1
         if result.reason != UP_TO_DATE:
             counts = self.by_format.setdefault(input_format(result), Counter())
             counts[result.status] += 1
@@ -216,6 +225,7 @@ class RunSummary:
                 "known_failed": self.known_failed,
                 "would_convert": self.would_convert,
                 "would_convert_bytes": self.would_convert_bytes,
+                "warned_by_kind": dict(sorted(self.warned_by_kind.items())),
                 "skipped_by_reason": dict(sorted(self.skipped_by_reason.items())),
                 "failed_by_reason": dict(sorted(self.failed_by_reason.items())),
                 "by_format": {

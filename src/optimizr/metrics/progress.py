@@ -135,6 +135,9 @@ class TerminalProgress:
             self.failed += 1
             if self.show_failures:
                 self._print(f"[red]FAILED[/red] {_escape(result.line())}")
+        if self.show_failures:
+            for warning in result.warnings:
+                self._print(f"[yellow]WARNING[/yellow] {_escape(result.key)}: {_escape(warning)}")
         if result.reason == DRY_RUN:
             print(_dry_run_line(result), file=self.out or sys.stdout, flush=True)
         elif self.verbose and result.status != "failed":
@@ -247,6 +250,9 @@ def summary_table(summary: RunSummary) -> Table:
             f"{summary.would_convert:,} ({human_bytes(summary.would_convert_bytes)})",
         )
     table.add_row("converted", f"{summary.converted:,}")
+    if summary.warned_by_kind:
+        warned = ", ".join(f"{n:,} {kind}" for kind, n in sorted(summary.warned_by_kind.items()))
+        table.add_row("  with warnings", warned)
     skipped = ", ".join(f"{n:,} {r}" for r, n in sorted(summary.skipped_by_reason.items()))
     table.add_row("skipped", f"{summary.skipped:,}" + (f" ({skipped})" if skipped else ""))
     failed = ", ".join(f"{n:,} {r}" for r, n in sorted(summary.failed_by_reason.items()))
