@@ -24,20 +24,22 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
 
-from optimizr.budget import MemoryBudget, estimate_peak_bytes
+from optimizr.budget import Header, MemoryBudget, estimate_peak_bytes
 from optimizr.config import IfLarger, NameMode, RunConfig
+from optimizr.encode import check_pixels, check_webp_limit
 from optimizr.errors import (
-    TRANSIENT,
     ImageError,
     NoSpaceLeft,
     NotAnImage,
     OutputConflict,
+    OverMemoryBudget,
     PermissionDenied,
     SourceChanged,
     SourceUnreadable,
     TooLarge,
     UnsupportedImage,
     WriteFailed,
+    cause_of,
 )
 from optimizr.events import ProgressListener, RunSnapshot, StopToken
 from optimizr.executors.base import Executor, Job, Outcome
@@ -300,20 +302,38 @@ class Pipeline:
         if self.budget is not None:
             header = probe(source)
             if header is not None:
-                cost = estimate_peak_bytes(header, self.config.encode)
-                if not self.budget.fits_alone(cost):
-                    refusal = TooLarge(
-                        f"{header.width}x{header.height} needs about {cost / 2**20:,.0f} MiB to "
-                        f"convert, more than --max-memory {self.budget.total / 2**20:,.0f} MiB "
-                        f"leaves for one image ({self.budget.capacity / 2**20:,.0f} MiB); "
-                        "raise --max-memory or use --max-width/--max-height"
-                    )
+                refusal = self._refusal(header)
+                if refusal is not None:
                     self._record(_failure(entry.key, refusal), entry, checked_ns, attempts)
                     return None
+                cost = estimate_peak_bytes(header, self.config.encode)
         self._next_id += 1
         self._in_flight[self._next_id] = _InFlight(entry, checked_ns, attempts)
         return Job(
             self._next_id, entry.key, source, self.config.encode, cost, verify=self.config.verify
+        )
+
+    def _refusal(self, header: Header) -> TooLarge | None:
+        """What the header alone says cannot be converted, the image's own limits first:
+        a bomb over --max-pixels must be told so, not to raise --max-memory by 44 GB."""
+        assert self.budget is not None
+        options = self.config.encode
+        try:
+            check_pixels(header.width, header.height, header.frames, options)
+            if options.shrink_box(header.width, header.height) is None:
+                # Kept at its own size, so the worker would meet exactly this limit.
+                check_webp_limit(header.width, header.height, options)
+        except TooLarge as exc:
+            return exc
+        cost = estimate_peak_bytes(header, options)
+        if self.budget.fits_alone(cost):
+            return None
+        budget = self.budget
+        return OverMemoryBudget(
+            f"{header.width}x{header.height} needs about {cost / 2**20:,.0f} MiB to "
+            f"convert, more than --max-memory {budget.total / 2**20:,.0f} MiB "
+            f"leaves for one image ({budget.capacity / 2**20:,.0f} MiB); "
+            "raise --max-memory or use --max-width/--max-height"
         )
 
     def _settled(
@@ -327,8 +347,11 @@ class Pipeline:
             return None  # the output is gone or was changed: make it again
         if row.status == "skipped":
             return Result(entry.key, "skipped", row.reason, row.message)
-        if row.reason in TRANSIENT:
-            return None  # the disk was full, the file unreadable...: not the image's fault
+        if cause_of(row.error_class, row.reason) != "image":
+            # Transient (a full disk, a permission...) or decided by the run's
+            # settings and other files (the memory budget, an output conflict):
+            # this run decides it again from what it finds.
+            return None
         if self.config.retry_failed and row.attempts < self.config.max_attempts:
             return None
         self.summary.known_failed += 1
@@ -453,6 +476,8 @@ class Pipeline:
         if entry is None or self.manifest is None or self.config.dry_run:
             return
         status = {"converted": "done", "skipped": "skipped", "failed": "failed"}[result.status]
+        if status == "failed" and cause_of(result.error_class, result.reason) != "run":
+            attempts += 1  # a refusal by the budget or a conflict never tried the image
         self.manifest.record(
             entry.key,
             size=entry.size,
@@ -465,7 +490,7 @@ class Pipeline:
             output_size=result.bytes_out if status == "done" else None,
             error_class=result.error_class,
             message=result.message,
-            attempts=attempts + 1 if status == "failed" else attempts,
+            attempts=attempts,
         )
 
 
