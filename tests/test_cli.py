@@ -249,6 +249,36 @@ def test_second_sigint_aborts_without_partial_files(big_tree: tuple[Path, Path])
     assert len(list(dest.rglob("*.webp"))) < 40
 
 
+@pytest.mark.timeout(120)
+def test_sigterm_is_recorded_as_143_with_what_was_found_and_what_remains(
+    tmp_path: Path,
+) -> None:
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    # One folder: the walk lists it whole before the first image starts.
+    for i in range(12):
+        save_jpeg(src / f"img{i:03}.jpg", photo_array(1200, 900, seed=i))
+    proc = spawn_cli(src, dest, "-j", "1", "--effort", "6")
+    wait_for(lambda: any(dest.rglob("*.webp")))
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=100)
+    text = out.decode()
+    assert proc.returncode == 143, text
+    doc = json.loads((dest / "optimizr-summary.json").read_text())
+    files = doc["files"]
+    assert doc["interrupted"] is True and doc["exit_code"] == 143
+    finished = files["converted"] + files["skipped"] + files["failed"]
+    assert files["found"] == 12 and 1 <= finished < 12
+    assert files["remaining"] == 12 - finished
+    assert re.search(r"files found\s*│\s*12\b", text), text
+    assert re.search(rf"not done \(interrupted\)\s*│\s*{12 - finished}\b", text), text
+    status = subprocess.run(
+        [sys.executable, "-m", "optimizr", "status", str(dest), "--json"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    last = json.loads(status.stdout)["last_run"]
+    assert last["exit_code"] == 143 and last["found"] == 12
+
+
 # -- permissions ------------------------------------------------------------------------------
 
 # Root reads anything; CI runs as root. Dropping the two capabilities that let

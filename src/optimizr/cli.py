@@ -384,11 +384,9 @@ def _convert(
 
             exporter = MetricsExporter(stall_timeout=stall_timeout)
             listener = Listeners(progress, log, exporter)
-        received: list[int] = []
 
         def on_signal(signum: int, _frame: FrameType | None) -> None:
-            received.append(signum)
-            stop.request()
+            stop.request(signum)
             listener.stopping(hard=stop.hard)
 
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -424,8 +422,6 @@ def _convert(
         except OSError as exc:
             summary.warnings.append(f"could not write {metrics_textfile}: {exc.strerror or exc}")
     code = summary.exit_code
-    if summary.interrupted and received and received[0] == signal.SIGTERM:
-        code = 143
     if json_logs:
         log.run_finished(summary, code)
     else:

@@ -163,7 +163,7 @@ class Pipeline:
         return RunSnapshot(
             found=self._found,
             walk_done=self._walk_done,
-            finished=summary.found,
+            finished=summary.finished,
             converted=summary.converted,
             skipped=summary.skipped,
             failed=summary.failed,
@@ -197,6 +197,8 @@ class Pipeline:
                 self._commit(outcome)
         finally:
             self.summary.interrupted = self.stop.graceful
+            self.summary.stop_signal = self.stop.signum
+            self.summary.walk_complete = self._walk_done
             self.summary.finished_at = time.time()
         return self.summary
 
@@ -217,7 +219,7 @@ class Pipeline:
                 return
             visited.add(listing.directory)
             found += len(listing.entries)
-            self._found = found
+            self._found = self.summary.found = found
             if self.listener:
                 self.listener.found(len(listing.entries))
             planner = _DirectoryPlan(self, listing.directory)

@@ -6,6 +6,7 @@ These are plain data, built by the pipeline and read by every exporter
 
 from __future__ import annotations
 
+import signal
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -83,7 +84,11 @@ class RunSummary:
     dest: str
     started_at: float = field(default_factory=time.time)
     finished_at: float = 0.0
+    #: Files the walk listed (entries it could not read included), set by the
+    #: pipeline as it walks: after an interrupted run, more than were finished.
     found: int = 0
+    #: The walk reached the end of SRC (else ``found`` counts only what it listed).
+    walk_complete: bool = False
     converted: int = 0
     skipped: int = 0
     failed: int = 0
@@ -97,6 +102,8 @@ class RunSummary:
     #: Files not converted (failed, or skipped for any reason but "up to date").
     not_converted: list[Result] = field(default_factory=list)
     interrupted: bool = False
+    #: The signal that stopped the run (None: not stopped, or stopped by a caller).
+    stop_signal: int | None = None
     workers: int = 0
     options: dict[str, Any] = field(default_factory=dict)
     codec_seconds: float = 0.0
@@ -122,7 +129,6 @@ class RunSummary:
     warnings: list[str] = field(default_factory=list)
 
     def record(self, result: Result) -> None:
-        self.found += 1
         if result.reason != UP_TO_DATE:
             counts = self.by_format.setdefault(input_format(result), Counter())
             counts[result.status] += 1
@@ -151,7 +157,7 @@ class RunSummary:
                 self.phases["read"] += facts.read_seconds
                 self.phases["decode"] += facts.decode_seconds
                 self.phases["encode"] += facts.encode_seconds
-            self.timeline.sample(self.found, self.bytes_in, self.bytes_out)
+            self.timeline.sample(self.finished, self.bytes_in, self.bytes_out)
             return
         if result.status == "skipped":
             self.skipped += 1
@@ -166,7 +172,17 @@ class RunSummary:
             self.failed += 1
             self.failed_by_reason[result.reason or "failed"] += 1
             self.not_converted.append(result)
-        self.timeline.sample(self.found, self.bytes_in, self.bytes_out)
+        self.timeline.sample(self.finished, self.bytes_in, self.bytes_out)
+
+    @property
+    def finished(self) -> int:
+        """Files whose result is known: converted, skipped or failed."""
+        return self.converted + self.skipped + self.failed
+
+    @property
+    def remaining(self) -> int:
+        """Files found but not finished: an interrupted run leaves them to the next one."""
+        return max(0, self.found - self.finished)
 
     @property
     def seconds(self) -> float:
@@ -179,14 +195,15 @@ class RunSummary:
     @property
     def exit_code(self) -> int:
         if self.interrupted:
-            return 130
+            # The shell's convention, 128 + the signal: what `kill` callers expect.
+            return 143 if self.stop_signal == signal.SIGTERM else 130
         return 1 if self.failed else 0
 
     def to_dict(self) -> dict[str, Any]:
         from optimizr.metrics.analysis import analyse
 
         seconds = self.seconds
-        self.timeline.sample(self.found, self.bytes_in, self.bytes_out, force=True)
+        self.timeline.sample(self.finished, self.bytes_in, self.bytes_out, force=True)
         per_second = (lambda n: round(n / seconds, 3)) if seconds else (lambda n: 0)
         doc: dict[str, Any] = {
             "schema": SCHEMA,
@@ -206,6 +223,8 @@ class RunSummary:
                 "skipped": self.skipped,
                 "failed": self.failed,
                 "known_failed": self.known_failed,
+                "remaining": self.remaining,
+                "walk_complete": self.walk_complete,
                 "skipped_by_reason": dict(sorted(self.skipped_by_reason.items())),
                 "failed_by_reason": dict(sorted(self.failed_by_reason.items())),
                 "by_format": {
@@ -228,7 +247,7 @@ class RunSummary:
                 for phase in ("read", "decode", "encode", "write")
             },
             "throughput": {
-                "files_per_second": per_second(self.found),
+                "files_per_second": per_second(self.finished),
                 "images_per_second": per_second(self.converted),
                 "mb_per_second": per_second(self.bytes_in / 1e6),
                 "megapixels_per_second": per_second(self.pixels / 1e6),
