@@ -1,8 +1,10 @@
 """The command line: parse, build one frozen config, make one library call, exit.
 
-Exit codes: 0 every file converted or skipped; 1 some failed; 2 usage error
-(or a damaged manifest); 3 another run holds DEST; 130 interrupted by SIGINT,
-143 by SIGTERM.
+Exit codes: 0 every file converted or skipped, or failed only as it had failed
+before (known bad: listed, but not new); 1 some file failed for the first time,
+or for another reason than before (with --strict: any file failed); 2 usage
+error (or a damaged manifest); 3 another run holds DEST; 130 interrupted by
+SIGINT, 143 by SIGTERM.
 """
 
 from __future__ import annotations
@@ -155,6 +157,11 @@ def main() -> None:
     default=3,
     show_default=True,
     help="With --retry-failed: give up on an image after this many attempts in all.",
+)
+@click.option(
+    "--strict",
+    is_flag=True,
+    help="Exit 1 when any file failed, known-bad ones included (default: only new failures).",
 )
 @click.option(
     "--verify",
@@ -311,6 +318,7 @@ def _convert(
     force: bool,
     retry_failed: bool,
     max_attempts: int,
+    strict: bool,
     verify: bool,
     rebuild_manifest: bool,
     workers: int,
@@ -359,6 +367,7 @@ def _convert(
             force=force,
             retry_failed=retry_failed,
             max_attempts=max_attempts,
+            strict=strict,
             verify=verify,
             rebuild_manifest=rebuild_manifest,
             summary_path=summary_path,

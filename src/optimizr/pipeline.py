@@ -108,6 +108,7 @@ class _InFlight:
     entry: SourceEntry
     checked_ns: int
     attempts: int
+    known: str | None
 
 
 class Pipeline:
@@ -147,8 +148,10 @@ class Pipeline:
             "retry_failed": config.retry_failed,
             "max_attempts": config.max_attempts,
             "verify": config.verify,
+            "strict": config.strict,
             "fingerprint": self.fingerprint,
         }
+        self.summary.strict = config.strict
         self._in_flight: dict[int, _InFlight] = {}
         self._next_id = 0
         self._found = 0
@@ -261,10 +264,15 @@ class Pipeline:
 
     def _plan(self, entry: SourceEntry, plan: _DirectoryPlan) -> Job | None:
         checked_ns = plan.checked_ns
+        row = plan.row(entry.key)
+        # The reason this file had failed for before this run: failing the same
+        # way again is not new, and does not fail the run without --strict.
+        known = row.reason if row is not None and row.status == "failed" else None
+        record = partial(self._record, entry=entry, checked_ns=checked_ns, known=known)
         if entry.error is not None:
             kind = PermissionDenied if entry.error == "permission denied" else SourceUnreadable
             error = kind(f"cannot read: {entry.error}")
-            self._record(_failure(entry.key, error), entry, checked_ns)
+            record(_failure(entry.key, error))
             return None
         out_key = output_key(entry.key, self.config.name)
         if out_key in plan.claimed:
@@ -272,25 +280,22 @@ class Pipeline:
                 f"{out_key} is already the output of {plan.claimed[out_key]}; "
                 "use --name append to keep both"
             )
-            self._record(_failure(entry.key, conflict), entry, checked_ns)
+            record(_failure(entry.key, conflict))
             return None
         plan.claimed[out_key] = entry.key
         attempts = 0
         if not self.config.force:
-            row = plan.rows.get(split_key(entry.key)[1])
-            if row is not None:
-                plan.matched += 1
             if row is not None and row.describes(entry.size, entry.mtime_ns, self.fingerprint):
                 settled = self._settled(entry, row, out_key, plan)
                 if settled is not None:
-                    self._record(settled)
+                    self._record(settled, known=known)
                     return None
                 attempts = row.attempts if row.status == "failed" else 0
             elif row is None and self.manifest is not None and self.manifest.rebuilt:
                 if self._adopt(entry, out_key, plan):
                     return None
         if self.config.dry_run:
-            self._record(self._dry_run_result(entry, out_key))
+            self._record(self._dry_run_result(entry, out_key), known=known)
             return None
         source: str | bytes | None = self.source.local_path(entry.key)
         if source is None:
@@ -298,7 +303,7 @@ class Pipeline:
                 source = self.source.read_bytes(entry.key)
             except OSError as exc:
                 unreadable = SourceUnreadable(exc.strerror or str(exc))
-                self._record(_failure(entry.key, unreadable), entry, checked_ns, attempts)
+                record(_failure(entry.key, unreadable), attempts=attempts)
                 return None
         cost = 0
         if self.budget is not None:
@@ -306,11 +311,11 @@ class Pipeline:
             if header is not None:
                 refusal = self._refusal(header)
                 if refusal is not None:
-                    self._record(_failure(entry.key, refusal), entry, checked_ns, attempts)
+                    record(_failure(entry.key, refusal), attempts=attempts)
                     return None
                 cost = estimate_peak_bytes(header, self.config.encode)
         self._next_id += 1
-        self._in_flight[self._next_id] = _InFlight(entry, checked_ns, attempts)
+        self._in_flight[self._next_id] = _InFlight(entry, checked_ns, attempts, known)
         return Job(
             self._next_id, entry.key, source, self.config.encode, cost, verify=self.config.verify
         )
@@ -421,7 +426,11 @@ class Pipeline:
         flight = self._in_flight.pop(outcome.job.id)
         entry, key = flight.entry, flight.entry.key
         record = partial(
-            self._record, entry=entry, checked_ns=flight.checked_ns, attempts=flight.attempts
+            self._record,
+            entry=entry,
+            checked_ns=flight.checked_ns,
+            attempts=flight.attempts,
+            known=flight.known,
         )
         if outcome.error is not None or outcome.encoded is None:
             error = outcome.error or ImageError("no result")
@@ -470,8 +479,11 @@ class Pipeline:
         entry: SourceEntry | None = None,
         checked_ns: int = 0,
         attempts: int = 0,
+        known: str | None = None,
     ) -> None:
         self.summary.record(result)
+        if result.status == "failed" and result.reason != known:
+            self.summary.new_failed += 1
         self._last_progress = time.monotonic()
         if self.listener:
             self.listener.finished(result)
@@ -506,10 +518,26 @@ class _DirectoryPlan:
         # newer mtime than the row's, or falls inside the settle window.
         self.checked_ns = time.time_ns()
         self.claimed: dict[str, str] = {}
-        use_rows = pipeline.manifest is not None and not pipeline.config.force
-        self.rows = pipeline.manifest.rows_in(directory) if use_rows and pipeline.manifest else {}
+        # Read under --force too: it skips nothing, but a failure is still new
+        # only if the file had not failed the same way before.
+        self.manifest = pipeline.manifest
+        self.rows = self.manifest.rows_in(directory) if self.manifest is not None else {}
         self.matched = 0  # rows that a listed file found
         self._outputs: dict[str, FileStat] | None = None
+
+    def row(self, key: str) -> Row | None:
+        """The manifest's row for a listed file, if it has one."""
+        directory, name = split_key(key)
+        if directory != self.directory:
+            # The entry that stands for an unreadable directory is recorded under
+            # its own key, a name in the parent directory.
+            if self.manifest is None:
+                return None
+            return self.manifest.rows_in(directory).get(name)
+        row = self.rows.get(name)
+        if row is not None:
+            self.matched += 1
+        return row
 
     def outputs(self) -> dict[str, FileStat]:
         """The files in the mirrored DEST directory, listed once and only if needed."""

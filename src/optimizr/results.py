@@ -94,6 +94,10 @@ class RunSummary:
     failed: int = 0
     #: Of the failed: images an earlier run found bad, not tried again (--retry-failed).
     known_failed: int = 0
+    #: Of the failed: files that had not failed for the same reason before this run.
+    new_failed: int = 0
+    #: --strict: every failure fails the run, not only the new ones.
+    strict: bool = False
     bytes_in: int = 0  # of converted files
     bytes_out: int = 0  # of the outputs written
     skipped_by_reason: Counter[str] = field(default_factory=Counter)
@@ -197,7 +201,9 @@ class RunSummary:
         if self.interrupted:
             # The shell's convention, 128 + the signal: what `kill` callers expect.
             return 143 if self.stop_signal == signal.SIGTERM else 130
-        return 1 if self.failed else 0
+        # Known-bad files stay listed, but only a failure new in this run makes
+        # it fail: a scheduled job is not red for ever over one corrupt file.
+        return 1 if (self.failed if self.strict else self.new_failed) else 0
 
     def to_dict(self) -> dict[str, Any]:
         from optimizr.metrics.analysis import analyse
@@ -223,6 +229,7 @@ class RunSummary:
                 "skipped": self.skipped,
                 "failed": self.failed,
                 "known_failed": self.known_failed,
+                "new_failed": self.new_failed,
                 "remaining": self.remaining,
                 "walk_complete": self.walk_complete,
                 "skipped_by_reason": dict(sorted(self.skipped_by_reason.items())),
