@@ -9,7 +9,7 @@ the process exit code the CLI turns it into. Only ``cli.py`` catches them.
     ├── UsageError                exit 2    bad option, SRC missing, DEST unusable
     │   └── ManifestDamaged       exit 2    DEST's manifest is unreadable: --rebuild-manifest
     ├── DestBusy                  exit 3    another run holds DEST's lock
-    ├── Interrupted               exit 130  stopped by a signal (SIGINT)
+    ├── Interrupted               exit 130  stopped by a signal (a run stopped by SIGTERM exits 143)
     └── ImageError                exit 1    one image could not be converted; the run goes on
         ├── NotAnImage            "not an image"        no known image signature           image
         ├── UnsupportedImage      "unsupported"         an image we cannot decode          image
