@@ -4,9 +4,11 @@ Every option of ``convert`` is declared once, in :mod:`optimizr.cli_options`;
 from there it reaches the command line, the environment (``OPTIMIZR_QUALITY``),
 the config file (``optimizr.toml``) and the frozen config.
 
-Exit codes: 0 every file converted or skipped; 1 some failed; 2 usage error
-(or a damaged manifest); 3 another run holds DEST; 130 interrupted by SIGINT,
-143 by SIGTERM.
+Exit codes: 0 every file converted or skipped, or failed only as it had failed
+before (known bad: listed, but not new); 1 some file failed for the first time,
+or for another reason than before (with --strict: any file failed); 2 usage
+error (or a damaged manifest); 3 another run holds DEST; 130 interrupted by
+SIGINT, 143 by SIGTERM.
 """
 
 from __future__ import annotations
@@ -188,11 +190,9 @@ def _convert(logger: logging.Logger, config: RunConfig, console: ConsoleOptions)
 
             exporter = MetricsExporter(stall_timeout=console.stall_timeout)
             listener = Listeners(progress, log, exporter)
-        received: list[int] = []
 
         def on_signal(signum: int, _frame: FrameType | None) -> None:
-            received.append(signum)
-            stop.request()
+            stop.request(signum)
             listener.stopping(hard=stop.hard)
 
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -231,8 +231,6 @@ def _convert(logger: logging.Logger, config: RunConfig, console: ConsoleOptions)
             path = console.metrics_textfile
             summary.warnings.append(f"could not write {path}: {exc.strerror or exc}")
     code = summary.exit_code
-    if summary.interrupted and received and received[0] == signal.SIGTERM:
-        code = 143
     if config.summary_to_stdout and not dry_run:
         click.echo(json.dumps(summary.to_dict(), indent=2))
     if json_logs:

@@ -124,6 +124,9 @@ class RunConfig:
     verify: bool = False
     #: Set a damaged manifest aside and rebuild it from the outputs on disk.
     rebuild_manifest: bool = False
+    #: Exit 1 for any failed file; by default only for failures new in this run,
+    #: so that known-bad files do not fail every scheduled run for ever.
+    strict: bool = False
 
     def __post_init__(self) -> None:
         if self.workers < 0:
@@ -142,6 +145,8 @@ class RunConfig:
             raise UsageError(f"--max-attempts must be at least 1, not {self.max_attempts}")
         if self.grace < 0:
             raise UsageError(f"--grace must not be negative, not {self.grace}")
+        if not isinstance(self.strict, bool):
+            raise UsageError(f"strict must be True or False, not {self.strict!r}")
 
     @property
     def effective_workers(self) -> int:

@@ -294,7 +294,7 @@ def _load(
     frames = _pages(header) if all_frames else 1
     pages = int(header.get("n-pages")) if paged and header.get_typeof("n-pages") else 1
     width, page_height = header.width, _page_height(header)
-    _check_pixels(width, page_height, frames, options)
+    check_pixels(width, page_height, frames, options)
     orientation = _orientation(header)
     out_w, out_h = _oriented(width, page_height, orientation)
     target = options.shrink_box(out_w, out_h)
@@ -364,7 +364,8 @@ def _resize_in_memory(image: Any, options: EncodeOptions) -> Any:
     return strip
 
 
-def _check_pixels(width: int, height: int, frames: int, options: EncodeOptions) -> None:
+def check_pixels(width: int, height: int, frames: int, options: EncodeOptions) -> None:
+    """Refuse a decompression bomb from its header: over ``--max-pixels`` in all frames."""
     pixels = width * height * frames
     if pixels > options.max_pixels:
         what = f"{width}x{height}" + (f"x{frames} frames" if frames > 1 else "")
@@ -440,15 +441,20 @@ def _icc_description(profile: bytes) -> bytes:
     return b""
 
 
+def check_webp_limit(width: int, height: int, options: EncodeOptions) -> None:
+    """Refuse an output over WebP's size limit, unless ``--oversize fit`` shrinks it."""
+    if options.oversize == "fail" and max(width, height) > WEBP_MAX_DIMENSION:
+        raise TooLarge(
+            f"{width}x{height} is over WebP's {WEBP_MAX_DIMENSION} px limit; "
+            "use --oversize fit to downscale it, or --max-width/--max-height"
+        )
+
+
 def _fit_to_webp(image: Any, options: EncodeOptions) -> Any:
     page_height = _page_height(image)
     if image.width <= WEBP_MAX_DIMENSION and page_height <= WEBP_MAX_DIMENSION:
         return image
-    if options.oversize == "fail":
-        raise TooLarge(
-            f"{image.width}x{page_height} is over WebP's {WEBP_MAX_DIMENSION} px limit; "
-            "use --oversize fit to downscale it, or --max-width/--max-height"
-        )
+    check_webp_limit(image.width, page_height, options)
     # Only images that reached here without shrink-on-load (BMP, APNG) need this.
     return image.thumbnail_image(WEBP_MAX_DIMENSION, height=WEBP_MAX_DIMENSION, size="down")
 
@@ -564,4 +570,13 @@ def _classify_vips_error(exc: pyvips.Error, fmt: str) -> ImageError:
     return CorruptImage(f"{fmt}: {detail}")
 
 
-__all__ = ["HEAD_SIZE", "Encoded", "ImageFacts", "Source", "encode_webp", "webp_has_alpha"]
+__all__ = [
+    "HEAD_SIZE",
+    "Encoded",
+    "ImageFacts",
+    "Source",
+    "check_pixels",
+    "check_webp_limit",
+    "encode_webp",
+    "webp_has_alpha",
+]

@@ -25,20 +25,22 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
 
-from optimizr.budget import MemoryBudget, estimate_peak_bytes
+from optimizr.budget import Header, MemoryBudget, estimate_peak_bytes
 from optimizr.config import IfLarger, NameMode, RunConfig
+from optimizr.encode import check_pixels, check_webp_limit
 from optimizr.errors import (
-    TRANSIENT,
     ImageError,
     NoSpaceLeft,
     NotAnImage,
     OutputConflict,
+    OverMemoryBudget,
     PermissionDenied,
     SourceChanged,
     SourceUnreadable,
     TooLarge,
     UnsupportedImage,
     WriteFailed,
+    cause_of,
 )
 from optimizr.events import ProgressListener, RunSnapshot, StopToken
 from optimizr.executors.base import Executor, Job, Outcome
@@ -116,6 +118,7 @@ class _InFlight:
     entry: SourceEntry
     checked_ns: int
     attempts: int
+    known: str | None
 
 
 class Pipeline:
@@ -155,8 +158,10 @@ class Pipeline:
             "retry_failed": config.retry_failed,
             "max_attempts": config.max_attempts,
             "verify": config.verify,
+            "strict": config.strict,
             "fingerprint": self.fingerprint,
         }
+        self.summary.strict = config.strict
         self._in_flight: dict[int, _InFlight] = {}
         self._next_id = 0
         self._found = 0
@@ -171,7 +176,7 @@ class Pipeline:
         return RunSnapshot(
             found=self._found,
             walk_done=self._walk_done,
-            finished=summary.found,
+            finished=summary.finished,
             converted=summary.converted,
             skipped=summary.skipped,
             failed=summary.failed,
@@ -205,6 +210,8 @@ class Pipeline:
                 self._commit(outcome)
         finally:
             self.summary.interrupted = self.stop.graceful
+            self.summary.stop_signal = self.stop.signum
+            self.summary.walk_complete = self._walk_done
             self.summary.finished_at = time.time()
         return self.summary
 
@@ -225,7 +232,7 @@ class Pipeline:
                 return
             visited.add(listing.directory)
             found += len(listing.entries)
-            self._found = found
+            self._found = self.summary.found = found
             if self.listener:
                 self.listener.found(len(listing.entries))
             planner = _DirectoryPlan(self, listing.directory)
@@ -267,10 +274,15 @@ class Pipeline:
 
     def _plan(self, entry: SourceEntry, plan: _DirectoryPlan) -> Job | None:
         checked_ns = plan.checked_ns
+        row = plan.row(entry.key)
+        # The reason this file had failed for before this run: failing the same
+        # way again is not new, and does not fail the run without --strict.
+        known = row.reason if row is not None and row.status == "failed" else None
+        record = partial(self._record, entry=entry, checked_ns=checked_ns, known=known)
         if entry.error is not None:
             kind = PermissionDenied if entry.error == "permission denied" else SourceUnreadable
             error = kind(f"cannot read: {entry.error}")
-            self._record(_failure(entry.key, error), entry, checked_ns)
+            record(_failure(entry.key, error))
             return None
         out_key = output_key(entry.key, self.config.name)
         if out_key in plan.claimed:
@@ -278,25 +290,22 @@ class Pipeline:
                 f"{out_key} is already the output of {plan.claimed[out_key]}; "
                 "use --name append to keep both"
             )
-            self._record(_failure(entry.key, conflict), entry, checked_ns)
+            record(_failure(entry.key, conflict))
             return None
         plan.claimed[out_key] = entry.key
         attempts = 0
         if not self.config.force:
-            row = plan.rows.get(split_key(entry.key)[1])
-            if row is not None:
-                plan.matched += 1
             if row is not None and row.describes(entry.size, entry.mtime_ns, self.fingerprint):
                 settled = self._settled(entry, row, out_key, plan)
                 if settled is not None:
-                    self._record(settled)
+                    self._record(settled, known=known)
                     return None
                 attempts = row.attempts if row.status == "failed" else 0
             elif row is None and self.manifest is not None and self.manifest.rebuilt:
                 if self._adopt(entry, out_key, plan):
                     return None
         if self.config.dry_run:
-            self._record(self._dry_run_result(entry, out_key))
+            self._record(self._dry_run_result(entry, out_key), known=known)
             return None
         source: str | bytes | None = self.source.local_path(entry.key)
         if source is None:
@@ -304,26 +313,44 @@ class Pipeline:
                 source = self.source.read_bytes(entry.key)
             except OSError as exc:
                 unreadable = SourceUnreadable(exc.strerror or str(exc))
-                self._record(_failure(entry.key, unreadable), entry, checked_ns, attempts)
+                record(_failure(entry.key, unreadable), attempts=attempts)
                 return None
         cost = 0
         if self.budget is not None:
             header = probe(source)
             if header is not None:
-                cost = estimate_peak_bytes(header, self.config.encode)
-                if not self.budget.fits_alone(cost):
-                    refusal = TooLarge(
-                        f"{header.width}x{header.height} needs about {cost / 2**20:,.0f} MiB to "
-                        f"convert, more than --max-memory {self.budget.total / 2**20:,.0f} MiB "
-                        f"leaves for one image ({self.budget.capacity / 2**20:,.0f} MiB); "
-                        "raise --max-memory or use --max-width/--max-height"
-                    )
-                    self._record(_failure(entry.key, refusal), entry, checked_ns, attempts)
+                refusal = self._refusal(header)
+                if refusal is not None:
+                    record(_failure(entry.key, refusal), attempts=attempts)
                     return None
+                cost = estimate_peak_bytes(header, self.config.encode)
         self._next_id += 1
-        self._in_flight[self._next_id] = _InFlight(entry, checked_ns, attempts)
+        self._in_flight[self._next_id] = _InFlight(entry, checked_ns, attempts, known)
         return Job(
             self._next_id, entry.key, source, self.config.encode, cost, verify=self.config.verify
+        )
+
+    def _refusal(self, header: Header) -> TooLarge | None:
+        """What the header alone says cannot be converted, the image's own limits first:
+        a bomb over --max-pixels must be told so, not to raise --max-memory by 44 GB."""
+        assert self.budget is not None
+        options = self.config.encode
+        try:
+            check_pixels(header.width, header.height, header.frames, options)
+            if options.shrink_box(header.width, header.height) is None:
+                # Kept at its own size, so the worker would meet exactly this limit.
+                check_webp_limit(header.width, header.height, options)
+        except TooLarge as exc:
+            return exc
+        cost = estimate_peak_bytes(header, options)
+        if self.budget.fits_alone(cost):
+            return None
+        budget = self.budget
+        return OverMemoryBudget(
+            f"{header.width}x{header.height} needs about {cost / 2**20:,.0f} MiB to "
+            f"convert, more than --max-memory {budget.total / 2**20:,.0f} MiB "
+            f"leaves for one image ({budget.capacity / 2**20:,.0f} MiB); "
+            "raise --max-memory or use --max-width/--max-height"
         )
 
     def _settled(
@@ -351,8 +378,11 @@ class Pipeline:
             return None  # the output is gone or was changed: make it again
         if row.status == "skipped":
             return Result(entry.key, "skipped", row.reason, row.message)
-        if row.reason in TRANSIENT:
-            return None  # the disk was full, the file unreadable...: not the image's fault
+        if cause_of(row.error_class, row.reason) != "image":
+            # Transient (a full disk, a permission...) or decided by the run's
+            # settings and other files (the memory budget, an output conflict):
+            # this run decides it again from what it finds.
+            return None
         if self.config.retry_failed and row.attempts < self.config.max_attempts:
             return None
         self.summary.known_failed += 1
@@ -427,7 +457,11 @@ class Pipeline:
         flight = self._in_flight.pop(outcome.job.id)
         entry, key = flight.entry, flight.entry.key
         record = partial(
-            self._record, entry=entry, checked_ns=flight.checked_ns, attempts=flight.attempts
+            self._record,
+            entry=entry,
+            checked_ns=flight.checked_ns,
+            attempts=flight.attempts,
+            known=flight.known,
         )
         if outcome.error is not None or outcome.encoded is None:
             error = outcome.error or ImageError("no result")
@@ -486,17 +520,22 @@ class Pipeline:
         entry: SourceEntry | None = None,
         checked_ns: int = 0,
         attempts: int = 0,
+        known: str | None = None,
     ) -> None:
         if entry is not None and result.status == "failed" and not result.bytes_in:
             # A failure still had a source of some size: logs and the report show it.
             result = dataclasses.replace(result, bytes_in=entry.size)
         self.summary.record(result)
+        if result.status == "failed" and result.reason != known:
+            self.summary.new_failed += 1
         self._last_progress = time.monotonic()
         if self.listener:
             self.listener.finished(result)
         if entry is None or self.manifest is None or self.config.dry_run:
             return
         status = {"converted": "done", "skipped": "skipped", "failed": "failed"}[result.status]
+        if status == "failed" and cause_of(result.error_class, result.reason) != "run":
+            attempts += 1  # a refusal by the budget or a conflict never tried the image
         self.manifest.record(
             entry.key,
             size=entry.size,
@@ -510,7 +549,7 @@ class Pipeline:
             output_size=result.bytes_out - result.more_pages_bytes if status == "done" else None,
             error_class=result.error_class,
             message=result.message,
-            attempts=attempts + 1 if status == "failed" else attempts,
+            attempts=attempts,
         )
 
 
@@ -524,10 +563,26 @@ class _DirectoryPlan:
         # newer mtime than the row's, or falls inside the settle window.
         self.checked_ns = time.time_ns()
         self.claimed: dict[str, str] = {}
-        use_rows = pipeline.manifest is not None and not pipeline.config.force
-        self.rows = pipeline.manifest.rows_in(directory) if use_rows and pipeline.manifest else {}
+        # Read under --force too: it skips nothing, but a failure is still new
+        # only if the file had not failed the same way before.
+        self.manifest = pipeline.manifest
+        self.rows = self.manifest.rows_in(directory) if self.manifest is not None else {}
         self.matched = 0  # rows that a listed file found
         self._outputs: dict[str, FileStat] | None = None
+
+    def row(self, key: str) -> Row | None:
+        """The manifest's row for a listed file, if it has one."""
+        directory, name = split_key(key)
+        if directory != self.directory:
+            # The entry that stands for an unreadable directory is recorded under
+            # its own key, a name in the parent directory.
+            if self.manifest is None:
+                return None
+            return self.manifest.rows_in(directory).get(name)
+        row = self.rows.get(name)
+        if row is not None:
+            self.matched += 1
+        return row
 
     def outputs(self) -> dict[str, FileStat]:
         """The files in the mirrored DEST directory, listed once and only if needed."""

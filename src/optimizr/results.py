@@ -6,6 +6,7 @@ These are plain data, built by the pipeline and read by every exporter
 
 from __future__ import annotations
 
+import signal
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -88,12 +89,20 @@ class RunSummary:
     dest: str
     started_at: float = field(default_factory=time.time)
     finished_at: float = 0.0
+    #: Files the walk listed (entries it could not read included), set by the
+    #: pipeline as it walks: after an interrupted run, more than were finished.
     found: int = 0
+    #: The walk reached the end of SRC (else ``found`` counts only what it listed).
+    walk_complete: bool = False
     converted: int = 0
     skipped: int = 0
     failed: int = 0
     #: Of the failed: images an earlier run found bad, not tried again (--retry-failed).
     known_failed: int = 0
+    #: Of the failed: files that had not failed for the same reason before this run.
+    new_failed: int = 0
+    #: --strict: every failure fails the run, not only the new ones.
+    strict: bool = False
     bytes_in: int = 0  # of converted files
     bytes_out: int = 0  # of the outputs written
     skipped_by_reason: Counter[str] = field(default_factory=Counter)
@@ -108,6 +117,8 @@ class RunSummary:
     #: Files not converted (failed, or skipped for any reason but "up to date").
     not_converted: list[Result] = field(default_factory=list)
     interrupted: bool = False
+    #: The signal that stopped the run (None: not stopped, or stopped by a caller).
+    stop_signal: int | None = None
     workers: int = 0
     options: dict[str, Any] = field(default_factory=dict)
     codec_seconds: float = 0.0
@@ -133,7 +144,6 @@ class RunSummary:
     warnings: list[str] = field(default_factory=list)
 
     def record(self, result: Result) -> None:
-        self.found += 1
         for warning in result.warnings:
             self.warned_by_kind[warning.partition(":")[0]] += 1
         if result.reason != UP_TO_DATE:
@@ -164,7 +174,7 @@ class RunSummary:
                 self.phases["read"] += facts.read_seconds
                 self.phases["decode"] += facts.decode_seconds
                 self.phases["encode"] += facts.encode_seconds
-            self.timeline.sample(self.found, self.bytes_in, self.bytes_out)
+            self.timeline.sample(self.finished, self.bytes_in, self.bytes_out)
             return
         if result.reason == DRY_RUN:
             self.would_convert += 1
@@ -183,7 +193,18 @@ class RunSummary:
             self.failed += 1
             self.failed_by_reason[result.reason or "failed"] += 1
             self.not_converted.append(result)
-        self.timeline.sample(self.found, self.bytes_in, self.bytes_out)
+        self.timeline.sample(self.finished, self.bytes_in, self.bytes_out)
+
+    @property
+    def finished(self) -> int:
+        """Files whose result is known: converted, skipped or failed (or, in a dry
+        run, found to need converting)."""
+        return self.converted + self.skipped + self.failed + self.would_convert
+
+    @property
+    def remaining(self) -> int:
+        """Files found but not finished: an interrupted run leaves them to the next one."""
+        return max(0, self.found - self.finished)
 
     @property
     def seconds(self) -> float:
@@ -196,14 +217,17 @@ class RunSummary:
     @property
     def exit_code(self) -> int:
         if self.interrupted:
-            return 130
-        return 1 if self.failed else 0
+            # The shell's convention, 128 + the signal: what `kill` callers expect.
+            return 143 if self.stop_signal == signal.SIGTERM else 130
+        # Known-bad files stay listed, but only a failure new in this run makes
+        # it fail: a scheduled job is not red for ever over one corrupt file.
+        return 1 if (self.failed if self.strict else self.new_failed) else 0
 
     def to_dict(self) -> dict[str, Any]:
         from optimizr.metrics.analysis import analyse
 
         seconds = self.seconds
-        self.timeline.sample(self.found, self.bytes_in, self.bytes_out, force=True)
+        self.timeline.sample(self.finished, self.bytes_in, self.bytes_out, force=True)
         per_second = (lambda n: round(n / seconds, 3)) if seconds else (lambda n: 0)
         doc: dict[str, Any] = {
             "schema": SCHEMA,
@@ -226,6 +250,9 @@ class RunSummary:
                 "would_convert": self.would_convert,
                 "would_convert_bytes": self.would_convert_bytes,
                 "warned_by_kind": dict(sorted(self.warned_by_kind.items())),
+                "new_failed": self.new_failed,
+                "remaining": self.remaining,
+                "walk_complete": self.walk_complete,
                 "skipped_by_reason": dict(sorted(self.skipped_by_reason.items())),
                 "failed_by_reason": dict(sorted(self.failed_by_reason.items())),
                 "by_format": {
@@ -248,7 +275,7 @@ class RunSummary:
                 for phase in ("read", "decode", "encode", "write")
             },
             "throughput": {
-                "files_per_second": per_second(self.found),
+                "files_per_second": per_second(self.finished),
                 "images_per_second": per_second(self.converted),
                 "mb_per_second": per_second(self.bytes_in / 1e6),
                 "megapixels_per_second": per_second(self.pixels / 1e6),

@@ -243,7 +243,11 @@ def summary_table(summary: RunSummary) -> Table:
     )
     table.add_column("", style="bold")
     table.add_column("", justify="right")
-    table.add_row("files found", f"{summary.found:,}")
+    walk = "" if summary.walk_complete else " (walk not finished)"
+    table.add_row("files found", f"{summary.found:,}{walk}")
+    if summary.interrupted:
+        more = "" if summary.walk_complete else " + any not yet found"
+        table.add_row("not done (interrupted)", f"{summary.remaining:,}{more}")
     if summary.would_convert:
         table.add_row(
             "would convert",
