@@ -10,7 +10,6 @@ LittleCMS binding (ImageCms) for colour conversions.
 from __future__ import annotations
 
 import functools
-
 import io
 import os
 import random
