@@ -43,6 +43,33 @@ class RunSnapshot:
     draining: bool
     #: time.monotonic() of the last image finished (or of the start).
     last_progress: float
+    #: Source bytes of the files the pipeline's walk listed, and of those finished
+    #: (any outcome): what an ETA in bytes is measured against.
+    found_bytes: int = 0
+    finished_bytes: int = 0
+    #: The count pass (optimizr.count), which runs ahead of the throttled walk.
+    counted: int = 0
+    counted_bytes: int = 0
+    count_done: bool = False
+
+    @property
+    def total(self) -> int | None:
+        """How many files the run will have seen, once anyone knows: the
+        pipeline's walk when it has finished (it is the authority: files may
+        come and go during a run), else the count, else None."""
+        if self.walk_done:
+            return self.found
+        if self.count_done:
+            return max(self.counted, self.found)
+        return None
+
+    @property
+    def total_bytes(self) -> int | None:
+        if self.walk_done:
+            return self.found_bytes
+        if self.count_done:
+            return max(self.counted_bytes, self.found_bytes)
+        return None
 
 
 class ProgressListener(Protocol):
