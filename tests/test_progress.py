@@ -4,6 +4,12 @@ refreshed on a timer that fits 80 columns, and the run's progress for `status`."
 from __future__ import annotations
 
 import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -11,6 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from click.testing import Result as CliResult
 from rich.console import Console
 
 from conftest import photo_array, save_jpeg
@@ -18,9 +25,12 @@ from optimizr import RunConfig
 from optimizr.count import TreeCounter
 from optimizr.events import RunSnapshot
 from optimizr.executors import InlineExecutor
+from optimizr.lock import RunLock
+from optimizr.manifest import Manifest, state_dir
 from optimizr.metrics.progress import TerminalProgress, Throughput, clock_text
 from optimizr.pipeline import Pipeline
 from optimizr.results import Result
+from optimizr.status import read_status
 from optimizr.storage.base import DirectoryListing, SourceEntry, WalkOptions
 from optimizr.storage.local import LocalStorage
 from optimizr.storage.memory import MemoryStorage
@@ -283,3 +293,68 @@ def test_a_signal_arriving_while_a_line_is_printed_prints_too() -> None:
     progress.finished(Result("f2.jpg", "failed", "corrupt", "bad data"))
     text = stream.getvalue()
     assert "stopping: finishing the images in flight" in text and "FAILED f2.jpg" in text
+
+
+# -- status during a run ----------------------------------------------------------------------
+
+
+def test_progress_is_published_in_the_manifest_for_status(tmp_path: Path) -> None:
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with RunLock(state_dir(dest)):
+        manifest = Manifest.open(dest)
+        manifest.begin_run(RunConfig(src=tmp_path, dest=dest), "fp")
+        manifest.note_progress(3, None)
+        manifest.flush()
+        live = read_status(dest)
+        assert live.progress is not None and live.progress.processed == 3
+        assert live.progress.total is None and live.progress.remaining is None
+        manifest.note_progress(4, 10)
+        manifest.flush()
+        live = read_status(dest)
+        assert live.progress is not None and live.progress.remaining == 6
+        assert live.to_dict()["progress"] == {
+            "run_id": manifest.run_id, "processed": 4, "total": 10, "remaining": 6,
+            "updated_at": live.progress.updated_at,
+        }  # fmt: skip
+        manifest.finish_run(10, 10, 0, 0, 0)
+        manifest.close()
+    # Once the run is over, its progress is history, not a live figure.
+    assert read_status(dest).progress is None
+
+
+@pytest.mark.timeout(180)
+def test_status_shows_how_many_remain_while_a_run_is_going(
+    tmp_path: Path, cli: Callable[..., CliResult]
+) -> None:
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    for i in range(24):
+        save_jpeg(src / f"d{i % 3}" / f"img{i:03}.jpg", photo_array(1200, 900, seed=i))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "optimizr", "convert", str(src), str(dest),
+               "--no-progress", "-j", "1", "--effort", "6"]  # fmt: skip
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    try:
+        reports: list[dict[str, object]] = []
+
+        def reports_remaining() -> bool:
+            if not (state_dir(dest) / "manifest.sqlite").exists():
+                return False
+            result = cli("status", dest, "--json")
+            assert result.exit_code == 0, result.output
+            doc = json.loads(result.output)
+            progress = doc["progress"]
+            if doc["running"] and progress and progress["remaining"] is not None:
+                reports.append(doc)
+            return bool(reports)
+
+        wait_for(reports_remaining, timeout=150)
+        progress = reports[0]["progress"]
+        assert isinstance(progress, dict)
+        assert progress["total"] == 24 and 1 <= progress["processed"] < 24
+        assert progress["remaining"] == 24 - progress["processed"]
+        text = cli("status", dest).output
+        assert re.search(r"^progress  \d+ processed this run, remaining \d+ of 24$", text, re.M)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=120)

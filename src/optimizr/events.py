@@ -54,22 +54,23 @@ class RunSnapshot:
 
     @property
     def total(self) -> int | None:
-        """How many files the run will have seen, once anyone knows: the
-        pipeline's walk when it has finished (it is the authority: files may
-        come and go during a run), else the count, else None."""
-        if self.walk_done:
-            return self.found
-        if self.count_done:
-            return max(self.counted, self.found)
-        return None
+        """How many files the run will have seen, once anyone knows (see known_total)."""
+        return known_total(self.found, self.walk_done, self.counted, self.count_done)
 
     @property
     def total_bytes(self) -> int | None:
-        if self.walk_done:
-            return self.found_bytes
-        if self.count_done:
-            return max(self.counted_bytes, self.found_bytes)
-        return None
+        return known_total(self.found_bytes, self.walk_done, self.counted_bytes, self.count_done)
+
+
+def known_total(walked: int, walk_done: bool, counted: int, count_done: bool) -> int | None:
+    """The pipeline's walk when it has finished (it is the authority: files may
+    come and go during a run), else the count pass's figure (never less than the
+    walk has already seen), else None: not known yet."""
+    if walk_done:
+        return walked
+    if count_done:
+        return max(counted, walked)
+    return None
 
 
 class ProgressListener(Protocol):

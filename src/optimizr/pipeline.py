@@ -43,7 +43,7 @@ from optimizr.errors import (
     UnsupportedImage,
     WriteFailed,
 )
-from optimizr.events import ProgressListener, RunSnapshot, StopToken
+from optimizr.events import ProgressListener, RunSnapshot, StopToken, known_total
 from optimizr.executors.base import Executor, Job, Outcome
 from optimizr.manifest import (
     Manifest,
@@ -198,6 +198,18 @@ class Pipeline:
             count_done=count.done if count else False,
         )
 
+    def _publish_progress(self) -> None:
+        """Tell the manifest how far the run is, for ``optimizr status`` to read.
+        It goes out with the manifest's next batch commit: no commit of its own
+        unless no rows come for a while (see Manifest.note_progress)."""
+        if self.manifest is None or self.config.dry_run:
+            return
+        count = self.counter.statistics() if self.counter is not None else None
+        total = known_total(
+            self._found, self._walk_done, count.files if count else 0, bool(count and count.done)
+        )
+        self.manifest.note_progress(self.summary.found, total)
+
     def run(self) -> RunSummary:
         if self.listener:
             self.listener.started(self.snapshot)
@@ -225,6 +237,7 @@ class Pipeline:
                 self.counter.stop()
             self.summary.interrupted = self.stop.graceful
             self.summary.finished_at = time.time()
+            self._publish_progress()
         return self.summary
 
     # -- plan --------------------------------------------------------------------
@@ -483,6 +496,7 @@ class Pipeline:
         self._last_progress = time.monotonic()
         if self.listener:
             self.listener.finished(result)
+        self._publish_progress()
         if entry is None or self.manifest is None or self.config.dry_run:
             return
         status = {"converted": "done", "skipped": "skipped", "failed": "failed"}[result.status]
