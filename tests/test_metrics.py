@@ -198,6 +198,42 @@ def test_unknown_paths_are_404(
     assert exporter.statistics().not_found == 2
 
 
+def request(host: str, port: int, method: str, path: str) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection(host, port, timeout=10)
+    try:
+        conn.request(method, path)
+        response = conn.getresponse()
+        headers = {k.lower(): v for k, v in response.getheaders() if k.lower() != "date"}
+        return response.status, headers, response.read()
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("path", ["/metrics", "/healthz", "/readyz", "/nothing-here"])
+def test_head_answers_like_get_without_a_body(
+    served: tuple[MetricsExporter, Callable[[str], tuple[int, str, bytes]]], path: str
+) -> None:
+    exporter, _ = served
+    exporter.started(FakeRun(workers_alive=1))
+    assert exporter.url is not None
+    port = int(exporter.url.rpartition(":")[2])
+    got = request("127.0.0.1", port, "GET", path)
+    head = request("127.0.0.1", port, "HEAD", path)
+    assert got[0] != 501 and got[2]
+    # Same status and headers (Content-Length is the GET body's), and no body at all.
+    assert head[:2] == got[:2]
+    assert int(head[1]["content-length"]) == len(got[2])
+    assert head[2] == b""
+    # http.client never reads a body after HEAD: on the wire, nothing follows the headers.
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        raw.sendall(f"HEAD {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        received = b""
+        while chunk := raw.recv(65536):
+            received += chunk
+    _, separator, after = received.partition(b"\r\n\r\n")
+    assert separator and after == b""
+
+
 # -- /metrics ----------------------------------------------------------------------------------
 
 

@@ -260,7 +260,7 @@ class MetricsExporter:
         atomic_write(path, self.render())
 
     def answer(self, path: str) -> tuple[int, str, bytes]:
-        """HTTP status, content type and body for a GET of ``path``."""
+        """HTTP status, content type and body for a GET of ``path`` (a HEAD: all but the body)."""
         route = urlsplit(path).path.rstrip("/") or "/"
         if route == "/metrics":
             self._count("scrapes")
@@ -366,12 +366,22 @@ class _Handler(BaseHTTPRequestHandler):
         super().__init__(*args, **kwargs)
 
     def do_GET(self) -> None:
+        self._respond(with_body=True)
+
+    def do_HEAD(self) -> None:
+        # Uptime probes and load balancers check with HEAD; BaseHTTPRequestHandler
+        # answers 501 to any method without a do_ handler (issue 10, item 11).
+        self._respond(with_body=False)
+
+    def _respond(self, *, with_body: bool) -> None:
         status, content_type, body = self.exporter.answer(self.path)
         self.send_response(status)
         self.send_header("Content-Type", content_type)
+        # The GET body's length, as RFC 9110 (9.3.2) asks of a HEAD answer.
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        if with_body:
+            self.wfile.write(body)
 
     def log_message(self, format: str, *args: Any) -> None:
         pass  # one line per scrape would bury the run's own output on stderr
