@@ -13,6 +13,7 @@ import json
 import logging
 import signal
 import sys
+import time
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -21,7 +22,14 @@ import click
 from rich.console import Console
 
 from optimizr import __version__
-from optimizr.config import DEFAULT_MAX_PIXELS, PRESETS, EncodeOptions, RunConfig, parse_size
+from optimizr.config import (
+    DEFAULT_MAX_PIXELS,
+    PRESETS,
+    EncodeOptions,
+    RunConfig,
+    parse_metrics_label,
+    parse_size,
+)
 from optimizr.convert import convert_tree
 from optimizr.errors import OptimizrError
 from optimizr.events import Listeners, ProgressListener, StopToken
@@ -247,6 +255,13 @@ def main() -> None:
     "(node_exporter textfile collector format, name it *.prom).",
 )
 @click.option(
+    "--metrics-label",
+    "metrics_labels",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A label for every series of --metrics-textfile (besides dest=DEST). Repeatable.",
+)
+@click.option(
     "--metrics-linger",
     type=click.FloatRange(min=0),
     default=0.0,
@@ -325,11 +340,14 @@ def _convert(
     metrics_port: int | None,
     metrics_host: str,
     metrics_textfile: Path | None,
+    metrics_labels: tuple[str, ...],
     metrics_linger: float,
     stall_timeout: float,
 ) -> int:
     """The body of ``convert``; returns the exit code."""
     err = Console(stderr=True, highlight=False, soft_wrap=True)
+    started_at = time.time()
+    exporter: MetricsExporter | None = None
     try:
         config = RunConfig(
             src=src,
@@ -367,6 +385,7 @@ def _convert(
             max_tasks_per_worker=max_tasks_per_worker,
             grace=grace,
             lookahead_per_worker=lookahead,
+            metrics_labels=tuple(parse_metrics_label(text) for text in metrics_labels),
         )
         stop = StopToken()
         log = LogListener(logger, images=json_logs)
@@ -377,12 +396,11 @@ def _convert(
             stream=io.StringIO() if json_logs else None,
         )
         listener: ProgressListener = Listeners(progress, log)
-        exporter: MetricsExporter | None = None
         if metrics_port is not None or metrics_textfile is not None:
             # Imported here: prometheus_client costs ~70 ms, paid only by runs that use it.
-            from optimizr.metrics.exporter import MetricsExporter
+            from optimizr.metrics.exporter import MetricsExporter, run_labels
 
-            exporter = MetricsExporter(stall_timeout=stall_timeout)
+            exporter = MetricsExporter(stall_timeout=stall_timeout, labels=run_labels(config))
             listener = Listeners(progress, log, exporter)
         received: list[int] = []
 
@@ -416,16 +434,18 @@ def _convert(
             logger.error("%s", exc, extra={"event": "error", "fields": fields})
         else:
             err.print(f"optimizr: error: {exc}", markup=False)
+        # A run that could not start is a failed run, for the textfile too.
+        problem = _write_textfile(exporter, metrics_textfile, exc.exit_code, started_at)
+        if problem:
+            err.print(f"optimizr: warning: {problem}", markup=False)
         return exc.exit_code
 
-    if exporter is not None and metrics_textfile is not None:
-        try:
-            exporter.write_textfile(metrics_textfile)
-        except OSError as exc:
-            summary.warnings.append(f"could not write {metrics_textfile}: {exc.strerror or exc}")
     code = summary.exit_code
     if summary.interrupted and received and received[0] == signal.SIGTERM:
         code = 143
+    problem = _write_textfile(exporter, metrics_textfile, code, started_at)
+    if problem:
+        summary.warnings.append(problem)
     if json_logs:
         log.run_finished(summary, code)
     else:
@@ -435,6 +455,21 @@ def _convert(
         if not dry_run:
             err.print(f"summary: {config.effective_summary_path}", markup=False)
     return code
+
+
+def _write_textfile(
+    exporter: MetricsExporter | None, path: Path | None, code: int, started_at: float
+) -> str | None:
+    """Write --metrics-textfile with the run's exit code; the problem, if it could not."""
+    if exporter is None or path is None:
+        return None
+    try:
+        exporter.write_textfile(
+            path, exit_code=code, started_at=started_at, finished_at=time.time()
+        )
+    except OSError as exc:
+        return f"could not write {path}: {exc.strerror or exc}"
+    return None
 
 
 @main.command()

@@ -114,6 +114,9 @@ class RunConfig:
     verify: bool = False
     #: Set a damaged manifest aside and rebuild it from the outputs on disk.
     rebuild_manifest: bool = False
+    #: Labels put on every series of the --metrics-textfile, as (name, value) pairs,
+    #: besides ``dest`` (which a pair named ``dest`` replaces).
+    metrics_labels: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.workers < 0:
@@ -132,6 +135,20 @@ class RunConfig:
             raise UsageError(f"--max-attempts must be at least 1, not {self.max_attempts}")
         if self.grace < 0:
             raise UsageError(f"--grace must not be negative, not {self.grace}")
+        seen: set[str] = set()
+        for name, _ in self.metrics_labels:
+            if not _LABEL_NAME_RE.match(name) or name.startswith("__"):
+                raise UsageError(
+                    f"--metrics-label: {name!r} is not a valid label name "
+                    "(letters, digits and _, not starting with a digit or __)"
+                )
+            if name in METRIC_LABELS_IN_USE:
+                raise UsageError(
+                    f"--metrics-label: {name!r} is already a label of optimizr's metrics"
+                )
+            if name in seen:
+                raise UsageError(f"--metrics-label: {name!r} is given twice")
+            seen.add(name)
 
     @property
     def effective_workers(self) -> int:
@@ -140,6 +157,21 @@ class RunConfig:
     @property
     def effective_summary_path(self) -> Path:
         return self.summary_path or self.dest / "optimizr-summary.json"
+
+
+#: Prometheus label names (its data model: ``[a-zA-Z_][a-zA-Z0-9_]*``; ``__`` is reserved).
+_LABEL_NAME_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+#: Labels optimizr's own series carry (``le``: histogram buckets); a run label of the
+#: same name would collide with them.
+METRIC_LABELS_IN_USE = frozenset({"status", "format", "le", "quantile"})
+
+
+def parse_metrics_label(text: str) -> tuple[str, str]:
+    """``KEY=VALUE`` (as ``--metrics-label`` takes it) as a (name, value) pair."""
+    name, equals, value = text.partition("=")
+    if not equals or not name:
+        raise UsageError(f"--metrics-label takes KEY=VALUE, not {text!r}")
+    return name, value
 
 
 def _check_range(name: str, value: int, low: int, high: int) -> None:
