@@ -186,3 +186,92 @@ def test_analysis_findings_follow_their_rules(changes: dict[str, Any], expected:
     for finding, text in zip(findings, expected, strict=True):
         assert text in finding["finding"]
         assert finding["rule"] and finding["figures"]
+
+
+# -- the run history: every run's summary kept, the latest one still in place ---------------
+
+
+def kept(dest: Path) -> list[Path]:
+    return sorted((dest / ".optimizr" / "runs").iterdir())
+
+
+def test_each_run_keeps_its_summary_and_the_latest_is_in_place(tree: Path, tmp_path: Path) -> None:
+    dest = tmp_path / "dest"
+    first = run(tree, dest, InlineExecutor())
+    again = run(tree, dest, InlineExecutor())
+    # DEST/optimizr-summary.json is the latest run, as scripts expect...
+    assert (first["files"]["converted"], again["files"]["converted"]) == (12, 0)
+    # ... and the real conversion is not lost: each run is kept, oldest first.
+    docs = [json.loads(p.read_text()) for p in kept(dest)]
+    assert [d["files"]["converted"] for d in docs] == [12, 0]
+    assert docs[1] == again and docs[0]["manifest"]["run_id"] < docs[1]["manifest"]["run_id"]
+    for doc in docs:
+        check(doc)
+    names = [p.name for p in kept(dest)]
+    assert names[0].endswith(f"-run{first['manifest']['run_id']}-work.json")
+    assert names[1].endswith(f"-run{again['manifest']['run_id']}-idle.json")
+    assert [p for p in dest.rglob("*") if p.name.endswith(".optimizr-tmp")] == []
+
+
+def test_a_summary_written_elsewhere_is_kept_in_the_history_too(tree: Path, tmp_path: Path) -> None:
+    dest, elsewhere = tmp_path / "dest", tmp_path / "reports" / "latest.json"
+    config = RunConfig(src=tree, dest=dest, summary_path=elsewhere)
+    convert_tree(tree, dest, config, executor=InlineExecutor())
+    [only] = kept(dest)
+    assert only.read_bytes() == elsewhere.read_bytes()
+    assert not (dest / "optimizr-summary.json").exists()
+
+
+def test_the_history_is_bounded_but_keeps_the_last_run_that_did_work(
+    tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from optimizr import history
+
+    monkeypatch.setattr(history, "MAX_RUNS", 3)
+    dest = tmp_path / "dest"
+    worked = run(tree, dest, InlineExecutor())
+    idle = [run(tree, dest, InlineExecutor()) for _ in range(4)]
+    docs = [json.loads(p.read_text()) for p in kept(dest)]
+    # Three documents: the run that converted, and the two newest of the idle ones.
+    assert [d["manifest"]["run_id"] for d in docs] == [
+        worked["manifest"]["run_id"],
+        idle[-2]["manifest"]["run_id"],
+        idle[-1]["manifest"]["run_id"],
+    ]
+
+
+def mark(root: Path, stamp: str, run_id: int, kind: str, size: int) -> None:
+    folder = root / ".optimizr" / "runs"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{stamp}-run{run_id}-{kind}.json").write_bytes(b" " * size)
+
+
+@pytest.mark.parametrize(
+    ("runs", "max_runs", "max_bytes", "kept_ids"),
+    [
+        # Under both limits: nothing goes.
+        ([(1, "work", 10), (2, "idle", 10)], 5, 100, [1, 2]),
+        # Over the count: the oldest go, but not the newest run that did work.
+        ([(1, "work", 10), (2, "idle", 10), (3, "idle", 10), (4, "idle", 10)], 2, 100, [1, 4]),
+        ([(1, "work", 1), (2, "work", 1), (3, "idle", 1), (4, "idle", 1)], 3, 100, [2, 3, 4]),
+        # Over the bytes: the newest and the last work stay, however large.
+        ([(1, "idle", 10), (2, "work", 500), (3, "idle", 10), (4, "idle", 500)], 9, 100, [2, 4]),
+        ([(1, "idle", 10), (2, "work", 50), (3, "idle", 30), (4, "idle", 10)], 9, 95, [2, 3, 4]),
+    ],
+)
+def test_pruning_limits(
+    tmp_path: Path,
+    runs: list[tuple[int, str, int]],
+    max_runs: int,
+    max_bytes: int,
+    kept_ids: list[int],
+) -> None:
+    from optimizr.history import kept_runs, prunable
+
+    for run_id, kind, size in runs:
+        mark(tmp_path, f"20240501T1200{run_id:02}.000000Z", run_id, kind, size)
+    (tmp_path / ".optimizr" / "runs" / "notes.txt").write_text("not a run: never pruned")
+    listed = kept_runs(tmp_path)
+    assert [r.run_id for r in listed] == [r[0] for r in runs]
+    dropped = {r.run_id for r in prunable(listed, max_runs, max_bytes)}
+    assert [r.run_id for r in listed if r.run_id not in dropped] == kept_ids

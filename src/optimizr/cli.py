@@ -31,7 +31,7 @@ from optimizr.config import (
     parse_size,
 )
 from optimizr.convert import convert_tree
-from optimizr.errors import OptimizrError
+from optimizr.errors import OptimizrError, UsageError
 from optimizr.events import Listeners, ProgressListener, StopToken
 from optimizr.lock import describe_holder
 from optimizr.metrics.logs import LogListener, configure_logging
@@ -524,23 +524,47 @@ def format_status(report: StatusReport) -> str:
 
 
 @main.command()
-@click.argument("summary", type=click.Path(path_type=Path))
+@click.argument("source", metavar="DEST|SUMMARY", type=click.Path(path_type=Path))
 @click.option(
     "-o",
     "--output",
     type=click.Path(path_type=Path, dir_okay=False),
     default=None,
-    help="Where to write the HTML page [report.html beside SUMMARY].",
+    help="Where to write the HTML page [report.html (report-history.html with --history) "
+    "in DEST, or beside SUMMARY].",
 )
-def report(summary: Path, output: Path | None) -> None:
-    """Draw SUMMARY (a run's optimizr-summary.json) as one self-contained HTML page."""
-    # Imported here, like plotly inside it: `optimizr convert` should not load either.
-    from optimizr.report import write_report
+@click.option(
+    "--history",
+    "--all",
+    "history",
+    is_flag=True,
+    help="Draw every run DEST keeps (DEST/.optimizr/runs/): a table of runs and totals over time.",
+)
+def report(source: Path, output: Path | None, history: bool) -> None:
+    """Draw a run's summary as one self-contained HTML page.
 
-    out = output or summary.with_name("report.html")
+    DEST (a folder): its latest run that converted or failed something. SUMMARY: that
+    summary file (an optimizr-summary.json, or one kept in DEST/.optimizr/runs/).
+    """
+    # Imported here, like plotly inside it: `optimizr convert` should not load either.
+    from optimizr.history import latest_summary
+    from optimizr.report import write_report
+    from optimizr.report_history import write_history_report
+
+    folder = source.is_dir()
     try:
-        write_report(summary, out)
+        if history:
+            if not folder:
+                raise UsageError(f"--history draws the runs DEST keeps: {source} is not a folder")
+            out = output or source / "report-history.html"
+            count = write_history_report(source, out)
+            drawn = f"{count} run" + ("s" if count != 1 else "")
+        else:
+            summary, why = latest_summary(source) if folder else (source, "")
+            out = output or (source / "report.html" if folder else summary.with_name("report.html"))
+            write_report(summary, out)
+            drawn = f"{summary}, {why}" if folder else ""
     except OptimizrError as exc:
         click.echo(f"optimizr: error: {exc}", err=True)
         sys.exit(exc.exit_code)
-    click.echo(f"report: {out}", err=True)
+    click.echo(f"report: {out}" + (f" ({drawn})" if drawn else ""), err=True)

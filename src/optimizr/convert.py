@@ -14,6 +14,7 @@ import os
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 from optimizr.atomic import atomic_write
 from optimizr.budget import MemoryBudget, default_memory_budget
@@ -25,6 +26,7 @@ from optimizr.errors import (
 )
 from optimizr.events import ProgressListener, StopToken
 from optimizr.executors.base import Executor
+from optimizr.history import keep_run, runs_dir
 from optimizr.lock import RunLock
 from optimizr.manifest import (
     FAILED_LIST_NAME,
@@ -55,7 +57,8 @@ def convert_tree(
     ``options`` is an :class:`EncodeOptions` (run settings left at their
     defaults) or a whole :class:`RunConfig`. Per-file problems never raise:
     they are counted and listed in the returned :class:`RunSummary`, which is
-    also written to ``DEST/optimizr-summary.json`` (or ``RunConfig.summary_path``).
+    also written to ``DEST/optimizr-summary.json`` (or ``RunConfig.summary_path``) and
+    kept in DEST's run history (``DEST/.optimizr/runs/``, see :mod:`optimizr.history`).
     Raises :class:`~optimizr.errors.UsageError` when SRC or DEST cannot be used.
     """
     src_path, dest_path = Path(src), Path(dest)
@@ -112,10 +115,8 @@ def convert_tree(
         if manifest is not None and lock is not None:
             _finish_manifest(summary, manifest, dest_path)
         if not config.dry_run:
-            try:
-                write_summary(summary, config.effective_summary_path)
-            except OSError as exc:  # DEST full: the run's results still stand
-                summary.warnings.append(f"could not write the summary: {exc.strerror or exc}")
+            run_id = manifest.run_id if manifest is not None else 0
+            _write_summaries(summary, config.effective_summary_path, dest_path, run_id)
     finally:
         if manifest is not None:
             manifest.close()
@@ -277,8 +278,29 @@ def tool_versions() -> dict[str, str]:
 
 
 def write_summary(summary: RunSummary, path: Path) -> None:
-    data = json.dumps(summary.to_dict(), indent=2, sort_keys=False).encode() + b"\n"
-    atomic_write(path, data)
+    atomic_write(path, _summary_json(summary.to_dict()))
+
+
+def _summary_json(doc: dict[str, Any]) -> bytes:
+    return json.dumps(doc, indent=2, sort_keys=False).encode() + b"\n"
+
+
+def _write_summaries(summary: RunSummary, latest: Path, dest: Path, run_id: int) -> None:
+    """The run's summary into DEST's history (DEST/.optimizr/runs/), then as the latest
+    run's (``latest``, DEST/optimizr-summary.json unless --summary): both the same
+    document. A write that fails is a warning: the run's results still stand."""
+    doc = summary.to_dict()  # once: it samples the timeline's last point
+    try:
+        keep_run(dest, doc, _summary_json(doc), summary.started_at, run_id)
+    except OSError as exc:  # DEST full
+        summary.warnings.append(
+            f"could not keep the summary in {runs_dir(dest)}: {exc.strerror or exc}"
+        )
+        doc["warnings"] = list(summary.warnings)
+    try:
+        atomic_write(latest, _summary_json(doc))
+    except OSError as exc:
+        summary.warnings.append(f"could not write the summary: {exc.strerror or exc}")
 
 
 def convert_file(
