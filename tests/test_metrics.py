@@ -636,3 +636,28 @@ def test_cli_healthz_reports_a_stalled_run_on_loopback_only(
             proc.communicate()
     assert proc.returncode == 143, out.decode()
     assert not connects("127.0.0.1", port)
+
+
+# -- the machine's CPU counters (the analysis tells contention from slow storage by them) --------
+
+
+def test_cpu_counters_are_read_for_the_given_cpus_only(tmp_path: Path) -> None:
+    from optimizr.metrics.machine import _TICK, read_cpu_times
+
+    stat = tmp_path / "stat"
+    stat.write_text(
+        "cpu  300 0 30 900 9 0 0 6 0 0\n"
+        "cpu0 100 0 10 300 3 0 0 2 0 0\n"
+        "cpu1 200 5 20 600 6 1 2 4 0 0\n"
+        "intr 1 2 3\n"
+    )
+    times = read_cpu_times(frozenset({1}), stat)
+    assert times is not None
+    # user + nice + system + irq + softirq; iowait and steal apart; idle not at all.
+    assert times.busy == pytest.approx(228 / _TICK)
+    assert (times.iowait, times.steal) == (pytest.approx(6 / _TICK), pytest.approx(4 / _TICK))
+    both = read_cpu_times(frozenset({0, 1}), stat)
+    assert both is not None and both.busy == pytest.approx(338 / _TICK)
+    # A CPU the file does not list, or no file: nothing measured rather than a wrong figure.
+    assert read_cpu_times(frozenset({0, 7}), stat) is None
+    assert read_cpu_times(frozenset({0}), tmp_path / "missing") is None

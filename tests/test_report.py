@@ -502,6 +502,37 @@ def test_catch_all_bucket_off_the_grid() -> None:
     assert trace["x"][0] == "≤ 14.1 ms" and trace["x"][-1] == "≤ 234 ms"
 
 
+def section(html_text: str, name: str) -> str:
+    start = html_text.index(f'<section id="{name}">')
+    return html_text[start : html_text.index("</section>", start)]
+
+
+WRITTEN = {"path": "written-bigger.png", "bytes_in": 100, "bytes_out": 150}
+KEPT = {"path": "kept-as-is.png", "bytes_in": 100, "bytes_out": 180}
+
+
+@pytest.mark.parametrize(
+    ("summary", "grew", "skipped"),
+    [
+        ({"grew": [WRITTEN], "skipped_larger": [KEPT]}, [WRITTEN], [KEPT]),
+        ({"grew": [], "skipped_larger": [KEPT]}, [], [KEPT]),
+        # Older summaries put both in grew; the run's --if-larger says which they were.
+        ({"grew": [KEPT], "options": {"if_larger": "skip"}}, [], [KEPT]),
+        ({"grew": [WRITTEN], "options": {"if_larger": "write"}}, [WRITTEN], []),
+    ],
+)
+def test_outputs_that_grew_are_not_confused_with_files_not_written(
+    summary: dict[str, Any], grew: list[dict[str, Any]], skipped: list[dict[str, Any]]
+) -> None:
+    html_text = render_report({"schema": "optimizr-summary/2", **summary})
+    parse(html_text)
+    for name, expected in [("grew", grew), ("skipped_larger", skipped)]:
+        text = section(html_text, name)
+        for item in (WRITTEN, KEPT):
+            assert (item["path"] in text) == (item in expected), (name, item["path"])
+        assert ("None." in text) == (not expected)
+
+
 def test_failed_files_without_a_list_are_counted() -> None:
     page = parse(render_report({"schema": "optimizr-summary/2", "files": {"failed": 3}}))
     assert "3 files failed, but this summary does not list them." in page.text

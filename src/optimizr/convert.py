@@ -34,6 +34,7 @@ from optimizr.manifest import (
     options_fingerprint,
     state_dir,
 )
+from optimizr.metrics.machine import MachineCpuSampler
 from optimizr.metrics.memory import TreeMemorySampler
 from optimizr.pipeline import Pipeline, classify_error, larger_than_source, write_failure
 from optimizr.results import (
@@ -185,6 +186,7 @@ def _execute(
             grace=config.grace,
         )
     sampler = TreeMemorySampler().start()
+    machine_sampler = MachineCpuSampler(available_cpus()).start()
     times_start, wall_start = os.times(), time.monotonic()
     try:
         pipeline = Pipeline(
@@ -205,13 +207,19 @@ def _execute(
     memory = sampler.stop()
     wall = time.monotonic() - wall_start
     times_end = os.times()
-    # The parent's whole life, start-up imports included: all of it is overhead.
+    machine = machine_sampler.stop()
+    # The parent's whole life, start-up imports included.
     parent_cpu = times_end.user + times_end.system
+    # ... and during the run alone: the orchestration's cost, start-up excluded
+    # (a fixed cost, paid once whatever the run's size).
+    parent_run_cpu = (times_end.user - times_start.user) + (times_end.system - times_start.system)
     workers_cpu = (times_end.children_user - times_start.children_user) + (
         times_end.children_system - times_start.children_system
     )
-    total_cpu = parent_cpu + workers_cpu
-    cores = min(available_cpus(), workers * max(1, available_cpus() // workers))
+    run_cpu = parent_run_cpu + workers_cpu
+    threads = max(1, available_cpus() // workers)
+    cores = min(available_cpus(), workers * threads)
+    codec_cpu, codec_wall = summary.codec_cpu_seconds, summary.codec_seconds
     stats = executor.statistics()
     budget_stats = budget.statistics()
     summary.memory = {
@@ -226,17 +234,34 @@ def _execute(
     }
     summary.cpu = {
         "cores": cores,
+        "threads_per_worker": threads,
         "wall_seconds": round(wall, 3),
         "parent_cpu_seconds": round(parent_cpu, 3),
+        "parent_run_cpu_seconds": round(parent_run_cpu, 3),
         "workers_cpu_seconds": round(workers_cpu, 3),
-        "codec_cpu_seconds": round(summary.codec_cpu_seconds, 3),
-        # All CPU spent outside the codec (the parent, worker start-up, passing
-        # jobs and results), as a share of all CPU: the cost of orchestration.
-        "orchestration_share": round(1 - summary.codec_cpu_seconds / total_cpu, 4)
-        if total_cpu > 0
+        "codec_cpu_seconds": round(codec_cpu, 3),
+        "codec_wall_seconds": round(codec_wall, 3),
+        # CPU a worker got per second it spent converting: near 1 (or more, with
+        # libvips threads) unless it waited, for a disk or for a CPU others held.
+        "codec_cpu_per_wall": round(codec_cpu / codec_wall, 4) if codec_wall > 0 else 0.0,
+        # The CPU the run used outside the codec (the parent during the run, worker
+        # start-up, passing jobs and results), as a share of all it used: the cost
+        # of orchestration. CPU time, not wall: waiting for a CPU costs none.
+        "orchestration_share": round(max(0.0, run_cpu - codec_cpu) / run_cpu, 4)
+        if run_cpu > 0
         else 0.0,
         # Codec CPU over the CPU the machine offered during the run.
-        "efficiency": round(summary.codec_cpu_seconds / (cores * wall), 4) if wall > 0 else 0.0,
+        "efficiency": round(codec_cpu / (cores * wall), 4) if wall > 0 else 0.0,
+        "machine": None
+        if machine is None
+        else {
+            "cpus": machine.cpus,
+            "busy_seconds": round(machine.busy_seconds, 3),
+            # What the same CPUs gave to processes other than this run's.
+            "others_cpu_seconds": round(max(0.0, machine.busy_seconds - run_cpu), 3),
+            "iowait_seconds": round(machine.iowait_seconds, 3),
+            "steal_seconds": round(machine.steal_seconds, 3),
+        },
     }
     summary.executor = {
         "workers": stats.workers,

@@ -126,7 +126,7 @@ def render_report(summary: Mapping[str, Any]) -> str:
     tables = [
         _failures_section(summary),
         _paths_section(summary, "largest_savings", "Largest savings", "saved"),
-        _paths_section(summary, "grew", "Outputs larger than their source", None),
+        *_larger_sections(summary),
     ]
     title = f"optimizr report: {as_text(summary.get('src'))} to {as_text(summary.get('dest'))}"
     return html_page(title, [_header(summary), _analysis_section(summary)], charts, tables)
@@ -327,11 +327,19 @@ def _failures_section(summary: Mapping[str, Any]) -> str:
     return f'<section id="failures">\n<h2>Failures</h2>\n{note}{table}\n</section>'
 
 
-def _paths_section(summary: Mapping[str, Any], key: str, title: str, saved: str | None) -> str:
-    if key not in summary:
+def _paths_section(
+    summary: Mapping[str, Any],
+    key: str,
+    title: str,
+    saved: str | None,
+    items: list[Any] | None = None,
+    after: str = "after",
+    caption: str = "",
+) -> str:
+    if key not in summary and items is None:
         return ""
     rows = []
-    for item in map(as_dict, as_list(summary.get(key))):
+    for item in map(as_dict, as_list(summary.get(key)) if items is None else items):
         cells = [
             esc(item.get("path")),
             fmt_bytes(item.get("bytes_in")),
@@ -340,9 +348,31 @@ def _paths_section(summary: Mapping[str, Any], key: str, title: str, saved: str 
         rows.append(cells + ([fmt_bytes(item.get(saved))] if saved else []))
     if not rows:
         return f'<section id="{key}">\n<h2>{title}</h2>\n<p class="empty">None.</p>\n</section>'
-    headers = [("path", "path"), ("before", "num"), ("after", "num")]
+    headers = [("path", "path"), ("before", "num"), (after, "num")]
     table = html_table(headers + ([("saved", "num")] if saved else []), rows)
-    return f'<section id="{key}">\n<h2>{title}</h2>\n{table}\n</section>'
+    note = f'<p class="caption">{caption}</p>\n' if caption else ""
+    return f'<section id="{key}">\n<h2>{title}</h2>\n{note}{table}\n</section>'
+
+
+def _larger_sections(summary: Mapping[str, Any]) -> list[str]:
+    """Outputs written larger than their source, and files kept as they were because
+    their WebP would have been larger: two different things, in two tables."""
+    grew, skipped = summary.get("grew"), summary.get("skipped_larger")
+    if grew is None and skipped is None:
+        return []
+    if skipped is None:
+        # Written before the two were told apart, ``grew`` held both; the run's
+        # --if-larger says which: under skip no output larger than its source is written.
+        writes = as_dict(summary.get("options")).get("if_larger") == "write"
+        grew, skipped = (grew, []) if writes else ([], grew)
+    return [
+        _paths_section(summary, "grew", "Outputs larger than their source", None,
+                       as_list(grew), caption="Written anyway (--if-larger write)."),
+        _paths_section(summary, "skipped_larger", "Not converted: the WebP would be larger",
+                       None, as_list(skipped), after="WebP would be",
+                       caption="No output written; the source stays the smaller file "
+                       "(--if-larger skip)."),
+    ]  # fmt: skip
 
 
 def chart_section(name: str, title: str, chart: Chart) -> str:
