@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
@@ -169,6 +170,8 @@ def convert(src: Path, dest: Path, config_file: Path | None, **params: Any) -> N
 def _convert(logger: logging.Logger, config: RunConfig, console: ConsoleOptions) -> int:
     """The body of ``convert``; returns the exit code."""
     err = Console(stderr=True, highlight=False, soft_wrap=True)
+    started_at = time.time()
+    exporter: MetricsExporter | None = None
     json_logs, quiet = console.json_logs, console.effective_log_level in ("warning", "error")
     try:
         stop = StopToken()
@@ -183,12 +186,13 @@ def _convert(logger: logging.Logger, config: RunConfig, console: ConsoleOptions)
             show_failures=console.effective_log_level != "error",
         )
         listener: ProgressListener = Listeners(progress, log)
-        exporter: MetricsExporter | None = None
         if console.metrics_port is not None or console.metrics_textfile is not None:
             # Imported here: prometheus_client costs ~70 ms, paid only by runs that use it.
-            from optimizr.metrics.exporter import MetricsExporter
+            from optimizr.metrics.exporter import MetricsExporter, run_labels
 
-            exporter = MetricsExporter(stall_timeout=console.stall_timeout)
+            exporter = MetricsExporter(
+                stall_timeout=console.stall_timeout, labels=run_labels(config)
+            )
             listener = Listeners(progress, log, exporter)
 
         def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -222,15 +226,16 @@ def _convert(logger: logging.Logger, config: RunConfig, console: ConsoleOptions)
             logger.error("%s", exc, extra={"event": "error", "fields": fields})
         else:
             print_error(str(exc), json_logs=False)
+        # A run that could not start is a failed run, for the textfile too.
+        problem = _write_textfile(exporter, console.metrics_textfile, exc.exit_code, started_at)
+        if problem:
+            err.print(f"optimizr: warning: {problem}", markup=False)
         return exc.exit_code
 
-    if exporter is not None and console.metrics_textfile is not None:
-        try:
-            exporter.write_textfile(console.metrics_textfile)
-        except OSError as exc:
-            path = console.metrics_textfile
-            summary.warnings.append(f"could not write {path}: {exc.strerror or exc}")
     code = summary.exit_code
+    problem = _write_textfile(exporter, console.metrics_textfile, code, started_at)
+    if problem:
+        summary.warnings.append(problem)
     if config.summary_to_stdout and not dry_run:
         click.echo(json.dumps(summary.to_dict(), indent=2))
     if json_logs:
@@ -246,6 +251,21 @@ def _convert(logger: logging.Logger, config: RunConfig, console: ConsoleOptions)
         elif not quiet and not config.summary_to_stdout:
             err.print(f"summary: {config.effective_summary_path}", markup=False)
     return code
+
+
+def _write_textfile(
+    exporter: MetricsExporter | None, path: Path | None, code: int, started_at: float
+) -> str | None:
+    """Write --metrics-textfile with the run's exit code; the problem, if it could not."""
+    if exporter is None or path is None:
+        return None
+    try:
+        exporter.write_textfile(
+            path, exit_code=code, started_at=started_at, finished_at=time.time()
+        )
+    except OSError as exc:
+        return f"could not write {path}: {exc.strerror or exc}"
+    return None
 
 
 def _print_dry_run(summary: Any) -> None:
@@ -316,23 +336,47 @@ def format_status(report: StatusReport) -> str:
 
 
 @main.command()
-@click.argument("summary", type=click.Path(path_type=Path))
+@click.argument("source", metavar="DEST|SUMMARY", type=click.Path(path_type=Path))
 @click.option(
     "-o",
     "--output",
     type=click.Path(path_type=Path, dir_okay=False),
     default=None,
-    help="Where to write the HTML page [report.html beside SUMMARY].",
+    help="Where to write the HTML page [report.html (report-history.html with --history) "
+    "in DEST, or beside SUMMARY].",
 )
-def report(summary: Path, output: Path | None) -> None:
-    """Draw SUMMARY (a run's optimizr-summary.json) as one self-contained HTML page."""
-    # Imported here, like plotly inside it: `optimizr convert` should not load either.
-    from optimizr.report import write_report
+@click.option(
+    "--history",
+    "--all",
+    "history",
+    is_flag=True,
+    help="Draw every run DEST keeps (DEST/.optimizr/runs/): a table of runs and totals over time.",
+)
+def report(source: Path, output: Path | None, history: bool) -> None:
+    """Draw a run's summary as one self-contained HTML page.
 
-    out = output or summary.with_name("report.html")
+    DEST (a folder): its latest run that converted or failed something. SUMMARY: that
+    summary file (an optimizr-summary.json, or one kept in DEST/.optimizr/runs/).
+    """
+    # Imported here, like plotly inside it: `optimizr convert` should not load either.
+    from optimizr.history import latest_summary
+    from optimizr.report import write_report
+    from optimizr.report_history import write_history_report
+
+    folder = source.is_dir()
     try:
-        write_report(summary, out)
+        if history:
+            if not folder:
+                raise UsageError(f"--history draws the runs DEST keeps: {source} is not a folder")
+            out = output or source / "report-history.html"
+            count = write_history_report(source, out)
+            drawn = f"{count} run" + ("s" if count != 1 else "")
+        else:
+            summary, why = latest_summary(source) if folder else (source, "")
+            out = output or (source / "report.html" if folder else summary.with_name("report.html"))
+            write_report(summary, out)
+            drawn = f"{summary}, {why}" if folder else ""
     except OptimizrError as exc:
-        click.echo(f"optimizr: error: {exc}", err=True)
+        print_error(str(exc), json_logs=False)
         sys.exit(exc.exit_code)
-    click.echo(f"report: {out}", err=True)
+    click.echo(f"report: {out}" + (f" ({drawn})" if drawn else ""), err=True)

@@ -23,7 +23,14 @@ from typing import Any, Literal
 
 import click
 
-from optimizr.config import DEFAULT_MAX_PIXELS, PRESETS, EncodeOptions, RunConfig, parse_size
+from optimizr.config import (
+    DEFAULT_MAX_PIXELS,
+    PRESETS,
+    EncodeOptions,
+    RunConfig,
+    parse_metrics_label,
+    parse_size,
+)
 from optimizr.errors import UsageError
 
 Target = Literal["encode", "run", "console"]
@@ -195,6 +202,10 @@ OPTIONS: tuple[Opt, ...] = (
         "At the end of the run, write the final metrics here, atomically "
         "(node_exporter textfile collector format, name it *.prom).",
         None, click.Path(path_type=Path, dir_okay=False), metavar="PATH"),
+    Opt(("--metrics-label",), "metrics_labels", "run",
+        "A label for every series of --metrics-textfile (besides dest=DEST). Repeatable.",
+        (), multiple=True, metavar="KEY=VALUE", show_default=False,
+        parse=lambda texts: tuple(parse_metrics_label(str(text)) for text in texts)),
     Opt(("--metrics-linger",), "metrics_linger", "console",
         "After the run, keep serving the final metrics this long (Ctrl-C ends it sooner).",
         0.0, click.FloatRange(min=0), metavar="SECONDS"),

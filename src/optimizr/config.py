@@ -127,6 +127,9 @@ class RunConfig:
     #: Exit 1 for any failed file; by default only for failures new in this run,
     #: so that known-bad files do not fail every scheduled run for ever.
     strict: bool = False
+    #: Labels put on every series of the --metrics-textfile, as (name, value) pairs,
+    #: besides ``dest`` (which a pair named ``dest`` replaces).
+    metrics_labels: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.workers < 0:
@@ -147,6 +150,20 @@ class RunConfig:
             raise UsageError(f"--grace must not be negative, not {self.grace}")
         if not isinstance(self.strict, bool):
             raise UsageError(f"strict must be True or False, not {self.strict!r}")
+        seen: set[str] = set()
+        for name, _ in self.metrics_labels:
+            if not _LABEL_NAME_RE.match(name) or name.startswith("__"):
+                raise UsageError(
+                    f"--metrics-label: {name!r} is not a valid label name "
+                    "(letters, digits and _, not starting with a digit or __)"
+                )
+            if name in METRIC_LABELS_IN_USE:
+                raise UsageError(
+                    f"--metrics-label: {name!r} is already a label of optimizr's metrics"
+                )
+            if name in seen:
+                raise UsageError(f"--metrics-label: {name!r} is given twice")
+            seen.add(name)
 
     @property
     def effective_workers(self) -> int:
@@ -159,6 +176,21 @@ class RunConfig:
     @property
     def summary_to_stdout(self) -> bool:
         return self.summary_path is not None and str(self.summary_path) == "-"
+
+
+#: Prometheus label names (its data model: ``[a-zA-Z_][a-zA-Z0-9_]*``; ``__`` is reserved).
+_LABEL_NAME_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+#: Labels optimizr's own series carry (``le``: histogram buckets); a run label of the
+#: same name would collide with them.
+METRIC_LABELS_IN_USE = frozenset({"status", "format", "le", "quantile"})
+
+
+def parse_metrics_label(text: str) -> tuple[str, str]:
+    """``KEY=VALUE`` (as ``--metrics-label`` takes it) as a (name, value) pair."""
+    name, equals, value = text.partition("=")
+    if not equals or not name:
+        raise UsageError(f"--metrics-label takes KEY=VALUE, not {text!r}")
+    return name, value
 
 
 def _check_range(name: str, value: int, low: int, high: int) -> None:

@@ -132,7 +132,12 @@ class RunSummary:
         default_factory=lambda: dict.fromkeys(("read", "decode", "encode", "write"), 0.0)
     )
     largest_savings: TopN = field(default_factory=TopN)
+    #: Outputs written at least as large as their source (only --if-larger write
+    #: writes those), and how many in all: the list keeps the ten that grew most.
     grew: TopN = field(default_factory=TopN)
+    written_larger: int = 0
+    #: Files whose WebP would have been larger, so none was written (--if-larger skip).
+    skipped_larger: TopN = field(default_factory=TopN)
     timeline: Timeline = field(default_factory=Timeline)
     #: Filled in at the end of a run by the components that measured them.
     tool: dict[str, Any] = field(default_factory=dict)
@@ -163,6 +168,7 @@ class RunSummary:
             if saved > 0:
                 self.largest_savings.offer(saved, {**entry, "saved": saved})
             else:
+                self.written_larger += 1
                 self.grew.offer(-saved, entry)
             self.phases["write"] += result.write_seconds
             facts = result.facts
@@ -186,7 +192,7 @@ class RunSummary:
             if result.reason == LARGER_THAN_SOURCE and result.bytes_out:
                 entry = {"path": result.key, "bytes_in": result.bytes_in,
                          "bytes_out": result.bytes_out}  # fmt: skip
-                self.grew.offer(result.bytes_out - result.bytes_in, entry)
+                self.skipped_larger.offer(result.bytes_out - result.bytes_in, entry)
             if result.reason != UP_TO_DATE:
                 self.not_converted.append(result)
         else:
@@ -253,6 +259,7 @@ class RunSummary:
                 "new_failed": self.new_failed,
                 "remaining": self.remaining,
                 "walk_complete": self.walk_complete,
+                "written_larger": self.written_larger,
                 "skipped_by_reason": dict(sorted(self.skipped_by_reason.items())),
                 "failed_by_reason": dict(sorted(self.failed_by_reason.items())),
                 "by_format": {
@@ -293,6 +300,7 @@ class RunSummary:
             "failures_by_reason": self._failure_groups(),
             "largest_savings": self.largest_savings.items(),
             "grew": self.grew.items(),
+            "skipped_larger": self.skipped_larger.items(),
             "not_converted": [
                 {"path": r.key, "status": r.status, "reason": r.reason, "message": r.message}
                 for r in self.not_converted
