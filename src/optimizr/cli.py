@@ -25,6 +25,7 @@ from optimizr.config import DEFAULT_MAX_PIXELS, PRESETS, EncodeOptions, RunConfi
 from optimizr.convert import convert_tree
 from optimizr.errors import OptimizrError
 from optimizr.events import Listeners, ProgressListener, StopToken
+from optimizr.filenames import printable
 from optimizr.lock import describe_holder
 from optimizr.metrics.logs import LogListener, configure_logging
 from optimizr.metrics.progress import TerminalProgress, summary_table
@@ -415,7 +416,7 @@ def _convert(
             fields = {"message": str(exc), "exit_code": exc.exit_code}
             logger.error("%s", exc, extra={"event": "error", "fields": fields})
         else:
-            err.print(f"optimizr: error: {exc}", markup=False)
+            err.print(f"optimizr: error: {printable(str(exc))}", markup=False)
         return exc.exit_code
 
     if exporter is not None and metrics_textfile is not None:
@@ -431,9 +432,9 @@ def _convert(
     else:
         err.print(summary_table(summary))
         for warning in summary.warnings:
-            err.print(f"optimizr: warning: {warning}", markup=False)
+            err.print(f"optimizr: warning: {printable(warning)}", markup=False)
         if not dry_run:
-            err.print(f"summary: {config.effective_summary_path}", markup=False)
+            err.print(f"summary: {printable(str(config.effective_summary_path))}", markup=False)
     return code
 
 
@@ -446,7 +447,7 @@ def status(dest: Path, as_json: bool) -> None:
         report = read_status(dest)
     except OptimizrError as exc:
         Console(stderr=True, highlight=False, soft_wrap=True).print(
-            f"optimizr: error: {exc}", markup=False
+            f"optimizr: error: {printable(str(exc))}", markup=False
         )
         sys.exit(exc.exit_code)
     if as_json:
@@ -456,7 +457,8 @@ def status(dest: Path, as_json: bool) -> None:
 
 
 def format_status(report: StatusReport) -> str:
-    lines = [f"DEST      {report.dest}", f"manifest  {report.manifest}"]
+    # Paths and messages are shown escaped: a name may hold what a terminal obeys.
+    lines = [f"DEST      {printable(report.dest)}", f"manifest  {printable(report.manifest)}"]
     if report.lock_holder is not None:
         lines.append(f"running   yes ({describe_holder(report.lock_holder)})")
     else:
@@ -484,7 +486,7 @@ def format_status(report: StatusReport) -> str:
         lines.append(f"skipped   {count:>8,}  {reason}")
     for group in report.failures:
         example = f"{group.example}: {group.message}" if group.message else group.example
-        lines.append(f"failed    {group.count:>8,}  {group.reason}  e.g. {example}")
+        lines.append(f"failed    {group.count:>8,}  {group.reason}  e.g. {printable(example)}")
     return "\n".join(lines)
 
 
@@ -506,6 +508,6 @@ def report(summary: Path, output: Path | None) -> None:
     try:
         write_report(summary, out)
     except OptimizrError as exc:
-        click.echo(f"optimizr: error: {exc}", err=True)
+        click.echo(f"optimizr: error: {printable(str(exc))}", err=True)
         sys.exit(exc.exit_code)
-    click.echo(f"report: {out}", err=True)
+    click.echo(f"report: {printable(str(out))}", err=True)

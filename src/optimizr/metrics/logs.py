@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import IO, TYPE_CHECKING, Any, Literal
 
+from optimizr.filenames import printable
 from optimizr.results import Result, RunSummary
 
 if TYPE_CHECKING:
@@ -48,7 +49,8 @@ class JsonFormatter(logging.Formatter):
 
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        return f"{record.levelname.lower()}: {record.getMessage()}"
+        # One event, one line, whatever the file names in it hold.
+        return f"{record.levelname.lower()}: {printable(record.getMessage())}"
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import IO, TYPE_CHECKING
 
 from rich.console import Console
+from rich.markup import escape as escape_markup
 from rich.progress import (
     BarColumn,
     Progress,
@@ -24,6 +25,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from optimizr.filenames import printable
 from optimizr.results import Result, RunSummary
 
 if TYPE_CHECKING:
@@ -201,7 +203,9 @@ class TerminalProgress:
 
 
 def _escape(text: str) -> str:
-    return text.replace("[", r"\[")
+    """A name (or a line naming one) for rich markup: what a terminal would obey
+    escaped (filenames.printable), then what rich would read as markup."""
+    return escape_markup(printable(text))
 
 
 def _verbose_line(result: Result) -> str:
