@@ -42,6 +42,7 @@ from optimizr.config import RunConfig
 from optimizr.convert import convert_tree
 from optimizr.errors import OptimizrError, UsageError
 from optimizr.events import Listeners, ProgressListener, StopToken
+from optimizr.filenames import json_safe, printable
 from optimizr.lock import describe_holder
 from optimizr.metrics.logs import LogListener, configure_logging
 from optimizr.metrics.progress import TerminalProgress, summary_table
@@ -83,9 +84,9 @@ def print_error(message: str, argv: Sequence[str] = (), *, json_logs: bool | Non
         json_logs = _wants_json(argv)
     if json_logs:
         event = {"level": "error", "event": "error", "message": message, "exit_code": 2}
-        click.echo(json.dumps(event, ensure_ascii=False), err=True)
+        click.echo(json.dumps(json_safe(event), ensure_ascii=False), err=True)
     else:
-        click.echo(f"optimizr: error: {message}", err=True)
+        click.echo(f"optimizr: error: {printable(message)}", err=True)
 
 
 def _wants_json(argv: Sequence[str]) -> bool:
@@ -245,11 +246,11 @@ def _convert(logger: logging.Logger, config: RunConfig, console: ConsoleOptions)
             err.print(summary_table(summary))
         if console.effective_log_level != "error":
             for warning in summary.warnings:
-                err.print(f"optimizr: warning: {warning}", markup=False)
+                err.print(f"optimizr: warning: {printable(warning)}", markup=False)
         if dry_run:
             _print_dry_run(summary)
         elif not quiet and not config.summary_to_stdout:
-            err.print(f"summary: {config.effective_summary_path}", markup=False)
+            err.print(f"summary: {printable(str(config.effective_summary_path))}", markup=False)
     return code
 
 
@@ -295,7 +296,8 @@ def status(dest: Path, as_json: bool) -> None:
 
 
 def format_status(report: StatusReport) -> str:
-    lines = [f"DEST      {report.dest}", f"manifest  {report.manifest}"]
+    # Paths and messages are shown escaped: a name may hold what a terminal obeys.
+    lines = [f"DEST      {printable(report.dest)}", f"manifest  {printable(report.manifest)}"]
     if report.lock_holder is not None:
         lines.append(f"running   yes ({describe_holder(report.lock_holder)})")
     else:
@@ -331,7 +333,7 @@ def format_status(report: StatusReport) -> str:
         lines.append(f"skipped   {count:>8,}  {reason}")
     for group in report.failures:
         example = f"{group.example}: {group.message}" if group.message else group.example
-        lines.append(f"failed    {group.count:>8,}  {group.reason}  e.g. {example}")
+        lines.append(f"failed    {group.count:>8,}  {group.reason}  e.g. {printable(example)}")
     return "\n".join(lines)
 
 
@@ -379,4 +381,6 @@ def report(source: Path, output: Path | None, history: bool) -> None:
     except OptimizrError as exc:
         print_error(str(exc), json_logs=False)
         sys.exit(exc.exit_code)
-    click.echo(f"report: {out}" + (f" ({drawn})" if drawn else ""), err=True)
+    click.echo(
+        f"report: {printable(str(out))}" + (f" ({printable(drawn)})" if drawn else ""), err=True
+    )

@@ -321,8 +321,12 @@ def _load(
     if isinstance(source, bytes):
         image = pyvips.Image.thumbnail_buffer(source, t_w, option_string=load_options, **kwargs)
     else:
-        suffix = f"[{load_options}]" if load_options else ""
-        image = pyvips.Image.thumbnail(source + suffix, t_w, **kwargs)
+        # thumbnail_source hands its loader the option string alone: a fail_on
+        # argument would be dropped, and a truncated file "converted".
+        loader_options = f"fail_on={fail_on}" + (f",{load_options}" if load_options else "")
+        image = pyvips.Image.thumbnail_source(
+            open_vips_source(source), t_w, option_string=loader_options, height=t_h, size="down"
+        )
     return _Loaded(image, width, page_height, frames, True, pages=pages)
 
 
@@ -343,7 +347,23 @@ def _open(source: Source, fail_on: str, **kwargs: Any) -> Any:
     kwargs["fail_on"] = fail_on
     if isinstance(source, bytes):
         return pyvips.Image.new_from_buffer(source, "", **kwargs)
-    return pyvips.Image.new_from_file(source, **kwargs)
+    return pyvips.Image.new_from_source(open_vips_source(source), "", **kwargs)
+
+
+def open_vips_source(path: str) -> Any:
+    """A libvips source that streams the file at ``path``, whatever its name holds.
+
+    The name never reaches libvips: pyvips encodes it as UTF-8, which a name
+    that is not (``caf\\xe9.jpg``, a surrogate here) cannot be, and libvips
+    reads a trailing ``[...]`` as load options (``scan[1]`` was "does not
+    exist"). Python opens the file, libvips reads a duplicate of the descriptor
+    with the same loaders, streaming and shrink-on-load as from a file name.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        return pyvips.Source.new_from_descriptor(fd)
+    finally:
+        os.close(fd)  # libvips holds its own duplicate for as long as the image lives
 
 
 def _resize_in_memory(image: Any, options: EncodeOptions) -> Any:
@@ -578,5 +598,6 @@ __all__ = [
     "check_pixels",
     "check_webp_limit",
     "encode_webp",
+    "open_vips_source",
     "webp_has_alpha",
 ]

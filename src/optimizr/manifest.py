@@ -13,11 +13,19 @@ someone deletes the file later the size check sends it back to work.
 One table row per source, keyed by (directory, name) so that a whole
 directory's rows, the unit the pipeline plans in, come back in one query with
 memory bounded by the largest directory, not by the tree.
+
+A name is bytes on POSIX, and not always UTF-8 (``caf\\xe9.jpg`` from a Latin-1
+archive), which SQLite TEXT cannot hold. ``dir``, ``name`` and ``output`` are
+TEXT when they are UTF-8, as nearly all are, and otherwise a BLOB of the exact
+bytes (SQLite columns take either; ``WHERE dir = ?`` with a blob finds the
+blob); they come back as the same ``str`` the walk gives (:func:`os.fsdecode`).
+Paths are joined in Python, never with ``||`` in SQL, which would mangle a blob.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -31,6 +39,7 @@ from typing import Any
 from optimizr.atomic import atomic_open, atomic_path
 from optimizr.config import RunConfig
 from optimizr.errors import ManifestDamaged
+from optimizr.filenames import is_exact_text, key_from_fields, name_fields, valid_unicode
 from optimizr.results import options_dict
 
 STATE_DIR = ".optimizr"
@@ -95,6 +104,8 @@ CREATE TABLE files (
     PRIMARY KEY (dir, name)
 ) WITHOUT ROWID;
 CREATE INDEX files_by_status ON files (status, reason);
+-- For people reading the manifest with sqlite3; optimizr joins paths itself
+-- (a name stored as a BLOB, not being UTF-8, shows here as raw bytes).
 CREATE VIEW sources AS
     SELECT CASE WHEN dir = '' THEN name ELSE dir || '/' || name END AS path, *
     FROM files;
@@ -143,6 +154,19 @@ def options_fingerprint(config: RunConfig) -> str:
     }
     text = json.dumps(shaping, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _to_sql(name: str) -> str | bytes:
+    """A name or path as the manifest stores it: TEXT if it is UTF-8, else its bytes."""
+    return name if is_exact_text(name) else os.fsencode(name)
+
+
+def _from_sql(value: str | bytes) -> str:
+    return os.fsdecode(value) if isinstance(value, bytes) else value
+
+
+def _join(directory: str, name: str) -> str:
+    return f"{directory}/{name}" if directory else name
 
 
 def split_key(key: str) -> tuple[str, str]:
@@ -267,7 +291,7 @@ class Manifest:
 
     def _restore_failures(self, failed_list: Path) -> None:
         try:
-            lines = failed_list.read_text().splitlines()
+            lines = failed_list.read_text(encoding="utf-8").splitlines()
         except OSError:
             return
         for line in lines:
@@ -283,7 +307,7 @@ class Manifest:
                     "message": item.get("message", ""),
                     "attempts": int(item.get("attempts", 1)),
                 }
-                key = str(item["path"])
+                key = key_from_fields(item)
             except (ValueError, KeyError, TypeError):
                 continue  # a line from an older format, or torn: that file is simply retried
             self.record(key, status="failed", **restored)
@@ -324,9 +348,16 @@ class Manifest:
         rows = self.conn.execute(
             "SELECT name, size, mtime_ns, checked_ns, fingerprint, status, reason, output, "
             "output_size, error_class, message, attempts FROM files WHERE dir = ?",
-            (directory,),
+            (_to_sql(directory),),
         )
-        return {r[0]: Row(prefix + r[0], *r[1:]) for r in rows}
+        found: dict[str, Row] = {}
+        for raw_name, *facts in rows:
+            name = _from_sql(raw_name)
+            row = Row(prefix + name, *facts)
+            if row.output is not None and not isinstance(row.output, str):
+                row = dataclasses.replace(row, output=_from_sql(row.output))  # a BLOB
+            found[name] = row
+        return found
 
     def record(
         self,
@@ -345,19 +376,22 @@ class Manifest:
         attempts: int = 0,
     ) -> None:
         now = time.time()
+        directory, name = split_key(key)
         self._pending.append(
             (
-                *split_key(key),
+                _to_sql(directory),
+                _to_sql(name),
                 size,
                 mtime_ns,
                 checked_ns,
                 fingerprint,
                 status,
                 reason,
-                output,
+                None if output is None else _to_sql(output),
                 output_size,
                 error_class,
-                message,
+                # Free text, often naming a file: kept readable, made valid TEXT.
+                valid_unicode(message),
                 attempts,
                 now,
                 now,
@@ -399,13 +433,16 @@ class Manifest:
 
     def directories(self) -> list[str]:
         """Every directory that has rows (far fewer than files)."""
-        return [r[0] for r in self.conn.execute("SELECT DISTINCT dir FROM files")]
+        return [_from_sql(r[0]) for r in self.conn.execute("SELECT DISTINCT dir FROM files")]
 
     def forget(self, key: str) -> None:
         """Drop the row of a source that no longer exists."""
         self.flush()
         with contextlib.suppress(sqlite3.OperationalError):
-            self.conn.execute("DELETE FROM files WHERE dir = ? AND name = ?", split_key(key))
+            directory, name = split_key(key)
+            self.conn.execute(
+                "DELETE FROM files WHERE dir = ? AND name = ?", (_to_sql(directory), _to_sql(name))
+            )
 
     def flush(self) -> bool:
         """Commit the pending rows; False (rows kept for the next try) if the disk refused."""
@@ -459,13 +496,15 @@ class Manifest:
         count = 0
         with atomic_open(target) as fh:
             rows = self.conn.execute(
-                "SELECT path, error_class, reason, message, attempts, updated_at, size, "
-                "mtime_ns, checked_ns, fingerprint FROM sources WHERE status = 'failed' "
+                "SELECT dir, name, error_class, reason, message, attempts, updated_at, size, "
+                "mtime_ns, checked_ns, fingerprint FROM files WHERE status = 'failed' "
                 "ORDER BY dir, name"
             )
-            for path, cls, reason, message, attempts, updated, size, mtime, checked, fp in rows:
+            for directory, name, cls, reason, message, attempts, updated, *facts in rows:
+                size, mtime, checked, fp = facts
                 item = {
-                    "path": path,
+                    # "path_bytes" too when the name is not UTF-8: restored exactly.
+                    **name_fields(_join(_from_sql(directory), _from_sql(name))),
                     "error_class": cls,
                     "reason": reason,
                     "message": message,
@@ -479,6 +518,23 @@ class Manifest:
                 fh.write(json.dumps(item).encode() + b"\n")
                 count += 1
         return count
+
+    def failure_examples(self) -> list[tuple[str | None, int, str, str]]:
+        """(reason, count, first path, its message) per failure reason, most common first."""
+        groups = self.conn.execute(
+            "SELECT reason, COUNT(*) FROM files WHERE status = 'failed' "
+            "GROUP BY reason ORDER BY COUNT(*) DESC, reason"
+        ).fetchall()
+        examples = []
+        for reason, count in groups:
+            directory, name, message = self.conn.execute(
+                "SELECT dir, name, message FROM files WHERE status = 'failed' AND reason IS ? "
+                "ORDER BY dir, name LIMIT 1",
+                (reason,),
+            ).fetchone()
+            path = _join(_from_sql(directory), _from_sql(name))
+            examples.append((reason, int(count), path, message or ""))
+        return examples
 
     def last_run(self) -> dict[str, Any] | None:
         row = self.conn.execute(

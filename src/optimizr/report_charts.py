@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from itertools import pairwise
 from typing import Any
 
+from optimizr.filenames import printable
 from optimizr.metrics.progress import human_bytes
 
 _COLOURS = {"before": "#8c96a8", "after": "#2f7ed8", "line": "#2f7ed8", "line2": "#e8743b"}
@@ -43,7 +44,9 @@ def as_text(value: Any) -> str:
 
 
 def esc(value: Any) -> str:
-    return html.escape(as_text(value), quote=True)
+    """For HTML, and with the control characters a file name may hold made visible
+    (a page shows "\\x1b" where a terminal would have obeyed it)."""
+    return html.escape(printable(as_text(value)), quote=True)
 
 
 def fmt_count(value: Any) -> str:

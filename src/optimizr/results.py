@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from optimizr.encode import ImageFacts
+from optimizr.filenames import json_safe, name_fields
 from optimizr.metrics.stats import LogHistogram, Timeline, TopN
 
 Status = Literal["converted", "skipped", "failed"]
@@ -238,8 +239,8 @@ class RunSummary:
         doc: dict[str, Any] = {
             "schema": SCHEMA,
             "tool": self.tool,
-            "src": self.src,
-            "dest": self.dest,
+            **name_fields(self.src, "src"),
+            **name_fields(self.dest, "dest"),
             "started_at": _iso(self.started_at),
             "finished_at": _iso(self.finished_at) if self.finished_at else None,
             "seconds": round(seconds, 3),
@@ -298,17 +299,25 @@ class RunSummary:
             "executor": self.executor,
             "manifest": self.manifest,
             "failures_by_reason": self._failure_groups(),
-            "largest_savings": self.largest_savings.items(),
-            "grew": self.grew.items(),
-            "skipped_larger": self.skipped_larger.items(),
+            "largest_savings": [_named(item) for item in self.largest_savings.items()],
+            "grew": [_named(item) for item in self.grew.items()],
+            "skipped_larger": [_named(item) for item in self.skipped_larger.items()],
             "not_converted": [
-                {"path": r.key, "status": r.status, "reason": r.reason, "message": r.message}
+                {
+                    **name_fields(r.key),
+                    "status": r.status,
+                    "reason": r.reason,
+                    "message": r.message,
+                }  # fmt: skip
                 for r in self.not_converted
             ],
             "warnings": self.warnings,
         }
         doc["analysis"] = analyse(doc)
-        return doc
+        # JSON text must be valid Unicode: names were given both forms above,
+        # and any other string (a message naming a file) has its odd bytes escaped.
+        result: dict[str, Any] = json_safe(doc)
+        return result
 
     def _failure_groups(self, examples: int = 5) -> list[dict[str, Any]]:
         groups: dict[str, dict[str, Any]] = {}
@@ -319,8 +328,13 @@ class RunSummary:
             group = groups.setdefault(reason, {"reason": reason, "count": 0, "examples": []})
             group["count"] += 1
             if len(group["examples"]) < examples:
-                group["examples"].append({"path": r.key, "message": r.message})
+                group["examples"].append({**name_fields(r.key), "message": r.message})
         return sorted(groups.values(), key=lambda g: (-g["count"], g["reason"]))
+
+
+def _named(item: dict[str, Any]) -> dict[str, Any]:
+    """A top-N entry, its "path" given in JSON form (with "path_bytes" if need be)."""
+    return {**name_fields(item["path"]), **{k: v for k, v in item.items() if k != "path"}}
 
 
 def _iso(timestamp: float) -> str:

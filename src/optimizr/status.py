@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from optimizr.errors import UsageError
+from optimizr.filenames import json_safe, name_fields
 from optimizr.lock import lock_holder
 from optimizr.manifest import Manifest, manifest_path, state_dir
 
@@ -19,7 +20,7 @@ from optimizr.manifest import Manifest, manifest_path, state_dir
 class FailureGroup:
     reason: str
     count: int
-    example: str  # one path with this reason
+    example: str  # one path with this reason (a key: not always UTF-8, see filenames.py)
     message: str  # and its message
 
 
@@ -73,12 +74,16 @@ class StatusReport:
         return self.bytes_in - self.bytes_out
 
     def to_dict(self) -> dict[str, Any]:
+        """The JSON document; an example that is not UTF-8 also has "example_bytes"."""
         data = asdict(self)
+        data["failures"] = [
+            {**vars(group), **name_fields(group.example, "example")} for group in self.failures
+        ]
         data["total"] = self.total
         data["saved"] = self.saved
         data["running"] = self.lock_holder is not None
         data["progress"] = self.progress.to_dict() if self.progress is not None else None
-        return data
+        return dict(json_safe(data))
 
 
 def read_status(dest: str | Path) -> StatusReport:
@@ -101,15 +106,10 @@ def read_status(dest: str | Path) -> StatusReport:
                 "GROUP BY reason ORDER BY COUNT(*) DESC, reason"
             ).fetchall()
         )
-        groups = []
-        for reason, count, path, message in conn.execute(
-            "SELECT reason, COUNT(*), MIN(path), "
-            "(SELECT message FROM sources s2 WHERE s2.status = 'failed' "
-            " AND s2.reason IS s1.reason ORDER BY path LIMIT 1) "
-            "FROM sources s1 WHERE status = 'failed' GROUP BY reason "
-            "ORDER BY COUNT(*) DESC, reason"
-        ):
-            groups.append(FailureGroup(reason or "failed", count, path, message or ""))
+        groups = [
+            FailureGroup(reason or "failed", count, path, message)
+            for reason, count, path, message in manifest.failure_examples()
+        ]
         bytes_in, bytes_out = conn.execute(
             "SELECT COALESCE(SUM(size), 0), COALESCE(SUM(output_size), 0) "
             "FROM files WHERE status = 'done'"

@@ -22,9 +22,11 @@ from typing import IO, TYPE_CHECKING
 
 from rich.console import Console, ConsoleOptions, RenderResult
 from rich.live import Live
+from rich.markup import escape as escape_markup
 from rich.table import Table
 from rich.text import Text
 
+from optimizr.filenames import printable
 from optimizr.results import DRY_RUN, Result, RunSummary
 
 if TYPE_CHECKING:
@@ -388,11 +390,14 @@ class TerminalProgress:
 
 
 def _escape(text: str) -> str:
-    return text.replace("[", r"\[")
+    """A name (or a line naming one) for rich markup: what a terminal would obey
+    escaped (filenames.printable), then what rich would read as markup."""
+    return escape_markup(printable(text))
 
 
 def _dry_run_line(result: Result) -> str:
-    return f"would convert {result.key} -> {result.output} ({human_bytes(result.bytes_in)})"
+    key, output = printable(result.key), printable(result.output or "")
+    return f"would convert {key} -> {output} ({human_bytes(result.bytes_in)})"
 
 
 def _verbose_line(result: Result) -> str:
