@@ -32,8 +32,8 @@ from optimizr.atomic import atomic_open, atomic_path
 from optimizr.config import RunConfig
 from optimizr.errors import ManifestDamaged
 from optimizr.results import options_dict
+from optimizr.storage.base import STATE_DIR
 
-STATE_DIR = ".optimizr"
 MANIFEST_NAME = "manifest.sqlite"
 FAILED_LIST_NAME = "failed.jsonl"
 SCHEMA_VERSION = 1

@@ -213,6 +213,9 @@ class Pipeline:
         for listing in self.source.walk(walk):
             if self.stop.graceful:
                 return
+            if listing.skipped is not None:
+                self.summary.warnings.append(f"{listing.directory}: {listing.skipped}")
+                continue
             visited.add(listing.directory)
             found += len(listing.entries)
             self._found = found

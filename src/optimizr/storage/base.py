@@ -13,6 +13,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
+#: The folder in which optimizr keeps a DEST's state (manifest, lock, failed.jsonl).
+#: A walk never enters one, and a folder that holds one is an optimizr DEST: its
+#: files are optimizr's outputs, never sources.
+STATE_DIR = ".optimizr"
+
 
 @dataclass(frozen=True)
 class FileStat:
@@ -46,6 +51,8 @@ class WalkOptions:
         return not _matches_any(key, self.exclude)
 
     def wants_dir(self, key: str) -> bool:
+        if key.rpartition("/")[2] == STATE_DIR:
+            return False
         return key not in self.prune and not _matches_any(key, self.exclude)
 
 
@@ -70,6 +77,8 @@ class WalkStatistics:
     excluded: int = 0
     errors: int = 0
     loops_avoided: int = 0
+    #: Folders passed over whole because they are optimizr DESTs (they hold STATE_DIR).
+    dest_folders: int = 0
 
 
 @dataclass(frozen=True)
@@ -79,6 +88,16 @@ class DirectoryListing:
 
     directory: str
     entries: tuple[SourceEntry, ...] = field(default_factory=tuple)
+    #: Set when the walk passed this directory over whole (with no entries), and why:
+    #: the pipeline says so once in the run's warnings.
+    skipped: str | None = None
+
+
+#: Why a folder holding STATE_DIR is passed over.
+DEST_FOLDER = (
+    f"passed over: it is an optimizr DEST (it holds {STATE_DIR}/), its files are "
+    "optimizr's outputs; to convert sources kept in it, give it as a SRC of its own"
+)
 
 
 class Storage(ABC):

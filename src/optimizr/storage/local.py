@@ -10,6 +10,8 @@ from pathlib import Path
 
 from optimizr.atomic import atomic_write, is_temp_name
 from optimizr.storage.base import (
+    DEST_FOLDER,
+    STATE_DIR,
     DirectoryListing,
     FileStat,
     SourceEntry,
@@ -95,9 +97,16 @@ class LocalStorage(Storage):
                 reason = "permission denied" if isinstance(exc, PermissionError) else str(exc)
                 yield DirectoryListing(key, (SourceEntry(key or ".", error=reason),))
                 continue
+            if key and any(_is_state_dir(e) for e in dir_entries):
+                # Another run's DEST (this run's own is pruned): outputs, not sources.
+                stats.dest_folders += 1
+                yield DirectoryListing(key, skipped=DEST_FOLDER)
+                continue
             files: list[SourceEntry] = []
             subdirs: list[tuple[str, tuple[tuple[int, int], ...]]] = []
             for entry in dir_entries:
+                if _is_state_dir(entry):
+                    continue  # SRC's own state folder (SRC is a DEST)
                 child = f"{key}/{entry.name}" if key else entry.name
                 try:
                     is_link = entry.is_symlink()
@@ -132,6 +141,13 @@ class LocalStorage(Storage):
                 yield DirectoryListing(key, tuple(files))
             # Reversed so the stack pops subdirectories in name order.
             stack.extend(reversed(subdirs))
+
+
+def _is_state_dir(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.name == STATE_DIR and entry.is_dir(follow_symlinks=False)
+    except OSError:
+        return False
 
 
 def _os_reason(exc: OSError) -> str:
