@@ -41,8 +41,8 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("src", type=click.Path(path_type=Path, file_okay=False))
-@click.argument("dest", type=click.Path(path_type=Path, file_okay=False))
+# As typed (str, not Path): a trailing slash on DEST says "a folder" for one file.
+@click.argument("paths", nargs=-1, required=True, type=click.Path(), metavar="SRC... DEST")
 @click.option(
     "-q",
     "--quality",
@@ -142,6 +142,16 @@ def main() -> None:
     "--exclude", multiple=True, metavar="GLOB", help="Skip files and folders matching. Repeatable."
 )
 @click.option("--follow-symlinks", is_flag=True, help="Follow symbolic links (loops are cut).")
+@click.option(
+    "--files-from",
+    type=click.Path(path_type=Path, dir_okay=False, allow_dash=True),
+    default=None,
+    metavar="FILE",
+    help="Convert only the files FILE names (one a line; relative to SRC; - for stdin).",
+)
+@click.option(
+    "-0", "--null", "files_from_nul", is_flag=True, help="--files-from names end with NUL."
+)
 @click.option("--dry-run", is_flag=True, help="List what would be converted; write nothing.")
 @click.option("--force", is_flag=True, help="Ignore the manifest: convert even what is up to date.")
 @click.option(
@@ -277,17 +287,20 @@ def main() -> None:
     show_default=True,
     help="Least severe log events shown (failed images are warnings).",
 )
-def convert(src: Path, dest: Path, log_format: str, log_level: str, **options: Any) -> None:
-    """Convert every image under SRC into a mirrored tree of .webp files under DEST."""
+def convert(paths: tuple[str, ...], log_format: str, log_level: str, **options: Any) -> None:
+    """Convert every image under SRC into a mirrored tree of .webp files under DEST.
+
+    SRC may be one file (DEST: a .webp name or a folder), DEST itself (in place,
+    with --name append), or several SRCs, each going under DEST/<its name>/."""
     with configure_logging("json" if log_format == "json" else "text", log_level) as logger:
-        sys.exit(_convert(logger, log_format == "json", src, dest, **options))
+        sys.exit(_convert(logger, log_format == "json", paths[:-1], paths[-1], **options))
 
 
 def _convert(
     logger: logging.Logger,
     json_logs: bool,
-    src: Path,
-    dest: Path,
+    src: tuple[str, ...],
+    dest: str,
     *,
     quality: int,
     effort: int,
@@ -307,6 +320,8 @@ def _convert(
     include: tuple[str, ...],
     exclude: tuple[str, ...],
     follow_symlinks: bool,
+    files_from: Path | None,
+    files_from_nul: bool,
     dry_run: bool,
     force: bool,
     retry_failed: bool,
@@ -332,8 +347,8 @@ def _convert(
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
         config = RunConfig(
-            src=src,
-            dest=dest,
+            src=Path(src[0]) if len(src) == 1 else tuple(Path(s) for s in src),
+            dest=Path(dest),
             encode=EncodeOptions(
                 quality=quality,
                 effort=effort,
@@ -353,6 +368,8 @@ def _convert(
             include=include,
             exclude=exclude,
             follow_symlinks=follow_symlinks,
+            files_from=files_from,
+            files_from_nul=files_from_nul,
             name=name_mode,
             if_larger=if_larger,
             dry_run=dry_run,
@@ -432,8 +449,8 @@ def _convert(
         err.print(summary_table(summary))
         for warning in summary.warnings:
             err.print(f"optimizr: warning: {warning}", markup=False)
-        if not dry_run:
-            err.print(f"summary: {config.effective_summary_path}", markup=False)
+        if summary.summary_file is not None:
+            err.print(f"summary: {summary.summary_file}", markup=False)
     return code
 
 

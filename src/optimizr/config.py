@@ -29,6 +29,9 @@ Preset = Literal["default", "picture", "photo", "drawing", "icon", "text"]
 
 PRESETS: tuple[str, ...] = ("default", "picture", "photo", "drawing", "icon", "text")
 
+#: The summary a run writes at the top of DEST (unless --summary says elsewhere).
+SUMMARY_NAME = "optimizr-summary.json"
+
 
 @dataclass(frozen=True)
 class EncodeOptions:
@@ -82,7 +85,8 @@ class EncodeOptions:
 class RunConfig:
     """One ``convert`` run: where from, where to, and how."""
 
-    src: Path
+    #: One SRC (a folder, or one file), or several (see ``sources``).
+    src: Path | tuple[Path, ...]
     dest: Path
     encode: EncodeOptions = field(default_factory=EncodeOptions)
     workers: int = 0  # 0 = the CPUs this process may use
@@ -114,8 +118,17 @@ class RunConfig:
     verify: bool = False
     #: Set a damaged manifest aside and rebuild it from the outputs on disk.
     rebuild_manifest: bool = False
+    #: Convert only the files this list names (relative to SRC, one folder) instead
+    #: of walking SRC; ``-`` reads the list from standard input.
+    files_from: Path | None = None
+    #: The list's names end with NUL (``find -print0``), not with a newline.
+    files_from_nul: bool = False
 
     def __post_init__(self) -> None:
+        if not self.sources:
+            raise UsageError("convert needs a SRC and a DEST")
+        if self.files_from_nul and self.files_from is None:
+            raise UsageError("-0/--null says how --files-from separates names: give --files-from")
         if self.workers < 0:
             raise UsageError(f"--workers must be 0 (auto) or more, not {self.workers}")
         if self.name not in ("replace", "append"):
@@ -134,12 +147,16 @@ class RunConfig:
             raise UsageError(f"--grace must not be negative, not {self.grace}")
 
     @property
+    def sources(self) -> tuple[Path, ...]:
+        return self.src if isinstance(self.src, tuple) else (self.src,)
+
+    @property
     def effective_workers(self) -> int:
         return self.workers or available_cpus()
 
     @property
     def effective_summary_path(self) -> Path:
-        return self.summary_path or self.dest / "optimizr-summary.json"
+        return self.summary_path or self.dest / SUMMARY_NAME
 
 
 def _check_range(name: str, value: int, low: int, high: int) -> None:

@@ -18,6 +18,7 @@ the process exit code the CLI turns it into. Only ``cli.py`` catches them.
         ├── TooLarge              "too large"           over --max-pixels, or over WebP's limit
         ├── SourceUnreadable      "permission denied" / "unreadable" / "source disappeared"
         ├── SourceChanged         "source changed"      modified or deleted while being converted
+        ├── OutsideSource         "outside SRC"         --files-from named a file outside SRC
         ├── OutputConflict        "output conflict"     two sources map to one output
         ├── EncodeFailed          "encode failed"       libwebp refused the image
         ├── VerifyFailed          "verify failed"       --verify: the output did not decode as meant
@@ -115,6 +116,10 @@ class SourceChanged(ImageError):
     reason = "source changed"
 
 
+class OutsideSource(ImageError):
+    reason = "outside SRC"
+
+
 class OutputConflict(ImageError):
     reason = "output conflict"
 
@@ -166,6 +171,7 @@ __all__ = [
     "NotAnImage",
     "OptimizrError",
     "OutputConflict",
+    "OutsideSource",
     "PermissionDenied",
     "SourceChanged",
     "SourceDisappeared",

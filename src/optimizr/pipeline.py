@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING
 
 from optimizr.budget import MemoryBudget, estimate_peak_bytes
 from optimizr.config import IfLarger, NameMode, RunConfig
@@ -32,8 +33,10 @@ from optimizr.errors import (
     NoSpaceLeft,
     NotAnImage,
     OutputConflict,
+    OutsideSource,
     PermissionDenied,
     SourceChanged,
+    SourceDisappeared,
     SourceUnreadable,
     TooLarge,
     UnsupportedImage,
@@ -59,8 +62,19 @@ from optimizr.results import (
     options_dict,
 )
 from optimizr.sniff import looks_like_image_name, sniff_file
-from optimizr.storage.base import DirectoryListing, FileStat, SourceEntry, Storage, WalkOptions
+from optimizr.storage.base import (
+    NOT_FOUND,
+    OUTSIDE_SRC,
+    DirectoryListing,
+    FileStat,
+    SourceEntry,
+    Storage,
+    WalkOptions,
+)
 from optimizr.verify import file_is_complete_webp
+
+if TYPE_CHECKING:
+    from optimizr.sources import OwnOutputs
 
 
 def output_key(key: str, name: NameMode) -> str:
@@ -106,6 +120,7 @@ class _InFlight:
     entry: SourceEntry
     checked_ns: int
     attempts: int
+    out_key: str
 
 
 class Pipeline:
@@ -121,6 +136,8 @@ class Pipeline:
         prune: tuple[str, ...] = (),
         budget: MemoryBudget | None = None,
         manifest: Manifest | None = None,
+        target: str | None = None,
+        own_outputs: OwnOutputs | None = None,
     ) -> None:
         self.config = config
         self.budget = budget
@@ -131,6 +148,9 @@ class Pipeline:
         self.stop = stop or StopToken()
         self.prune = prune
         self.manifest = manifest
+        #: One file: its output's key (DEST names the file), instead of output_key.
+        self.target = target
+        self.own_outputs = own_outputs
         self.fingerprint = options_fingerprint(config)
         self.summary = RunSummary(src=source.describe(), dest=dest.describe())
         self.summary.workers = executor.workers
@@ -145,6 +165,7 @@ class Pipeline:
             "retry_failed": config.retry_failed,
             "max_attempts": config.max_attempts,
             "verify": config.verify,
+            "files_from": None if config.files_from is None else str(config.files_from),
             "fingerprint": self.fingerprint,
         }
         self._in_flight: dict[int, _InFlight] = {}
@@ -182,8 +203,10 @@ class Pipeline:
         if self.listener:
             self.listener.started(self.snapshot)
         self.stop.attach(self.executor)
-        if not self.config.dry_run and (
-            self.manifest is None or not self.manifest.previous_run_finished()
+        if (
+            not self.config.dry_run
+            and self.target is None  # one file: never sweep the folder it is written to
+            and (self.manifest is None or not self.manifest.previous_run_finished())
         ):
             # Only a run that did not finish (killed, crashed) can have left
             # temporaries behind: after a clean one, skip walking all of DEST.
@@ -217,6 +240,10 @@ class Pipeline:
                 self.summary.warnings.append(f"{listing.directory}: {listing.skipped}")
                 continue
             visited.add(listing.directory)
+            if self.own_outputs is not None:
+                before = self.own_outputs.count
+                listing = self.own_outputs.drop(listing)
+                self.summary.own_outputs += self.own_outputs.count - before
             found += len(listing.entries)
             self._found = found
             if self.listener:
@@ -239,6 +266,8 @@ class Pipeline:
         so status and failed.jsonl do not report files that no longer exist."""
         if self.manifest is None or self.config.dry_run or plan.matched == len(plan.rows):
             return
+        if not self.source.complete_walk:
+            return
         listed = {split_key(e.key)[1] for e in listing.entries}
         self._forget_missing(row for name, row in plan.rows.items() if name not in listed)
 
@@ -246,7 +275,7 @@ class Pipeline:
         """After a whole walk: rows of directories the walk never listed, whose
         sources are gone (a folder deleted or emptied since), are dropped too.
         Directories merely excluded keep their rows: their files still exist."""
-        if self.manifest is None or self.config.dry_run:
+        if self.manifest is None or self.config.dry_run or not self.source.complete_walk:
             return
         for directory in self.manifest.directories():
             if directory not in visited:
@@ -260,12 +289,16 @@ class Pipeline:
 
     def _plan(self, entry: SourceEntry, plan: _DirectoryPlan) -> Job | None:
         checked_ns = plan.checked_ns
+        if entry.error in (NOT_FOUND, OUTSIDE_SRC):
+            # A listed name that is no file of SRC: no manifest row, which is about files.
+            self._record(_failure(entry.key, _not_in_src(entry.error)))
+            return None
         if entry.error is not None:
             kind = PermissionDenied if entry.error == "permission denied" else SourceUnreadable
             error = kind(f"cannot read: {entry.error}")
             self._record(_failure(entry.key, error), entry, checked_ns)
             return None
-        out_key = output_key(entry.key, self.config.name)
+        out_key = self.target or output_key(entry.key, self.config.name)
         if out_key in plan.claimed:
             conflict = OutputConflict(
                 f"{out_key} is already the output of {plan.claimed[out_key]}; "
@@ -314,7 +347,7 @@ class Pipeline:
                     self._record(_failure(entry.key, refusal), entry, checked_ns, attempts)
                     return None
         self._next_id += 1
-        self._in_flight[self._next_id] = _InFlight(entry, checked_ns, attempts)
+        self._in_flight[self._next_id] = _InFlight(entry, checked_ns, attempts, out_key)
         return Job(
             self._next_id, entry.key, source, self.config.encode, cost, verify=self.config.verify
         )
@@ -406,7 +439,7 @@ class Pipeline:
             record(classify_error(key, error))
             return
         encoded = outcome.encoded
-        out_key = output_key(key, self.config.name)
+        out_key = flight.out_key
         size = len(encoded.webp)
         larger = larger_than_source(key, size, entry.size, self.config.if_larger)
         if larger is not None:
@@ -492,6 +525,12 @@ class _DirectoryPlan:
         if self._outputs is None:
             self._outputs = self.dest.list_files(self.directory)
         return self._outputs
+
+
+def _not_in_src(error: str) -> ImageError:
+    if error == NOT_FOUND:
+        return SourceDisappeared("listed, but not in SRC (--files-from names are relative to SRC)")
+    return OutsideSource("listed, but the name leads out of SRC; refused")
 
 
 def _failure(key: str, error: ImageError) -> Result:

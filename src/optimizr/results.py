@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from optimizr.encode import ImageFacts
@@ -120,6 +121,11 @@ class RunSummary:
     manifest: dict[str, Any] = field(default_factory=dict)
     #: Problems with the run itself (not with one file), one line each.
     warnings: list[str] = field(default_factory=list)
+    #: Files in SRC passed over as optimizr's own (outputs in place, summaries):
+    #: not sources, so not in ``found``.
+    own_outputs: int = 0
+    #: Where the summary document was written, once it was (None: nowhere).
+    summary_file: Path | None = None
 
     def record(self, result: Result) -> None:
         self.found += 1
@@ -206,6 +212,7 @@ class RunSummary:
                 "skipped": self.skipped,
                 "failed": self.failed,
                 "known_failed": self.known_failed,
+                "own_outputs": self.own_outputs,
                 "skipped_by_reason": dict(sorted(self.skipped_by_reason.items())),
                 "failed_by_reason": dict(sorted(self.failed_by_reason.items())),
                 "by_format": {

@@ -12,11 +12,18 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
+from typing import ClassVar
 
 #: The folder in which optimizr keeps a DEST's state (manifest, lock, failed.jsonl).
 #: A walk never enters one, and a folder that holds one is an optimizr DEST: its
 #: files are optimizr's outputs, never sources.
 STATE_DIR = ".optimizr"
+
+#: ``SourceEntry.error`` of a name given in a list of sources that is not in SRC
+#: (no manifest row is kept for it: the manifest describes files that exist).
+NOT_FOUND = "not found"
+#: ... and of a listed name that leads out of SRC (``../x``, or an absolute path elsewhere).
+OUTSIDE_SRC = "outside SRC"
 
 
 @dataclass(frozen=True)
@@ -102,6 +109,11 @@ DEST_FOLDER = (
 
 class Storage(ABC):
     """A tree of files addressed by relative POSIX keys."""
+
+    #: Does ``walk`` list every file under the root? Only then is a manifest row
+    #: that no listing named evidence that its source may be gone (a list of
+    #: sources, --files-from, names some files and proves nothing about the rest).
+    complete_walk: ClassVar[bool] = True
 
     @abstractmethod
     def walk(self, options: WalkOptions) -> Iterator[DirectoryListing]:

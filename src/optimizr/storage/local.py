@@ -22,14 +22,20 @@ from optimizr.storage.base import (
 
 
 class LocalStorage(Storage):
-    def __init__(self, root: Path) -> None:
+    """The folder ``root``; with a ``prefix``, its keys are ``prefix/...`` (one of
+    several SRCs, mirrored under DEST/prefix/) and the walk starts at ``prefix``."""
+
+    def __init__(self, root: Path, prefix: str = "") -> None:
         self.root = root
+        self.prefix = prefix
         self.walk_stats = WalkStatistics()
 
     def describe(self) -> str:
         return str(self.root)
 
     def path_of(self, key: str) -> Path:
+        if self.prefix:
+            key = key[len(self.prefix) + 1 :]
         return self.root / key if key else self.root
 
     def local_path(self, key: str) -> str | None:
@@ -84,7 +90,7 @@ class LocalStorage(Storage):
         stats = self.walk_stats
         root_st = os.stat(self.root)
         stack: list[tuple[str, tuple[tuple[int, int], ...]]] = [
-            ("", ((root_st.st_dev, root_st.st_ino),))
+            (self.prefix, ((root_st.st_dev, root_st.st_ino),))
         ]
         while stack:
             key, ancestors = stack.pop()
@@ -97,7 +103,7 @@ class LocalStorage(Storage):
                 reason = "permission denied" if isinstance(exc, PermissionError) else str(exc)
                 yield DirectoryListing(key, (SourceEntry(key or ".", error=reason),))
                 continue
-            if key and any(_is_state_dir(e) for e in dir_entries):
+            if key != self.prefix and any(_is_state_dir(e) for e in dir_entries):
                 # Another run's DEST (this run's own is pruned): outputs, not sources.
                 stats.dest_folders += 1
                 yield DirectoryListing(key, skipped=DEST_FOLDER)
@@ -106,7 +112,7 @@ class LocalStorage(Storage):
             subdirs: list[tuple[str, tuple[tuple[int, int], ...]]] = []
             for entry in dir_entries:
                 if _is_state_dir(entry):
-                    continue  # SRC's own state folder (SRC is a DEST)
+                    continue  # SRC's own state folder (in place, or SRC is a DEST)
                 child = f"{key}/{entry.name}" if key else entry.name
                 try:
                     is_link = entry.is_symlink()
@@ -118,7 +124,7 @@ class LocalStorage(Storage):
                     if is_temp_name(entry.name):
                         continue
                     stats.errors += 1
-                    files.append(SourceEntry(child, error=_os_reason(exc)))
+                    files.append(SourceEntry(child, error=os_reason(exc)))
                     continue
                 if stat_mod.S_ISDIR(st.st_mode):
                     ident = (st.st_dev, st.st_ino)
@@ -150,7 +156,7 @@ def _is_state_dir(entry: os.DirEntry[str]) -> bool:
         return False
 
 
-def _os_reason(exc: OSError) -> str:
+def os_reason(exc: OSError) -> str:
     if isinstance(exc, PermissionError):
         return "permission denied"
     if isinstance(exc, FileNotFoundError):
