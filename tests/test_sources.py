@@ -129,6 +129,30 @@ def test_in_place_outputs_are_recognised_without_the_manifest(tmp_path: Path) ->
     assert webps(site) == ["a.jpg.webp", "b.jpg.webp"]
 
 
+def test_in_place_the_pages_of_a_multi_page_tiff_are_outputs_too(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from optimizr import EncodeOptions
+
+    site = tmp_path / "site"
+    site.mkdir()
+    pages = [Image.fromarray(photo_array(w, h, seed=i)) for i, (w, h) in enumerate(PAGES)]
+    pages[0].save(site / "scan.tif", save_all=True, append_images=pages[1:])
+    age(site)
+    every = EncodeOptions(pages="all")
+    assert run(site, site, name="append", encode=every).converted == 1
+    assert webps(site) == ["scan.tif.p2.webp", "scan.tif.webp"]
+    again = run(site, site, name="append", encode=every)
+    assert again.found == 1 and again.skipped_by_reason == {"up to date": 1}
+    # Without rows, the pages beside their source are still known for outputs.
+    rebuilt = run(site, site, name="append", encode=every, rebuild_manifest=True)
+    assert rebuilt.found == 1 and rebuilt.failed == 0
+    assert webps(site) == ["scan.tif.p2.webp", "scan.tif.webp"]
+
+
+PAGES = [(96, 64), (80, 80)]
+
+
 def test_in_place_with_name_replace_is_refused_suggesting_append(tmp_path: Path) -> None:
     site = tmp_path / "site"
     tree(site, ["a.jpg"])

@@ -26,6 +26,7 @@ Oversize = Literal["fail", "fit"]
 IfLarger = Literal["skip", "write"]
 NameMode = Literal["replace", "append"]
 Preset = Literal["default", "picture", "photo", "drawing", "icon", "text"]
+Pages = Literal["first", "all"]
 
 PRESETS: tuple[str, ...] = ("default", "picture", "photo", "drawing", "icon", "text")
 
@@ -50,6 +51,9 @@ class EncodeOptions:
     srgb: bool = False
     oversize: Oversize = "fail"
     max_pixels: int = DEFAULT_MAX_PIXELS
+    #: A multi-page TIFF: its first page (with a warning), or every page as its own
+    #: output (``scan.webp``, ``scan.p2.webp``, ...).
+    pages: Pages = "first"
 
     def __post_init__(self) -> None:
         _check_range("--quality", self.quality, 0, 100)
@@ -68,6 +72,8 @@ class EncodeOptions:
             raise UsageError(f"--metadata must be none, icc or all, not {self.metadata!r}")
         if self.oversize not in ("fail", "fit"):
             raise UsageError(f"--oversize must be fail or fit, not {self.oversize!r}")
+        if self.pages not in ("first", "all"):
+            raise UsageError(f"--pages must be first or all, not {self.pages!r}")
 
     def shrink_box(self, width: int, height: int) -> tuple[int, int] | None:
         """The box an upright ``width`` x ``height`` image must shrink into, or None
@@ -93,10 +99,14 @@ class RunConfig:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     follow_symlinks: bool = False
+    #: Give each output the modification time of its source (as rsync -t, cwebp-based
+    #: deploy scripts and CDNs that sort by mtime expect).
+    preserve_mtime: bool = False
     name: NameMode = "replace"
     if_larger: IfLarger = "skip"
     dry_run: bool = False
     force: bool = False
+    #: Where the JSON summary goes; ``-`` is standard output.
     summary_path: Path | None = None
     #: How far the walk may run ahead of the workers, in files per worker. The
     #: largest image in this window starts first; 0 turns that off (plain FIFO).
@@ -123,6 +133,9 @@ class RunConfig:
     files_from: Path | None = None
     #: The list's names end with NUL (``find -print0``), not with a newline.
     files_from_nul: bool = False
+    #: Exit 1 for any failed file; by default only for failures new in this run,
+    #: so that known-bad files do not fail every scheduled run for ever.
+    strict: bool = False
 
     def __post_init__(self) -> None:
         if not self.sources:
@@ -145,6 +158,8 @@ class RunConfig:
             raise UsageError(f"--max-attempts must be at least 1, not {self.max_attempts}")
         if self.grace < 0:
             raise UsageError(f"--grace must not be negative, not {self.grace}")
+        if not isinstance(self.strict, bool):
+            raise UsageError(f"strict must be True or False, not {self.strict!r}")
 
     @property
     def sources(self) -> tuple[Path, ...]:
@@ -157,6 +172,10 @@ class RunConfig:
     @property
     def effective_summary_path(self) -> Path:
         return self.summary_path or self.dest / SUMMARY_NAME
+
+    @property
+    def summary_to_stdout(self) -> bool:
+        return self.summary_path is not None and str(self.summary_path) == "-"
 
 
 def _check_range(name: str, value: int, low: int, high: int) -> None:

@@ -129,7 +129,8 @@ def convert_tree(
         if manifest is not None and lock is not None:
             _finish_manifest(summary, manifest, dest_path)
         summary_path = config.summary_path if layout.one_file else config.effective_summary_path
-        if not config.dry_run and summary_path is not None:
+        # "--summary -": the caller (the CLI) prints it on stdout.
+        if not config.dry_run and not config.summary_to_stdout and summary_path is not None:
             try:
                 write_summary(summary, summary_path)
                 summary.summary_file = summary_path

@@ -86,13 +86,20 @@ class Listeners:
 
 @dataclass
 class StopToken:
-    """Asked once: finish what is in flight. Asked twice: abort now."""
+    """Asked once: finish what is in flight. Asked twice: abort now.
+
+    ``signum`` is the signal that first asked (None when asked by a caller),
+    so the run's exit code can say which one stopped it (130 SIGINT, 143 SIGTERM).
+    """
 
     graceful: bool = False
     hard: bool = False
+    signum: int | None = None
     _listeners: list[Executor] = field(default_factory=list)
 
-    def request(self) -> None:
+    def request(self, signum: int | None = None) -> None:
+        if self.signum is None:
+            self.signum = signum
         if self.graceful:
             self.hard = True
             for executor in self._listeners:

@@ -119,11 +119,21 @@ def manifest_path(dest: Path) -> Path:
     return state_dir(dest) / MANIFEST_NAME
 
 
+#: EncodeOptions fields added since the first manifests, with their defaults.
+_ADDED_LATER = {"pages": "first"}
+
+
 def options_fingerprint(config: RunConfig) -> str:
     """A digest of every option that shapes what is written for a source."""
+    encode = options_dict(config.encode)
+    for name, default in _ADDED_LATER.items():
+        # An option added after manifests existed counts only when it is set:
+        # otherwise upgrading optimizr would make every done file look stale.
+        if encode.get(name) == default:
+            del encode[name]
     shaping = {
         "generation": ENCODER_GENERATION,
-        "encode": options_dict(config.encode),
+        "encode": encode,
         "name": config.name,
         "if_larger": config.if_larger,
     }

@@ -18,6 +18,7 @@ graceful stop (no new work, in-flight images finish) and a second time for an ab
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import time
 from collections.abc import Iterable, Iterator
@@ -25,15 +26,16 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
 
-from optimizr.budget import MemoryBudget, estimate_peak_bytes
+from optimizr.budget import Header, MemoryBudget, estimate_peak_bytes
 from optimizr.config import IfLarger, NameMode, RunConfig
+from optimizr.encode import check_pixels, check_webp_limit
 from optimizr.errors import (
-    TRANSIENT,
     ImageError,
     NoSpaceLeft,
     NotAnImage,
     OutputConflict,
     OutsideSource,
+    OverMemoryBudget,
     PermissionDenied,
     SourceChanged,
     SourceDisappeared,
@@ -41,6 +43,7 @@ from optimizr.errors import (
     TooLarge,
     UnsupportedImage,
     WriteFailed,
+    cause_of,
 )
 from optimizr.events import ProgressListener, RunSnapshot, StopToken
 from optimizr.executors.base import Executor, Job, Outcome
@@ -89,6 +92,15 @@ def output_key(key: str, name: NameMode) -> str:
     return key + ".webp"
 
 
+#: The message of a done row whose source had several pages: "pages: 3".
+PAGES_PREFIX = "pages: "
+
+
+def page_key(out_key: str, page: int) -> str:
+    """The output of page ``page`` (2, 3, ...) of a multi-page source: ``a/scan.p2.webp``."""
+    return f"{out_key.removesuffix('.webp')}.p{page}.webp"
+
+
 def classify_error(key: str, error: ImageError) -> Result:
     """Not every ImageError is a failure: a stray text file is skipped, not failed."""
     cls = type(error).__name__
@@ -120,6 +132,7 @@ class _InFlight:
     entry: SourceEntry
     checked_ns: int
     attempts: int
+    known: str | None
     out_key: str
 
 
@@ -166,8 +179,10 @@ class Pipeline:
             "max_attempts": config.max_attempts,
             "verify": config.verify,
             "files_from": None if config.files_from is None else str(config.files_from),
+            "strict": config.strict,
             "fingerprint": self.fingerprint,
         }
+        self.summary.strict = config.strict
         self._in_flight: dict[int, _InFlight] = {}
         self._next_id = 0
         self._found = 0
@@ -182,7 +197,7 @@ class Pipeline:
         return RunSnapshot(
             found=self._found,
             walk_done=self._walk_done,
-            finished=summary.found,
+            finished=summary.finished,
             converted=summary.converted,
             skipped=summary.skipped,
             failed=summary.failed,
@@ -218,6 +233,8 @@ class Pipeline:
                 self._commit(outcome)
         finally:
             self.summary.interrupted = self.stop.graceful
+            self.summary.stop_signal = self.stop.signum
+            self.summary.walk_complete = self._walk_done
             self.summary.finished_at = time.time()
         return self.summary
 
@@ -245,7 +262,7 @@ class Pipeline:
                 listing = self.own_outputs.drop(listing)
                 self.summary.own_outputs += self.own_outputs.count - before
             found += len(listing.entries)
-            self._found = found
+            self._found = self.summary.found = found
             if self.listener:
                 self.listener.found(len(listing.entries))
             planner = _DirectoryPlan(self, listing.directory)
@@ -289,6 +306,11 @@ class Pipeline:
 
     def _plan(self, entry: SourceEntry, plan: _DirectoryPlan) -> Job | None:
         checked_ns = plan.checked_ns
+        row = plan.row(entry.key)
+        # The reason this file had failed for before this run: failing the same
+        # way again is not new, and does not fail the run without --strict.
+        known = row.reason if row is not None and row.status == "failed" else None
+        record = partial(self._record, entry=entry, checked_ns=checked_ns, known=known)
         if entry.error in (NOT_FOUND, OUTSIDE_SRC):
             # A listed name that is no file of SRC: no manifest row, which is about files.
             self._record(_failure(entry.key, _not_in_src(entry.error)))
@@ -296,7 +318,7 @@ class Pipeline:
         if entry.error is not None:
             kind = PermissionDenied if entry.error == "permission denied" else SourceUnreadable
             error = kind(f"cannot read: {entry.error}")
-            self._record(_failure(entry.key, error), entry, checked_ns)
+            record(_failure(entry.key, error))
             return None
         out_key = self.target or output_key(entry.key, self.config.name)
         if out_key in plan.claimed:
@@ -304,25 +326,22 @@ class Pipeline:
                 f"{out_key} is already the output of {plan.claimed[out_key]}; "
                 "use --name append to keep both"
             )
-            self._record(_failure(entry.key, conflict), entry, checked_ns)
+            record(_failure(entry.key, conflict))
             return None
         plan.claimed[out_key] = entry.key
         attempts = 0
         if not self.config.force:
-            row = plan.rows.get(split_key(entry.key)[1])
-            if row is not None:
-                plan.matched += 1
             if row is not None and row.describes(entry.size, entry.mtime_ns, self.fingerprint):
                 settled = self._settled(entry, row, out_key, plan)
                 if settled is not None:
-                    self._record(settled)
+                    self._record(settled, known=known)
                     return None
                 attempts = row.attempts if row.status == "failed" else 0
             elif row is None and self.manifest is not None and self.manifest.rebuilt:
                 if self._adopt(entry, out_key, plan):
                     return None
         if self.config.dry_run:
-            self._record(self._dry_run_result(entry, out_key))
+            self._record(self._dry_run_result(entry, out_key), known=known)
             return None
         source: str | bytes | None = self.source.local_path(entry.key)
         if source is None:
@@ -330,26 +349,44 @@ class Pipeline:
                 source = self.source.read_bytes(entry.key)
             except OSError as exc:
                 unreadable = SourceUnreadable(exc.strerror or str(exc))
-                self._record(_failure(entry.key, unreadable), entry, checked_ns, attempts)
+                record(_failure(entry.key, unreadable), attempts=attempts)
                 return None
         cost = 0
         if self.budget is not None:
             header = probe(source)
             if header is not None:
-                cost = estimate_peak_bytes(header, self.config.encode)
-                if not self.budget.fits_alone(cost):
-                    refusal = TooLarge(
-                        f"{header.width}x{header.height} needs about {cost / 2**20:,.0f} MiB to "
-                        f"convert, more than --max-memory {self.budget.total / 2**20:,.0f} MiB "
-                        f"leaves for one image ({self.budget.capacity / 2**20:,.0f} MiB); "
-                        "raise --max-memory or use --max-width/--max-height"
-                    )
-                    self._record(_failure(entry.key, refusal), entry, checked_ns, attempts)
+                refusal = self._refusal(header)
+                if refusal is not None:
+                    record(_failure(entry.key, refusal), attempts=attempts)
                     return None
+                cost = estimate_peak_bytes(header, self.config.encode)
         self._next_id += 1
-        self._in_flight[self._next_id] = _InFlight(entry, checked_ns, attempts, out_key)
+        self._in_flight[self._next_id] = _InFlight(entry, checked_ns, attempts, known, out_key)
         return Job(
             self._next_id, entry.key, source, self.config.encode, cost, verify=self.config.verify
+        )
+
+    def _refusal(self, header: Header) -> TooLarge | None:
+        """What the header alone says cannot be converted, the image's own limits first:
+        a bomb over --max-pixels must be told so, not to raise --max-memory by 44 GB."""
+        assert self.budget is not None
+        options = self.config.encode
+        try:
+            check_pixels(header.width, header.height, header.frames, options)
+            if options.shrink_box(header.width, header.height) is None:
+                # Kept at its own size, so the worker would meet exactly this limit.
+                check_webp_limit(header.width, header.height, options)
+        except TooLarge as exc:
+            return exc
+        cost = estimate_peak_bytes(header, options)
+        if self.budget.fits_alone(cost):
+            return None
+        budget = self.budget
+        return OverMemoryBudget(
+            f"{header.width}x{header.height} needs about {cost / 2**20:,.0f} MiB to "
+            f"convert, more than --max-memory {budget.total / 2**20:,.0f} MiB "
+            f"leaves for one image ({budget.capacity / 2**20:,.0f} MiB); "
+            "raise --max-memory or use --max-width/--max-height"
         )
 
     def _settled(
@@ -357,14 +394,31 @@ class Pipeline:
     ) -> Result | None:
         """The result that stands without opening the file, if the manifest proves one."""
         if row.status == "done":
-            output = plan.outputs().get(split_key(out_key)[1])
-            if row.output == out_key and output is not None and output.size == row.output_size:
+            outputs = plan.outputs()
+            output = outputs.get(split_key(out_key)[1])
+            pages = (
+                int(row.message[len(PAGES_PREFIX) :] or 1)
+                if row.message.startswith(PAGES_PREFIX)
+                else 1
+            )
+            pages_there = all(
+                split_key(page_key(out_key, n))[1] in outputs for n in range(2, pages + 1)
+            )
+            if (
+                row.output == out_key
+                and output is not None
+                and output.size == row.output_size
+                and pages_there
+            ):
                 return Result(entry.key, "skipped", UP_TO_DATE, "", out_key)
             return None  # the output is gone or was changed: make it again
         if row.status == "skipped":
             return Result(entry.key, "skipped", row.reason, row.message)
-        if row.reason in TRANSIENT:
-            return None  # the disk was full, the file unreadable...: not the image's fault
+        if cause_of(row.error_class, row.reason) != "image":
+            # Transient (a full disk, a permission...) or decided by the run's
+            # settings and other files (the memory budget, an output conflict):
+            # this run decides it again from what it finds.
+            return None
         if self.config.retry_failed and row.attempts < self.config.max_attempts:
             return None
         self.summary.known_failed += 1
@@ -424,7 +478,14 @@ class Pipeline:
                 entry.key, UnsupportedImage(f"{sniffed.format} is not a format optimizr converts")
             )
         kind = "apng" if sniffed.animated_png else sniffed.format
-        return Result(entry.key, "skipped", DRY_RUN, f"would convert {kind} -> {out_key}", out_key)
+        return Result(
+            entry.key,
+            "skipped",
+            DRY_RUN,
+            f"would convert {kind} -> {out_key}",
+            out_key,
+            bytes_in=entry.size,
+        )
 
     # -- commit ------------------------------------------------------------------
 
@@ -432,7 +493,11 @@ class Pipeline:
         flight = self._in_flight.pop(outcome.job.id)
         entry, key = flight.entry, flight.entry.key
         record = partial(
-            self._record, entry=entry, checked_ns=flight.checked_ns, attempts=flight.attempts
+            self._record,
+            entry=entry,
+            checked_ns=flight.checked_ns,
+            attempts=flight.attempts,
+            known=flight.known,
         )
         if outcome.error is not None or outcome.encoded is None:
             error = outcome.error or ImageError("no result")
@@ -440,7 +505,8 @@ class Pipeline:
             return
         encoded = outcome.encoded
         out_key = flight.out_key
-        size = len(encoded.webp)
+        more_bytes = sum(len(page) for page in encoded.more_pages)
+        size = len(encoded.webp) + more_bytes
         larger = larger_than_source(key, size, entry.size, self.config.if_larger)
         if larger is not None:
             record(larger)
@@ -454,11 +520,17 @@ class Pipeline:
             record(_failure(key, changed))
             return
         write_started = time.perf_counter()
-        try:
-            self.dest.write_atomic(out_key, encoded.webp)
-        except OSError as exc:
-            record(write_failure(key, out_key, exc))
-            return
+        mtime_ns = entry.mtime_ns if self.config.preserve_mtime else None
+        # Pages 2, 3, ... first: the main output, and the row after it, say the
+        # whole source is done only once every page is in place.
+        writes = [(page_key(out_key, n), data) for n, data in enumerate(encoded.more_pages, 2)]
+        writes.append((out_key, encoded.webp))
+        for target, data in writes:
+            try:
+                self.dest.write_atomic(target, data, mtime_ns=mtime_ns)
+            except OSError as exc:
+                record(write_failure(key, target, exc))
+                return
         written = time.perf_counter() - write_started
         # Only now, with the output renamed into place, may the row say done.
         record(
@@ -466,12 +538,15 @@ class Pipeline:
                 key,
                 "converted",
                 None,
-                "",
+                # Kept in the manifest row: a re-run checks that every page is still there.
+                f"{PAGES_PREFIX}{1 + len(encoded.more_pages)}" if encoded.more_pages else "",
                 out_key,
                 entry.size,
                 size,
                 encoded.facts,
                 write_seconds=written,
+                warnings=encoded.facts.warnings,
+                more_pages_bytes=more_bytes,
             )
         )
 
@@ -481,14 +556,22 @@ class Pipeline:
         entry: SourceEntry | None = None,
         checked_ns: int = 0,
         attempts: int = 0,
+        known: str | None = None,
     ) -> None:
+        if entry is not None and result.status == "failed" and not result.bytes_in:
+            # A failure still had a source of some size: logs and the report show it.
+            result = dataclasses.replace(result, bytes_in=entry.size)
         self.summary.record(result)
+        if result.status == "failed" and result.reason != known:
+            self.summary.new_failed += 1
         self._last_progress = time.monotonic()
         if self.listener:
             self.listener.finished(result)
         if entry is None or self.manifest is None or self.config.dry_run:
             return
         status = {"converted": "done", "skipped": "skipped", "failed": "failed"}[result.status]
+        if status == "failed" and cause_of(result.error_class, result.reason) != "run":
+            attempts += 1  # a refusal by the budget or a conflict never tried the image
         self.manifest.record(
             entry.key,
             size=entry.size,
@@ -498,10 +581,11 @@ class Pipeline:
             status=status,
             reason=result.reason,
             output=result.output if status == "done" else None,
-            output_size=result.bytes_out if status == "done" else None,
+            # The main output's own size: the evidence a re-run checks on disk.
+            output_size=result.bytes_out - result.more_pages_bytes if status == "done" else None,
             error_class=result.error_class,
             message=result.message,
-            attempts=attempts + 1 if status == "failed" else attempts,
+            attempts=attempts,
         )
 
 
@@ -515,10 +599,26 @@ class _DirectoryPlan:
         # newer mtime than the row's, or falls inside the settle window.
         self.checked_ns = time.time_ns()
         self.claimed: dict[str, str] = {}
-        use_rows = pipeline.manifest is not None and not pipeline.config.force
-        self.rows = pipeline.manifest.rows_in(directory) if use_rows and pipeline.manifest else {}
+        # Read under --force too: it skips nothing, but a failure is still new
+        # only if the file had not failed the same way before.
+        self.manifest = pipeline.manifest
+        self.rows = self.manifest.rows_in(directory) if self.manifest is not None else {}
         self.matched = 0  # rows that a listed file found
         self._outputs: dict[str, FileStat] | None = None
+
+    def row(self, key: str) -> Row | None:
+        """The manifest's row for a listed file, if it has one."""
+        directory, name = split_key(key)
+        if directory != self.directory:
+            # The entry that stands for an unreadable directory is recorded under
+            # its own key, a name in the parent directory.
+            if self.manifest is None:
+                return None
+            return self.manifest.rows_in(directory).get(name)
+        row = self.rows.get(name)
+        if row is not None:
+            self.matched += 1
+        return row
 
     def outputs(self) -> dict[str, FileStat]:
         """The files in the mirrored DEST directory, listed once and only if needed."""
@@ -531,6 +631,23 @@ def _not_in_src(error: str) -> ImageError:
     if error == NOT_FOUND:
         return SourceDisappeared("listed, but not in SRC (--files-from names are relative to SRC)")
     return OutsideSource("listed, but the name leads out of SRC; refused")
+
+
+def _pages_of(row: Row) -> int:
+    if row.message.startswith(PAGES_PREFIX):
+        try:
+            return max(1, int(row.message[len(PAGES_PREFIX) :]))
+        except ValueError:
+            pass
+    return 1
+
+
+def row_outputs(row: Row) -> list[str]:
+    """The output keys a done row stands for: its output and, after --pages all, the
+    other pages' (which the walk must not take as sources when they lie in SRC)."""
+    if row.status != "done" or not row.output:
+        return []
+    return [row.output, *(page_key(row.output, n) for n in range(2, _pages_of(row) + 1))]
 
 
 def _failure(key: str, error: ImageError) -> Result:

@@ -22,6 +22,7 @@ import contextlib
 import errno
 import os
 import posixpath
+import re
 import sqlite3
 import stat as stat_mod
 import sys
@@ -33,7 +34,7 @@ from optimizr.atomic import is_temp_name
 from optimizr.config import SUMMARY_NAME, RunConfig
 from optimizr.errors import OptimizrError, UsageError
 from optimizr.manifest import Manifest, split_key
-from optimizr.pipeline import output_key
+from optimizr.pipeline import output_key, row_outputs
 from optimizr.storage.base import (
     DEST_FOLDER,
     NOT_FOUND,
@@ -246,7 +247,7 @@ class SourceSet(Storage):
             raise FileNotFoundError(errno.ENOENT, "not a SRC", key)
         return path.read_bytes()
 
-    def write_atomic(self, key: str, data: bytes) -> None:
+    def write_atomic(self, key: str, data: bytes, *, mtime_ns: int | None = None) -> None:
         raise OSError(errno.EROFS, "a SRC is never written", key)
 
     def remove_stale_temporaries(self) -> int:
@@ -353,7 +354,7 @@ class ListedSource(Storage):
     def read_bytes(self, key: str) -> bytes:
         return self.tree.read_bytes(key)
 
-    def write_atomic(self, key: str, data: bytes) -> None:
+    def write_atomic(self, key: str, data: bytes, *, mtime_ns: int | None = None) -> None:
         raise OSError(errno.EROFS, "a SRC is never written", key)
 
     def remove_stale_temporaries(self) -> int:
@@ -428,6 +429,12 @@ class ListedSource(Storage):
 # -- optimizr's own files ------------------------------------------------------------------
 
 
+#: In place with --name append, the output of ``x`` is ``x.webp`` and the other pages
+#: of a multi-page ``x`` (--pages all) are ``x.p2.webp``, ``x.p3.webp``...
+_OUTPUT = re.compile(r"(.+)\.webp", re.DOTALL)
+_PAGE_OUTPUT = re.compile(r"(.+)\.p[0-9]+\.webp", re.DOTALL)
+
+
 class OwnOutputs:
     """Takes optimizr's own files out of each source listing (issue 10, items 7 and 16).
 
@@ -483,13 +490,17 @@ class OwnOutputs:
             rest = directory[len(source_prefix) :].lstrip("/")
             folder = "/".join(p for p in (manifest_prefix, rest) if p)
             for row in manifest.rows_in(folder).values():
-                if row.status == "done" and row.output:
-                    out_dir, out_name = split_key(row.output)
+                for output in row_outputs(row):
+                    out_dir, out_name = split_key(output)
                     if out_dir == folder:
                         names.add(out_name)
         if self._beside is not None:
             present = self._beside.list_files(directory)
-            names.update(n for n in present if n.endswith(".webp") and n[:-5] in present)
+            for name in present:
+                for pattern in (_OUTPUT, _PAGE_OUTPUT):
+                    source = pattern.fullmatch(name)
+                    if source is not None and source.group(1) in present:
+                        names.add(name)
         return names
 
     def close(self) -> None:

@@ -24,7 +24,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from optimizr.results import Result, RunSummary
+from optimizr.results import DRY_RUN, Result, RunSummary
 
 if TYPE_CHECKING:
     from optimizr.events import RunSnapshot
@@ -60,10 +60,19 @@ class TerminalProgress:
         verbose: bool = False,
         interval: float = 5.0,
         stream: IO[str] | None = None,
+        quiet: bool = False,
+        show_failures: bool = True,
+        out: IO[str] | None = None,
     ) -> None:
         self.stream = stream or sys.stderr
+        #: -Q / --log-level warning: no live display and no progress lines.
+        self.quiet = quiet
+        #: --log-level error: not even the FAILED lines.
+        self.show_failures = show_failures
+        #: Where a dry run lists what it would convert: stdout, for a pipe.
+        self.out = out
         self.console = Console(file=self.stream, highlight=False, soft_wrap=True)
-        self.live = self.console.is_terminal if live is None else live
+        self.live = False if quiet else (self.console.is_terminal if live is None else live)
         self.verbose = verbose
         #: Without a live bar: seconds between plain progress lines.
         self.interval = interval
@@ -124,12 +133,21 @@ class TerminalProgress:
             self.bytes_out += result.bytes_out
         elif result.status == "failed":
             self.failed += 1
-            self._print(f"[red]FAILED[/red] {_escape(result.line())}")
-        if self.verbose and result.status != "failed":
+            if self.show_failures:
+                self._print(f"[red]FAILED[/red] {_escape(result.line())}")
+        if self.show_failures:
+            for warning in result.warnings:
+                self._print(f"[yellow]WARNING[/yellow] {_escape(result.key)}: {_escape(warning)}")
+        if result.reason == DRY_RUN:
+            print(_dry_run_line(result), file=self.out or sys.stdout, flush=True)
+        elif self.verbose and result.status != "failed":
             self._print(_verbose_line(result))
-        self._refresh()
+        if not self.quiet:
+            self._refresh()
 
     def stopping(self, hard: bool) -> None:
+        if self.quiet and self.show_failures is False:
+            return
         if hard:
             self._print("[yellow]aborting: in-flight images are abandoned[/yellow]")
         else:
@@ -204,6 +222,10 @@ def _escape(text: str) -> str:
     return text.replace("[", r"\[")
 
 
+def _dry_run_line(result: Result) -> str:
+    return f"would convert {result.key} -> {result.output} ({human_bytes(result.bytes_in)})"
+
+
 def _verbose_line(result: Result) -> str:
     if result.status == "converted":
         return (
@@ -221,8 +243,20 @@ def summary_table(summary: RunSummary) -> Table:
     )
     table.add_column("", style="bold")
     table.add_column("", justify="right")
-    table.add_row("files found", f"{summary.found:,}")
+    walk = "" if summary.walk_complete else " (walk not finished)"
+    table.add_row("files found", f"{summary.found:,}{walk}")
+    if summary.interrupted:
+        more = "" if summary.walk_complete else " + any not yet found"
+        table.add_row("not done (interrupted)", f"{summary.remaining:,}{more}")
+    if summary.would_convert:
+        table.add_row(
+            "would convert",
+            f"{summary.would_convert:,} ({human_bytes(summary.would_convert_bytes)})",
+        )
     table.add_row("converted", f"{summary.converted:,}")
+    if summary.warned_by_kind:
+        warned = ", ".join(f"{n:,} {kind}" for kind, n in sorted(summary.warned_by_kind.items()))
+        table.add_row("  with warnings", warned)
     skipped = ", ".join(f"{n:,} {r}" for r, n in sorted(summary.skipped_by_reason.items()))
     table.add_row("skipped", f"{summary.skipped:,}" + (f" ({skipped})" if skipped else ""))
     failed = ", ".join(f"{n:,} {r}" for r, n in sorted(summary.failed_by_reason.items()))

@@ -135,8 +135,9 @@ class Storage(ABC):
     def read_bytes(self, key: str) -> bytes: ...
 
     @abstractmethod
-    def write_atomic(self, key: str, data: bytes) -> None:
-        """Replace ``key`` with ``data`` so no reader ever sees a partial object."""
+    def write_atomic(self, key: str, data: bytes, *, mtime_ns: int | None = None) -> None:
+        """Replace ``key`` with ``data`` so no reader ever sees a partial object;
+        ``mtime_ns``: the modification time it carries (--preserve-mtime)."""
 
     def local_path(self, key: str) -> str | None:
         """A filesystem path workers may read directly (streaming), if there is one."""

@@ -66,8 +66,8 @@ class LocalStorage(Storage):
     def read_bytes(self, key: str) -> bytes:
         return self.path_of(key).read_bytes()
 
-    def write_atomic(self, key: str, data: bytes) -> None:
-        atomic_write(self.path_of(key), data)
+    def write_atomic(self, key: str, data: bytes, *, mtime_ns: int | None = None) -> None:
+        atomic_write(self.path_of(key), data, mtime_ns=mtime_ns)
 
     def remove_stale_temporaries(self) -> int:
         removed = 0
