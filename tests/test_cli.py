@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -18,8 +17,6 @@ import pytest
 from click.testing import Result
 
 from conftest import age, decode, photo_array, save_jpeg
-from optimizr.metrics.progress import TerminalProgress
-from optimizr.results import Result as FileResult
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -167,24 +164,6 @@ def test_verbose_prints_one_line_per_file(cli: Callable[..., Result], tmp_path: 
     make_tree(src, 3)
     result = cli("convert", src, dest, "-v", "--no-progress")
     assert len(re.findall(r"^converted d\d/img\d+\.jpg -> ", result.output, re.M)) == 3
-
-
-def test_plain_progress_lines_without_a_terminal() -> None:
-    stream = io.StringIO()
-    progress = TerminalProgress(live=False, interval=0.0, stream=stream)
-    with progress:
-        progress.found(5)
-        for i in range(2):
-            progress.finished(FileResult(f"f{i}.jpg", "converted", None, "", "o", 1000, 400))
-        progress.walk_done(5)
-        progress.finished(FileResult("f2.jpg", "failed", "corrupt", "bad data"))
-    lines = [line for line in stream.getvalue().splitlines() if not line.startswith("FAILED")]
-    assert lines[0].startswith("1 of 5+ files (still walking), 1.0 KB -> 400 B, ")
-    assert re.search(r", [\d.]+ MB/s, ETA \?, 0 failed$", lines[0])
-    assert lines[1].startswith("2 of 5+ files (still walking), 2.0 KB -> 800 B, ")
-    # Once the walk is done the total is known, and so is an estimate of the time left.
-    assert lines[-1].startswith("3 of 5 files, ") and lines[-1].endswith(", 1 failed")
-    assert re.search(r"ETA \d+s", lines[-1])
 
 
 # -- worker faults: a crashing or hanging codec must not take the run down ---------------------

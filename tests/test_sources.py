@@ -153,6 +153,27 @@ def test_in_place_the_pages_of_a_multi_page_tiff_are_outputs_too(tmp_path: Path)
 PAGES = [(96, 64), (80, 80)]
 
 
+def test_in_place_the_count_ahead_leaves_the_outputs_out(tmp_path: Path) -> None:
+    """The progress total (the count pass, on its own thread) is of sources only."""
+    import time
+
+    from optimizr.count import TreeCounter
+    from optimizr.sources import OwnOutputs, resolve_layout
+
+    site = tmp_path / "site"
+    tree(site, ["a.jpg", "sub/b.jpg", "sub/c.jpg"])
+    age(site)
+    run(site, site, name="append")
+    config = RunConfig(src=site, dest=site, name="append")
+    layout = resolve_layout((site,), str(site), config)
+    own = OwnOutputs(layout, None, LocalStorage(site))
+    counter = TreeCounter(layout.source, WalkOptions(), keep=own.drop_for_count).start()
+    deadline = time.monotonic() + 60
+    while not counter.statistics().done and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert counter.statistics().done and counter.statistics().files == 3
+
+
 def test_in_place_with_name_replace_is_refused_suggesting_append(tmp_path: Path) -> None:
     site = tmp_path / "site"
     tree(site, ["a.jpg"])

@@ -291,6 +291,14 @@ def format_status(report: StatusReport) -> str:
             else (f"exit {run['exit_code']}")
         )
         lines.append(f"last run  #{run['id']} ({ended})")
+    progress = report.progress
+    if progress is not None:
+        left = (
+            "total not known yet (still counting)"
+            if progress.total is None or progress.remaining is None
+            else f"remaining {progress.remaining:,} of {progress.total:,}"
+        )
+        lines.append(f"progress  {progress.processed:,} processed this run, {left}")
     counts = report.by_status
     lines.append(
         f"files     {report.total:,}: {counts['done']:,} done, {counts['failed']:,} failed, "

@@ -6,6 +6,9 @@
   proves unchanged (size, mtime_ns, options fingerprint, output still there at
   its size) are skipped without being opened, one manifest query and one DEST
   listing per directory.
+* **count**: meanwhile a listing-only walk on its own thread
+  (:class:`~optimizr.count.TreeCounter`) counts the files and bytes ahead, so
+  that progress has a total long before the throttled walk reaches the end.
 * **execute**: jobs go to an :class:`~optimizr.executors.base.Executor`, which
   pulls them only as workers free up, so the walk stays a small window ahead.
 * **commit**: the parent alone writes outputs, each atomically, after checking
@@ -28,6 +31,7 @@ from typing import TYPE_CHECKING
 
 from optimizr.budget import Header, MemoryBudget, estimate_peak_bytes
 from optimizr.config import IfLarger, NameMode, RunConfig
+from optimizr.count import TreeCounter
 from optimizr.encode import check_pixels, check_webp_limit
 from optimizr.errors import (
     ImageError,
@@ -45,7 +49,7 @@ from optimizr.errors import (
     WriteFailed,
     cause_of,
 )
-from optimizr.events import ProgressListener, RunSnapshot, StopToken
+from optimizr.events import ProgressListener, RunSnapshot, StopToken, known_total
 from optimizr.executors.base import Executor, Job, Outcome
 from optimizr.manifest import (
     Manifest,
@@ -188,12 +192,23 @@ class Pipeline:
         self._found = 0
         self._walk_done = False
         self._last_progress = time.monotonic()
+        # Source bytes listed by the walk, and of the files handed to _plan:
+        # those minus the bytes in flight are the bytes finished.
+        self._found_bytes = 0
+        self._planned_bytes = 0
+        #: The count pass, running ahead of the throttled walk (None in a dry run).
+        self.counter: TreeCounter | None = None
 
     def snapshot(self) -> RunSnapshot:
         summary = self.summary
         executor = self.executor.statistics()
         budget = self.budget.statistics() if self.budget is not None else None
-        in_flight = len(self._in_flight)
+        count = self.counter.statistics() if self.counter is not None else None
+        # list() copies the values in one step under the GIL, so the pipeline's
+        # thread adding or removing a job meanwhile cannot break the iteration.
+        flights = list(self._in_flight.values())
+        in_flight = len(flights)
+        in_flight_bytes = sum(flight.entry.size for flight in flights)
         return RunSnapshot(
             found=self._found,
             walk_done=self._walk_done,
@@ -212,7 +227,24 @@ class Pipeline:
             budget_in_use=budget.in_use if budget else 0,
             draining=self.stop.graceful,
             last_progress=self._last_progress,
+            found_bytes=self._found_bytes,
+            finished_bytes=max(0, self._planned_bytes - in_flight_bytes),
+            counted=count.files if count else 0,
+            counted_bytes=count.bytes if count else 0,
+            count_done=count.done if count else False,
         )
+
+    def _publish_progress(self) -> None:
+        """Tell the manifest how far the run is, for ``optimizr status`` to read.
+        It goes out with the manifest's next batch commit: no commit of its own
+        unless no rows come for a while (see Manifest.note_progress)."""
+        if self.manifest is None or self.config.dry_run:
+            return
+        count = self.counter.statistics() if self.counter is not None else None
+        total = known_total(
+            self._found, self._walk_done, count.files if count else 0, bool(count and count.done)
+        )
+        self.manifest.note_progress(self.summary.found, total)
 
     def run(self) -> RunSummary:
         if self.listener:
@@ -226,31 +258,44 @@ class Pipeline:
             # Only a run that did not finish (killed, crashed) can have left
             # temporaries behind: after a clean one, skip walking all of DEST.
             self.dest.remove_stale_temporaries()
+        if not self.config.dry_run:
+            # A dry run walks unthrottled (nothing waits for a worker): no count needed.
+            self.counter = TreeCounter(
+                self.source,
+                self._walk_options(),
+                cancelled=lambda: self.stop.graceful or self._walk_done,
+                keep=None if self.own_outputs is None else self.own_outputs.drop_for_count,
+            ).start()
         try:
             for outcome in self.executor.imap_unordered(self._jobs()):
                 if self.stop.hard:
                     break
                 self._commit(outcome)
         finally:
+            if self.counter is not None:
+                self.counter.stop()
             self.summary.interrupted = self.stop.graceful
             self.summary.stop_signal = self.stop.signum
             self.summary.walk_complete = self._walk_done
             self.summary.finished_at = time.time()
+            self._publish_progress()
         return self.summary
 
     # -- plan --------------------------------------------------------------------
 
-    def _jobs(self) -> Iterator[Job]:
+    def _walk_options(self) -> WalkOptions:
         config = self.config
-        walk = WalkOptions(
+        return WalkOptions(
             include=config.include,
             exclude=config.exclude,
             follow_symlinks=config.follow_symlinks,
             prune=self.prune,
         )
+
+    def _jobs(self) -> Iterator[Job]:
         found = 0
         visited: set[str] = set()
-        for listing in self.source.walk(walk):
+        for listing in self.source.walk(self._walk_options()):
             if self.stop.graceful:
                 return
             if listing.skipped is not None:
@@ -263,10 +308,12 @@ class Pipeline:
                 self.summary.own_outputs += self.own_outputs.count - before
             found += len(listing.entries)
             self._found = self.summary.found = found
+            self._found_bytes += sum(entry.size for entry in listing.entries)
             if self.listener:
                 self.listener.found(len(listing.entries))
             planner = _DirectoryPlan(self, listing.directory)
             for entry in listing.entries:
+                self._planned_bytes += entry.size
                 job = self._plan(entry, planner)
                 if job is not None:
                     yield job
@@ -567,6 +614,7 @@ class Pipeline:
         self._last_progress = time.monotonic()
         if self.listener:
             self.listener.finished(result)
+        self._publish_progress()
         if entry is None or self.manifest is None or self.config.dry_run:
             return
         status = {"converted": "done", "skipped": "skipped", "failed": "failed"}[result.status]

@@ -473,18 +473,19 @@ class OwnOutputs:
         self.count = 0
 
     def drop(self, listing: DirectoryListing) -> DirectoryListing:
-        own = self._names_in(listing.directory)
-        if not own:
-            return listing
-        kept = tuple(
-            e for e in listing.entries if e.error is not None or split_key(e.key)[1] not in own
-        )
-        self.count += len(listing.entries) - len(kept)
-        return DirectoryListing(listing.directory, kept)
+        kept = _without(listing, self._names_in(listing.directory, manifests=True))
+        self.count += len(listing.entries) - len(kept.entries)
+        return kept
 
-    def _names_in(self, directory: str) -> set[str]:
+    def drop_for_count(self, listing: DirectoryListing) -> DirectoryListing:
+        """``drop`` for the count pass, on its own thread: without the manifests (a
+        SQLite connection stays on the thread that opened it). In place that still
+        finds nearly every output, each beside its source; the count is an estimate."""
+        return _without(listing, self._names_in(listing.directory, manifests=False))
+
+    def _names_in(self, directory: str, *, manifests: bool) -> set[str]:
         names = set(self._fixed.get(directory, ()))
-        for manifest, source_prefix, manifest_prefix in self._covering:
+        for manifest, source_prefix, manifest_prefix in self._covering if manifests else ():
             if source_prefix and not (directory + "/").startswith(source_prefix + "/"):
                 continue
             rest = directory[len(source_prefix) :].lstrip("/")
@@ -506,3 +507,12 @@ class OwnOutputs:
     def close(self) -> None:
         for manifest in self._opened:
             manifest.close()
+
+
+def _without(listing: DirectoryListing, names: set[str]) -> DirectoryListing:
+    if not names:
+        return listing
+    kept = tuple(
+        e for e in listing.entries if e.error is not None or split_key(e.key)[1] not in names
+    )
+    return DirectoryListing(listing.directory, kept)
