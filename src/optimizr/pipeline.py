@@ -677,7 +677,7 @@ class _DirectoryPlan:
 
 def _not_in_src(error: str) -> ImageError:
     if error == NOT_FOUND:
-        return SourceDisappeared("listed, but not in SRC (--files-from names are relative to SRC)")
+        return SourceDisappeared("listed, but not in SRC: --files-from names are relative to SRC")
     return OutsideSource("listed, but the name leads out of SRC; refused")
 
 
