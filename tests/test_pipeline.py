@@ -92,11 +92,11 @@ def test_dest_inside_src_is_never_walked(tmp_path: Path) -> None:
     assert webps(dest) == ["one.webp", "sub/two.webp"]
 
 
-def test_src_equal_to_dest_is_refused(tmp_path: Path) -> None:
+def test_src_equal_to_dest_is_refused_unless_name_append(tmp_path: Path) -> None:
     from optimizr.errors import UsageError
 
     tree(tmp_path / "src", ["one.jpg"])
-    with pytest.raises(UsageError, match="different folder"):
+    with pytest.raises(UsageError, match="in place .* needs --name append"):
         run(tmp_path / "src", tmp_path / "src")
 
 

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
-from conftest import photo_array, save_jpeg, save_png
+from conftest import age, photo_array, save_jpeg, save_png
 from optimizr.cli import main
 from optimizr.report import render_report
 
@@ -356,6 +356,7 @@ def history(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[s
     for i in range(3):
         save_jpeg(src / f"p{i}.jpg", photo_array(200 + 40 * i, 150, seed=i))
     (src / "cut.jpg").write_bytes((src / "p0.jpg").read_bytes()[:300])
+    age(src)  # written just now: a re-run would not trust them as unchanged
     for run in range(3):
         result = invoke("convert", src, dest, "-j", "1", "--no-progress")
         # The truncated file fails the first run; after that it is known bad, not new.

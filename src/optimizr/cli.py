@@ -144,8 +144,8 @@ def _read_config_file(ctx: click.Context, _param: click.Parameter, value: Path |
     f"OPTIMIZR_MAX_MEMORY=2G) or in {CONFIG_NAME} (quality = 75); the command line wins, "
     "then the environment, then the file."
 )
-@click.argument("src", type=click.Path(path_type=Path, file_okay=False))
-@click.argument("dest", type=click.Path(path_type=Path, file_okay=False))
+# As typed (str, not Path): a trailing slash on DEST says "a folder" for one file.
+@click.argument("paths", nargs=-1, required=True, type=click.Path(), metavar="SRC... DEST")
 @click.option(
     "--config",
     "config_file",
@@ -157,18 +157,23 @@ def _read_config_file(ctx: click.Context, _param: click.Parameter, value: Path |
     help=f"Read option defaults from this TOML file [./{CONFIG_NAME} if it exists].",
 )
 @apply_options
-def convert(src: Path, dest: Path, config_file: Path | None, **params: Any) -> None:
-    """Convert every image under SRC into a mirrored tree of .webp files under DEST."""
+def convert(paths: tuple[str, ...], config_file: Path | None, **params: Any) -> None:
+    """Convert every image under SRC into a mirrored tree of .webp files under DEST.
+
+    SRC may be one file (DEST: a .webp name or a folder), DEST itself (in place,
+    with --name append), or several SRCs, each going under DEST/<its name>/."""
+    srcs, dest = paths[:-1], paths[-1]
+    src = Path(srcs[0]) if len(srcs) == 1 else tuple(Path(s) for s in srcs)
     try:
-        config, console = build_configs(src, dest, params, config_file)
+        config, console = build_configs(src, Path(dest), params, config_file)
     except OptimizrError as exc:
         print_error(str(exc), json_logs=params.get("log_format") == "json")
         sys.exit(exc.exit_code)
     with configure_logging(console.log_format, console.effective_log_level) as logger:
-        sys.exit(_convert(logger, config, console))
+        sys.exit(_convert(logger, config, console, dest))
 
 
-def _convert(logger: logging.Logger, config: RunConfig, console: ConsoleOptions) -> int:
+def _convert(logger: logging.Logger, config: RunConfig, console: ConsoleOptions, dest: str) -> int:
     """The body of ``convert``; returns the exit code."""
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     started_at = time.time()
@@ -211,9 +216,7 @@ def _convert(logger: logging.Logger, config: RunConfig, console: ConsoleOptions)
                         url,
                         extra={"event": "metrics", "fields": {"url": url}},
                     )
-                summary = convert_tree(
-                    config.src, config.dest, config, listener=listener, stop=stop
-                )
+                summary = convert_tree(config.src, dest, config, listener=listener, stop=stop)
                 if exporter is not None:
                     exporter.run_ended()
                     if console.metrics_port is not None and console.metrics_linger > 0:
@@ -249,8 +252,8 @@ def _convert(logger: logging.Logger, config: RunConfig, console: ConsoleOptions)
                 err.print(f"optimizr: warning: {printable(warning)}", markup=False)
         if dry_run:
             _print_dry_run(summary)
-        elif not quiet and not config.summary_to_stdout:
-            err.print(f"summary: {printable(str(config.effective_summary_path))}", markup=False)
+        elif not quiet and summary.summary_file is not None:
+            err.print(f"summary: {printable(str(summary.summary_file))}", markup=False)
     return code
 
 

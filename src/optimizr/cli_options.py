@@ -144,6 +144,11 @@ OPTIONS: tuple[Opt, ...] = (
         (), multiple=True, metavar="GLOB", show_default=False),
     Opt(("--follow-symlinks",), "follow_symlinks", "run",
         "Follow symbolic links (loops are cut).", False, is_flag=True),
+    Opt(("--files-from",), "files_from", "run",
+        "Convert only the files FILE names (one a line, relative to SRC; '-': stdin).",
+        None, click.Path(path_type=Path, dir_okay=False, allow_dash=True), metavar="FILE"),
+    Opt(("--null", "-0"), "files_from_nul", "run",
+        "--files-from names end with NUL (find -print0), not a newline.", False, is_flag=True),
     Opt(("--preserve-mtime",), "preserve_mtime", "run",
         "Give each output its source's modification time.", False, is_flag=True),
     Opt(("--dry-run",), "dry_run", "run",
@@ -256,7 +261,10 @@ def apply_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def build_configs(
-    src: Path, dest: Path, params: Mapping[str, Any], config_file: Path | None = None
+    src: Path | tuple[Path, ...],
+    dest: Path,
+    params: Mapping[str, Any],
+    config_file: Path | None = None,
 ) -> tuple[RunConfig, ConsoleOptions]:
     """The frozen configs from click's parsed values (any of the four sources)."""
     values: dict[Target, dict[str, Any]] = {"encode": {}, "run": {}, "console": {}}

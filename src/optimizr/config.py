@@ -30,6 +30,9 @@ Pages = Literal["first", "all"]
 
 PRESETS: tuple[str, ...] = ("default", "picture", "photo", "drawing", "icon", "text")
 
+#: The summary a run writes at the top of DEST (unless --summary says elsewhere).
+SUMMARY_NAME = "optimizr-summary.json"
+
 
 @dataclass(frozen=True)
 class EncodeOptions:
@@ -88,7 +91,8 @@ class EncodeOptions:
 class RunConfig:
     """One ``convert`` run: where from, where to, and how."""
 
-    src: Path
+    #: One SRC (a folder, or one file), or several (see ``sources``).
+    src: Path | tuple[Path, ...]
     dest: Path
     encode: EncodeOptions = field(default_factory=EncodeOptions)
     workers: int = 0  # 0 = the CPUs this process may use
@@ -124,6 +128,11 @@ class RunConfig:
     verify: bool = False
     #: Set a damaged manifest aside and rebuild it from the outputs on disk.
     rebuild_manifest: bool = False
+    #: Convert only the files this list names (relative to SRC, one folder) instead
+    #: of walking SRC; ``-`` reads the list from standard input.
+    files_from: Path | None = None
+    #: The list's names end with NUL (``find -print0``), not with a newline.
+    files_from_nul: bool = False
     #: Exit 1 for any failed file; by default only for failures new in this run,
     #: so that known-bad files do not fail every scheduled run for ever.
     strict: bool = False
@@ -132,6 +141,10 @@ class RunConfig:
     metrics_labels: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
+        if not self.sources:
+            raise UsageError("convert needs a SRC and a DEST")
+        if self.files_from_nul and self.files_from is None:
+            raise UsageError("-0/--null says how --files-from separates names: give --files-from")
         if self.workers < 0:
             raise UsageError(f"--workers must be 0 (auto) or more, not {self.workers}")
         if self.name not in ("replace", "append"):
@@ -166,12 +179,16 @@ class RunConfig:
             seen.add(name)
 
     @property
+    def sources(self) -> tuple[Path, ...]:
+        return self.src if isinstance(self.src, tuple) else (self.src,)
+
+    @property
     def effective_workers(self) -> int:
         return self.workers or available_cpus()
 
     @property
     def effective_summary_path(self) -> Path:
-        return self.summary_path or self.dest / "optimizr-summary.json"
+        return self.summary_path or self.dest / SUMMARY_NAME
 
     @property
     def summary_to_stdout(self) -> bool:

@@ -1,7 +1,8 @@
 """The library API: convert one file, or a whole tree.
 
-``convert_tree`` sets a run up (checks SRC and DEST, takes DEST's lock, opens
-the manifest, builds the memory budget and the worker pool), runs the
+``convert_tree`` sets a run up (resolves SRC... and DEST into a layout, see
+``sources.py``; takes DEST's lock, opens the manifest, builds the memory budget
+and the worker pool), runs the
 :class:`~optimizr.pipeline.Pipeline`, then gathers each component's figures
 into the summary and writes it. ``convert_file`` is the one-image version,
 in the calling process, with no manifest.
@@ -13,6 +14,7 @@ import json
 import os
 import sqlite3
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +43,15 @@ from optimizr.results import (
     Result,
     RunSummary,
 )
+from optimizr.sources import Layout, OwnOutputs, resolve_layout
 from optimizr.storage.local import LocalStorage
+
+PathArg = str | os.PathLike[str]
 
 
 def convert_tree(
-    src: str | os.PathLike[str],
-    dest: str | os.PathLike[str],
+    src: PathArg | Sequence[PathArg],
+    dest: PathArg,
     options: EncodeOptions | RunConfig | None = None,
     *,
     executor: Executor | None = None,
@@ -55,6 +60,12 @@ def convert_tree(
 ) -> RunSummary:
     """Convert every image under ``src`` into a mirrored tree of WebP files under ``dest``.
 
+    ``src`` is one folder (mirrored into ``dest``; ``dest`` may be ``src`` itself,
+    *in place*, with ``name="append"``), one file (converted to ``dest``, a
+    ``.webp`` path or a folder, with no manifest or summary, as cwebp does), or a
+    sequence of them (each folder mirrored under ``dest/<its name>/``, each file
+    into ``dest``). ``RunConfig.files_from`` names the files to take from one folder.
+
     ``options`` is an :class:`EncodeOptions` (run settings left at their
     defaults) or a whole :class:`RunConfig`. Per-file problems never raise:
     they are counted and listed in the returned :class:`RunSummary`, which is
@@ -62,34 +73,33 @@ def convert_tree(
     kept in DEST's run history (``DEST/.optimizr/runs/``, see :mod:`optimizr.history`).
     Raises :class:`~optimizr.errors.UsageError` when SRC or DEST cannot be used.
     """
-    src_path, dest_path = Path(src), Path(dest)
+    if isinstance(src, str | os.PathLike):
+        srcs: tuple[Path, ...] = (Path(src),)
+    else:
+        srcs = tuple(Path(s) for s in src)
+    dest_path = Path(dest)
     if isinstance(options, RunConfig):
         config = options
     else:
-        config = RunConfig(src=src_path, dest=dest_path, encode=options or EncodeOptions())
-    if not src_path.exists():
-        raise UsageError(f"SRC does not exist: {src_path}")
-    if not src_path.is_dir():
-        raise UsageError(f"SRC is not a folder: {src_path}")
-    src_real, dest_real = src_path.resolve(), dest_path.resolve()
-    if src_real == dest_real:
-        raise UsageError("DEST must be a different folder from SRC")
-    if dest_real.exists() and not dest_real.is_dir():
-        raise UsageError(f"DEST exists and is not a folder: {dest_path}")
-    prune: tuple[str, ...] = ()
-    if dest_real.is_relative_to(src_real):
-        prune = (dest_real.relative_to(src_real).as_posix(),)
+        one = srcs[0] if len(srcs) == 1 else srcs
+        config = RunConfig(src=one, dest=dest_path, encode=options or EncodeOptions())
+    if not srcs:
+        raise UsageError("convert needs a SRC and a DEST")
+    layout = resolve_layout(srcs, os.fspath(dest), config)
     if not config.dry_run:
         try:
-            dest_path.mkdir(parents=True, exist_ok=True)
+            layout.dest_root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise UsageError(f"cannot create DEST {dest_path}: {exc.strerror or exc}") from None
 
     lock: RunLock | None = None
     manifest: Manifest | None = None
-    if config.dry_run:
+    own: OwnOutputs | None = None
+    if layout.one_file:
+        pass  # like cwebp: the output alone, no DEST/.optimizr
+    elif config.dry_run:
         # Read-only: a dry run reports what the manifest would let a real run skip.
-        manifest = Manifest.open_readonly(dest_path) if dest_real.is_dir() else None
+        manifest = Manifest.open_readonly(dest_path) if dest_path.is_dir() else None
     else:
         lock = RunLock(state_dir(dest_path))
         try:
@@ -112,15 +122,27 @@ def convert_tree(
                 manifest.begin_run(config, options_fingerprint(config))
             except sqlite3.OperationalError:
                 pass  # a full disk: the rows themselves are retried as the run goes
-        summary = _execute(config, src_path, dest_path, prune, manifest, executor, listener, stop)
+        dest_storage = LocalStorage(layout.dest_root)
+        if not layout.one_file:
+            own = OwnOutputs(layout, manifest, dest_storage)
+        summary = _execute(config, layout, dest_storage, manifest, own, executor, listener, stop)
+        if own is not None:
+            summary.warnings.extend(own.warnings)
+        if layout.one_file:
+            summary.dest = str(dest_path)
         if manifest is not None and lock is not None:
             _finish_manifest(summary, manifest, dest_path)
-        # "--summary -": the caller (the CLI) prints it on stdout; the history keeps it.
+        # One file (like cwebp): a summary only where --summary asks, and no history.
+        latest = config.summary_path if layout.one_file else config.effective_summary_path
+        if config.summary_to_stdout:
+            latest = None  # "--summary -": the caller (the CLI) prints it on stdout
         if not config.dry_run:
             run_id = manifest.run_id if manifest is not None else 0
-            latest = None if config.summary_to_stdout else config.effective_summary_path
-            _write_summaries(summary, latest, dest_path, run_id)
+            history = None if layout.one_file else dest_path
+            _write_summaries(summary, latest, history, run_id)
     finally:
+        if own is not None:
+            own.close()
         if manifest is not None:
             manifest.close()
         if lock is not None:
@@ -162,16 +184,19 @@ def _finish_manifest(summary: RunSummary, manifest: Manifest, dest: Path) -> Non
 
 def _execute(
     config: RunConfig,
-    src_path: Path,
-    dest_path: Path,
-    prune: tuple[str, ...],
+    layout: Layout,
+    dest: LocalStorage,
     manifest: Manifest | None,
+    own_outputs: OwnOutputs | None,
     executor: Executor | None,
     listener: ProgressListener | None,
     stop: StopToken | None,
 ) -> RunSummary:
     own_executor = executor is None
-    workers = config.effective_workers if executor is None else executor.workers
+    if executor is not None:
+        workers = executor.workers
+    else:
+        workers = 1 if layout.one_file else config.effective_workers
     total_memory = config.max_memory or default_memory_budget()
     budget = MemoryBudget(total_memory, workers)
     if executor is None:
@@ -193,14 +218,16 @@ def _execute(
     try:
         pipeline = Pipeline(
             config,
-            LocalStorage(src_path),
-            LocalStorage(dest_path),
+            layout.source,
+            dest,
             executor,
             listener=listener,
             stop=stop,
-            prune=prune,
+            prune=layout.prune,
             budget=budget if own_executor else None,
             manifest=manifest,
+            target=layout.target,
+            own_outputs=own_outputs,
         )
         summary = pipeline.run()
     finally:
@@ -312,22 +339,27 @@ def _summary_json(doc: dict[str, Any]) -> bytes:
     return json.dumps(doc, indent=2, sort_keys=False).encode() + b"\n"
 
 
-def _write_summaries(summary: RunSummary, latest: Path | None, dest: Path, run_id: int) -> None:
-    """The run's summary into DEST's history (DEST/.optimizr/runs/), then as the latest
-    run's (``latest``, DEST/optimizr-summary.json unless --summary): both the same
-    document. A write that fails is a warning: the run's results still stand."""
+def _write_summaries(
+    summary: RunSummary, latest: Path | None, dest: Path | None, run_id: int
+) -> None:
+    """The run's summary into DEST's history (DEST/.optimizr/runs/, unless ``dest`` is
+    None), then as the latest run's (``latest``, DEST/optimizr-summary.json unless
+    --summary; None: nowhere): both the same document. A write that fails is a
+    warning: the run's results still stand."""
     doc = summary.to_dict()  # once: it samples the timeline's last point
-    try:
-        keep_run(dest, doc, _summary_json(doc), summary.started_at, run_id)
-    except OSError as exc:  # DEST full
-        summary.warnings.append(
-            f"could not keep the summary in {runs_dir(dest)}: {exc.strerror or exc}"
-        )
-        doc["warnings"] = list(summary.warnings)
+    if dest is not None:
+        try:
+            keep_run(dest, doc, _summary_json(doc), summary.started_at, run_id)
+        except OSError as exc:  # DEST full
+            summary.warnings.append(
+                f"could not keep the summary in {runs_dir(dest)}: {exc.strerror or exc}"
+            )
+            doc["warnings"] = list(summary.warnings)
     if latest is None:
         return
     try:
         atomic_write(latest, _summary_json(doc))
+        summary.summary_file = latest
     except OSError as exc:
         summary.warnings.append(f"could not write the summary: {exc.strerror or exc}")
 

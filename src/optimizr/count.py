@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from optimizr.storage.base import Storage, WalkOptions
+from optimizr.storage.base import DirectoryListing, Storage, WalkOptions
 
 
 @dataclass(frozen=True)
@@ -46,10 +46,14 @@ class TreeCounter:
         options: WalkOptions,
         *,
         cancelled: Callable[[], bool] = lambda: False,
+        keep: Callable[[DirectoryListing], DirectoryListing] | None = None,
     ) -> None:
         self.storage = storage
         self.options = options
         self.cancelled = cancelled
+        #: Takes out of each listing what the pipeline will not take as sources
+        #: (optimizr's own outputs, in place); called on the counting thread.
+        self.keep = keep
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._files = 0
@@ -89,6 +93,8 @@ class TreeCounter:
             for listing in walk:
                 if self._stop.is_set() or self.cancelled():
                     return
+                if self.keep is not None:
+                    listing = self.keep(listing)
                 size = sum(entry.size for entry in listing.entries)
                 with self._lock:
                     self._files += len(listing.entries)

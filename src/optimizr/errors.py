@@ -21,6 +21,7 @@ the process exit code the CLI turns it into. Only ``cli.py`` catches them.
         │   ├── PermissionDenied  "permission denied"                                      transient
         │   └── SourceDisappeared "source disappeared"                                     transient
         ├── SourceChanged         "source changed"      modified or deleted meanwhile      transient
+        ├── OutsideSource         "outside SRC"         --files-from named a path out of SRC run
         ├── OutputConflict        "output conflict"     two sources map to one output      run
         ├── EncodeFailed          "encode failed"       libwebp refused the image          image
         ├── VerifyFailed          "verify failed"       --verify: output not as meant      image
@@ -144,6 +145,12 @@ class SourceChanged(ImageError):
     cause = "transient"
 
 
+class OutsideSource(ImageError):
+    # Decided by the list the run was given; never recorded in the manifest.
+    reason = "outside SRC"
+    cause = "run"
+
+
 class OutputConflict(ImageError):
     """Another source of this run claims the same output: a fact about the other files."""
 
@@ -208,6 +215,7 @@ __all__ = [
     "NotAnImage",
     "OptimizrError",
     "OutputConflict",
+    "OutsideSource",
     "OverMemoryBudget",
     "PermissionDenied",
     "SourceChanged",

@@ -41,8 +41,8 @@ from optimizr.config import RunConfig
 from optimizr.errors import ManifestDamaged
 from optimizr.filenames import is_exact_text, key_from_fields, name_fields, valid_unicode
 from optimizr.results import options_dict
+from optimizr.storage.base import STATE_DIR
 
-STATE_DIR = ".optimizr"
 MANIFEST_NAME = "manifest.sqlite"
 FAILED_LIST_NAME = "failed.jsonl"
 SCHEMA_VERSION = 1

@@ -27,6 +27,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING
 
 from optimizr.budget import Header, MemoryBudget, estimate_peak_bytes
 from optimizr.config import IfLarger, NameMode, RunConfig
@@ -37,9 +38,11 @@ from optimizr.errors import (
     NoSpaceLeft,
     NotAnImage,
     OutputConflict,
+    OutsideSource,
     OverMemoryBudget,
     PermissionDenied,
     SourceChanged,
+    SourceDisappeared,
     SourceUnreadable,
     TooLarge,
     UnsupportedImage,
@@ -66,8 +69,19 @@ from optimizr.results import (
     options_dict,
 )
 from optimizr.sniff import looks_like_image_name, sniff_file
-from optimizr.storage.base import DirectoryListing, FileStat, SourceEntry, Storage, WalkOptions
+from optimizr.storage.base import (
+    NOT_FOUND,
+    OUTSIDE_SRC,
+    DirectoryListing,
+    FileStat,
+    SourceEntry,
+    Storage,
+    WalkOptions,
+)
 from optimizr.verify import file_is_complete_webp
+
+if TYPE_CHECKING:
+    from optimizr.sources import OwnOutputs
 
 
 def output_key(key: str, name: NameMode) -> str:
@@ -123,6 +137,7 @@ class _InFlight:
     checked_ns: int
     attempts: int
     known: str | None
+    out_key: str
 
 
 class Pipeline:
@@ -138,6 +153,8 @@ class Pipeline:
         prune: tuple[str, ...] = (),
         budget: MemoryBudget | None = None,
         manifest: Manifest | None = None,
+        target: str | None = None,
+        own_outputs: OwnOutputs | None = None,
     ) -> None:
         self.config = config
         self.budget = budget
@@ -148,6 +165,9 @@ class Pipeline:
         self.stop = stop or StopToken()
         self.prune = prune
         self.manifest = manifest
+        #: One file: its output's key (DEST names the file), instead of output_key.
+        self.target = target
+        self.own_outputs = own_outputs
         self.fingerprint = options_fingerprint(config)
         self.summary = RunSummary(src=source.describe(), dest=dest.describe())
         self.summary.workers = executor.workers
@@ -162,6 +182,7 @@ class Pipeline:
             "retry_failed": config.retry_failed,
             "max_attempts": config.max_attempts,
             "verify": config.verify,
+            "files_from": None if config.files_from is None else str(config.files_from),
             "strict": config.strict,
             "fingerprint": self.fingerprint,
         }
@@ -229,8 +250,10 @@ class Pipeline:
         if self.listener:
             self.listener.started(self.snapshot)
         self.stop.attach(self.executor)
-        if not self.config.dry_run and (
-            self.manifest is None or not self.manifest.previous_run_finished()
+        if (
+            not self.config.dry_run
+            and self.target is None  # one file: never sweep the folder it is written to
+            and (self.manifest is None or not self.manifest.previous_run_finished())
         ):
             # Only a run that did not finish (killed, crashed) can have left
             # temporaries behind: after a clean one, skip walking all of DEST.
@@ -241,6 +264,7 @@ class Pipeline:
                 self.source,
                 self._walk_options(),
                 cancelled=lambda: self.stop.graceful or self._walk_done,
+                keep=None if self.own_outputs is None else self.own_outputs.drop_for_count,
             ).start()
         try:
             for outcome in self.executor.imap_unordered(self._jobs()):
@@ -274,7 +298,14 @@ class Pipeline:
         for listing in self.source.walk(self._walk_options()):
             if self.stop.graceful:
                 return
+            if listing.skipped is not None:
+                self.summary.warnings.append(f"{listing.directory}: {listing.skipped}")
+                continue
             visited.add(listing.directory)
+            if self.own_outputs is not None:
+                before = self.own_outputs.count
+                listing = self.own_outputs.drop(listing)
+                self.summary.own_outputs += self.own_outputs.count - before
             found += len(listing.entries)
             self._found = self.summary.found = found
             self._found_bytes += sum(entry.size for entry in listing.entries)
@@ -299,6 +330,8 @@ class Pipeline:
         so status and failed.jsonl do not report files that no longer exist."""
         if self.manifest is None or self.config.dry_run or plan.matched == len(plan.rows):
             return
+        if not self.source.complete_walk:
+            return
         listed = {split_key(e.key)[1] for e in listing.entries}
         self._forget_missing(row for name, row in plan.rows.items() if name not in listed)
 
@@ -306,7 +339,7 @@ class Pipeline:
         """After a whole walk: rows of directories the walk never listed, whose
         sources are gone (a folder deleted or emptied since), are dropped too.
         Directories merely excluded keep their rows: their files still exist."""
-        if self.manifest is None or self.config.dry_run:
+        if self.manifest is None or self.config.dry_run or not self.source.complete_walk:
             return
         for directory in self.manifest.directories():
             if directory not in visited:
@@ -325,12 +358,16 @@ class Pipeline:
         # way again is not new, and does not fail the run without --strict.
         known = row.reason if row is not None and row.status == "failed" else None
         record = partial(self._record, entry=entry, checked_ns=checked_ns, known=known)
+        if entry.error in (NOT_FOUND, OUTSIDE_SRC):
+            # A listed name that is no file of SRC: no manifest row, which is about files.
+            self._record(_failure(entry.key, _not_in_src(entry.error)))
+            return None
         if entry.error is not None:
             kind = PermissionDenied if entry.error == "permission denied" else SourceUnreadable
             error = kind(f"cannot read: {entry.error}")
             record(_failure(entry.key, error))
             return None
-        out_key = output_key(entry.key, self.config.name)
+        out_key = self.target or output_key(entry.key, self.config.name)
         if out_key in plan.claimed:
             conflict = OutputConflict(
                 f"{out_key} is already the output of {plan.claimed[out_key]}; "
@@ -371,7 +408,7 @@ class Pipeline:
                     return None
                 cost = estimate_peak_bytes(header, self.config.encode)
         self._next_id += 1
-        self._in_flight[self._next_id] = _InFlight(entry, checked_ns, attempts, known)
+        self._in_flight[self._next_id] = _InFlight(entry, checked_ns, attempts, known, out_key)
         return Job(
             self._next_id, entry.key, source, self.config.encode, cost, verify=self.config.verify
         )
@@ -514,7 +551,7 @@ class Pipeline:
             record(classify_error(key, error))
             return
         encoded = outcome.encoded
-        out_key = output_key(key, self.config.name)
+        out_key = flight.out_key
         more_bytes = sum(len(page) for page in encoded.more_pages)
         size = len(encoded.webp) + more_bytes
         larger = larger_than_source(key, size, entry.size, self.config.if_larger)
@@ -638,6 +675,12 @@ class _DirectoryPlan:
         return self._outputs
 
 
+def _not_in_src(error: str) -> ImageError:
+    if error == NOT_FOUND:
+        return SourceDisappeared("listed, but not in SRC: --files-from names are relative to SRC")
+    return OutsideSource("listed, but the name leads out of SRC; refused")
+
+
 def _pages_of(row: Row) -> int:
     if row.message.startswith(PAGES_PREFIX):
         try:
@@ -645,6 +688,14 @@ def _pages_of(row: Row) -> int:
         except ValueError:
             pass
     return 1
+
+
+def row_outputs(row: Row) -> list[str]:
+    """The output keys a done row stands for: its output and, after --pages all, the
+    other pages' (which the walk must not take as sources when they lie in SRC)."""
+    if row.status != "done" or not row.output:
+        return []
+    return [row.output, *(page_key(row.output, n) for n in range(2, _pages_of(row) + 1))]
 
 
 def _failure(key: str, error: ImageError) -> Result:

@@ -10,6 +10,7 @@ import signal
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from optimizr.encode import ImageFacts
@@ -148,6 +149,11 @@ class RunSummary:
     manifest: dict[str, Any] = field(default_factory=dict)
     #: Problems with the run itself (not with one file), one line each.
     warnings: list[str] = field(default_factory=list)
+    #: Files in SRC passed over as optimizr's own (outputs in place, summaries):
+    #: not sources, so not in ``found``.
+    own_outputs: int = 0
+    #: Where the summary document was written, once it was (None: nowhere).
+    summary_file: Path | None = None
 
     def record(self, result: Result) -> None:
         for warning in result.warnings:
@@ -254,6 +260,7 @@ class RunSummary:
                 "skipped": self.skipped,
                 "failed": self.failed,
                 "known_failed": self.known_failed,
+                "own_outputs": self.own_outputs,
                 "would_convert": self.would_convert,
                 "would_convert_bytes": self.would_convert_bytes,
                 "warned_by_kind": dict(sorted(self.warned_by_kind.items())),
