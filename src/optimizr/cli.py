@@ -127,10 +127,11 @@ def main() -> None:
 @click.option(
     "--name",
     "name_mode",
-    type=click.Choice(["replace", "append"]),
+    type=click.Choice(["replace", "append", "auto"]),
     default="replace",
     show_default=True,
-    help="photo.jpg -> photo.webp (replace) or photo.jpg.webp (append).",
+    help="photo.jpg -> photo.webp (replace) or photo.jpg.webp (append); auto: replace, "
+    "but append for sources of one folder that would share a name.",
 )
 @click.option(
     "--include",

@@ -24,7 +24,7 @@ DEFAULT_MAX_PIXELS = 268_402_689
 Metadata = Literal["none", "icc", "all"]
 Oversize = Literal["fail", "fit"]
 IfLarger = Literal["skip", "write"]
-NameMode = Literal["replace", "append"]
+NameMode = Literal["replace", "append", "auto"]
 Preset = Literal["default", "picture", "photo", "drawing", "icon", "text"]
 
 PRESETS: tuple[str, ...] = ("default", "picture", "photo", "drawing", "icon", "text")
@@ -118,8 +118,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.workers < 0:
             raise UsageError(f"--workers must be 0 (auto) or more, not {self.workers}")
-        if self.name not in ("replace", "append"):
-            raise UsageError(f"--name must be replace or append, not {self.name!r}")
+        if self.name not in ("replace", "append", "auto"):
+            raise UsageError(f"--name must be replace, append or auto, not {self.name!r}")
         if self.if_larger not in ("skip", "write"):
             raise UsageError(f"--if-larger must be skip or write, not {self.if_larger!r}")
         if self.timeout <= 0:

@@ -124,7 +124,10 @@ def options_fingerprint(config: RunConfig) -> str:
     shaping = {
         "generation": ENCODER_GENERATION,
         "encode": options_dict(config.encode),
-        "name": config.name,
+        # auto names a file as replace does unless a sibling collides, and the
+        # output name is checked against the row anyway: switching to auto
+        # redoes only the files whose names change.
+        "name": "replace" if config.name == "auto" else config.name,
         "if_larger": config.if_larger,
     }
     text = json.dumps(shaping, sort_keys=True)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -64,7 +65,10 @@ from optimizr.verify import file_is_complete_webp
 
 
 def output_key(key: str, name: NameMode) -> str:
-    """``a/b/photo.jpg`` -> ``a/b/photo.webp`` (replace) or ``a/b/photo.jpg.webp`` (append)."""
+    """``a/b/photo.jpg`` -> ``a/b/photo.webp`` (replace) or ``a/b/photo.jpg.webp`` (append).
+
+    ``auto`` is decided for a whole folder (:func:`output_keys`); one key alone
+    gets its replace name."""
     if name == "append":
         return key + ".webp"
     # Plain string work, as PurePosixPath(key).with_suffix would do it: called
@@ -73,6 +77,25 @@ def output_key(key: str, name: NameMode) -> str:
     if key.rfind("/") + 1 < dot < len(key) - 1:  # a suffix: not a dotfile, not a trailing dot
         return key[:dot] + ".webp"
     return key + ".webp"
+
+
+def output_keys(keys: Iterable[str], name: NameMode) -> dict[str, str]:
+    """The output key of every source of one folder.
+
+    ``auto`` gives each source its replace name unless two would share one:
+    then those take their append names (``a.jpg.webp``, ``a.png.webp``) and
+    the rest of the folder keeps its short names. A source already named like
+    that output (``x.webp`` beside ``x.jpg``) keeps it; the other moves aside.
+    The names depend only on the folder's listing, so a re-run gives the same
+    ones, and a sibling arriving or leaving changes only the names it touches.
+    """
+    if name != "auto":
+        return {key: output_key(key, name) for key in keys}
+    short = {key: output_key(key, "replace") for key in keys}
+    claims = Counter(short.values())
+    return {
+        key: key + ".webp" if claims[out] > 1 and out != key else out for key, out in short.items()
+    }
 
 
 def classify_error(key: str, error: ImageError) -> Result:
@@ -106,6 +129,8 @@ class _InFlight:
     entry: SourceEntry
     checked_ns: int
     attempts: int
+    out_key: str
+    plan: _DirectoryPlan
 
 
 class Pipeline:
@@ -218,7 +243,7 @@ class Pipeline:
             self._found = found
             if self.listener:
                 self.listener.found(len(listing.entries))
-            planner = _DirectoryPlan(self, listing.directory)
+            planner = _DirectoryPlan(self, listing)
             for entry in listing.entries:
                 job = self._plan(entry, planner)
                 if job is not None:
@@ -260,22 +285,19 @@ class Pipeline:
         if entry.error is not None:
             kind = PermissionDenied if entry.error == "permission denied" else SourceUnreadable
             error = kind(f"cannot read: {entry.error}")
-            self._record(_failure(entry.key, error), entry, checked_ns)
+            self._record(_failure(entry.key, error), entry, checked_ns, plan=plan)
             return None
-        out_key = output_key(entry.key, self.config.name)
-        if out_key in plan.claimed:
-            conflict = OutputConflict(
-                f"{out_key} is already the output of {plan.claimed[out_key]}; "
-                "use --name append to keep both"
-            )
-            self._record(_failure(entry.key, conflict), entry, checked_ns)
+        out_key = plan.names[entry.key]
+        owner = plan.wanted[split_key(out_key)[1]]
+        if owner != entry.key:
+            conflict = self._conflict(entry.key, owner, out_key)
+            self._record(_failure(entry.key, conflict), entry, checked_ns, plan=plan)
             return None
-        plan.claimed[out_key] = entry.key
         attempts = 0
+        row = plan.rows.get(split_key(entry.key)[1])
+        if row is not None:
+            plan.matched += 1
         if not self.config.force:
-            row = plan.rows.get(split_key(entry.key)[1])
-            if row is not None:
-                plan.matched += 1
             if row is not None and row.describes(entry.size, entry.mtime_ns, self.fingerprint):
                 settled = self._settled(entry, row, out_key, plan)
                 if settled is not None:
@@ -294,7 +316,7 @@ class Pipeline:
                 source = self.source.read_bytes(entry.key)
             except OSError as exc:
                 unreadable = SourceUnreadable(exc.strerror or str(exc))
-                self._record(_failure(entry.key, unreadable), entry, checked_ns, attempts)
+                self._record(_failure(entry.key, unreadable), entry, checked_ns, attempts, plan)
                 return None
         cost = 0
         if self.budget is not None:
@@ -308,13 +330,23 @@ class Pipeline:
                         f"leaves for one image ({self.budget.capacity / 2**20:,.0f} MiB); "
                         "raise --max-memory or use --max-width/--max-height"
                     )
-                    self._record(_failure(entry.key, refusal), entry, checked_ns, attempts)
+                    self._record(_failure(entry.key, refusal), entry, checked_ns, attempts, plan)
                     return None
         self._next_id += 1
-        self._in_flight[self._next_id] = _InFlight(entry, checked_ns, attempts)
+        self._in_flight[self._next_id] = _InFlight(entry, checked_ns, attempts, out_key, plan)
         return Job(
             self._next_id, entry.key, source, self.config.encode, cost, verify=self.config.verify
         )
+
+    def _conflict(self, key: str, owner: str, out_key: str) -> OutputConflict:
+        if self.config.name == "replace":
+            hint = (
+                f"with --name auto these two become {output_key(owner, 'append')} and "
+                f"{output_key(key, 'append')}, and every other file keeps its name"
+            )
+        else:
+            hint = "rename one of them"
+        return OutputConflict(f"{out_key} is already the output of {owner}; {hint}")
 
     def _settled(
         self, entry: SourceEntry, row: Row, out_key: str, plan: _DirectoryPlan
@@ -394,16 +426,19 @@ class Pipeline:
 
     def _commit(self, outcome: Outcome) -> None:
         flight = self._in_flight.pop(outcome.job.id)
-        entry, key = flight.entry, flight.entry.key
+        entry, key, out_key = flight.entry, flight.entry.key, flight.out_key
         record = partial(
-            self._record, entry=entry, checked_ns=flight.checked_ns, attempts=flight.attempts
+            self._record,
+            entry=entry,
+            checked_ns=flight.checked_ns,
+            attempts=flight.attempts,
+            plan=flight.plan,
         )
         if outcome.error is not None or outcome.encoded is None:
             error = outcome.error or ImageError("no result")
             record(classify_error(key, error))
             return
         encoded = outcome.encoded
-        out_key = output_key(key, self.config.name)
         size = len(encoded.webp)
         larger = larger_than_source(key, size, entry.size, self.config.if_larger)
         if larger is not None:
@@ -445,6 +480,7 @@ class Pipeline:
         entry: SourceEntry | None = None,
         checked_ns: int = 0,
         attempts: int = 0,
+        plan: _DirectoryPlan | None = None,
     ) -> None:
         self.summary.record(result)
         self._last_progress = time.monotonic()
@@ -453,6 +489,15 @@ class Pipeline:
         if entry is None or self.manifest is None or self.config.dry_run:
             return
         status = {"converted": "done", "skipped": "skipped", "failed": "failed"}[result.status]
+        prior = plan.rows.get(split_key(entry.key)[1]) if plan is not None else None
+        output, output_size = (
+            (result.output, result.bytes_out) if status == "done" else (None, None)
+        )
+        if status == "failed" and prior is not None:
+            # A failure leaves an earlier output where it is (a cron run that
+            # meets a full disk must not take images off a site), and the row
+            # goes on saying optimizr wrote it.
+            output, output_size = prior.output, prior.output_size
         self.manifest.record(
             entry.key,
             size=entry.size,
@@ -461,26 +506,61 @@ class Pipeline:
             fingerprint=self.fingerprint,
             status=status,
             reason=result.reason,
-            output=result.output if status == "done" else None,
-            output_size=result.bytes_out if status == "done" else None,
+            output=output,
+            output_size=output_size,
             error_class=result.error_class,
             message=result.message,
             attempts=attempts + 1 if status == "failed" else attempts,
         )
+        if prior is not None and prior.output is not None and prior.output != output:
+            assert plan is not None
+            self._remove_stale(prior.output, prior.output_size, plan)
+
+    def _remove_stale(self, out_key: str, size: int | None, plan: _DirectoryPlan) -> None:
+        """An output optimizr wrote for a source that now has another one, or none.
+
+        Removed only as written (its recorded size), and never while another
+        source of the folder claims that name (a.png taking over the a.webp
+        that a.jpg had, under --name replace)."""
+        name = split_key(out_key)[1]
+        if name in plan.wanted:
+            return
+        found = self.dest.stat(out_key)
+        if found is None or found.size != size:
+            return
+        try:
+            removed = self.dest.delete(out_key)
+        except OSError as exc:
+            self.summary.warnings.append(
+                f"could not remove {out_key}, no longer the output of anything: "
+                f"{exc.strerror or exc}"
+            )
+            return
+        if removed:
+            self.summary.outputs.stale_removed += 1
 
 
 class _DirectoryPlan:
     """What the pipeline knows about one source directory while planning it."""
 
-    def __init__(self, pipeline: Pipeline, directory: str) -> None:
+    def __init__(self, pipeline: Pipeline, listing: DirectoryListing) -> None:
+        directory = listing.directory
         self.directory = directory
         self.dest = pipeline.dest
         # Taken before the rows are read: an edit after this moment shows as a
         # newer mtime than the row's, or falls inside the settle window.
         self.checked_ns = time.time_ns()
-        self.claimed: dict[str, str] = {}
-        use_rows = pipeline.manifest is not None and not pipeline.config.force
-        self.rows = pipeline.manifest.rows_in(directory) if use_rows and pipeline.manifest else {}
+        # Decided for the whole folder at once: --name auto needs every name.
+        self.names = output_keys(
+            (e.key for e in listing.entries if e.error is None), pipeline.config.name
+        )
+        #: Output file name -> the source that claims it (the first, in name order).
+        self.wanted: dict[str, str] = {}
+        for key, out_key in self.names.items():
+            self.wanted.setdefault(split_key(out_key)[1], key)
+        # Read under --force too: it says which files in DEST optimizr wrote.
+        manifest = pipeline.manifest
+        self.rows = manifest.rows_in(directory) if manifest is not None else {}
         self.matched = 0  # rows that a listed file found
         self._outputs: dict[str, FileStat] | None = None
 

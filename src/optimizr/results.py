@@ -51,6 +51,18 @@ class Result:
         return f"{text} ({detail})" if detail and detail != self.reason else text
 
 
+@dataclass
+class OutputStatistics:
+    """What the run did to files in DEST besides writing new outputs."""
+
+    #: Outputs optimizr wrote earlier for a source that now has another (a
+    #: --name change, or --name auto after a sibling arrived) or none.
+    stale_removed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 SCHEMA = "optimizr-summary/2"
 
 # A closed set, so that a tree of oddly named files cannot create endless
@@ -120,6 +132,7 @@ class RunSummary:
     manifest: dict[str, Any] = field(default_factory=dict)
     #: Problems with the run itself (not with one file), one line each.
     warnings: list[str] = field(default_factory=list)
+    outputs: OutputStatistics = field(default_factory=OutputStatistics)
 
     def record(self, result: Result) -> None:
         self.found += 1
@@ -250,6 +263,7 @@ class RunSummary:
                 {"path": r.key, "status": r.status, "reason": r.reason, "message": r.message}
                 for r in self.not_converted
             ],
+            "outputs": self.outputs.to_dict(),
             "warnings": self.warnings,
         }
         doc["analysis"] = analyse(doc)

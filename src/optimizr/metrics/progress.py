@@ -231,6 +231,11 @@ def summary_table(summary: RunSummary) -> Table:
         table.add_row(
             "  of which known bad", f"{summary.known_failed:,} (not retried: --retry-failed)"
         )
+    outputs = summary.outputs
+    if outputs.stale_removed:
+        table.add_row(
+            "old outputs removed", f"{outputs.stale_removed:,} (no longer their source's output)"
+        )
     table.add_row("bytes before", human_bytes(summary.bytes_in))
     table.add_row("bytes after", human_bytes(summary.bytes_out))
     table.add_row("saving", f"{human_bytes(summary.saved_bytes)} ({saving:.1%})")

@@ -107,6 +107,11 @@ class Storage(ABC):
     def write_atomic(self, key: str, data: bytes) -> None:
         """Replace ``key`` with ``data`` so no reader ever sees a partial object."""
 
+    @abstractmethod
+    def delete(self, key: str) -> bool:
+        """Remove the file ``key``; False if there was none. Folders it leaves
+        empty go too, as rsync's --delete leaves no empty shells behind."""
+
     def local_path(self, key: str) -> str | None:
         """A filesystem path workers may read directly (streaming), if there is one."""
         return None

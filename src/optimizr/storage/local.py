@@ -8,7 +8,7 @@ import stat as stat_mod
 from collections.abc import Iterator
 from pathlib import Path
 
-from optimizr.atomic import atomic_write, is_temp_name
+from optimizr.atomic import atomic_write, fsync_dir, is_temp_name
 from optimizr.storage.base import (
     DirectoryListing,
     FileStat,
@@ -60,6 +60,22 @@ class LocalStorage(Storage):
 
     def write_atomic(self, key: str, data: bytes) -> None:
         atomic_write(self.path_of(key), data)
+
+    def delete(self, key: str) -> bool:
+        path = self.path_of(key)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return False
+        fsync_dir(path.parent)
+        parent = path.parent
+        while parent != self.root and self.root in parent.parents:
+            try:
+                parent.rmdir()
+            except OSError:
+                break  # not empty (or not ours to remove): stop climbing
+            parent = parent.parent
+        return True
 
     def remove_stale_temporaries(self) -> int:
         removed = 0
