@@ -4,6 +4,7 @@ the library API and the CLI."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -192,3 +193,129 @@ def _webp(array: Any, **kwargs: Any) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="WEBP", **kwargs)
     return buffer.getvalue()
+
+
+# ---------------------------------------------------------------- --if-exists
+
+
+def _foreign_file_beside_a_source(tmp_path: Path) -> tuple[Path, Path, bytes]:
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    save_jpeg(src / "adobe rgb.jpg", photo_array(96, 64, seed=1))
+    save_jpeg(src / "b.jpg", photo_array(96, 64, seed=2))
+    age(src)
+    mine = _webp(photo_array(40, 30, seed=7))
+    (dest).mkdir()
+    (dest / "adobe rgb.webp").write_bytes(mine)
+    return src, dest, mine
+
+
+def test_a_file_optimizr_did_not_write_is_kept_and_reported(tmp_path: Path) -> None:
+    src, dest, mine = _foreign_file_beside_a_source(tmp_path)
+    summary = run(src, dest)
+    assert summary.converted == 1 and summary.skipped_by_reason == {"output exists": 1}
+    [kept] = summary.not_converted
+    assert kept.key == "adobe rgb.jpg" and "adobe rgb.webp" in kept.message
+    assert "--if-exists overwrite" in kept.message
+    assert (dest / "adobe rgb.webp").read_bytes() == mine
+    assert summary.outputs.overwritten == 0
+    # Re-runs keep it, and say so each time, without converting the source again.
+    again = run(src, dest)
+    assert again.skipped_by_reason == {"output exists": 1, "up to date": 1}
+    assert (dest / "adobe rgb.webp").read_bytes() == mine
+    # Once the file is gone, the source is converted.
+    (dest / "adobe rgb.webp").unlink()
+    third = run(src, dest)
+    assert third.converted == 1 and (dest / "adobe rgb.webp").read_bytes() != mine
+    assert_manifest_agrees_with_disk(dest)
+
+
+def test_if_exists_overwrite_replaces_it_and_counts_it(tmp_path: Path) -> None:
+    src, dest, mine = _foreign_file_beside_a_source(tmp_path)
+    summary = run(src, dest, if_exists="overwrite")
+    assert summary.converted == 2 and summary.outputs.overwritten == 1
+    assert (dest / "adobe rgb.webp").read_bytes() != mine
+    doc = summary.to_dict()
+    assert doc["outputs"]["overwritten"] == 1
+    # Now optimizr wrote it: replacing it later is not counted again.
+    assert run(src, dest, force=True).outputs.overwritten == 0
+
+
+def test_kept_file_is_overwritten_when_asked_on_a_later_run(tmp_path: Path) -> None:
+    src, dest, mine = _foreign_file_beside_a_source(tmp_path)
+    run(src, dest)
+    later = run(src, dest, if_exists="overwrite")
+    assert later.converted == 1 and later.outputs.overwritten == 1
+    assert (dest / "adobe rgb.webp").read_bytes() != mine
+
+
+def test_force_does_not_overwrite_what_optimizr_did_not_write(tmp_path: Path) -> None:
+    src, dest, mine = _foreign_file_beside_a_source(tmp_path)
+    forced = run(src, dest, force=True)
+    assert forced.skipped_by_reason == {"output exists": 1}
+    assert (dest / "adobe rgb.webp").read_bytes() == mine
+
+
+def test_its_own_outputs_are_replaced_when_the_source_changes(tmp_path: Path) -> None:
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    save_jpeg(src / "a.jpg", photo_array(96, 64, seed=1))
+    age(src)
+    run(src, dest)
+    save_jpeg(src / "a.jpg", photo_array(80, 60, seed=2))
+    age(src, 60)
+    again = run(src, dest)
+    assert again.converted == 1 and again.outputs.overwritten == 0
+
+
+def _drop_row_and_unfinish(dest: Path, key: str, *, unfinish: bool) -> None:
+    import sqlite3
+
+    conn = sqlite3.connect(dest / ".optimizr/manifest.sqlite")
+    with conn:
+        conn.execute("DELETE FROM files WHERE name = ?", (key,))
+        if unfinish:
+            conn.execute("UPDATE runs SET finished_at = NULL")
+    conn.close()
+
+
+def test_outputs_of_a_killed_run_whose_rows_were_lost_are_still_its_own(tmp_path: Path) -> None:
+    """kill -9 between an output's rename and its row's commit: the file is newer
+    than the start of a run that never finished, so it is optimizr's."""
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    save_jpeg(src / "a.jpg", photo_array(96, 64, seed=1))
+    age(src)
+    run(src, dest)
+    _drop_row_and_unfinish(dest, "a.jpg", unfinish=True)
+    again = run(src, dest)
+    assert again.converted == 1 and again.outputs.overwritten == 0
+    assert_manifest_agrees_with_disk(dest)
+    # The same file after a run that did finish is not known to be optimizr's.
+    _drop_row_and_unfinish(dest, "a.jpg", unfinish=False)
+    assert run(src, dest).skipped_by_reason == {"output exists": 1}
+
+
+def test_after_rebuild_manifest_an_output_older_than_its_source_is_kept(tmp_path: Path) -> None:
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    source = save_jpeg(src / "a.jpg", photo_array(96, 64, seed=1))
+    save_jpeg(src / "b.jpg", photo_array(96, 64, seed=2))
+    age(src)
+    run(src, dest)
+    (dest / ".optimizr/manifest.sqlite").write_bytes(b"")
+    age(source, 0)  # edited after its output was written: not adopted
+    rebuilt = run(src, dest, rebuild_manifest=True)
+    assert rebuilt.skipped_by_reason == {"output exists": 1, "up to date": 1}
+    [kept] = rebuilt.not_converted
+    assert "--rebuild-manifest" in kept.message
+
+
+def test_cli_if_exists(cli: Callable[..., CliResult], tmp_path: Path) -> None:
+    import json
+
+    src, dest, mine = _foreign_file_beside_a_source(tmp_path)
+    kept = cli("convert", src, dest, "--no-progress")
+    assert kept.exit_code == 0, kept.output
+    assert "output exists" in kept.output
+    replaced = cli("convert", src, dest, "--no-progress", "--if-exists", "overwrite")
+    assert replaced.exit_code == 0, replaced.output
+    assert re.search(r"overwritten\s.*1", replaced.output), replaced.output
+    doc = json.loads((dest / "optimizr-summary.json").read_text())
+    assert doc["outputs"]["overwritten"] == 1 and doc["options"]["if_exists"] == "overwrite"

@@ -13,6 +13,7 @@ import json
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -40,9 +41,30 @@ def main() -> None:
     """Convert whole image libraries to WebP."""
 
 
+#: Options about what DEST holds besides new outputs; each is the RunConfig field
+#: of the same name, passed through whole.
+_DEST_OPTIONS = (
+    click.option(
+        "--if-exists",
+        type=click.Choice(["skip", "overwrite"]),
+        default="skip",
+        show_default=True,
+        help="A file in DEST that optimizr did not write, where an output goes: "
+        "keep it and skip the source, or overwrite it.",
+    ),
+)
+
+
+def _dest_options(command: Callable[..., None]) -> Callable[..., None]:
+    for option in reversed(_DEST_OPTIONS):
+        command = option(command)
+    return command
+
+
 @main.command()
 @click.argument("src", type=click.Path(path_type=Path, file_okay=False))
 @click.argument("dest", type=click.Path(path_type=Path, file_okay=False))
+@_dest_options
 @click.option(
     "-q",
     "--quality",
@@ -328,6 +350,7 @@ def _convert(
     metrics_textfile: Path | None,
     metrics_linger: float,
     stall_timeout: float,
+    **dest_options: Any,
 ) -> int:
     """The body of ``convert``; returns the exit code."""
     err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -368,6 +391,7 @@ def _convert(
             max_tasks_per_worker=max_tasks_per_worker,
             grace=grace,
             lookahead_per_worker=lookahead,
+            **dest_options,
         )
         stop = StopToken()
         log = LogListener(logger, images=json_logs)

@@ -25,6 +25,7 @@ Metadata = Literal["none", "icc", "all"]
 Oversize = Literal["fail", "fit"]
 IfLarger = Literal["skip", "write"]
 NameMode = Literal["replace", "append", "auto"]
+IfExists = Literal["skip", "overwrite"]
 Preset = Literal["default", "picture", "photo", "drawing", "icon", "text"]
 
 PRESETS: tuple[str, ...] = ("default", "picture", "photo", "drawing", "icon", "text")
@@ -114,12 +115,17 @@ class RunConfig:
     verify: bool = False
     #: Set a damaged manifest aside and rebuild it from the outputs on disk.
     rebuild_manifest: bool = False
+    #: A file in DEST where an output goes that optimizr did not write (no
+    #: manifest row names it): keep it and skip the source, or replace it.
+    if_exists: IfExists = "skip"
 
     def __post_init__(self) -> None:
         if self.workers < 0:
             raise UsageError(f"--workers must be 0 (auto) or more, not {self.workers}")
         if self.name not in ("replace", "append", "auto"):
             raise UsageError(f"--name must be replace, append or auto, not {self.name!r}")
+        if self.if_exists not in ("skip", "overwrite"):
+            raise UsageError(f"--if-exists must be skip or overwrite, not {self.if_exists!r}")
         if self.if_larger not in ("skip", "write"):
             raise UsageError(f"--if-larger must be skip or write, not {self.if_larger!r}")
         if self.timeout <= 0:

@@ -53,6 +53,7 @@ from optimizr.results import (
     DRY_RUN,
     LARGER_THAN_SOURCE,
     NOT_AN_IMAGE,
+    OUTPUT_EXISTS,
     UNSUPPORTED,
     UP_TO_DATE,
     Result,
@@ -170,8 +171,13 @@ class Pipeline:
             "retry_failed": config.retry_failed,
             "max_attempts": config.max_attempts,
             "verify": config.verify,
+            "if_exists": config.if_exists,
             "fingerprint": self.fingerprint,
         }
+        # Files in DEST newer than this may be outputs of a killed run whose rows
+        # were lost with it (STYLE rule 5: coarse clocks get 2 s of doubt).
+        since = manifest.unfinished_since() if manifest is not None else None
+        self._unconfirmed_ns = None if since is None else int(since * 1e9) - 2_000_000_000
         self._in_flight: dict[int, _InFlight] = {}
         self._next_id = 0
         self._found = 0
@@ -307,6 +313,11 @@ class Pipeline:
             elif row is None and self.manifest is not None and self.manifest.rebuilt:
                 if self._adopt(entry, out_key, plan):
                     return None
+        if self.config.if_exists == "skip":
+            found = plan.outputs().get(split_key(out_key)[1])
+            if found is not None and self._foreign(out_key, plan, found):
+                self._record(self._output_exists(entry.key, out_key), entry, checked_ns, plan=plan)
+                return None
         if self.config.dry_run:
             self._record(self._dry_run_result(entry, out_key))
             return None
@@ -348,6 +359,31 @@ class Pipeline:
             hint = "rename one of them"
         return OutputConflict(f"{out_key} is already the output of {owner}; {hint}")
 
+    def _foreign(self, out_key: str, plan: _DirectoryPlan, found: FileStat) -> bool:
+        """Is the file ``found`` at ``out_key`` one optimizr did not write?
+
+        Its own: a row of the folder names it (whatever that row's status), it
+        was written earlier in this run, or it is newer than the start of a
+        run that was killed before its rows were committed."""
+        name = split_key(out_key)[1]
+        if name in plan.owned() or name in plan.written:
+            return False
+        if self._unconfirmed_ns is not None and found.mtime_ns >= self._unconfirmed_ns:
+            return False
+        return self.manifest is None or self.manifest.owner_of(out_key) is None
+
+    def _output_exists(self, key: str, out_key: str) -> Result:
+        message = (
+            f"{out_key} is already in DEST and optimizr did not write it: kept, and "
+            f"{key} not converted (--if-exists overwrite replaces it)"
+        )
+        if self.manifest is not None and self.manifest.rebuilt:
+            message += (
+                "; after --rebuild-manifest only outputs newer than their source "
+                "are known to be optimizr's"
+            )
+        return Result(key, "skipped", OUTPUT_EXISTS, message)
+
     def _settled(
         self, entry: SourceEntry, row: Row, out_key: str, plan: _DirectoryPlan
     ) -> Result | None:
@@ -358,7 +394,7 @@ class Pipeline:
                 return Result(entry.key, "skipped", UP_TO_DATE, "", out_key)
             return None  # the output is gone or was changed: make it again
         if row.status == "skipped":
-            return Result(entry.key, "skipped", row.reason, row.message)
+            return self._settled_skip(entry, row, out_key, plan)
         if row.reason in TRANSIENT:
             return None  # the disk was full, the file unreadable...: not the image's fault
         if self.config.retry_failed and row.attempts < self.config.max_attempts:
@@ -376,6 +412,18 @@ class Pipeline:
             f"{row.message}; {hint}" if row.message else hint,
             error_class=row.error_class,
         )
+
+    def _settled_skip(
+        self, entry: SourceEntry, row: Row, out_key: str, plan: _DirectoryPlan
+    ) -> Result | None:
+        """A skip stands, unless it was about DEST and DEST or the options changed."""
+        if row.reason == OUTPUT_EXISTS:
+            found = plan.outputs().get(split_key(out_key)[1])
+            if self.config.if_exists == "overwrite" or found is None:
+                return None  # the file in the way is gone, or may now be replaced
+            if not self._foreign(out_key, plan, found):
+                return None
+        return Result(entry.key, "skipped", row.reason, row.message)
 
     def _adopt(self, entry: SourceEntry, out_key: str, plan: _DirectoryPlan) -> bool:
         """After --rebuild-manifest: an output already on disk, complete and newer
@@ -452,6 +500,12 @@ class Pipeline:
             # sees the difference and converts it again.
             record(_failure(key, changed))
             return
+        # Checked again here: the file may have appeared while the image converted.
+        found = self.dest.stat(out_key)
+        overwriting = found is not None and self._foreign(out_key, flight.plan, found)
+        if overwriting and self.config.if_exists == "skip":
+            record(self._output_exists(key, out_key))
+            return
         write_started = time.perf_counter()
         try:
             self.dest.write_atomic(out_key, encoded.webp)
@@ -459,13 +513,16 @@ class Pipeline:
             record(write_failure(key, out_key, exc))
             return
         written = time.perf_counter() - write_started
+        flight.plan.written.add(split_key(out_key)[1])
+        if overwriting:
+            self.summary.outputs.overwritten += 1
         # Only now, with the output renamed into place, may the row say done.
         record(
             Result(
                 key,
                 "converted",
                 None,
-                "",
+                f"replaced {out_key}, which optimizr had not written" if overwriting else "",
                 out_key,
                 entry.size,
                 size,
@@ -562,7 +619,16 @@ class _DirectoryPlan:
         manifest = pipeline.manifest
         self.rows = manifest.rows_in(directory) if manifest is not None else {}
         self.matched = 0  # rows that a listed file found
+        #: Output names written into this folder by this run.
+        self.written: set[str] = set()
         self._outputs: dict[str, FileStat] | None = None
+        self._owned: set[str] | None = None
+
+    def owned(self) -> set[str]:
+        """Names in the DEST folder that rows say optimizr wrote (as the run began)."""
+        if self._owned is None:
+            self._owned = {split_key(r.output)[1] for r in self.rows.values() if r.output}
+        return self._owned
 
     def outputs(self) -> dict[str, FileStat]:
         """The files in the mirrored DEST directory, listed once and only if needed."""

@@ -23,6 +23,8 @@ LARGER_THAN_SOURCE = "larger than source"
 NOT_AN_IMAGE = "not an image"
 UNSUPPORTED = "unsupported"
 DRY_RUN = "dry run"
+#: A file optimizr did not write is where the output would go (--if-exists skip).
+OUTPUT_EXISTS = "output exists"
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,8 @@ class OutputStatistics:
     #: Outputs optimizr wrote earlier for a source that now has another (a
     #: --name change, or --name auto after a sibling arrived) or none.
     stale_removed: int = 0
+    #: Files optimizr had not written, replaced by an output (--if-exists overwrite).
+    overwritten: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

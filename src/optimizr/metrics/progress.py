@@ -236,6 +236,10 @@ def summary_table(summary: RunSummary) -> Table:
         table.add_row(
             "old outputs removed", f"{outputs.stale_removed:,} (no longer their source's output)"
         )
+    if outputs.overwritten:
+        table.add_row(
+            "overwritten", f"{outputs.overwritten:,} (files optimizr had not written: --if-exists)"
+        )
     table.add_row("bytes before", human_bytes(summary.bytes_in))
     table.add_row("bytes after", human_bytes(summary.bytes_out))
     table.add_row("saving", f"{human_bytes(summary.saved_bytes)} ({saving:.1%})")
