@@ -162,9 +162,13 @@ def test_webp_and_jpeg_of_one_name_under_auto(tmp_path: Path) -> None:
     src, dest = tmp_path / "src", tmp_path / "dest"
     save_jpeg(src / "x.jpg", photo_array(96, 64, seed=1))
     (src / "x.webp").write_bytes(_webp(photo_array(96, 64, seed=2)))
-    summary = run(src, dest, name="auto")
+    summary = run(src, dest, name="auto", reencode_webp=True)
     assert summary.failed == 0
     assert files(dest) == ["x.jpg.webp", "x.webp"]
+    # Kept as it is, x.webp writes nothing, but x.jpg keeps its name: names do
+    # not change with what becomes of a sibling.
+    run(src, tmp_path / "d2", name="auto")
+    assert files(tmp_path / "d2") == ["x.jpg.webp"]
 
 
 def test_conflict_message_suggests_name_auto(tmp_path: Path) -> None:
@@ -319,3 +323,71 @@ def test_cli_if_exists(cli: Callable[..., CliResult], tmp_path: Path) -> None:
     assert re.search(r"overwritten\s.*1", replaced.output), replaced.output
     doc = json.loads((dest / "optimizr-summary.json").read_text())
     assert doc["outputs"]["overwritten"] == 1 and doc["options"]["if_exists"] == "overwrite"
+
+
+# ---------------------------------------------------------------- --min-saving, WebP sources
+
+
+def test_min_saving_keeps_no_webp_that_saves_too_little(tmp_path: Path) -> None:
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    photo = save_jpeg(src / "a.jpg", photo_array(160, 120, seed=1), quality=80)
+    age(src)
+    first = run(src, dest)
+    saving = 100 * (1 - (dest / "a.webp").stat().st_size / photo.stat().st_size)
+    assert 1 < saving < 99
+    # Asking for more than it saves: no output, said why; the old output goes.
+    strict = run(src, dest, min_saving=saving + 1)
+    [result] = strict.not_converted
+    assert result.reason == "small saving" and f"--min-saving {saving + 1:g}%" in result.message
+    assert files(dest) == [] and first.converted == 1
+    # Asking for less keeps it (min_saving shapes outputs: it is in the fingerprint).
+    assert run(src, dest, min_saving=saving - 1).converted == 1
+    assert files(dest) == ["a.webp"]
+
+
+def test_min_saving_is_validated() -> None:
+    import pytest
+
+    from optimizr import UsageError
+
+    for bad in (-1, 100, 250):
+        with pytest.raises(UsageError, match="--min-saving"):
+            RunConfig(src=Path("a"), dest=Path("b"), min_saving=bad)
+    with pytest.raises(UsageError, match="--if-larger write"):
+        RunConfig(src=Path("a"), dest=Path("b"), min_saving=5, if_larger="write")
+
+
+def test_webp_sources_are_kept_as_they_are_unless_asked(tmp_path: Path) -> None:
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    (src / "art").mkdir(parents=True)
+    lossless = _webp(photo_array(64, 48, seed=3), lossless=True)
+    (src / "art/lossless.webp").write_bytes(lossless)
+    (src / "art/named-jpg.jpg").write_bytes(lossless)  # detected by content, not by name
+    save_jpeg(src / "art/photo.jpg", photo_array(96, 64, seed=1))
+    age(src)
+    summary = run(src, dest)
+    assert summary.converted == 1 and summary.skipped_by_reason == {"already webp": 2}
+    reasons = {r.key: r for r in summary.not_converted}
+    assert "--reencode-webp" in reasons["art/lossless.webp"].message
+    assert files(dest) == ["art/photo.webp"]
+    # Asked: re-encoded (the option shapes outputs, so it is in the fingerprint
+    # and the photo is redone too).
+    again = run(src, dest, reencode_webp=True)
+    assert again.converted == 3
+    assert files(dest) == ["art/lossless.webp", "art/named-jpg.webp", "art/photo.webp"]
+    # And back: the re-encoded outputs are no longer wanted.
+    back = run(src, dest)
+    assert back.skipped_by_reason["already webp"] == 2 and files(dest) == ["art/photo.webp"]
+
+
+def test_cli_min_saving_and_reencode_webp(cli: Callable[..., CliResult], tmp_path: Path) -> None:
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    save_jpeg(src / "a.jpg", photo_array(96, 64, seed=1))
+    (src / "b.webp").write_bytes(_webp(photo_array(64, 48, seed=3)))
+    result = cli("convert", src, dest, "--no-progress", "--min-saving", "99.9", "-v")
+    assert result.exit_code == 0, result.output
+    assert "a.jpg: small saving" in result.output and "b.webp: already webp" in result.output
+    again = cli("convert", src, dest, "--no-progress", "--reencode-webp", "--if-larger", "write")
+    assert again.exit_code == 0, again.output
+    assert files(dest) == ["a.webp", "b.webp"]
+    assert cli("convert", src, dest, "--min-saving", "100").exit_code == 2

@@ -52,6 +52,18 @@ _DEST_OPTIONS = (
         help="A file in DEST that optimizr did not write, where an output goes: "
         "keep it and skip the source, or overwrite it.",
     ),
+    click.option(
+        "--min-saving",
+        type=click.FloatRange(0, 100, max_open=True),
+        default=0.0,
+        metavar="PERCENT",
+        help="Keep no WebP that saves less than PERCENT of its source (skipped: small saving).",
+    ),
+    click.option(
+        "--reencode-webp",
+        is_flag=True,
+        help="Re-encode WebP sources too (by default they are kept as they are: already webp).",
+    ),
 )
 
 

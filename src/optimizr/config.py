@@ -118,6 +118,10 @@ class RunConfig:
     #: A file in DEST where an output goes that optimizr did not write (no
     #: manifest row names it): keep it and skip the source, or replace it.
     if_exists: IfExists = "skip"
+    #: Keep no WebP that saves less than this percentage of its source.
+    min_saving: float = 0.0
+    #: Re-encode WebP sources; without it they are kept as they are ("already webp").
+    reencode_webp: bool = False
 
     def __post_init__(self) -> None:
         if self.workers < 0:
@@ -128,6 +132,10 @@ class RunConfig:
             raise UsageError(f"--if-exists must be skip or overwrite, not {self.if_exists!r}")
         if self.if_larger not in ("skip", "write"):
             raise UsageError(f"--if-larger must be skip or write, not {self.if_larger!r}")
+        if not 0 <= self.min_saving < 100:
+            raise UsageError(f"--min-saving must be 0 or more and under 100, not {self.min_saving}")
+        if self.min_saving and self.if_larger == "write":
+            raise UsageError("--min-saving cannot be used with --if-larger write (which keeps all)")
         if self.timeout <= 0:
             raise UsageError(f"--timeout must be positive, not {self.timeout}")
         if self.max_memory is not None and self.max_memory < 64 << 20:

@@ -130,6 +130,12 @@ def options_fingerprint(config: RunConfig) -> str:
         "name": "replace" if config.name == "auto" else config.name,
         "if_larger": config.if_larger,
     }
+    # Added only when not at their defaults, so that the fingerprints of
+    # manifests written before these options existed stay valid.
+    if config.min_saving:
+        shaping["min_saving"] = config.min_saving
+    if config.reencode_webp:
+        shaping["reencode_webp"] = True
     text = json.dumps(shaping, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -50,10 +50,12 @@ from optimizr.manifest import (
 )
 from optimizr.probe import probe
 from optimizr.results import (
+    ALREADY_WEBP,
     DRY_RUN,
     LARGER_THAN_SOURCE,
     NOT_AN_IMAGE,
     OUTPUT_EXISTS,
+    SMALL_SAVING,
     UNSUPPORTED,
     UP_TO_DATE,
     Result,
@@ -110,13 +112,41 @@ def classify_error(key: str, error: ImageError) -> Result:
 
 
 def larger_than_source(
-    key: str, webp_size: int, source_size: int, if_larger: IfLarger
+    key: str, webp_size: int, source_size: int, if_larger: IfLarger, min_saving: float = 0.0
 ) -> Result | None:
-    """The skip result when ``--if-larger skip`` keeps no output, else None."""
-    if if_larger != "skip" or webp_size < source_size:
+    """The skip result when ``--if-larger skip`` keeps no output (the WebP is no
+    smaller, or saves less than ``min_saving`` percent of the source), else None."""
+    if if_larger != "skip":
         return None
-    message = f"WebP would be {webp_size:,} bytes, source is {source_size:,}"
-    return Result(key, "skipped", LARGER_THAN_SOURCE, message, None, source_size, webp_size)
+    if webp_size >= source_size:
+        message = f"WebP would be {webp_size:,} bytes, source is {source_size:,}"
+        return Result(key, "skipped", LARGER_THAN_SOURCE, message, None, source_size, webp_size)
+    saving = 100 * (source_size - webp_size) / source_size
+    if saving >= min_saving:
+        return None
+    message = (
+        f"WebP would save {saving:.1f}% ({source_size - webp_size:,} of {source_size:,} "
+        f"bytes), less than --min-saving {min_saving:g}%"
+    )
+    return Result(key, "skipped", SMALL_SAVING, message, None, source_size, webp_size)
+
+
+def is_webp(source: str | bytes) -> bool:
+    """Is this source a WebP already (by its signature, never its name)?"""
+    if isinstance(source, bytes):
+        head = source[:12]
+    else:
+        try:
+            with open(source, "rb") as fh:
+                head = fh.read(12)
+        except OSError:
+            return False  # the worker meets the same problem and says what it is
+    return head[:4] == b"RIFF" and head[8:12] == b"WEBP"
+
+
+def already_webp(key: str) -> Result:
+    message = "a WebP already: kept as it is, not re-encoded (--reencode-webp re-encodes it)"
+    return Result(key, "skipped", ALREADY_WEBP, message)
 
 
 def write_failure(key: str, target: str, exc: OSError) -> Result:
@@ -172,6 +202,8 @@ class Pipeline:
             "max_attempts": config.max_attempts,
             "verify": config.verify,
             "if_exists": config.if_exists,
+            "min_saving": config.min_saving,
+            "reencode_webp": config.reencode_webp,
             "fingerprint": self.fingerprint,
         }
         # Files in DEST newer than this may be outputs of a killed run whose rows
@@ -313,13 +345,8 @@ class Pipeline:
             elif row is None and self.manifest is not None and self.manifest.rebuilt:
                 if self._adopt(entry, out_key, plan):
                     return None
-        if self.config.if_exists == "skip":
-            found = plan.outputs().get(split_key(out_key)[1])
-            if found is not None and self._foreign(out_key, plan, found):
-                self._record(self._output_exists(entry.key, out_key), entry, checked_ns, plan=plan)
-                return None
         if self.config.dry_run:
-            self._record(self._dry_run_result(entry, out_key))
+            self._record(self._dry_run_result(entry, out_key, plan))
             return None
         source: str | bytes | None = self.source.local_path(entry.key)
         if source is None:
@@ -329,6 +356,14 @@ class Pipeline:
                 unreadable = SourceUnreadable(exc.strerror or str(exc))
                 self._record(_failure(entry.key, unreadable), entry, checked_ns, attempts, plan)
                 return None
+        if not self.config.reencode_webp and is_webp(source):
+            # Decoding and re-encoding a WebP only loses quality (lossless ones
+            # became lossy) for a few bytes: it is kept as it is unless asked.
+            self._record(already_webp(entry.key), entry, checked_ns, plan=plan)
+            return None
+        if self._kept_in_the_way(out_key, plan):
+            self._record(self._output_exists(entry.key, out_key), entry, checked_ns, plan=plan)
+            return None
         cost = 0
         if self.budget is not None:
             header = probe(source)
@@ -358,6 +393,13 @@ class Pipeline:
         else:
             hint = "rename one of them"
         return OutputConflict(f"{out_key} is already the output of {owner}; {hint}")
+
+    def _kept_in_the_way(self, out_key: str, plan: _DirectoryPlan) -> bool:
+        """Does a file optimizr did not write stand where ``out_key`` goes, to be kept?"""
+        if self.config.if_exists != "skip":
+            return False
+        found = plan.outputs().get(split_key(out_key)[1])
+        return found is not None and self._foreign(out_key, plan, found)
 
     def _foreign(self, out_key: str, plan: _DirectoryPlan, found: FileStat) -> bool:
         """Is the file ``found`` at ``out_key`` one optimizr did not write?
@@ -449,7 +491,7 @@ class Pipeline:
         self._record(Result(entry.key, "skipped", UP_TO_DATE, "adopted by --rebuild-manifest"))
         return True
 
-    def _dry_run_result(self, entry: SourceEntry, out_key: str) -> Result:
+    def _dry_run_result(self, entry: SourceEntry, out_key: str, plan: _DirectoryPlan) -> Result:
         path = self.source.local_path(entry.key)
         try:
             if path is not None:
@@ -467,6 +509,10 @@ class Pipeline:
             return classify_error(
                 entry.key, UnsupportedImage(f"{sniffed.format} is not a format optimizr converts")
             )
+        if sniffed.format == "webp" and not self.config.reencode_webp:
+            return already_webp(entry.key)
+        if self._kept_in_the_way(out_key, plan):
+            return self._output_exists(entry.key, out_key)
         kind = "apng" if sniffed.animated_png else sniffed.format
         return Result(entry.key, "skipped", DRY_RUN, f"would convert {kind} -> {out_key}", out_key)
 
@@ -488,7 +534,9 @@ class Pipeline:
             return
         encoded = outcome.encoded
         size = len(encoded.webp)
-        larger = larger_than_source(key, size, entry.size, self.config.if_larger)
+        larger = larger_than_source(
+            key, size, entry.size, self.config.if_larger, self.config.min_saving
+        )
         if larger is not None:
             record(larger)
             return
@@ -571,16 +619,16 @@ class Pipeline:
         )
         if prior is not None and prior.output is not None and prior.output != output:
             assert plan is not None
-            self._remove_stale(prior.output, prior.output_size, plan)
+            self._remove_stale(entry.key, prior.output, prior.output_size, plan)
 
-    def _remove_stale(self, out_key: str, size: int | None, plan: _DirectoryPlan) -> None:
+    def _remove_stale(self, key: str, out_key: str, size: int | None, plan: _DirectoryPlan) -> None:
         """An output optimizr wrote for a source that now has another one, or none.
 
         Removed only as written (its recorded size), and never while another
         source of the folder claims that name (a.png taking over the a.webp
         that a.jpg had, under --name replace)."""
         name = split_key(out_key)[1]
-        if name in plan.wanted:
+        if plan.wanted.get(name, key) != key:
             return
         found = self.dest.stat(out_key)
         if found is None or found.size != size:

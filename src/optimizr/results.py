@@ -20,6 +20,10 @@ Status = Literal["converted", "skipped", "failed"]
 # re-run it is the normal case for nearly every file.
 UP_TO_DATE = "up to date"
 LARGER_THAN_SOURCE = "larger than source"
+#: The WebP would save less than --min-saving.
+SMALL_SAVING = "small saving"
+#: A WebP source, kept as it is (without --reencode-webp).
+ALREADY_WEBP = "already webp"
 NOT_AN_IMAGE = "not an image"
 UNSUPPORTED = "unsupported"
 DRY_RUN = "dry run"
