@@ -391,3 +391,119 @@ def test_cli_min_saving_and_reencode_webp(cli: Callable[..., CliResult], tmp_pat
     assert again.exit_code == 0, again.output
     assert files(dest) == ["a.webp", "b.webp"]
     assert cli("convert", src, dest, "--min-saving", "100").exit_code == 2
+
+
+# ---------------------------------------------------------------- --copy-unconverted
+
+
+def _flat_png(path: Path) -> Path:
+    """1-bit noise: tiny as a PNG, bigger as a lossy WebP (larger than source)."""
+    import numpy as np
+    from PIL import Image
+
+    noise = np.random.default_rng(0).integers(0, 2, (64, 64), dtype=np.uint8) * 255
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(noise).convert("1").save(path, optimize=True)
+    return path
+
+
+def _mixed_library(src: Path) -> None:
+    save_jpeg(src / "site/photo.jpg", photo_array(96, 64, seed=1))
+    _flat_png(src / "site/flat.png")
+    (src / "site/favicon.ico").write_bytes(b"\x00\x00\x01\x00" + bytes(40))
+    (src / "site/style.css").write_text("body { margin: 0 }")
+    (src / "site/anim.webp").write_bytes(_webp(photo_array(64, 48, seed=3)))
+    (src / "site/bad.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(300))
+    age(src)
+
+
+COPIES = ["site/anim.webp", "site/favicon.ico", "site/flat.png", "site/style.css"]
+
+
+def test_copy_unconverted_makes_dest_a_complete_tree(tmp_path: Path) -> None:
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    _mixed_library(src)
+    summary = run(src, dest, copy_unconverted=True)
+    assert summary.converted == 1 and summary.failed == 1  # bad.jpg is not copied
+    assert files(dest) == sorted([*COPIES, "site/photo.webp"])
+    for key in COPIES:
+        assert (dest / key).read_bytes() == (src / key).read_bytes(), key
+    assert summary.outputs.copied == 4
+    assert summary.outputs.copied_bytes == sum((src / k).stat().st_size for k in COPIES)
+    copied = {r.key: r for r in summary.not_converted if r.status == "skipped"}
+    assert copied["site/flat.png"].reason == "larger than source"
+    assert "copied as is" in copied["site/flat.png"].line()
+    rows = manifest_rows(dest)
+    assert {k: rows[k]["output"] for k in COPIES} == {k: k for k in COPIES}
+    listed = {e["path"]: e for e in summary.to_dict()["not_converted"]}
+    assert listed["site/favicon.ico"]["output"] == "site/favicon.ico"
+    assert listed["site/bad.jpg"]["output"] is None
+
+
+def test_copies_are_kept_in_step_on_re_runs(tmp_path: Path) -> None:
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    _mixed_library(src)
+    run(src, dest, copy_unconverted=True)
+    again = run(src, dest, copy_unconverted=True)
+    assert again.outputs.copied == 0 and again.converted == 0
+    # A copy gone from DEST is copied again, without encoding anything.
+    (dest / "site/flat.png").unlink()
+    (src / "site/style.css").write_text("body { margin: 1px }")
+    age(src / "site/style.css", 60)
+    third = run(src, dest, copy_unconverted=True)
+    assert third.outputs.copied == 2 and third.converted == 0
+    assert third.outputs.overwritten == 0  # its own copy, replaced
+    assert (dest / "site/style.css").read_text() == "body { margin: 1px }"
+    assert (dest / "site/flat.png").read_bytes() == (src / "site/flat.png").read_bytes()
+    # Without the option the copies optimizr made are no longer wanted.
+    off = run(src, dest)
+    assert off.outputs.stale_removed == 4 and files(dest) == ["site/photo.webp"]
+    # And back on: copied again from the rows' evidence, nothing converted.
+    on = run(src, dest, copy_unconverted=True)
+    assert on.outputs.copied == 4 and on.converted == 0
+    assert files(dest) == sorted([*COPIES, "site/photo.webp"])
+
+
+def test_a_copy_never_replaces_a_file_optimizr_did_not_write(tmp_path: Path) -> None:
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    _mixed_library(src)
+    (dest / "site").mkdir(parents=True)
+    (dest / "site/style.css").write_text("my own")
+    summary = run(src, dest, copy_unconverted=True)
+    assert summary.outputs.copied == 3 and summary.outputs.kept == 1
+    [css] = [r for r in summary.not_converted if r.key == "site/style.css"]
+    assert "not copied" in css.line() and "--if-exists overwrite" in css.line()
+    assert (dest / "site/style.css").read_text() == "my own"
+    replaced = run(src, dest, copy_unconverted=True, if_exists="overwrite")
+    assert replaced.outputs.copied == 1 and replaced.outputs.overwritten == 1
+    assert (dest / "site/style.css").read_text() == "body { margin: 0 }"
+
+
+def test_a_copy_never_takes_the_name_of_another_source_output(tmp_path: Path) -> None:
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    save_jpeg(src / "a.jpg", photo_array(96, 64, seed=1))
+    (src / "a.jpg.webp").write_bytes(_webp(photo_array(64, 48, seed=3)))
+    summary = run(src, dest, copy_unconverted=True, name="append")
+    [webp] = summary.not_converted
+    assert webp.reason == "already webp" and "output of a.jpg" in webp.line()
+    assert files(dest) == ["a.jpg.webp"]
+    assert (dest / "a.jpg.webp").read_bytes() != (src / "a.jpg.webp").read_bytes()
+
+
+def test_dry_run_says_what_would_be_copied(tmp_path: Path) -> None:
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    _mixed_library(src)
+    summary = run(src, dest, copy_unconverted=True, dry_run=True)
+    lines = {r.key: r.line() for r in summary.not_converted}
+    assert "would be copied as is" in lines["site/favicon.ico"]
+    assert "would be copied as is" in lines["site/anim.webp"]
+    assert not dest.exists()
+
+
+def test_cli_copy_unconverted(cli: Callable[..., CliResult], tmp_path: Path) -> None:
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    _mixed_library(src)
+    result = cli("convert", src, dest, "--no-progress", "--copy-unconverted")
+    assert result.exit_code == 1, result.output  # bad.jpg
+    assert re.search(r"copied as is\s.*4", result.output), result.output
+    assert files(dest) == sorted([*COPIES, "site/photo.webp"])

@@ -53,6 +53,12 @@ _DEST_OPTIONS = (
         "keep it and skip the source, or overwrite it.",
     ),
     click.option(
+        "--copy-unconverted",
+        is_flag=True,
+        help="Copy the files not converted (larger than source, small saving, already "
+        "webp, unsupported, not an image) into DEST as they are; failed ones are not.",
+    ),
+    click.option(
         "--min-saving",
         type=click.FloatRange(0, 100, max_open=True),
         default=0.0,

@@ -118,6 +118,9 @@ class RunConfig:
     #: A file in DEST where an output goes that optimizr did not write (no
     #: manifest row names it): keep it and skip the source, or replace it.
     if_exists: IfExists = "skip"
+    #: Copy the files that are not converted (larger than source, small saving,
+    #: already WebP, unsupported, not an image) into DEST as they are.
+    copy_unconverted: bool = False
     #: Keep no WebP that saves less than this percentage of its source.
     min_saving: float = 0.0
     #: Re-encode WebP sources; without it they are kept as they are ("already webp").

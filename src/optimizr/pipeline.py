@@ -19,10 +19,11 @@ graceful stop (no new work, in-flight images finish) and a second time for an ab
 from __future__ import annotations
 
 import errno
+import os
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 from optimizr.budget import MemoryBudget, estimate_peak_bytes
@@ -51,6 +52,7 @@ from optimizr.manifest import (
 from optimizr.probe import probe
 from optimizr.results import (
     ALREADY_WEBP,
+    COPYABLE,
     DRY_RUN,
     LARGER_THAN_SOURCE,
     NOT_AN_IMAGE,
@@ -202,6 +204,7 @@ class Pipeline:
             "max_attempts": config.max_attempts,
             "verify": config.verify,
             "if_exists": config.if_exists,
+            "copy_unconverted": config.copy_unconverted,
             "min_saving": config.min_saving,
             "reencode_webp": config.reencode_webp,
             "fingerprint": self.fingerprint,
@@ -338,6 +341,14 @@ class Pipeline:
         if not self.config.force:
             if row is not None and row.describes(entry.size, entry.mtime_ns, self.fingerprint):
                 settled = self._settled(entry, row, out_key, plan)
+                if (
+                    settled is not None
+                    and settled.reason != UP_TO_DATE
+                    and (settled.status == "skipped" and settled.output != row.output)
+                ):
+                    # Its copy was made or removed just now: the row must say so.
+                    self._record(settled, entry, checked_ns, plan=plan)
+                    return None
                 if settled is not None:
                     self._record(settled)
                     return None
@@ -359,7 +370,8 @@ class Pipeline:
         if not self.config.reencode_webp and is_webp(source):
             # Decoding and re-encoding a WebP only loses quality (lossless ones
             # became lossy) for a few bytes: it is kept as it is unless asked.
-            self._record(already_webp(entry.key), entry, checked_ns, plan=plan)
+            kept = self._keep_as_is(already_webp(entry.key), entry, plan)
+            self._record(kept, entry, checked_ns, plan=plan)
             return None
         if self._kept_in_the_way(out_key, plan):
             self._record(self._output_exists(entry.key, out_key), entry, checked_ns, plan=plan)
@@ -458,14 +470,69 @@ class Pipeline:
     def _settled_skip(
         self, entry: SourceEntry, row: Row, out_key: str, plan: _DirectoryPlan
     ) -> Result | None:
-        """A skip stands, unless it was about DEST and DEST or the options changed."""
+        """A skip stands, unless it was about DEST and DEST or the options changed.
+
+        Copies (--copy-unconverted) are made, made again or removed here, from
+        the row's evidence alone: nothing is encoded again to decide them."""
         if row.reason == OUTPUT_EXISTS:
             found = plan.outputs().get(split_key(out_key)[1])
             if self.config.if_exists == "overwrite" or found is None:
                 return None  # the file in the way is gone, or may now be replaced
             if not self._foreign(out_key, plan, found):
                 return None
-        return Result(entry.key, "skipped", row.reason, row.message)
+        result = Result(entry.key, "skipped", row.reason, row.message)
+        wanted = self.config.copy_unconverted and row.reason in COPYABLE
+        if wanted and row.output is not None:
+            found = plan.outputs().get(split_key(row.output)[1])
+            if found is not None and found.size == row.output_size:
+                return replace(result, output=row.output, copied=found.size, note="copied as is")
+        if wanted:
+            return self._keep_as_is(result, entry, plan)
+        return result  # without output: a copy made before is removed as it is recorded
+
+    def _keep_as_is(self, result: Result, entry: SourceEntry, plan: _DirectoryPlan) -> Result:
+        """--copy-unconverted: a file not converted goes to DEST under its own name,
+        so DEST is a complete tree for a web deploy."""
+        key = entry.key
+        if not self.config.copy_unconverted or result.reason not in COPYABLE:
+            return result
+        name = split_key(key)[1]
+        owner = plan.wanted.get(name, key)
+        if owner != key:
+            return replace(result, note=f"not copied: {key} in DEST is the output of {owner}")
+        if self.config.dry_run:
+            return replace(result, note="would be copied as is")
+        if self._same_file(key):
+            return replace(result, note="already in DEST")  # SRC is DEST
+        found = self.dest.stat(key)
+        overwriting = found is not None and self._foreign(key, plan, found)
+        if overwriting and self.config.if_exists == "skip":
+            self.summary.outputs.kept += 1
+            return replace(
+                result,
+                note=f"not copied: {key} is already in DEST and optimizr did not write it "
+                "(--if-exists overwrite replaces it)",
+            )
+        try:
+            size = self.dest.copy_in(key, self.source, key)
+        except OSError as exc:
+            return write_failure(key, key, exc)
+        plan.written.add(name)
+        outputs = self.summary.outputs
+        outputs.copied += 1
+        outputs.copied_bytes += size
+        if overwriting:
+            outputs.overwritten += 1
+        return replace(result, output=key, copied=size, note="copied as is")
+
+    def _same_file(self, key: str) -> bool:
+        src_path, dest_path = self.source.local_path(key), self.dest.local_path(key)
+        if src_path is None or dest_path is None:
+            return False
+        try:
+            return os.path.samefile(src_path, dest_path)
+        except OSError:
+            return False
 
     def _adopt(self, entry: SourceEntry, out_key: str, plan: _DirectoryPlan) -> bool:
         """After --rebuild-manifest: an output already on disk, complete and newer
@@ -504,13 +571,13 @@ class Pipeline:
         except OSError as exc:
             return Result(entry.key, "failed", "unreadable", exc.strerror or str(exc))
         if sniffed.format is None:
-            return classify_error(entry.key, NotAnImage("no known image signature"))
+            error: ImageError = NotAnImage("no known image signature")
+            return self._keep_as_is(classify_error(entry.key, error), entry, plan)
         if not sniffed.supported:
-            return classify_error(
-                entry.key, UnsupportedImage(f"{sniffed.format} is not a format optimizr converts")
-            )
+            error = UnsupportedImage(f"{sniffed.format} is not a format optimizr converts")
+            return self._keep_as_is(classify_error(entry.key, error), entry, plan)
         if sniffed.format == "webp" and not self.config.reencode_webp:
-            return already_webp(entry.key)
+            return self._keep_as_is(already_webp(entry.key), entry, plan)
         if self._kept_in_the_way(out_key, plan):
             return self._output_exists(entry.key, out_key)
         kind = "apng" if sniffed.animated_png else sniffed.format
@@ -530,7 +597,7 @@ class Pipeline:
         )
         if outcome.error is not None or outcome.encoded is None:
             error = outcome.error or ImageError("no result")
-            record(classify_error(key, error))
+            record(self._keep_as_is(classify_error(key, error), entry, flight.plan))
             return
         encoded = outcome.encoded
         size = len(encoded.webp)
@@ -538,7 +605,7 @@ class Pipeline:
             key, size, entry.size, self.config.if_larger, self.config.min_saving
         )
         if larger is not None:
-            record(larger)
+            record(self._keep_as_is(larger, entry, flight.plan))
             return
         now = self.source.stat(key)
         if now is None or (now.size, now.mtime_ns) != (entry.size, entry.mtime_ns):
@@ -588,6 +655,8 @@ class Pipeline:
         plan: _DirectoryPlan | None = None,
     ) -> None:
         self.summary.record(result)
+        if result.reason == OUTPUT_EXISTS:
+            self.summary.outputs.kept += 1
         self._last_progress = time.monotonic()
         if self.listener:
             self.listener.finished(result)
@@ -598,6 +667,8 @@ class Pipeline:
         output, output_size = (
             (result.output, result.bytes_out) if status == "done" else (None, None)
         )
+        if result.copied is not None:
+            output, output_size = result.output, result.copied
         if status == "failed" and prior is not None:
             # A failure leaves an earlier output where it is (a cron run that
             # meets a full disk must not take images off a site), and the row

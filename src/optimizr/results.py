@@ -30,6 +30,11 @@ DRY_RUN = "dry run"
 #: A file optimizr did not write is where the output would go (--if-exists skip).
 OUTPUT_EXISTS = "output exists"
 
+#: Files skipped for these reasons are copied as they are by --copy-unconverted:
+#: converting would not help, yet a web deploy needs them. Failures are not
+#: copied: a broken or unreadable file is not what the site should serve.
+COPYABLE = frozenset({LARGER_THAN_SOURCE, SMALL_SAVING, ALREADY_WEBP, UNSUPPORTED, NOT_AN_IMAGE})
+
 
 @dataclass(frozen=True)
 class Result:
@@ -47,10 +52,22 @@ class Result:
     error_class: str | None = None
     #: Seconds the parent spent writing the output into place.
     write_seconds: float = 0.0
+    #: What became of DEST for a file not converted ("copied as is", "not
+    #: copied: ..."); shown with the message but not stored in the manifest.
+    note: str = ""
+    #: Bytes copied as they are into DEST at ``output`` (--copy-unconverted).
+    copied: int | None = None
+
+    @property
+    def detail(self) -> str:
+        """The message, with the note."""
+        if self.note:
+            return f"{self.message}; {self.note}" if self.message else self.note
+        return self.message
 
     def line(self) -> str:
         """The one line a person reads: path and reason."""
-        detail = self.message
+        detail = self.detail
         if self.reason and detail.startswith(self.reason + ": "):
             detail = detail[len(self.reason) + 2 :]
         text = f"{self.key}: {self.reason}" if self.reason else self.key
@@ -66,6 +83,12 @@ class OutputStatistics:
     stale_removed: int = 0
     #: Files optimizr had not written, replaced by an output (--if-exists overwrite).
     overwritten: int = 0
+    #: Files optimizr had not written, left in place (--if-exists skip): the
+    #: "output exists" skips and the copies not made for that reason.
+    kept: int = 0
+    #: Files not converted, copied as they are (--copy-unconverted), and their bytes.
+    copied: int = 0
+    copied_bytes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -268,7 +291,13 @@ class RunSummary:
             "largest_savings": self.largest_savings.items(),
             "grew": self.grew.items(),
             "not_converted": [
-                {"path": r.key, "status": r.status, "reason": r.reason, "message": r.message}
+                {
+                    "path": r.key,
+                    "status": r.status,
+                    "reason": r.reason,
+                    "message": r.detail,
+                    "output": r.output if r.copied is not None else None,
+                }
                 for r in self.not_converted
             ],
             "outputs": self.outputs.to_dict(),

@@ -236,6 +236,15 @@ def summary_table(summary: RunSummary) -> Table:
         table.add_row(
             "old outputs removed", f"{outputs.stale_removed:,} (no longer their source's output)"
         )
+    if outputs.copied:
+        table.add_row(
+            "copied as is",
+            f"{outputs.copied:,} ({human_bytes(outputs.copied_bytes)}, not converted)",
+        )
+    if outputs.kept:
+        table.add_row(
+            "left in place", f"{outputs.kept:,} (files optimizr did not write: --if-exists)"
+        )
     if outputs.overwritten:
         table.add_row(
             "overwritten", f"{outputs.overwritten:,} (files optimizr had not written: --if-exists)"

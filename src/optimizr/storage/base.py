@@ -107,6 +107,12 @@ class Storage(ABC):
     def write_atomic(self, key: str, data: bytes) -> None:
         """Replace ``key`` with ``data`` so no reader ever sees a partial object."""
 
+    def copy_in(self, key: str, source: Storage, source_key: str) -> int:
+        """Copy ``source_key`` of ``source`` to ``key``, atomically; return the bytes copied."""
+        data = source.read_bytes(source_key)
+        self.write_atomic(key, data)
+        return len(data)
+
     @abstractmethod
     def delete(self, key: str) -> bool:
         """Remove the file ``key``; False if there was none. Folders it leaves

@@ -8,7 +8,7 @@ import stat as stat_mod
 from collections.abc import Iterator
 from pathlib import Path
 
-from optimizr.atomic import atomic_write, fsync_dir, is_temp_name
+from optimizr.atomic import atomic_open, atomic_write, fsync_dir, is_temp_name
 from optimizr.storage.base import (
     DirectoryListing,
     FileStat,
@@ -60,6 +60,18 @@ class LocalStorage(Storage):
 
     def write_atomic(self, key: str, data: bytes) -> None:
         atomic_write(self.path_of(key), data)
+
+    def copy_in(self, key: str, source: Storage, source_key: str) -> int:
+        path = source.local_path(source_key)
+        if path is None:
+            return super().copy_in(key, source, source_key)
+        copied = 0
+        # Streamed: a 2 GB unsupported file must not be read into memory whole.
+        with open(path, "rb") as fh, atomic_open(self.path_of(key)) as out:
+            while chunk := fh.read(1 << 20):
+                out.write(chunk)
+                copied += len(chunk)
+        return copied
 
     def delete(self, key: str) -> bool:
         path = self.path_of(key)
