@@ -98,6 +98,9 @@ def test_name_auto_follows_the_folder_and_removes_the_output_it_replaces(tmp_pat
     fourth = run(src, dest, name="auto")
     assert fourth.converted == 1
     assert files(dest) == ["a.png.webp", "a.webp", "b.webp"]
+    assert run(src, dest, name="auto", delete=True).outputs.deleted_paths == ["a.png.webp"]
+    assert files(dest) == ["a.webp", "b.webp"]
+    assert_manifest_agrees_with_disk(dest)
 
 
 def test_switching_from_replace_to_auto_redoes_nothing_that_keeps_its_name(tmp_path: Path) -> None:
@@ -507,3 +510,101 @@ def test_cli_copy_unconverted(cli: Callable[..., CliResult], tmp_path: Path) -> 
     assert result.exit_code == 1, result.output  # bad.jpg
     assert re.search(r"copied as is\s.*4", result.output), result.output
     assert files(dest) == sorted([*COPIES, "site/photo.webp"])
+
+
+# ---------------------------------------------------------------- --delete
+
+
+def _library_then_some_sources_deleted(tmp_path: Path) -> tuple[Path, Path]:
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    save_jpeg(src / "a/one.jpg", photo_array(96, 64, seed=1))
+    save_jpeg(src / "a/two.jpg", photo_array(96, 64, seed=2))
+    save_jpeg(src / "b/three.jpg", photo_array(96, 64, seed=3))
+    (src / "b/icon.ico").write_bytes(b"\x00\x00\x01\x00" + bytes(40))
+    age(src)
+    run(src, dest, copy_unconverted=True)
+    (dest / "a/mine.webp").write_bytes(b"a file optimizr did not write")
+    (src / "a/two.jpg").unlink()
+    for path in (src / "b").iterdir():
+        path.unlink()
+    (src / "b").rmdir()
+    return src, dest
+
+
+GONE = ["a/two.webp", "b/icon.ico", "b/three.webp"]
+
+
+def test_delete_removes_the_outputs_of_sources_that_are_gone(tmp_path: Path) -> None:
+    src, dest = _library_then_some_sources_deleted(tmp_path)
+    summary = run(src, dest, delete=True, copy_unconverted=True)
+    assert files(dest) == ["a/mine.webp", "a/one.webp"]
+    assert not (dest / "b").exists()  # the folder it emptied goes too
+    assert summary.outputs.deleted == 3 and sorted(summary.outputs.deleted_paths) == GONE
+    assert summary.to_dict()["outputs"]["deleted_paths"] == summary.outputs.deleted_paths
+    assert set(manifest_rows(dest)) == {"a/one.jpg"}
+    assert run(src, dest, delete=True).outputs.deleted == 0
+
+
+def test_without_delete_they_stay_and_remain_optimizrs(tmp_path: Path) -> None:
+    from optimizr import read_status
+
+    src, dest = _library_then_some_sources_deleted(tmp_path)
+    kept = run(src, dest, copy_unconverted=True)
+    assert kept.outputs.deleted == 0 and kept.outputs.sources_gone == 3
+    assert files(dest) == sorted(["a/mine.webp", "a/one.webp", *GONE])
+    rows = manifest_rows(dest)
+    assert {rows[k]["reason"] for k in ("a/two.jpg", "b/three.jpg", "b/icon.ico")} == {
+        "source deleted"
+    }
+    assert read_status(dest).skipped_by_reason == {"source deleted": 3}
+    # The source comes back: its output is optimizr's own, so it is replaced.
+    save_jpeg(src / "a/two.jpg", photo_array(96, 64, seed=5))
+    back = run(src, dest, copy_unconverted=True)
+    assert back.converted == 1 and back.skipped_by_reason.get("output exists") is None
+    # --delete, runs later, still knows the others are optimizr's.
+    later = run(src, dest, delete=True, copy_unconverted=True)
+    assert sorted(later.outputs.deleted_paths) == ["b/icon.ico", "b/three.webp"]
+    assert files(dest) == ["a/mine.webp", "a/one.webp", "a/two.webp"]
+
+
+def test_dry_run_delete_lists_and_removes_nothing(tmp_path: Path) -> None:
+    src, dest = _library_then_some_sources_deleted(tmp_path)
+    before = files(dest)
+    rows = manifest_rows(dest)
+    dry = run(src, dest, delete=True, dry_run=True)
+    assert dry.outputs.deleted == 0 and dry.outputs.would_delete == 3
+    assert sorted(dry.outputs.deleted_paths) == GONE
+    assert files(dest) == before and manifest_rows(dest) == rows
+
+
+def test_delete_spares_an_output_changed_since_optimizr_wrote_it(tmp_path: Path) -> None:
+    src, dest = _library_then_some_sources_deleted(tmp_path)
+    (dest / "a/two.webp").write_bytes(b"edited")
+    summary = run(src, dest, delete=True)
+    assert "a/two.webp" not in summary.outputs.deleted_paths
+    assert (dest / "a/two.webp").read_bytes() == b"edited"
+
+
+def test_delete_spares_an_output_another_source_now_has(tmp_path: Path) -> None:
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    save_jpeg(src / "a.jpg", photo_array(96, 64, seed=1))
+    age(src)
+    run(src, dest)
+    (src / "a.jpg").unlink()
+    save_png(src / "a.png", photo_array(96, 64, seed=2))
+    summary = run(src, dest, delete=True)
+    assert summary.converted == 1 and summary.outputs.deleted == 0
+    assert files(dest) == ["a.webp"] and set(manifest_rows(dest)) == {"a.png"}
+
+
+def test_cli_delete(cli: Callable[..., CliResult], tmp_path: Path) -> None:
+    src, dest = _library_then_some_sources_deleted(tmp_path)
+    dry = cli("convert", src, dest, "--delete", "--dry-run")
+    assert dry.exit_code == 0, dry.output
+    for path in GONE:
+        assert f"would delete {path}" in dry.output
+    assert files(dest) == sorted(["a/mine.webp", "a/one.webp", *GONE])
+    done = cli("convert", src, dest, "--delete", "--no-progress")
+    assert done.exit_code == 0, done.output
+    assert re.search(r"deleted\s.*3", done.output), done.output
+    assert files(dest) == ["a/mine.webp", "a/one.webp"]

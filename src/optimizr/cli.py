@@ -28,7 +28,7 @@ from optimizr.errors import OptimizrError
 from optimizr.events import Listeners, ProgressListener, StopToken
 from optimizr.lock import describe_holder
 from optimizr.metrics.logs import LogListener, configure_logging
-from optimizr.metrics.progress import TerminalProgress, summary_table
+from optimizr.metrics.progress import TerminalProgress, deletion_lines, summary_table
 from optimizr.status import StatusReport, read_status
 
 if TYPE_CHECKING:
@@ -51,6 +51,12 @@ _DEST_OPTIONS = (
         show_default=True,
         help="A file in DEST that optimizr did not write, where an output goes: "
         "keep it and skip the source, or overwrite it.",
+    ),
+    click.option(
+        "--delete",
+        is_flag=True,
+        help="Remove the outputs optimizr wrote for sources that are gone (as rsync --delete; "
+        "with --dry-run: list them).",
     ),
     click.option(
         "--copy-unconverted",
@@ -473,6 +479,8 @@ def _convert(
         log.run_finished(summary, code)
     else:
         err.print(summary_table(summary))
+        for line in deletion_lines(summary, verbose or dry_run):
+            err.print(line, markup=False)
         for warning in summary.warnings:
             err.print(f"optimizr: warning: {warning}", markup=False)
         if not dry_run:

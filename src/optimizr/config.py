@@ -118,6 +118,8 @@ class RunConfig:
     #: A file in DEST where an output goes that optimizr did not write (no
     #: manifest row names it): keep it and skip the source, or replace it.
     if_exists: IfExists = "skip"
+    #: Remove the outputs (and copies) optimizr wrote for sources that are gone.
+    delete: bool = False
     #: Copy the files that are not converted (larger than source, small saving,
     #: already WebP, unsupported, not an image) into DEST as they are.
     copy_unconverted: bool = False

@@ -58,6 +58,7 @@ from optimizr.results import (
     NOT_AN_IMAGE,
     OUTPUT_EXISTS,
     SMALL_SAVING,
+    SOURCE_DELETED,
     UNSUPPORTED,
     UP_TO_DATE,
     Result,
@@ -204,6 +205,7 @@ class Pipeline:
             "max_attempts": config.max_attempts,
             "verify": config.verify,
             "if_exists": config.if_exists,
+            "delete": config.delete,
             "copy_unconverted": config.copy_unconverted,
             "min_saving": config.min_saving,
             "reencode_webp": config.reencode_webp,
@@ -299,27 +301,72 @@ class Pipeline:
 
     def _forget_deleted(self, listing: DirectoryListing, plan: _DirectoryPlan) -> None:
         """Rows of this directory whose source is gone (not merely excluded) are dropped,
-        so status and failed.jsonl do not report files that no longer exist."""
-        if self.manifest is None or self.config.dry_run or plan.matched == len(plan.rows):
+        so status and failed.jsonl do not report files that no longer exist; their
+        outputs go with --delete."""
+        if self.manifest is None or plan.matched == len(plan.rows):
+            return
+        if self.config.dry_run and not self.config.delete:
             return
         listed = {split_key(e.key)[1] for e in listing.entries}
-        self._forget_missing(row for name, row in plan.rows.items() if name not in listed)
+        self._forget_missing((row for name, row in plan.rows.items() if name not in listed), plan)
 
     def _forget_vanished_directories(self, visited: set[str]) -> None:
         """After a whole walk: rows of directories the walk never listed, whose
         sources are gone (a folder deleted or emptied since), are dropped too.
         Directories merely excluded keep their rows: their files still exist."""
-        if self.manifest is None or self.config.dry_run:
+        if self.manifest is None or (self.config.dry_run and not self.config.delete):
             return
         for directory in self.manifest.directories():
             if directory not in visited:
-                self._forget_missing(self.manifest.rows_in(directory).values())
+                self._forget_missing(self.manifest.rows_in(directory).values(), None)
 
-    def _forget_missing(self, rows: Iterable[Row]) -> None:
-        assert self.manifest is not None
+    def _forget_missing(self, rows: Iterable[Row], plan: _DirectoryPlan | None) -> None:
         for row in rows:
             if self.source.stat(row.key) is None:
+                self._source_gone(row, plan)
+
+    def _source_gone(self, row: Row, plan: _DirectoryPlan | None) -> None:
+        """The source of ``row`` no longer exists: what of its output?
+
+        With --delete it goes (rsync's --delete), if it is still as optimizr
+        wrote it and no other source has that name now. Without, it stays,
+        and the row stays too, as ``source deleted``: a later --delete, or the
+        source coming back, still knows the file is optimizr's."""
+        assert self.manifest is not None
+        dry_run, output = self.config.dry_run, row.output
+        taken = output is not None and plan is not None and split_key(output)[1] in plan.wanted
+        found = self.dest.stat(output) if output is not None and not taken else None
+        if output is None or found is None or found.size != row.output_size:
+            # No output, another source's now, gone, or changed since: not ours to remove.
+            if not dry_run:
                 self.manifest.forget(row.key)
+            return
+        if self.config.delete:
+            if not dry_run:
+                try:
+                    self.dest.delete(output)
+                except OSError as exc:
+                    self.summary.warnings.append(
+                        f"could not delete {output} (its source is gone): {exc.strerror or exc}"
+                    )
+                    return  # the row stays: the next run tries again
+                self.manifest.forget(row.key)
+            self.summary.outputs.note_deleted(output, dry_run=dry_run)
+            return
+        self.summary.outputs.sources_gone += 1
+        if row.reason != SOURCE_DELETED:
+            self.manifest.record(
+                row.key,
+                size=row.size,
+                mtime_ns=row.mtime_ns,
+                checked_ns=row.checked_ns,
+                fingerprint=row.fingerprint,
+                status="skipped",
+                reason=SOURCE_DELETED,
+                output=output,
+                output_size=row.output_size,
+                message=f"the source is gone; {output} is kept in DEST (--delete removes it)",
+            )
 
     def _plan(self, entry: SourceEntry, plan: _DirectoryPlan) -> Job | None:
         checked_ns = plan.checked_ns
@@ -474,6 +521,8 @@ class Pipeline:
 
         Copies (--copy-unconverted) are made, made again or removed here, from
         the row's evidence alone: nothing is encoded again to decide them."""
+        if row.reason == SOURCE_DELETED:
+            return None  # it is back: convert it (its old output is optimizr's)
         if row.reason == OUTPUT_EXISTS:
             found = plan.outputs().get(split_key(out_key)[1])
             if self.config.if_exists == "overwrite" or found is None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from optimizr.encode import ImageFacts
 from optimizr.metrics.stats import LogHistogram, Timeline, TopN
@@ -29,6 +29,10 @@ UNSUPPORTED = "unsupported"
 DRY_RUN = "dry run"
 #: A file optimizr did not write is where the output would go (--if-exists skip).
 OUTPUT_EXISTS = "output exists"
+
+#: Manifest rows only: the source is gone and --delete was not given, so its
+#: output stays in DEST; the row keeps it known as optimizr's.
+SOURCE_DELETED = "source deleted"
 
 #: Files skipped for these reasons are copied as they are by --copy-unconverted:
 #: converting would not help, yet a web deploy needs them. Failures are not
@@ -89,6 +93,23 @@ class OutputStatistics:
     #: Files not converted, copied as they are (--copy-unconverted), and their bytes.
     copied: int = 0
     copied_bytes: int = 0
+    #: Outputs (and copies) of sources that are gone, removed (--delete) or, in a
+    #: dry run, that would be; the first LISTED of their paths.
+    deleted: int = 0
+    would_delete: int = 0
+    deleted_paths: list[str] = field(default_factory=list)
+    #: Outputs of sources that are gone, left in DEST without --delete.
+    sources_gone: int = 0
+
+    LISTED: ClassVar[int] = 1000
+
+    def note_deleted(self, path: str, *, dry_run: bool) -> None:
+        if dry_run:
+            self.would_delete += 1
+        else:
+            self.deleted += 1
+        if len(self.deleted_paths) < self.LISTED:
+            self.deleted_paths.append(path)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -213,6 +213,19 @@ def _verbose_line(result: Result) -> str:
     return f"skipped {_escape(result.line())}"
 
 
+def deletion_lines(summary: RunSummary, listed: bool) -> list[str]:
+    """One line per output removed by --delete (or that a dry run would remove)."""
+    outputs = summary.outputs
+    if not listed or not outputs.deleted_paths:
+        return []
+    verb = "would delete" if outputs.would_delete else "deleted"
+    lines = [f"{verb} {path}" for path in outputs.deleted_paths]
+    more = outputs.deleted + outputs.would_delete - len(outputs.deleted_paths)
+    if more > 0:
+        lines.append(f"... and {more:,} more")
+    return lines
+
+
 def summary_table(summary: RunSummary) -> Table:
     seconds = summary.seconds
     saving = summary.saved_bytes / summary.bytes_in if summary.bytes_in else 0.0
@@ -244,6 +257,14 @@ def summary_table(summary: RunSummary) -> Table:
     if outputs.kept:
         table.add_row(
             "left in place", f"{outputs.kept:,} (files optimizr did not write: --if-exists)"
+        )
+    if outputs.deleted:
+        table.add_row("deleted", f"{outputs.deleted:,} (outputs whose source is gone: --delete)")
+    if outputs.would_delete:
+        table.add_row("would delete", f"{outputs.would_delete:,} (outputs whose source is gone)")
+    if outputs.sources_gone:
+        table.add_row(
+            "sources gone", f"{outputs.sources_gone:,} outputs kept (--delete removes them)"
         )
     if outputs.overwritten:
         table.add_row(
