@@ -148,7 +148,7 @@ def is_webp(source: str | bytes) -> bool:
 
 
 def already_webp(key: str) -> Result:
-    message = "a WebP already: kept as it is, not re-encoded (--reencode-webp re-encodes it)"
+    message = "kept as it is, not re-encoded (--reencode-webp re-encodes it)"
     return Result(key, "skipped", ALREADY_WEBP, message)
 
 
@@ -475,8 +475,8 @@ class Pipeline:
 
     def _output_exists(self, key: str, out_key: str) -> Result:
         message = (
-            f"{out_key} is already in DEST and optimizr did not write it: kept, and "
-            f"{key} not converted (--if-exists overwrite replaces it)"
+            f"{out_key} is in DEST and optimizr did not write it: kept, not converted "
+            "(--if-exists overwrite replaces it)"
         )
         if self.manifest is not None and self.manifest.rebuilt:
             message += (
@@ -559,7 +559,7 @@ class Pipeline:
             self.summary.outputs.kept += 1
             return replace(
                 result,
-                note=f"not copied: {key} is already in DEST and optimizr did not write it "
+                note=f"not copied: {key} is in DEST and optimizr did not write it "
                 "(--if-exists overwrite replaces it)",
             )
         try:
