@@ -153,8 +153,11 @@ def test_dry_run_writes_nothing_and_says_why(tmp_path: Path) -> None:
     summary = run(src, dest, dry_run=True)
     assert not dest.exists()
     reasons = {r.key: (r.reason, r.message) for r in summary.not_converted}
-    assert (
-        reasons["a.jpg"][0] == "dry run" and "would convert jpeg -> a.webp" in reasons["a.jpg"][1]
+    # What would be converted is counted apart, not as skipped.
+    assert "a.jpg" not in reasons and summary.skipped == 2
+    assert (summary.would_convert, summary.would_convert_bytes) == (
+        1,
+        (src / "a.jpg").stat().st_size,
     )
     assert reasons["notes.txt"][0] == "not an image"
     assert reasons["icon.ico"][0] == "unsupported" and "ico" in reasons["icon.ico"][1]

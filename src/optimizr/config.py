@@ -27,6 +27,7 @@ IfLarger = Literal["skip", "write"]
 NameMode = Literal["replace", "append", "auto"]
 IfExists = Literal["skip", "overwrite"]
 Preset = Literal["default", "picture", "photo", "drawing", "icon", "text"]
+Pages = Literal["first", "all"]
 
 PRESETS: tuple[str, ...] = ("default", "picture", "photo", "drawing", "icon", "text")
 
@@ -48,6 +49,9 @@ class EncodeOptions:
     srgb: bool = False
     oversize: Oversize = "fail"
     max_pixels: int = DEFAULT_MAX_PIXELS
+    #: A multi-page TIFF: its first page (with a warning), or every page as its own
+    #: output (``scan.webp``, ``scan.p2.webp``, ...).
+    pages: Pages = "first"
 
     def __post_init__(self) -> None:
         _check_range("--quality", self.quality, 0, 100)
@@ -66,6 +70,8 @@ class EncodeOptions:
             raise UsageError(f"--metadata must be none, icc or all, not {self.metadata!r}")
         if self.oversize not in ("fail", "fit"):
             raise UsageError(f"--oversize must be fail or fit, not {self.oversize!r}")
+        if self.pages not in ("first", "all"):
+            raise UsageError(f"--pages must be first or all, not {self.pages!r}")
 
     def shrink_box(self, width: int, height: int) -> tuple[int, int] | None:
         """The box an upright ``width`` x ``height`` image must shrink into, or None
@@ -90,10 +96,14 @@ class RunConfig:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     follow_symlinks: bool = False
+    #: Give each output the modification time of its source (as rsync -t, cwebp-based
+    #: deploy scripts and CDNs that sort by mtime expect).
+    preserve_mtime: bool = False
     name: NameMode = "replace"
     if_larger: IfLarger = "skip"
     dry_run: bool = False
     force: bool = False
+    #: Where the JSON summary goes; ``-`` is standard output.
     summary_path: Path | None = None
     #: How far the walk may run ahead of the workers, in files per worker. The
     #: largest image in this window starts first; 0 turns that off (plain FIFO).
@@ -127,6 +137,12 @@ class RunConfig:
     min_saving: float = 0.0
     #: Re-encode WebP sources; without it they are kept as they are ("already webp").
     reencode_webp: bool = False
+    #: Exit 1 for any failed file; by default only for failures new in this run,
+    #: so that known-bad files do not fail every scheduled run for ever.
+    strict: bool = False
+    #: Labels put on every series of the --metrics-textfile, as (name, value) pairs,
+    #: besides ``dest`` (which a pair named ``dest`` replaces).
+    metrics_labels: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.workers < 0:
@@ -151,6 +167,22 @@ class RunConfig:
             raise UsageError(f"--max-attempts must be at least 1, not {self.max_attempts}")
         if self.grace < 0:
             raise UsageError(f"--grace must not be negative, not {self.grace}")
+        if not isinstance(self.strict, bool):
+            raise UsageError(f"strict must be True or False, not {self.strict!r}")
+        seen: set[str] = set()
+        for name, _ in self.metrics_labels:
+            if not _LABEL_NAME_RE.match(name) or name.startswith("__"):
+                raise UsageError(
+                    f"--metrics-label: {name!r} is not a valid label name "
+                    "(letters, digits and _, not starting with a digit or __)"
+                )
+            if name in METRIC_LABELS_IN_USE:
+                raise UsageError(
+                    f"--metrics-label: {name!r} is already a label of optimizr's metrics"
+                )
+            if name in seen:
+                raise UsageError(f"--metrics-label: {name!r} is given twice")
+            seen.add(name)
 
     @property
     def effective_workers(self) -> int:
@@ -159,6 +191,25 @@ class RunConfig:
     @property
     def effective_summary_path(self) -> Path:
         return self.summary_path or self.dest / "optimizr-summary.json"
+
+    @property
+    def summary_to_stdout(self) -> bool:
+        return self.summary_path is not None and str(self.summary_path) == "-"
+
+
+#: Prometheus label names (its data model: ``[a-zA-Z_][a-zA-Z0-9_]*``; ``__`` is reserved).
+_LABEL_NAME_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+#: Labels optimizr's own series carry (``le``: histogram buckets); a run label of the
+#: same name would collide with them.
+METRIC_LABELS_IN_USE = frozenset({"status", "format", "le", "quantile"})
+
+
+def parse_metrics_label(text: str) -> tuple[str, str]:
+    """``KEY=VALUE`` (as ``--metrics-label`` takes it) as a (name, value) pair."""
+    name, equals, value = text.partition("=")
+    if not equals or not name:
+        raise UsageError(f"--metrics-label takes KEY=VALUE, not {text!r}")
+    return name, value
 
 
 def _check_range(name: str, value: int, low: int, high: int) -> None:

@@ -14,6 +14,7 @@ import os
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 from optimizr.atomic import atomic_write
 from optimizr.budget import MemoryBudget, default_memory_budget
@@ -25,6 +26,7 @@ from optimizr.errors import (
 )
 from optimizr.events import ProgressListener, StopToken
 from optimizr.executors.base import Executor
+from optimizr.history import keep_run, runs_dir
 from optimizr.lock import RunLock
 from optimizr.manifest import (
     FAILED_LIST_NAME,
@@ -32,6 +34,7 @@ from optimizr.manifest import (
     options_fingerprint,
     state_dir,
 )
+from optimizr.metrics.machine import MachineCpuSampler
 from optimizr.metrics.memory import TreeMemorySampler
 from optimizr.pipeline import Pipeline, classify_error, larger_than_source, write_failure
 from optimizr.results import (
@@ -55,7 +58,8 @@ def convert_tree(
     ``options`` is an :class:`EncodeOptions` (run settings left at their
     defaults) or a whole :class:`RunConfig`. Per-file problems never raise:
     they are counted and listed in the returned :class:`RunSummary`, which is
-    also written to ``DEST/optimizr-summary.json`` (or ``RunConfig.summary_path``).
+    also written to ``DEST/optimizr-summary.json`` (or ``RunConfig.summary_path``) and
+    kept in DEST's run history (``DEST/.optimizr/runs/``, see :mod:`optimizr.history`).
     Raises :class:`~optimizr.errors.UsageError` when SRC or DEST cannot be used.
     """
     src_path, dest_path = Path(src), Path(dest)
@@ -111,11 +115,11 @@ def convert_tree(
         summary = _execute(config, src_path, dest_path, prune, manifest, executor, listener, stop)
         if manifest is not None and lock is not None:
             _finish_manifest(summary, manifest, dest_path)
+        # "--summary -": the caller (the CLI) prints it on stdout; the history keeps it.
         if not config.dry_run:
-            try:
-                write_summary(summary, config.effective_summary_path)
-            except OSError as exc:  # DEST full: the run's results still stand
-                summary.warnings.append(f"could not write the summary: {exc.strerror or exc}")
+            run_id = manifest.run_id if manifest is not None else 0
+            latest = None if config.summary_to_stdout else config.effective_summary_path
+            _write_summaries(summary, latest, dest_path, run_id)
     finally:
         if manifest is not None:
             manifest.close()
@@ -184,6 +188,7 @@ def _execute(
             grace=config.grace,
         )
     sampler = TreeMemorySampler().start()
+    machine_sampler = MachineCpuSampler(available_cpus()).start()
     times_start, wall_start = os.times(), time.monotonic()
     try:
         pipeline = Pipeline(
@@ -204,13 +209,19 @@ def _execute(
     memory = sampler.stop()
     wall = time.monotonic() - wall_start
     times_end = os.times()
-    # The parent's whole life, start-up imports included: all of it is overhead.
+    machine = machine_sampler.stop()
+    # The parent's whole life, start-up imports included.
     parent_cpu = times_end.user + times_end.system
+    # ... and during the run alone: the orchestration's cost, start-up excluded
+    # (a fixed cost, paid once whatever the run's size).
+    parent_run_cpu = (times_end.user - times_start.user) + (times_end.system - times_start.system)
     workers_cpu = (times_end.children_user - times_start.children_user) + (
         times_end.children_system - times_start.children_system
     )
-    total_cpu = parent_cpu + workers_cpu
-    cores = min(available_cpus(), workers * max(1, available_cpus() // workers))
+    run_cpu = parent_run_cpu + workers_cpu
+    threads = max(1, available_cpus() // workers)
+    cores = min(available_cpus(), workers * threads)
+    codec_cpu, codec_wall = summary.codec_cpu_seconds, summary.codec_seconds
     stats = executor.statistics()
     budget_stats = budget.statistics()
     summary.memory = {
@@ -225,17 +236,34 @@ def _execute(
     }
     summary.cpu = {
         "cores": cores,
+        "threads_per_worker": threads,
         "wall_seconds": round(wall, 3),
         "parent_cpu_seconds": round(parent_cpu, 3),
+        "parent_run_cpu_seconds": round(parent_run_cpu, 3),
         "workers_cpu_seconds": round(workers_cpu, 3),
-        "codec_cpu_seconds": round(summary.codec_cpu_seconds, 3),
-        # All CPU spent outside the codec (the parent, worker start-up, passing
-        # jobs and results), as a share of all CPU: the cost of orchestration.
-        "orchestration_share": round(1 - summary.codec_cpu_seconds / total_cpu, 4)
-        if total_cpu > 0
+        "codec_cpu_seconds": round(codec_cpu, 3),
+        "codec_wall_seconds": round(codec_wall, 3),
+        # CPU a worker got per second it spent converting: near 1 (or more, with
+        # libvips threads) unless it waited, for a disk or for a CPU others held.
+        "codec_cpu_per_wall": round(codec_cpu / codec_wall, 4) if codec_wall > 0 else 0.0,
+        # The CPU the run used outside the codec (the parent during the run, worker
+        # start-up, passing jobs and results), as a share of all it used: the cost
+        # of orchestration. CPU time, not wall: waiting for a CPU costs none.
+        "orchestration_share": round(max(0.0, run_cpu - codec_cpu) / run_cpu, 4)
+        if run_cpu > 0
         else 0.0,
         # Codec CPU over the CPU the machine offered during the run.
-        "efficiency": round(summary.codec_cpu_seconds / (cores * wall), 4) if wall > 0 else 0.0,
+        "efficiency": round(codec_cpu / (cores * wall), 4) if wall > 0 else 0.0,
+        "machine": None
+        if machine is None
+        else {
+            "cpus": machine.cpus,
+            "busy_seconds": round(machine.busy_seconds, 3),
+            # What the same CPUs gave to processes other than this run's.
+            "others_cpu_seconds": round(max(0.0, machine.busy_seconds - run_cpu), 3),
+            "iowait_seconds": round(machine.iowait_seconds, 3),
+            "steal_seconds": round(machine.steal_seconds, 3),
+        },
     }
     summary.executor = {
         "workers": stats.workers,
@@ -277,8 +305,31 @@ def tool_versions() -> dict[str, str]:
 
 
 def write_summary(summary: RunSummary, path: Path) -> None:
-    data = json.dumps(summary.to_dict(), indent=2, sort_keys=False).encode() + b"\n"
-    atomic_write(path, data)
+    atomic_write(path, _summary_json(summary.to_dict()))
+
+
+def _summary_json(doc: dict[str, Any]) -> bytes:
+    return json.dumps(doc, indent=2, sort_keys=False).encode() + b"\n"
+
+
+def _write_summaries(summary: RunSummary, latest: Path | None, dest: Path, run_id: int) -> None:
+    """The run's summary into DEST's history (DEST/.optimizr/runs/), then as the latest
+    run's (``latest``, DEST/optimizr-summary.json unless --summary): both the same
+    document. A write that fails is a warning: the run's results still stand."""
+    doc = summary.to_dict()  # once: it samples the timeline's last point
+    try:
+        keep_run(dest, doc, _summary_json(doc), summary.started_at, run_id)
+    except OSError as exc:  # DEST full
+        summary.warnings.append(
+            f"could not keep the summary in {runs_dir(dest)}: {exc.strerror or exc}"
+        )
+        doc["warnings"] = list(summary.warnings)
+    if latest is None:
+        return
+    try:
+        atomic_write(latest, _summary_json(doc))
+    except OSError as exc:
+        summary.warnings.append(f"could not write the summary: {exc.strerror or exc}")
 
 
 def convert_file(

@@ -54,6 +54,10 @@ BATCH_SECONDS = 0.5
 SETTLE_NS = 10_000_000
 SETTLE_COARSE_NS = 2_000_000_000
 
+#: The ``meta`` key under which the run in progress publishes how far it is
+#: (JSON: run_id, processed, total, updated_at), for ``optimizr status``.
+PROGRESS_KEY = "progress"
+
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE runs (
@@ -119,11 +123,21 @@ def manifest_path(dest: Path) -> Path:
     return state_dir(dest) / MANIFEST_NAME
 
 
+#: EncodeOptions fields added since the first manifests, with their defaults.
+_ADDED_LATER = {"pages": "first"}
+
+
 def options_fingerprint(config: RunConfig) -> str:
     """A digest of every option that shapes what is written for a source."""
+    encode = options_dict(config.encode)
+    for name, default in _ADDED_LATER.items():
+        # An option added after manifests existed counts only when it is set:
+        # otherwise upgrading optimizr would make every done file look stale.
+        if encode.get(name) == default:
+            del encode[name]
     shaping = {
         "generation": ENCODER_GENERATION,
-        "encode": options_dict(config.encode),
+        "encode": encode,
         # auto names a file as replace does unless a sibling collides, and the
         # output name is checked against the row anyway: switching to auto
         # redoes only the files whose names change.
@@ -199,6 +213,9 @@ class Manifest:
     stats: ManifestStatistics = field(default_factory=ManifestStatistics)
     _pending: list[tuple[Any, ...]] = field(default_factory=list)
     _last_commit: float = field(default_factory=time.monotonic)
+    #: (processed, total) as last told by note_progress, and as last written.
+    _progress: tuple[int, int | None] | None = None
+    _progress_written: tuple[int, int | None] | None = None
 
     # -- opening -------------------------------------------------------------------
 
@@ -293,6 +310,9 @@ class Manifest:
             (time.time(), os.getpid(), socket.gethostname(), __version__, fingerprint, options),
         )
         self.run_id = int(cursor.lastrowid or 0)
+        # At once, so that status never shows the previous run's figures as this one's.
+        self.note_progress(0, None)
+        self.flush()
         return self.run_id
 
     def finish_run(self, found: int, converted: int, skipped: int, failed: int, code: int) -> None:
@@ -362,6 +382,25 @@ class Manifest:
         ):
             self.flush()
 
+    def note_progress(self, processed: int, total: int | None) -> None:
+        """How far the run is: files finished, of ``total`` (None while unknown).
+
+        Written in the same transaction as the next batch of rows; when no rows
+        come (a re-run skipping up-to-date files), at most every BATCH_SECONDS on
+        its own, so that a reader of the manifest always sees a recent figure."""
+        self._progress = (processed, total)
+        if time.monotonic() - self._last_commit >= BATCH_SECONDS:
+            self.flush()
+
+    def run_progress(self) -> dict[str, Any] | None:
+        """What the last run published with note_progress, or None."""
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (PROGRESS_KEY,)).fetchone()
+        try:
+            value = json.loads(row[0]) if row else None
+        except ValueError:
+            return None
+        return value if isinstance(value, dict) else None
+
     def previous_run_finished(self) -> bool:
         """Did the run before this one end (normally, or stopped by a signal)?"""
         row = self.conn.execute(
@@ -406,13 +445,19 @@ class Manifest:
     def flush(self) -> bool:
         """Commit the pending rows; False (rows kept for the next try) if the disk refused."""
         self._last_commit = time.monotonic()
-        if not self._pending:
+        progress = self._progress if self._progress != self._progress_written else None
+        if not self._pending and progress is None:
             return True
         start = time.perf_counter()
         try:
             self.conn.execute("BEGIN IMMEDIATE")
             try:
                 self.conn.executemany(_UPSERT, self._pending)
+                if progress is not None:
+                    self.conn.execute(
+                        "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                        (PROGRESS_KEY, _progress_json(self.run_id, *progress)),
+                    )
                 self.conn.execute("COMMIT")
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):
@@ -428,6 +473,7 @@ class Manifest:
             return False
         self.stats.commits += 1
         self.stats.rows_written += len(self._pending)
+        self._progress_written = progress or self._progress_written
         self.stats.commit_seconds += time.perf_counter() - start
         self.stats.unsaved_rows = 0
         self._pending.clear()
@@ -480,6 +526,11 @@ class Manifest:
             "id started_at finished_at pid host version found converted skipped failed exit_code"
         )
         return dict(zip(names.split(), row, strict=True))
+
+
+def _progress_json(run_id: int, processed: int, total: int | None) -> str:
+    doc = {"run_id": run_id, "processed": processed, "total": total, "updated_at": time.time()}
+    return json.dumps(doc)
 
 
 def _create(path: Path) -> None:

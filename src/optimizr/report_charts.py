@@ -140,14 +140,14 @@ def _scaled(value: float, unit: str, digits: int) -> str:
     raise AssertionError("unreachable")
 
 
-def _go() -> Any:
+def plotly_objects() -> Any:
     import plotly.graph_objects as go  # type: ignore[import-untyped]
 
     return go
 
 
 def _histogram_bars(histograms: dict[str, dict[float, float]], unit: str, noun: str) -> Any:
-    go = _go()
+    go = plotly_objects()
     bounds = _log_grid(sorted({b for h in histograms.values() for b in h}))
     labels = _bucket_labels(bounds, unit)
     figure = go.Figure(
@@ -178,7 +178,7 @@ def sizes_chart(summary: Mapping[str, Any]) -> Chart:
 
 
 def formats_chart(summary: Mapping[str, Any]) -> Chart:
-    go = _go()
+    go = plotly_objects()
     by_format = as_dict(as_dict(summary.get("files")).get("by_format"))
     rows = []
     for fmt, figures in by_format.items():
@@ -257,7 +257,7 @@ def _points(value: Any, width: int) -> list[list[float]]:
 
 
 def memory_chart(summary: Mapping[str, Any]) -> Chart:
-    go = _go()
+    go = plotly_objects()
     memory = as_dict(summary.get("memory"))
     points = _points(memory.get("timeline"), 2)
     if len(points) < 2:
@@ -295,7 +295,7 @@ def memory_chart(summary: Mapping[str, Any]) -> Chart:
 
 
 def throughput_chart(summary: Mapping[str, Any]) -> Chart:
-    go = _go()
+    go = plotly_objects()
     points = _points(summary.get("timeline"), 3)
     if points and points[0][0] > 0:
         # The timeline is cumulative from the start, where nothing was done yet.

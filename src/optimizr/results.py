@@ -6,6 +6,7 @@ These are plain data, built by the pipeline and read by every exporter
 
 from __future__ import annotations
 
+import signal
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -56,6 +57,11 @@ class Result:
     error_class: str | None = None
     #: Seconds the parent spent writing the output into place.
     write_seconds: float = 0.0
+    #: Things the user should know about a converted image, one line each
+    #: ("multi-page: 3 pages, only the first was converted ...").
+    warnings: tuple[str, ...] = ()
+    #: Of ``bytes_out``: the outputs of pages 2, 3, ... of a multi-page source.
+    more_pages_bytes: int = 0
     #: What became of DEST for a file not converted ("copied as is", "not
     #: copied: ..."); shown with the message but not stored in the manifest.
     note: str = ""
@@ -147,20 +153,36 @@ class RunSummary:
     dest: str
     started_at: float = field(default_factory=time.time)
     finished_at: float = 0.0
+    #: Files the walk listed (entries it could not read included), set by the
+    #: pipeline as it walks: after an interrupted run, more than were finished.
     found: int = 0
+    #: The walk reached the end of SRC (else ``found`` counts only what it listed).
+    walk_complete: bool = False
     converted: int = 0
     skipped: int = 0
     failed: int = 0
     #: Of the failed: images an earlier run found bad, not tried again (--retry-failed).
     known_failed: int = 0
+    #: Of the failed: files that had not failed for the same reason before this run.
+    new_failed: int = 0
+    #: --strict: every failure fails the run, not only the new ones.
+    strict: bool = False
     bytes_in: int = 0  # of converted files
     bytes_out: int = 0  # of the outputs written
     skipped_by_reason: Counter[str] = field(default_factory=Counter)
     failed_by_reason: Counter[str] = field(default_factory=Counter)
     by_format: dict[str, Counter[str]] = field(default_factory=dict)
+    #: --dry-run: the files a real run would convert, and their bytes. Not "skipped":
+    #: nothing was decided about them but that they need work.
+    would_convert: int = 0
+    would_convert_bytes: int = 0
+    #: Images converted with a warning, by its kind (the words before its first colon).
+    warned_by_kind: Counter[str] = field(default_factory=Counter)
     #: Files not converted (failed, or skipped for any reason but "up to date").
     not_converted: list[Result] = field(default_factory=list)
     interrupted: bool = False
+    #: The signal that stopped the run (None: not stopped, or stopped by a caller).
+    stop_signal: int | None = None
     workers: int = 0
     options: dict[str, Any] = field(default_factory=dict)
     codec_seconds: float = 0.0
@@ -174,7 +196,12 @@ class RunSummary:
         default_factory=lambda: dict.fromkeys(("read", "decode", "encode", "write"), 0.0)
     )
     largest_savings: TopN = field(default_factory=TopN)
+    #: Outputs written at least as large as their source (only --if-larger write
+    #: writes those), and how many in all: the list keeps the ten that grew most.
     grew: TopN = field(default_factory=TopN)
+    written_larger: int = 0
+    #: Files whose WebP would have been larger, so none was written (--if-larger skip).
+    skipped_larger: TopN = field(default_factory=TopN)
     timeline: Timeline = field(default_factory=Timeline)
     #: Filled in at the end of a run by the components that measured them.
     tool: dict[str, Any] = field(default_factory=dict)
@@ -187,7 +214,8 @@ class RunSummary:
     outputs: OutputStatistics = field(default_factory=OutputStatistics)
 
     def record(self, result: Result) -> None:
-        self.found += 1
+        for warning in result.warnings:
+            self.warned_by_kind[warning.partition(":")[0]] += 1
         if result.reason != UP_TO_DATE:
             counts = self.by_format.setdefault(input_format(result), Counter())
             counts[result.status] += 1
@@ -205,6 +233,7 @@ class RunSummary:
             if saved > 0:
                 self.largest_savings.offer(saved, {**entry, "saved": saved})
             else:
+                self.written_larger += 1
                 self.grew.offer(-saved, entry)
             self.phases["write"] += result.write_seconds
             facts = result.facts
@@ -216,7 +245,11 @@ class RunSummary:
                 self.phases["read"] += facts.read_seconds
                 self.phases["decode"] += facts.decode_seconds
                 self.phases["encode"] += facts.encode_seconds
-            self.timeline.sample(self.found, self.bytes_in, self.bytes_out)
+            self.timeline.sample(self.finished, self.bytes_in, self.bytes_out)
+            return
+        if result.reason == DRY_RUN:
+            self.would_convert += 1
+            self.would_convert_bytes += result.bytes_in
             return
         if result.status == "skipped":
             self.skipped += 1
@@ -224,14 +257,25 @@ class RunSummary:
             if result.reason == LARGER_THAN_SOURCE and result.bytes_out:
                 entry = {"path": result.key, "bytes_in": result.bytes_in,
                          "bytes_out": result.bytes_out}  # fmt: skip
-                self.grew.offer(result.bytes_out - result.bytes_in, entry)
+                self.skipped_larger.offer(result.bytes_out - result.bytes_in, entry)
             if result.reason != UP_TO_DATE:
                 self.not_converted.append(result)
         else:
             self.failed += 1
             self.failed_by_reason[result.reason or "failed"] += 1
             self.not_converted.append(result)
-        self.timeline.sample(self.found, self.bytes_in, self.bytes_out)
+        self.timeline.sample(self.finished, self.bytes_in, self.bytes_out)
+
+    @property
+    def finished(self) -> int:
+        """Files whose result is known: converted, skipped or failed (or, in a dry
+        run, found to need converting)."""
+        return self.converted + self.skipped + self.failed + self.would_convert
+
+    @property
+    def remaining(self) -> int:
+        """Files found but not finished: an interrupted run leaves them to the next one."""
+        return max(0, self.found - self.finished)
 
     @property
     def seconds(self) -> float:
@@ -244,14 +288,17 @@ class RunSummary:
     @property
     def exit_code(self) -> int:
         if self.interrupted:
-            return 130
-        return 1 if self.failed else 0
+            # The shell's convention, 128 + the signal: what `kill` callers expect.
+            return 143 if self.stop_signal == signal.SIGTERM else 130
+        # Known-bad files stay listed, but only a failure new in this run makes
+        # it fail: a scheduled job is not red for ever over one corrupt file.
+        return 1 if (self.failed if self.strict else self.new_failed) else 0
 
     def to_dict(self) -> dict[str, Any]:
         from optimizr.metrics.analysis import analyse
 
         seconds = self.seconds
-        self.timeline.sample(self.found, self.bytes_in, self.bytes_out, force=True)
+        self.timeline.sample(self.finished, self.bytes_in, self.bytes_out, force=True)
         per_second = (lambda n: round(n / seconds, 3)) if seconds else (lambda n: 0)
         doc: dict[str, Any] = {
             "schema": SCHEMA,
@@ -271,6 +318,13 @@ class RunSummary:
                 "skipped": self.skipped,
                 "failed": self.failed,
                 "known_failed": self.known_failed,
+                "would_convert": self.would_convert,
+                "would_convert_bytes": self.would_convert_bytes,
+                "warned_by_kind": dict(sorted(self.warned_by_kind.items())),
+                "new_failed": self.new_failed,
+                "remaining": self.remaining,
+                "walk_complete": self.walk_complete,
+                "written_larger": self.written_larger,
                 "skipped_by_reason": dict(sorted(self.skipped_by_reason.items())),
                 "failed_by_reason": dict(sorted(self.failed_by_reason.items())),
                 "by_format": {
@@ -293,7 +347,7 @@ class RunSummary:
                 for phase in ("read", "decode", "encode", "write")
             },
             "throughput": {
-                "files_per_second": per_second(self.found),
+                "files_per_second": per_second(self.finished),
                 "images_per_second": per_second(self.converted),
                 "mb_per_second": per_second(self.bytes_in / 1e6),
                 "megapixels_per_second": per_second(self.pixels / 1e6),
@@ -311,6 +365,7 @@ class RunSummary:
             "failures_by_reason": self._failure_groups(),
             "largest_savings": self.largest_savings.items(),
             "grew": self.grew.items(),
+            "skipped_larger": self.skipped_larger.items(),
             "not_converted": [
                 {
                     "path": r.key,

@@ -24,6 +24,32 @@ class FailureGroup:
 
 
 @dataclass(frozen=True)
+class RunProgress:
+    """How far the run in progress is, as it last published in the manifest
+    (with each batch of rows, so at most a second or so old)."""
+
+    run_id: int
+    #: Files this run has finished so far, whatever became of them.
+    processed: int
+    #: Files this run will have seen; None while the count pass is still going.
+    total: int | None
+    updated_at: float
+
+    @property
+    def remaining(self) -> int | None:
+        return None if self.total is None else max(0, self.total - self.processed)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "processed": self.processed,
+            "total": self.total,
+            "remaining": self.remaining,
+            "updated_at": self.updated_at,
+        }
+
+
+@dataclass(frozen=True)
 class StatusReport:
     dest: str
     manifest: str
@@ -35,6 +61,8 @@ class StatusReport:
     bytes_out: int
     lock_holder: dict[str, Any] | None
     last_run: dict[str, Any] | None
+    #: Only while a run holds the lock: how far it is.
+    progress: RunProgress | None = None
 
     @property
     def total(self) -> int:
@@ -49,6 +77,7 @@ class StatusReport:
         data["total"] = self.total
         data["saved"] = self.saved
         data["running"] = self.lock_holder is not None
+        data["progress"] = self.progress.to_dict() if self.progress is not None else None
         return data
 
 
@@ -86,8 +115,10 @@ def read_status(dest: str | Path) -> StatusReport:
             "FROM files WHERE status = 'done'"
         ).fetchone()
         last_run = manifest.last_run()
+        published = manifest.run_progress()
     finally:
         manifest.close()
+    holder = lock_holder(state_dir(dest_path))
     return StatusReport(
         dest=str(dest_path),
         manifest=str(manifest.path),
@@ -96,6 +127,28 @@ def read_status(dest: str | Path) -> StatusReport:
         failures=tuple(groups),
         bytes_in=int(bytes_in),
         bytes_out=int(bytes_out),
-        lock_holder=lock_holder(state_dir(dest_path)),
+        lock_holder=holder,
         last_run=last_run,
+        progress=_live_progress(published, last_run) if holder is not None else None,
     )
+
+
+def _live_progress(
+    published: dict[str, Any] | None, last_run: dict[str, Any] | None
+) -> RunProgress | None:
+    """The published progress, if it is the running run's: the figures a finished
+    or killed run left behind describe no run in progress."""
+    if published is None or last_run is None or last_run["finished_at"] is not None:
+        return None
+    if published.get("run_id") != last_run["id"]:
+        return None
+    try:
+        total = published.get("total")
+        return RunProgress(
+            run_id=int(published["run_id"]),
+            processed=int(published["processed"]),
+            total=None if total is None else int(total),
+            updated_at=float(published["updated_at"]),
+        )
+    except (KeyError, TypeError, ValueError):
+        return None

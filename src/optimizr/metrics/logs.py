@@ -25,7 +25,9 @@ LogFormat = Literal["text", "json"]
 LOGGER = "optimizr"
 
 #: Fields of an image event, in the order they are written.
-IMAGE_FIELDS = ("path", "status", "reason", "bytes_in", "bytes_out", "ms", "error", "output")
+IMAGE_FIELDS = (
+    "path", "status", "reason", "bytes_in", "bytes_out", "ms", "error", "output", "warnings",
+)  # fmt: skip
 
 
 class JsonFormatter(logging.Formatter):
@@ -101,7 +103,7 @@ class LogListener:
     def finished(self, result: Result) -> None:
         if not self.images:
             return
-        level = logging.WARNING if result.status == "failed" else logging.INFO
+        level = logging.WARNING if result.status == "failed" or result.warnings else logging.INFO
         if not self.logger.isEnabledFor(level):
             return
         fields = image_fields(result)
@@ -142,4 +144,5 @@ def image_fields(result: Result) -> dict[str, Any]:
         "ms": ms,
         "error": error,
         "output": result.output,
+        "warnings": list(result.warnings),
     }

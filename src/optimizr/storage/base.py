@@ -104,13 +104,16 @@ class Storage(ABC):
     def read_bytes(self, key: str) -> bytes: ...
 
     @abstractmethod
-    def write_atomic(self, key: str, data: bytes) -> None:
-        """Replace ``key`` with ``data`` so no reader ever sees a partial object."""
+    def write_atomic(self, key: str, data: bytes, *, mtime_ns: int | None = None) -> None:
+        """Replace ``key`` with ``data`` so no reader ever sees a partial object;
+        ``mtime_ns``: the modification time it carries (--preserve-mtime)."""
 
-    def copy_in(self, key: str, source: Storage, source_key: str) -> int:
+    def copy_in(
+        self, key: str, source: Storage, source_key: str, *, mtime_ns: int | None = None
+    ) -> int:
         """Copy ``source_key`` of ``source`` to ``key``, atomically; return the bytes copied."""
         data = source.read_bytes(source_key)
-        self.write_atomic(key, data)
+        self.write_atomic(key, data, mtime_ns=mtime_ns)
         return len(data)
 
     @abstractmethod

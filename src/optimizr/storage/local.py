@@ -58,19 +58,24 @@ class LocalStorage(Storage):
     def read_bytes(self, key: str) -> bytes:
         return self.path_of(key).read_bytes()
 
-    def write_atomic(self, key: str, data: bytes) -> None:
-        atomic_write(self.path_of(key), data)
+    def write_atomic(self, key: str, data: bytes, *, mtime_ns: int | None = None) -> None:
+        atomic_write(self.path_of(key), data, mtime_ns=mtime_ns)
 
-    def copy_in(self, key: str, source: Storage, source_key: str) -> int:
+    def copy_in(
+        self, key: str, source: Storage, source_key: str, *, mtime_ns: int | None = None
+    ) -> int:
         path = source.local_path(source_key)
         if path is None:
-            return super().copy_in(key, source, source_key)
+            return super().copy_in(key, source, source_key, mtime_ns=mtime_ns)
         copied = 0
         # Streamed: a 2 GB unsupported file must not be read into memory whole.
         with open(path, "rb") as fh, atomic_open(self.path_of(key)) as out:
             while chunk := fh.read(1 << 20):
                 out.write(chunk)
                 copied += len(chunk)
+            if mtime_ns is not None:
+                out.flush()
+                os.utime(out.fd, ns=(mtime_ns, mtime_ns))
         return copied
 
     def delete(self, key: str) -> bool:

@@ -41,9 +41,9 @@ class MemoryStorage(Storage):
         except KeyError:
             raise FileNotFoundError(key) from None
 
-    def write_atomic(self, key: str, data: bytes) -> None:
+    def write_atomic(self, key: str, data: bytes, *, mtime_ns: int | None = None) -> None:
         self.writes += 1
-        self.put(key, bytes(data))
+        self.put(key, bytes(data), mtime_ns)
 
     def delete(self, key: str) -> bool:
         return self.objects.pop(key, None) is not None
