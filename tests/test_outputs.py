@@ -608,3 +608,24 @@ def test_cli_delete(cli: Callable[..., CliResult], tmp_path: Path) -> None:
     assert done.exit_code == 0, done.output
     assert re.search(r"deleted\s.*3", done.output), done.output
     assert files(dest) == ["a/mine.webp", "a/one.webp"]
+
+
+def test_page_outputs_follow_their_source(tmp_path: Path) -> None:
+    """--pages all: the outputs of pages 2, 3, ... are optimizr's too, renamed,
+    kept or deleted with the main one."""
+    from optimizr import EncodeOptions
+    from test_pages import multi_page_tiff
+
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    multi_page_tiff(src / "scan.tif")
+    age(src)
+    pages = EncodeOptions(pages="all")
+    run(src, dest, encode=pages)
+    assert files(dest) == ["scan.p2.webp", "scan.p3.webp", "scan.webp"]
+    run(src, dest, encode=pages, name="append")
+    assert files(dest) == ["scan.tif.p2.webp", "scan.tif.p3.webp", "scan.tif.webp"]
+    (src / "scan.tif").unlink()
+    kept = run(src, dest, encode=pages, name="append")
+    assert kept.outputs.sources_gone == 1 and len(files(dest)) == 3
+    gone = run(src, dest, encode=pages, name="append", delete=True)
+    assert gone.outputs.deleted_paths == ["scan.tif.webp"] and files(dest) == []
