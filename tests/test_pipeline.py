@@ -73,7 +73,7 @@ def test_two_sources_for_one_output_is_an_error_not_an_overwrite(tmp_path: Path)
     assert summary.converted == 1 and summary.failed == 1
     [failure] = summary.not_converted
     assert failure.key == "a.png" and failure.reason == "output conflict"
-    assert "--name append" in failure.message and "a.jpg" in failure.message
+    assert "--name auto" in failure.message and "a.jpg" in failure.message
     # The one written is the JPEG's, untouched by the PNG.
     assert decode(dest / "a.webp").size == (96, 64)
     dest2 = tmp_path / "dest2"

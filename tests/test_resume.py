@@ -301,10 +301,16 @@ def test_rows_of_deleted_files_and_folders_are_dropped_excluded_ones_kept(
     (src / "b/bad.jpg").unlink()
     (src / "b").rmdir()
     # Folder a is excluded, not deleted: the row of its file that still exists stays.
+    # Rows of sources gone whose outputs are still in DEST stay too, as "source
+    # deleted", so that the outputs remain known as optimizr's (for --delete).
     run(src, dest, exclude=("a",))
-    assert set(manifest_rows(dest)) == {"a/one.jpg", "notes.txt"}
-    assert run(src, dest).skipped_by_reason["up to date"] == 1
+    rows = manifest_rows(dest)
+    gone = {"a/two.jpg", "b/three.jpg", "b/four.png"}
+    assert set(rows) == {"a/one.jpg", "notes.txt", *gone}
+    assert {rows[k]["reason"] for k in gone} == {"source deleted"}
     assert read_status(dest).failures == ()  # b/bad.jpg no longer reported
+    assert run(src, dest, delete=True).skipped_by_reason["up to date"] == 1
+    assert set(manifest_rows(dest)) == {"a/one.jpg", "notes.txt"}
 
 
 def test_dest_is_swept_for_temporaries_only_after_an_unfinished_run(

@@ -96,7 +96,8 @@ def test_in_place_with_name_append_converts_once_and_rerun_is_up_to_date(tmp_pat
     age(site)
     # In worker processes: libvips aborts (a pyvips handle already collected) when
     # a process that converted other images converts a WebP, a bug of its own.
-    first = run(site, site, name="append", processes=True, workers=1)
+    # --reencode-webp: a WebP source is otherwise kept as it is ("already webp").
+    first = run(site, site, name="append", processes=True, workers=1, reencode_webp=True)
     assert first.converted == 4 and first.failed == 0
     assert webps(site) == [
         "a.jpg.webp",
@@ -105,14 +106,16 @@ def test_in_place_with_name_append_converts_once_and_rerun_is_up_to_date(tmp_pat
         "logo.webp.webp",
         "sub/b.jpg.webp",
     ]
-    second = run(site, site, name="append")
+    second = run(site, site, name="append", reencode_webp=True)
     assert second.found == 4 and second.converted == 0
     assert second.skipped_by_reason == {"up to date": 4}
     assert second.own_outputs == 5  # the four outputs and optimizr-summary.json
     assert not [name for name in files(site) if name.endswith(".webp.webp.webp")]
     assert not [name for name in files(site) if name.endswith(".jpg.webp.webp")]
     # --force converts the sources again, never the outputs.
-    forced = run(site, site, name="append", force=True, processes=True, workers=1)
+    forced = run(
+        site, site, name="append", force=True, processes=True, workers=1, reencode_webp=True
+    )
     assert forced.converted == 4 and forced.own_outputs == 5
     assert len(webps(site)) == 5
 

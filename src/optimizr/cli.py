@@ -45,7 +45,7 @@ from optimizr.events import Listeners, ProgressListener, StopToken
 from optimizr.filenames import json_safe, printable
 from optimizr.lock import describe_holder
 from optimizr.metrics.logs import LogListener, configure_logging
-from optimizr.metrics.progress import TerminalProgress, summary_table
+from optimizr.metrics.progress import TerminalProgress, deletion_lines, summary_table
 from optimizr.status import StatusReport, read_status
 
 if TYPE_CHECKING:
@@ -247,6 +247,8 @@ def _convert(logger: logging.Logger, config: RunConfig, console: ConsoleOptions,
     else:
         if not quiet:
             err.print(summary_table(summary))
+            for line in deletion_lines(summary, console.verbose and not dry_run):
+                err.print(line, markup=False)
         if console.effective_log_level != "error":
             for warning in summary.warnings:
                 err.print(f"optimizr: warning: {printable(warning)}", markup=False)
@@ -280,6 +282,8 @@ def _print_dry_run(summary: Any) -> None:
         f"would convert {summary.would_convert:,} files "
         f"({human_bytes(summary.would_convert_bytes)})"
     )
+    for line in deletion_lines(summary, True):  # --delete: what it would remove
+        click.echo(line)
 
 
 @main.command()

@@ -24,7 +24,8 @@ DEFAULT_MAX_PIXELS = 268_402_689
 Metadata = Literal["none", "icc", "all"]
 Oversize = Literal["fail", "fit"]
 IfLarger = Literal["skip", "write"]
-NameMode = Literal["replace", "append"]
+NameMode = Literal["replace", "append", "auto"]
+IfExists = Literal["skip", "overwrite"]
 Preset = Literal["default", "picture", "photo", "drawing", "icon", "text"]
 Pages = Literal["first", "all"]
 
@@ -133,6 +134,18 @@ class RunConfig:
     files_from: Path | None = None
     #: The list's names end with NUL (``find -print0``), not with a newline.
     files_from_nul: bool = False
+    #: A file in DEST where an output goes that optimizr did not write (no
+    #: manifest row names it): keep it and skip the source, or replace it.
+    if_exists: IfExists = "skip"
+    #: Remove the outputs (and copies) optimizr wrote for sources that are gone.
+    delete: bool = False
+    #: Copy the files that are not converted (larger than source, small saving,
+    #: already WebP, unsupported, not an image) into DEST as they are.
+    copy_unconverted: bool = False
+    #: Keep no WebP that saves less than this percentage of its source.
+    min_saving: float = 0.0
+    #: Re-encode WebP sources; without it they are kept as they are ("already webp").
+    reencode_webp: bool = False
     #: Exit 1 for any failed file; by default only for failures new in this run,
     #: so that known-bad files do not fail every scheduled run for ever.
     strict: bool = False
@@ -147,10 +160,16 @@ class RunConfig:
             raise UsageError("-0/--null says how --files-from separates names: give --files-from")
         if self.workers < 0:
             raise UsageError(f"--workers must be 0 (auto) or more, not {self.workers}")
-        if self.name not in ("replace", "append"):
-            raise UsageError(f"--name must be replace or append, not {self.name!r}")
+        if self.name not in ("replace", "append", "auto"):
+            raise UsageError(f"--name must be replace, append or auto, not {self.name!r}")
+        if self.if_exists not in ("skip", "overwrite"):
+            raise UsageError(f"--if-exists must be skip or overwrite, not {self.if_exists!r}")
         if self.if_larger not in ("skip", "write"):
             raise UsageError(f"--if-larger must be skip or write, not {self.if_larger!r}")
+        if not 0 <= self.min_saving < 100:
+            raise UsageError(f"--min-saving must be 0 or more and under 100, not {self.min_saving}")
+        if self.min_saving and self.if_larger == "write":
+            raise UsageError("--min-saving cannot be used with --if-larger write (which keeps all)")
         if self.timeout <= 0:
             raise UsageError(f"--timeout must be positive, not {self.timeout}")
         if self.max_memory is not None and self.max_memory < 64 << 20:

@@ -149,9 +149,18 @@ def options_fingerprint(config: RunConfig) -> str:
     shaping = {
         "generation": ENCODER_GENERATION,
         "encode": encode,
-        "name": config.name,
+        # auto names a file as replace does unless a sibling collides, and the
+        # output name is checked against the row anyway: switching to auto
+        # redoes only the files whose names change.
+        "name": "replace" if config.name == "auto" else config.name,
         "if_larger": config.if_larger,
     }
+    # Added only when not at their defaults, so that the fingerprints of
+    # manifests written before these options existed stay valid.
+    if config.min_saving:
+        shaping["min_saving"] = config.min_saving
+    if config.reencode_webp:
+        shaping["reencode_webp"] = True
     text = json.dumps(shaping, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -331,7 +340,10 @@ class Manifest:
         return self.run_id
 
     def finish_run(self, found: int, converted: int, skipped: int, failed: int, code: int) -> None:
-        self.flush()
+        if not self.flush():
+            # Rows are missing (a full disk): the run counts as unfinished, so
+            # the next one knows the outputs without rows may be its own.
+            return
         with contextlib.suppress(sqlite3.Error):
             self.conn.execute(
                 "UPDATE runs SET finished_at = ?, found = ?, converted = ?, skipped = ?, "
@@ -430,6 +442,29 @@ class Manifest:
             (self.run_id or 1 << 62,),
         ).fetchone()
         return row is not None and row[0] is not None
+
+    def unfinished_since(self) -> float | None:
+        """When the earliest of the runs since the last finished one started; None
+        if the run before this one finished.
+
+        A run killed between an output's rename and its row's commit leaves
+        outputs with no row: files written since then may be optimizr's own."""
+        row = self.conn.execute(
+            "SELECT MIN(started_at) FROM runs WHERE id < ? AND id > COALESCE("
+            "(SELECT MAX(id) FROM runs WHERE finished_at IS NOT NULL AND id < ?), 0)",
+            (self.run_id or 1 << 62, self.run_id or 1 << 62),
+        ).fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
+    def owner_of(self, output: str) -> str | None:
+        """The source whose row names ``output`` as its output, if any. Rows not yet
+        committed count too: an output written earlier in this run is optimizr's."""
+        self.flush()
+        directory = split_key(output)[0]  # an output lives in its source's folder
+        row = self.conn.execute(
+            "SELECT path FROM sources WHERE dir = ? AND output = ? LIMIT 1", (directory, output)
+        ).fetchone()
+        return None if row is None else str(row[0])
 
     def directories(self) -> list[str]:
         """Every directory that has rows (far fewer than files)."""

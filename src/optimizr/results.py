@@ -11,7 +11,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from optimizr.encode import ImageFacts
 from optimizr.filenames import json_safe, name_fields
@@ -23,9 +23,24 @@ Status = Literal["converted", "skipped", "failed"]
 # re-run it is the normal case for nearly every file.
 UP_TO_DATE = "up to date"
 LARGER_THAN_SOURCE = "larger than source"
+#: The WebP would save less than --min-saving.
+SMALL_SAVING = "small saving"
+#: A WebP source, kept as it is (without --reencode-webp).
+ALREADY_WEBP = "already webp"
 NOT_AN_IMAGE = "not an image"
 UNSUPPORTED = "unsupported"
 DRY_RUN = "dry run"
+#: A file optimizr did not write is where the output would go (--if-exists skip).
+OUTPUT_EXISTS = "output exists"
+
+#: Manifest rows only: the source is gone and --delete was not given, so its
+#: output stays in DEST; the row keeps it known as optimizr's.
+SOURCE_DELETED = "source deleted"
+
+#: Files skipped for these reasons are copied as they are by --copy-unconverted:
+#: converting would not help, yet a web deploy needs them. Failures are not
+#: copied: a broken or unreadable file is not what the site should serve.
+COPYABLE = frozenset({LARGER_THAN_SOURCE, SMALL_SAVING, ALREADY_WEBP, UNSUPPORTED, NOT_AN_IMAGE})
 
 
 @dataclass(frozen=True)
@@ -49,14 +64,63 @@ class Result:
     warnings: tuple[str, ...] = ()
     #: Of ``bytes_out``: the outputs of pages 2, 3, ... of a multi-page source.
     more_pages_bytes: int = 0
+    #: What became of DEST for a file not converted ("copied as is", "not
+    #: copied: ..."); shown with the message but not stored in the manifest.
+    note: str = ""
+    #: Bytes copied as they are into DEST at ``output`` (--copy-unconverted).
+    copied: int | None = None
+
+    @property
+    def detail(self) -> str:
+        """The message, with the note."""
+        if self.note:
+            return f"{self.message}; {self.note}" if self.message else self.note
+        return self.message
 
     def line(self) -> str:
         """The one line a person reads: path and reason."""
-        detail = self.message
+        detail = self.detail
         if self.reason and detail.startswith(self.reason + ": "):
             detail = detail[len(self.reason) + 2 :]
         text = f"{self.key}: {self.reason}" if self.reason else self.key
         return f"{text} ({detail})" if detail and detail != self.reason else text
+
+
+@dataclass
+class OutputStatistics:
+    """What the run did to files in DEST besides writing new outputs."""
+
+    #: Outputs optimizr wrote earlier for a source that now has another (a
+    #: --name change, or --name auto after a sibling arrived) or none.
+    stale_removed: int = 0
+    #: Files optimizr had not written, replaced by an output (--if-exists overwrite).
+    overwritten: int = 0
+    #: Files optimizr had not written, left in place (--if-exists skip): the
+    #: "output exists" skips and the copies not made for that reason.
+    kept: int = 0
+    #: Files not converted, copied as they are (--copy-unconverted), and their bytes.
+    copied: int = 0
+    copied_bytes: int = 0
+    #: Outputs (and copies) of sources that are gone, removed (--delete) or, in a
+    #: dry run, that would be; the first LISTED of their paths.
+    deleted: int = 0
+    would_delete: int = 0
+    deleted_paths: list[str] = field(default_factory=list)
+    #: Outputs of sources that are gone, left in DEST without --delete.
+    sources_gone: int = 0
+
+    LISTED: ClassVar[int] = 1000
+
+    def note_deleted(self, path: str, *, dry_run: bool) -> None:
+        if dry_run:
+            self.would_delete += 1
+        else:
+            self.deleted += 1
+        if len(self.deleted_paths) < self.LISTED:
+            self.deleted_paths.append(path)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 SCHEMA = "optimizr-summary/2"
@@ -154,6 +218,7 @@ class RunSummary:
     own_outputs: int = 0
     #: Where the summary document was written, once it was (None: nowhere).
     summary_file: Path | None = None
+    outputs: OutputStatistics = field(default_factory=OutputStatistics)
 
     def record(self, result: Result) -> None:
         for warning in result.warnings:
@@ -314,10 +379,16 @@ class RunSummary:
                     **name_fields(r.key),
                     "status": r.status,
                     "reason": r.reason,
-                    "message": r.message,
+                    "message": r.detail,
+                    **(
+                        name_fields(r.output, "output")
+                        if r.copied is not None and r.output
+                        else {"output": None}
+                    ),
                 }  # fmt: skip
                 for r in self.not_converted
             ],
+            "outputs": self.outputs.to_dict(),
             "warnings": self.warnings,
         }
         doc["analysis"] = analyse(doc)

@@ -204,7 +204,20 @@ def _summaries(config: RunConfig, roots: dict[str, tuple[Path, bool]]) -> tuple[
 # -- several SRCs --------------------------------------------------------------------------
 
 
-class SourceSet(Storage):
+class _SourceOnly(Storage):
+    """A storage that only ever serves sources: what writes would do is refused."""
+
+    def write_atomic(self, key: str, data: bytes, *, mtime_ns: int | None = None) -> None:
+        raise OSError(errno.EROFS, "a SRC is never written", key)
+
+    def delete(self, key: str) -> bool:
+        raise OSError(errno.EROFS, "a SRC is never written", key)
+
+    def remove_stale_temporaries(self) -> int:
+        return 0
+
+
+class SourceSet(_SourceOnly):
     """Several SRCs read as one tree: folder ``a`` under the key ``a/``, file ``c.jpg``
     as the key ``c.jpg`` at the top (one file alone is a set of one)."""
 
@@ -246,12 +259,6 @@ class SourceSet(Storage):
         if path is None:
             raise FileNotFoundError(errno.ENOENT, "not a SRC", key)
         return path.read_bytes()
-
-    def write_atomic(self, key: str, data: bytes, *, mtime_ns: int | None = None) -> None:
-        raise OSError(errno.EROFS, "a SRC is never written", key)
-
-    def remove_stale_temporaries(self) -> int:
-        return 0
 
     def walk(self, options: WalkOptions) -> Iterator[DirectoryListing]:
         entries: list[SourceEntry] = []
@@ -317,7 +324,7 @@ def listed_key(name: str, roots: Sequence[str]) -> str | None:
     return norm
 
 
-class ListedSource(Storage):
+class ListedSource(_SourceOnly):
     """The files a list names in one SRC folder, yielded as a walk would: one
     listing per folder, sorted, so that conflicts and manifest lookups stay per
     folder. Memory: the names, grouped by folder (as much as the list itself)."""
@@ -353,12 +360,6 @@ class ListedSource(Storage):
 
     def read_bytes(self, key: str) -> bytes:
         return self.tree.read_bytes(key)
-
-    def write_atomic(self, key: str, data: bytes, *, mtime_ns: int | None = None) -> None:
-        raise OSError(errno.EROFS, "a SRC is never written", key)
-
-    def remove_stale_temporaries(self) -> int:
-        return 0
 
     def walk(self, options: WalkOptions) -> Iterator[DirectoryListing]:
         stats = self.walk_stats

@@ -409,6 +409,19 @@ def _verbose_line(result: Result) -> str:
     return f"skipped {_escape(result.line())}"
 
 
+def deletion_lines(summary: RunSummary, listed: bool) -> list[str]:
+    """One line per output removed by --delete (or that a dry run would remove)."""
+    outputs = summary.outputs
+    if not listed or not outputs.deleted_paths:
+        return []
+    verb = "would delete" if outputs.would_delete else "deleted"
+    lines = [f"{verb} {path}" for path in outputs.deleted_paths]
+    more = outputs.deleted + outputs.would_delete - len(outputs.deleted_paths)
+    if more > 0:
+        lines.append(f"... and {more:,} more")
+    return lines
+
+
 def summary_table(summary: RunSummary) -> Table:
     seconds = summary.seconds
     saving = summary.saved_bytes / summary.bytes_in if summary.bytes_in else 0.0
@@ -438,6 +451,32 @@ def summary_table(summary: RunSummary) -> Table:
     if summary.known_failed:
         table.add_row(
             "  of which known bad", f"{summary.known_failed:,} (not retried: --retry-failed)"
+        )
+    outputs = summary.outputs
+    if outputs.stale_removed:
+        table.add_row(
+            "old outputs removed", f"{outputs.stale_removed:,} (no longer their source's output)"
+        )
+    if outputs.copied:
+        table.add_row(
+            "copied as is",
+            f"{outputs.copied:,} ({human_bytes(outputs.copied_bytes)}, not converted)",
+        )
+    if outputs.kept:
+        table.add_row(
+            "left in place", f"{outputs.kept:,} (files optimizr did not write: --if-exists)"
+        )
+    if outputs.deleted:
+        table.add_row("deleted", f"{outputs.deleted:,} (outputs whose source is gone: --delete)")
+    if outputs.would_delete:
+        table.add_row("would delete", f"{outputs.would_delete:,} (outputs whose source is gone)")
+    if outputs.sources_gone:
+        table.add_row(
+            "sources gone", f"{outputs.sources_gone:,} outputs kept (--delete removes them)"
+        )
+    if outputs.overwritten:
+        table.add_row(
+            "overwritten", f"{outputs.overwritten:,} (files optimizr had not written: --if-exists)"
         )
     table.add_row("bytes before", human_bytes(summary.bytes_in))
     table.add_row("bytes after", human_bytes(summary.bytes_out))

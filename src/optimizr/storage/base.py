@@ -139,6 +139,19 @@ class Storage(ABC):
         """Replace ``key`` with ``data`` so no reader ever sees a partial object;
         ``mtime_ns``: the modification time it carries (--preserve-mtime)."""
 
+    def copy_in(
+        self, key: str, source: Storage, source_key: str, *, mtime_ns: int | None = None
+    ) -> int:
+        """Copy ``source_key`` of ``source`` to ``key``, atomically; return the bytes copied."""
+        data = source.read_bytes(source_key)
+        self.write_atomic(key, data, mtime_ns=mtime_ns)
+        return len(data)
+
+    @abstractmethod
+    def delete(self, key: str) -> bool:
+        """Remove the file ``key``; False if there was none. Folders it leaves
+        empty go too, as rsync's --delete leaves no empty shells behind."""
+
     def local_path(self, key: str) -> str | None:
         """A filesystem path workers may read directly (streaming), if there is one."""
         return None

@@ -8,7 +8,7 @@ import stat as stat_mod
 from collections.abc import Iterator
 from pathlib import Path
 
-from optimizr.atomic import atomic_write, is_temp_name
+from optimizr.atomic import atomic_open, atomic_write, fsync_dir, is_temp_name
 from optimizr.storage.base import (
     DEST_FOLDER,
     STATE_DIR,
@@ -68,6 +68,39 @@ class LocalStorage(Storage):
 
     def write_atomic(self, key: str, data: bytes, *, mtime_ns: int | None = None) -> None:
         atomic_write(self.path_of(key), data, mtime_ns=mtime_ns)
+
+    def copy_in(
+        self, key: str, source: Storage, source_key: str, *, mtime_ns: int | None = None
+    ) -> int:
+        path = source.local_path(source_key)
+        if path is None:
+            return super().copy_in(key, source, source_key, mtime_ns=mtime_ns)
+        copied = 0
+        # Streamed: a 2 GB unsupported file must not be read into memory whole.
+        with open(path, "rb") as fh, atomic_open(self.path_of(key)) as out:
+            while chunk := fh.read(1 << 20):
+                out.write(chunk)
+                copied += len(chunk)
+            if mtime_ns is not None:
+                out.flush()
+                os.utime(out.fd, ns=(mtime_ns, mtime_ns))
+        return copied
+
+    def delete(self, key: str) -> bool:
+        path = self.path_of(key)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return False
+        fsync_dir(path.parent)
+        parent = path.parent
+        while parent != self.root and self.root in parent.parents:
+            try:
+                parent.rmdir()
+            except OSError:
+                break  # not empty (or not ours to remove): stop climbing
+            parent = parent.parent
+        return True
 
     def remove_stale_temporaries(self) -> int:
         removed = 0

@@ -53,6 +53,9 @@ class MemoryStorage(Storage):
         self.writes += 1
         self.put(key, bytes(data), mtime_ns)
 
+    def delete(self, key: str) -> bool:
+        return self.objects.pop(key, None) is not None
+
     def remove_stale_temporaries(self) -> int:
         return 0
 
