@@ -94,13 +94,21 @@ def age(root: Path, seconds: float = 3600) -> None:
 
 
 def manifest_rows(dest: Path) -> dict[str, dict[str, object]]:
-    """Every row of DEST's manifest, read with plain sqlite3, by source path."""
+    """Every row of DEST's manifest, read with plain sqlite3, by source path.
+
+    A name that is not UTF-8 is stored as a BLOB of its bytes: here, as in the
+    walk, it becomes a str with surrogates (os.fsdecode)."""
     conn = sqlite3.connect(dest / ".optimizr" / "manifest.sqlite")
     conn.row_factory = sqlite3.Row
+    rows: dict[str, dict[str, object]] = {}
     try:
-        return {row["path"]: dict(row) for row in conn.execute("SELECT * FROM sources")}
+        for row in conn.execute("SELECT * FROM files"):
+            item = {k: os.fsdecode(v) if isinstance(v, bytes) else v for k, v in dict(row).items()}
+            path = f"{item['dir']}/{item['name']}" if item["dir"] else str(item["name"])
+            rows[path] = {"path": path, **item}
     finally:
         conn.close()
+    return rows
 
 
 def assert_manifest_agrees_with_disk(dest: Path) -> None:

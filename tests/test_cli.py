@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -12,13 +11,12 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import Result
 
-from conftest import decode, photo_array, save_jpeg
-from optimizr.metrics.progress import TerminalProgress
-from optimizr.results import Result as FileResult
+from conftest import age, decode, photo_array, save_jpeg
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -80,6 +78,54 @@ def test_failures_give_exit_1_and_one_line_each(cli: Callable[..., Result], tmp_
     assert any(line.startswith("FAILED fake.png: not an image") for line in lines)
 
 
+def test_known_bad_files_exit_0_new_failures_exit_1_and_strict_counts_all(
+    cli: Callable[..., Result], tmp_path: Path
+) -> None:
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    make_tree(src, 2)
+    bad = src / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0" + bytes(300))
+    age(src)
+
+    def convert(*extra: str) -> tuple[int, str, dict[str, Any]]:
+        result = cli("convert", src, dest, "--no-progress", *extra)
+        doc = json.loads((dest / "optimizr-summary.json").read_text())
+        assert doc["exit_code"] == result.exit_code
+        return result.exit_code, result.output, doc
+
+    code, _, doc = convert()
+    assert code == 1 and doc["files"]["new_failed"] == 1  # found bad for the first time
+    # A cron job's next runs: the known-bad file is listed, but the run is fine.
+    code, text, doc = convert()
+    assert code == 0, text
+    assert "FAILED bad.jpg" in text and "of which known bad" in text
+    assert doc["files"]["failed"] == 1 and doc["files"]["new_failed"] == 0
+    assert [r["path"] for r in doc["not_converted"]] == ["bad.jpg"]
+    [listed] = (dest / ".optimizr/failed.jsonl").read_text().splitlines()
+    assert json.loads(listed)["path"] == "bad.jpg"
+    assert convert("--strict")[0] == 1  # every failure counts
+    assert convert("--force")[0] == 0  # reconverted all, bad the same way: not new
+    # Tried again and bad the same way: still not new.
+    code, text, doc = convert("--retry-failed")
+    assert code == 0 and doc["files"]["known_failed"] == 0 and doc["files"]["failed"] == 1
+    # A file that fails for the first time is new...
+    (src / "d0" / "worse.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(200))
+    age(src)
+    code, text, doc = convert()
+    assert code == 1 and doc["files"]["new_failed"] == 1, text
+    assert convert()[0] == 0
+    # ...and so is one that fails for another reason than before.
+    bad.write_bytes(b"a text file now, no image signature")
+    age(src)
+    code, text, doc = convert()
+    assert code == 1, text
+    reasons = doc["files"]["failed_by_reason"]
+    assert reasons["not an image"] == 1 and sum(reasons.values()) == 2  # and worse.jpg
+    assert doc["files"]["new_failed"] == 1
+    status = cli("status", dest, "--json")
+    assert json.loads(status.output)["last_run"]["exit_code"] == 1
+
+
 @pytest.mark.parametrize(
     "args",
     [
@@ -108,8 +154,8 @@ def test_dry_run_lists_and_writes_nothing(cli: Callable[..., Result], tmp_path: 
     (src / "notes.txt").write_text("hi")
     result = cli("convert", src, dest, "--dry-run")
     assert result.exit_code == 0
-    assert "would convert jpeg -> d0/img000.webp" in result.output
-    assert "notes.txt: not an image" in result.output
+    assert "would convert d0/img000.jpg -> d0/img000.webp (" in result.stdout
+    assert "notes.txt: not an image" in result.stderr
     assert not dest.exists()
 
 
@@ -118,24 +164,6 @@ def test_verbose_prints_one_line_per_file(cli: Callable[..., Result], tmp_path: 
     make_tree(src, 3)
     result = cli("convert", src, dest, "-v", "--no-progress")
     assert len(re.findall(r"^converted d\d/img\d+\.jpg -> ", result.output, re.M)) == 3
-
-
-def test_plain_progress_lines_without_a_terminal() -> None:
-    stream = io.StringIO()
-    progress = TerminalProgress(live=False, interval=0.0, stream=stream)
-    with progress:
-        progress.found(5)
-        for i in range(2):
-            progress.finished(FileResult(f"f{i}.jpg", "converted", None, "", "o", 1000, 400))
-        progress.walk_done(5)
-        progress.finished(FileResult("f2.jpg", "failed", "corrupt", "bad data"))
-    lines = [line for line in stream.getvalue().splitlines() if not line.startswith("FAILED")]
-    assert lines[0].startswith("1 of 5+ files (still walking), 1.0 KB -> 400 B, ")
-    assert re.search(r", [\d.]+ MB/s, ETA \?, 0 failed$", lines[0])
-    assert lines[1].startswith("2 of 5+ files (still walking), 2.0 KB -> 800 B, ")
-    # Once the walk is done the total is known, and so is an estimate of the time left.
-    assert lines[-1].startswith("3 of 5 files, ") and lines[-1].endswith(", 1 failed")
-    assert re.search(r"ETA \d+s", lines[-1])
 
 
 # -- worker faults: a crashing or hanging codec must not take the run down ---------------------
@@ -254,6 +282,36 @@ def test_second_sigint_aborts_without_partial_files(
     assert b"aborting" in out
     no_partial_outputs(dest)
     assert len(list(dest.rglob("*.webp"))) < 40
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_is_recorded_as_143_with_what_was_found_and_what_remains(
+    tmp_path: Path,
+) -> None:
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    # One folder: the walk lists it whole before the first image starts.
+    for i in range(12):
+        save_jpeg(src / f"img{i:03}.jpg", photo_array(1200, 900, seed=i))
+    proc = spawn_cli(src, dest, "-j", "1", "--effort", "6")
+    wait_for(lambda: any(dest.rglob("*.webp")))
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=100)
+    text = out.decode()
+    assert proc.returncode == 143, text
+    doc = json.loads((dest / "optimizr-summary.json").read_text())
+    files = doc["files"]
+    assert doc["interrupted"] is True and doc["exit_code"] == 143
+    finished = files["converted"] + files["skipped"] + files["failed"]
+    assert files["found"] == 12 and 1 <= finished < 12
+    assert files["remaining"] == 12 - finished
+    assert re.search(r"files found\s*│\s*12\b", text), text
+    assert re.search(rf"not done \(interrupted\)\s*│\s*{12 - finished}\b", text), text
+    status = subprocess.run(
+        [sys.executable, "-m", "optimizr", "status", str(dest), "--json"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    last = json.loads(status.stdout)["last_run"]
+    assert last["exit_code"] == 143 and last["found"] == 12
 
 
 # -- permissions ------------------------------------------------------------------------------

@@ -475,7 +475,9 @@ def tree_run(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> TreeRun:
         dest,
         # name="append": x.gif and x.png would both claim x.webp (an "output conflict"
         # failure, tested in test_pipeline.py); here every file must get its own output.
-        RunConfig(src=corpus, dest=dest, if_larger="write", name="append"),
+        # reencode_webp: WebP sources are decoded and encoded too (without it they
+        # are kept as they are, tested in test_outputs.py).
+        RunConfig(src=corpus, dest=dest, if_larger="write", name="append", reencode_webp=True),
         listener=listener,
     )
     return TreeRun(dest, summary, listener.results, time.perf_counter() - started)

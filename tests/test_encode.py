@@ -9,6 +9,7 @@ LittleCMS binding (ImageCms) for colour conversions.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import random
@@ -171,7 +172,10 @@ def _icc_rotated_primaries(description: str = "GBR rotated test profile") -> byt
     return header + struct.pack(">I", len(tags)) + table + body
 
 
+@functools.cache
 def _srgb_icc() -> bytes:
+    # Cached: lcms stamps the profile with its creation time, so two calls a
+    # second apart give different bytes and the comparisons below would flake.
     return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
 
 

@@ -313,8 +313,8 @@ def test_json_logs_stay_json_and_carry_each_images_warnings(
     assert images["d0/img000.jpg"]["warnings"] == []
 
     text = spawn_cli(src, tmp_path / "text-dest", "-j", "2").communicate(timeout=100)[0].decode()
-    assert "warning: damaged.jpg: VIPS: read gave 1 warnings" in text.splitlines()
-    assert "warning: d1/img001.jpg: GLib-GObject: injected codec message" in text.splitlines()
+    assert "WARNING damaged.jpg: VIPS: read gave 1 warnings" in text.splitlines()
+    assert "WARNING d1/img001.jpg: GLib-GObject: injected codec message" in text.splitlines()
     assert "(process:" not in text
 
 

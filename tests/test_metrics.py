@@ -7,6 +7,7 @@ import http.client
 import json
 import signal
 import socket
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -198,6 +199,42 @@ def test_unknown_paths_are_404(
     assert exporter.statistics().not_found == 2
 
 
+def request(host: str, port: int, method: str, path: str) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection(host, port, timeout=10)
+    try:
+        conn.request(method, path)
+        response = conn.getresponse()
+        headers = {k.lower(): v for k, v in response.getheaders() if k.lower() != "date"}
+        return response.status, headers, response.read()
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("path", ["/metrics", "/healthz", "/readyz", "/nothing-here"])
+def test_head_answers_like_get_without_a_body(
+    served: tuple[MetricsExporter, Callable[[str], tuple[int, str, bytes]]], path: str
+) -> None:
+    exporter, _ = served
+    exporter.started(FakeRun(workers_alive=1))
+    assert exporter.url is not None
+    port = int(exporter.url.rpartition(":")[2])
+    got = request("127.0.0.1", port, "GET", path)
+    head = request("127.0.0.1", port, "HEAD", path)
+    assert got[0] != 501 and got[2]
+    # Same status and headers (Content-Length is the GET body's), and no body at all.
+    assert head[:2] == got[:2]
+    assert int(head[1]["content-length"]) == len(got[2])
+    assert head[2] == b""
+    # http.client never reads a body after HEAD: on the wire, nothing follows the headers.
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        raw.sendall(f"HEAD {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        received = b""
+        while chunk := raw.recv(65536):
+            received += chunk
+    _, separator, after = received.partition(b"\r\n\r\n")
+    assert separator and after == b""
+
+
 # -- /metrics ----------------------------------------------------------------------------------
 
 
@@ -289,14 +326,17 @@ def test_each_exporter_has_its_own_registry() -> None:
 
 
 def test_textfile_is_written_atomically_with_the_same_metrics(tmp_path: Path) -> None:
-    exporter = MetricsExporter()
+    exporter = MetricsExporter(labels={"dest": "/d"})
     exporter.started(FakeRun(workers_alive=1))
     exporter.finished(FileResult("a.jpg", "failed", "truncated"))
     target = tmp_path / "textfile" / "optimizr.prom"
-    exporter.write_textfile(target)
+    exporter.write_textfile(target, exit_code=1, started_at=100.0, finished_at=160.5)
     samples = parse(target.read_text())
-    assert value(samples, "optimizr_images_total", status="failed", format="jpeg") == 1
-    assert value(samples, "optimizr_workers_alive") == 1
+    assert value(samples, "optimizr_images_total", status="failed", format="jpeg", dest="/d") == 1
+    assert value(samples, "optimizr_workers_alive", dest="/d") == 1
+    assert value(samples, "optimizr_last_run_duration_seconds", dest="/d") == 60.5
+    # Served metrics carry no run labels: the scrape configuration names the target.
+    assert value(parse(exporter.render().decode()), "optimizr_workers_alive") == 1
     assert [p.name for p in target.parent.iterdir()] == ["optimizr.prom"]
 
 
@@ -343,6 +383,105 @@ def test_a_port_in_use_is_a_usage_error(cli: Callable[..., Result], tmp_path: Pa
     assert not (tmp_path / "dest" / "optimizr-summary.json").exists()
 
 
+def samples_of(text: str, name: str) -> list[tuple[dict[str, str], float]]:
+    return [
+        (sample.labels, sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name
+    ]
+
+
+def test_textfile_follows_the_batch_job_convention(
+    cli: Callable[..., Result], tmp_path: Path
+) -> None:
+    # node_exporter's textfile collector documents batch jobs as: the last run's time,
+    # the last success's time (kept while runs fail, so "no success for a day" alerts),
+    # and the job's own labels on every series, so several jobs can share one collector.
+    src, dest, prom = tmp_path / "src", tmp_path / "dest", tmp_path / "textfile" / "optimizr.prom"
+    make_tree(src, 2)
+    labels = {"dest": str(dest.resolve()), "job": "photos", "site": "eu-1"}
+    args = ["-j", "1", "--no-progress", "--metrics-textfile", prom,
+            "--metrics-label", "job=photos", "--metrics-label", "site=eu-1"]  # fmt: skip
+
+    def convert(*extra: str | Path) -> tuple[Result, float, float, str]:
+        before = time.time()
+        result = cli("convert", src, dest, *args, *extra)
+        return result, before, time.time(), prom.read_text()
+
+    result, before, after, text = convert()
+    assert result.exit_code == 0, result.output
+    families = list(text_string_to_metric_families(text))
+    assert families and all(s.labels.items() >= labels.items() for f in families for s in f.samples)
+    [(have, ran)] = samples_of(text, "optimizr_last_run_timestamp_seconds")
+    assert have == labels and before <= ran <= after
+    assert samples_of(text, "optimizr_last_success_timestamp_seconds") == [(labels, ran)]
+    assert samples_of(text, "optimizr_last_exit_code") == [(labels, 0)]
+    [(_, duration)] = samples_of(text, "optimizr_last_run_duration_seconds")
+    assert 0 < duration <= after - before
+    succeeded = ran
+
+    # A failed run advances the run's time and exit code, not the last success.
+    (src / "d0" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut short")
+    result, before, after, text = convert()
+    assert result.exit_code == 1, result.output
+    [(_, ran)] = samples_of(text, "optimizr_last_run_timestamp_seconds")
+    assert before <= ran <= after and ran > succeeded
+    assert samples_of(text, "optimizr_last_exit_code") == [(labels, 1)]
+    assert samples_of(text, "optimizr_last_success_timestamp_seconds") == [(labels, succeeded)]
+
+    # A run that stops on a usage error (the metrics port is taken) is a failed run too.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result, before, after, text = convert("--metrics-port", taken.getsockname()[1])
+    assert result.exit_code == 2, result.output
+    assert samples_of(text, "optimizr_last_exit_code") == [(labels, 2)]
+    assert samples_of(text, "optimizr_last_success_timestamp_seconds") == [(labels, succeeded)]
+    [(_, ran)] = samples_of(text, "optimizr_last_run_timestamp_seconds")
+    assert before <= ran <= after
+    assert [p.name for p in prom.parent.iterdir()] == ["optimizr.prom"]
+
+
+def test_textfile_of_a_job_that_never_succeeded_has_no_success_time(
+    cli: Callable[..., Result], tmp_path: Path
+) -> None:
+    src, prom = tmp_path / "src", tmp_path / "optimizr.prom"
+    make_tree(src, 1)
+    (src / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut short")
+    # Another job's file at the same path (other labels) lends it no success either.
+    prom.write_text('optimizr_last_success_timestamp_seconds{dest="/elsewhere"} 1.7e9\n')
+    result = cli("convert", src, tmp_path / "dest", "-j", "1", "--no-progress",
+                 "--metrics-textfile", prom)  # fmt: skip
+    assert result.exit_code == 1, result.output
+    text = prom.read_text()
+    assert samples_of(text, "optimizr_last_success_timestamp_seconds") == []
+    [(labels, code)] = samples_of(text, "optimizr_last_exit_code")
+    assert (labels, code) == ({"dest": str((tmp_path / "dest").resolve())}, 1)
+
+
+@pytest.mark.parametrize(
+    ("label", "message"),
+    [
+        ("job", "KEY=VALUE"),
+        ("=photos", "KEY=VALUE"),
+        ("1job=x", "not a valid label name"),
+        ("__name__=x", "not a valid label name"),
+        ("status=x", "already a label of optimizr's metrics"),
+    ],
+)
+def test_bad_metrics_labels_are_usage_errors(
+    cli: Callable[..., Result], tmp_path: Path, label: str, message: str
+) -> None:
+    src = tmp_path / "src"
+    make_tree(src, 1)
+    result = cli("convert", src, tmp_path / "dest", "--no-progress",
+                 "--metrics-textfile", tmp_path / "m.prom", "--metrics-label", label)  # fmt: skip
+    assert result.exit_code == 2
+    assert "--metrics-label" in result.output and message in result.output
+    assert not (tmp_path / "dest").exists() and not (tmp_path / "m.prom").exists()
+
+
 def test_textfile_alone_needs_no_server(cli: Callable[..., Result], tmp_path: Path) -> None:
     src, dest, prom = tmp_path / "src", tmp_path / "dest", tmp_path / "optimizr.prom"
     make_tree(src, 3)
@@ -350,7 +489,8 @@ def test_textfile_alone_needs_no_server(cli: Callable[..., Result], tmp_path: Pa
     assert result.exit_code == 0, result.output
     assert "metrics: http" not in result.output
     samples = parse(prom.read_text())
-    assert value(samples, "optimizr_images_total", status="converted", format="jpeg") == 3
+    labels = {"dest": str(dest.resolve())}
+    assert value(samples, "optimizr_images_total", status="converted", format="jpeg", **labels) == 3
 
 
 # -- the real CLI --------------------------------------------------------------------------------
@@ -432,25 +572,27 @@ def test_cli_serves_metrics_during_the_run_and_its_totals_match_the_summary(
     files = doc["files"]
     assert (files["converted"], files["failed"], files["skipped"]) == (59, 2, 1)
     # The last scrape of /metrics and the textfile both equal the summary.
-    for final in (scraped, parse(prom.read_text())):
-        check_totals(final, doc)
+    check_totals(scraped, doc)
+    check_totals(parse(prom.read_text()), doc, dest=str(dest.resolve()))
 
 
-def check_totals(final: Samples, doc: dict[str, Any]) -> None:
+def check_totals(final: Samples, doc: dict[str, Any], **labels: str) -> None:
     images = "optimizr_images_total"
     files = doc["files"]
     assert total(final, images, status="converted") == files["converted"]
     assert total(final, images, status="failed") == files["failed"]
     assert total(final, images, status="skipped") == files["skipped"]
     assert total(final, images) == files["found"]
-    assert value(final, "optimizr_files_found") == files["found"]
-    assert value(final, "optimizr_bytes_in_total") == doc["bytes"]["in"]
-    assert value(final, "optimizr_bytes_out_total") == doc["bytes"]["out"]
-    assert value(final, "optimizr_image_seconds_count") == files["converted"]
-    assert value(final, images, status="failed", format="jpeg") == 2  # truncated, and hung
-    assert value(final, images, status="skipped", format="other") == 1
+    assert value(final, "optimizr_files_found", **labels) == files["found"]
+    assert value(final, "optimizr_bytes_in_total", **labels) == doc["bytes"]["in"]
+    assert value(final, "optimizr_bytes_out_total", **labels) == doc["bytes"]["out"]
+    assert value(final, "optimizr_image_seconds_count", **labels) == files["converted"]
+    # Truncated, and hung.
+    assert value(final, images, status="failed", format="jpeg", **labels) == 2
+    assert value(final, images, status="skipped", format="other", **labels) == 1
     # The hung worker was killed and replaced.
-    assert value(final, "optimizr_worker_restarts_total") == doc["executor"]["restarts"] == 1
+    restarts = value(final, "optimizr_worker_restarts_total", **labels)
+    assert restarts == doc["executor"]["restarts"] == 1
 
 
 @pytest.mark.timeout(120)
@@ -494,3 +636,28 @@ def test_cli_healthz_reports_a_stalled_run_on_loopback_only(
             proc.communicate()
     assert proc.returncode == 143, out.decode()
     assert not connects("127.0.0.1", port)
+
+
+# -- the machine's CPU counters (the analysis tells contention from slow storage by them) --------
+
+
+def test_cpu_counters_are_read_for_the_given_cpus_only(tmp_path: Path) -> None:
+    from optimizr.metrics.machine import _TICK, read_cpu_times
+
+    stat = tmp_path / "stat"
+    stat.write_text(
+        "cpu  300 0 30 900 9 0 0 6 0 0\n"
+        "cpu0 100 0 10 300 3 0 0 2 0 0\n"
+        "cpu1 200 5 20 600 6 1 2 4 0 0\n"
+        "intr 1 2 3\n"
+    )
+    times = read_cpu_times(frozenset({1}), stat)
+    assert times is not None
+    # user + nice + system + irq + softirq; iowait and steal apart; idle not at all.
+    assert times.busy == pytest.approx(228 / _TICK)
+    assert (times.iowait, times.steal) == (pytest.approx(6 / _TICK), pytest.approx(4 / _TICK))
+    both = read_cpu_times(frozenset({0, 1}), stat)
+    assert both is not None and both.busy == pytest.approx(338 / _TICK)
+    # A CPU the file does not list, or no file: nothing measured rather than a wrong figure.
+    assert read_cpu_times(frozenset({0, 7}), stat) is None
+    assert read_cpu_times(frozenset({0}), tmp_path / "missing") is None

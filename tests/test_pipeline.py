@@ -73,7 +73,7 @@ def test_two_sources_for_one_output_is_an_error_not_an_overwrite(tmp_path: Path)
     assert summary.converted == 1 and summary.failed == 1
     [failure] = summary.not_converted
     assert failure.key == "a.png" and failure.reason == "output conflict"
-    assert "--name append" in failure.message and "a.jpg" in failure.message
+    assert "--name auto" in failure.message and "a.jpg" in failure.message
     # The one written is the JPEG's, untouched by the PNG.
     assert decode(dest / "a.webp").size == (96, 64)
     dest2 = tmp_path / "dest2"
@@ -92,11 +92,11 @@ def test_dest_inside_src_is_never_walked(tmp_path: Path) -> None:
     assert webps(dest) == ["one.webp", "sub/two.webp"]
 
 
-def test_src_equal_to_dest_is_refused(tmp_path: Path) -> None:
+def test_src_equal_to_dest_is_refused_unless_name_append(tmp_path: Path) -> None:
     from optimizr.errors import UsageError
 
     tree(tmp_path / "src", ["one.jpg"])
-    with pytest.raises(UsageError, match="different folder"):
+    with pytest.raises(UsageError, match="in place .* needs --name append"):
         run(tmp_path / "src", tmp_path / "src")
 
 
@@ -153,8 +153,11 @@ def test_dry_run_writes_nothing_and_says_why(tmp_path: Path) -> None:
     summary = run(src, dest, dry_run=True)
     assert not dest.exists()
     reasons = {r.key: (r.reason, r.message) for r in summary.not_converted}
-    assert (
-        reasons["a.jpg"][0] == "dry run" and "would convert jpeg -> a.webp" in reasons["a.jpg"][1]
+    # What would be converted is counted apart, not as skipped.
+    assert "a.jpg" not in reasons and summary.skipped == 2
+    assert (summary.would_convert, summary.would_convert_bytes) == (
+        1,
+        (src / "a.jpg").stat().st_size,
     )
     assert reasons["notes.txt"][0] == "not an image"
     assert reasons["icon.ico"][0] == "unsupported" and "ico" in reasons["icon.ico"][1]

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
-from conftest import photo_array, save_jpeg, save_png
+from conftest import age, photo_array, save_jpeg, save_png
 from optimizr.cli import main
 from optimizr.report import render_report
 
@@ -344,6 +344,107 @@ def test_convert_does_not_load_plotly() -> None:
     assert out.stdout.strip() == "False"
 
 
+# --- a DEST folder: its latest run that did work, or its whole history ---
+
+
+@pytest.fixture(scope="module")
+def history(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
+    """A DEST with three kept runs: a conversion (3 converted, 1 failed) and two re-runs
+    that found everything up to date (the failure known); the documents, oldest first."""
+    root = tmp_path_factory.mktemp("history")
+    src, dest = root / "src", root / "dest"
+    for i in range(3):
+        save_jpeg(src / f"p{i}.jpg", photo_array(200 + 40 * i, 150, seed=i))
+    (src / "cut.jpg").write_bytes((src / "p0.jpg").read_bytes()[:300])
+    age(src)  # written just now: a re-run would not trust them as unchanged
+    for run in range(3):
+        result = invoke("convert", src, dest, "-j", "1", "--no-progress")
+        # The truncated file fails the first run; after that it is known bad, not new.
+        assert result.exit_code == (1 if run == 0 else 0), result.output
+    docs = [json.loads(p.read_text()) for p in sorted((dest / ".optimizr/runs").iterdir())]
+    assert [d["files"]["converted"] for d in docs] == [3, 0, 0]
+    return dest, docs
+
+
+def test_report_of_dest_draws_its_last_run_that_did_work(
+    history: tuple[Path, list[dict[str, Any]]],
+) -> None:
+    dest, docs = history
+    latest = json.loads((dest / "optimizr-summary.json").read_text())
+    assert latest == docs[-1] and latest["files"]["converted"] == 0
+    result = invoke("report", dest)
+    assert result.exit_code == 0, result.output
+    page = (dest / "report.html").read_text(encoding="utf-8")
+    # The page of the conversion, not of the re-run that replaced optimizr-summary.json.
+    assert page == render_report(docs[0]) != render_report(latest)
+    [kept] = [p for p in (dest / ".optimizr/runs").iterdir() if p.name.endswith("-work.json")]
+    assert f"report: {dest / 'report.html'} ({kept}, the latest run that converted" in (
+        result.stderr
+    )
+
+
+def test_report_of_dest_without_a_history_draws_its_summary(
+    history: tuple[Path, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    # A DEST written before runs were kept has only optimizr-summary.json.
+    dest = tmp_path / "old"
+    dest.mkdir()
+    shutil.copy(history[0] / "optimizr-summary.json", dest)
+    result = invoke("report", dest, "-o", tmp_path / "r.html")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "r.html").read_text(encoding="utf-8") == render_report(history[1][-1])
+
+
+@pytest.mark.parametrize("flag", ["--history", "--all"])
+def test_report_history_draws_every_kept_run(
+    history: tuple[Path, list[dict[str, Any]]], tmp_path: Path, flag: str
+) -> None:
+    dest, docs = history
+    out = tmp_path / "history.html"
+    result = invoke("report", dest, flag, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert f"report: {out} (3 runs)" in result.stderr
+    html_text = out.read_text(encoding="utf-8")
+    page = parse(html_text)
+    assert_self_contained(html_text)
+    assert sorted(page.charts) == ["runs", "saved"]
+    converted, skipped, failed = plot_data(html_text, "runs")
+    assert converted["y"] == [d["files"]["converted"] for d in docs] == [3, 0, 0]
+    assert failed["y"] == [d["files"]["failed"] for d in docs] == [1, 1, 1]
+    assert skipped["y"] == [d["files"]["skipped"] for d in docs]
+    assert len(set(converted["x"])) == 3  # one bar per run, even within one second
+    [saved] = plot_data(html_text, "saved")
+    assert saved["y"][-1] == pytest.approx(sum(d["bytes"]["saved"] for d in docs) / 1e6)
+    table = html_text[html_text.index('<section id="history">') :]
+    assert table.count("<tr>") == 1 + 3  # the heading and a row per run
+    assert "runs that did work</dt><dd>1<" in html_text
+    # The default place is DEST/report-history.html.
+    assert invoke("report", dest, flag).exit_code == 0
+    assert (dest / "report-history.html").is_file()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--history"], "--history draws the runs DEST keeps"),
+        ([], "no run summary here"),
+    ],
+)
+def test_report_of_a_folder_without_runs_or_history_of_a_file_is_one_line(
+    history: tuple[Path, list[dict[str, Any]]], tmp_path: Path, args: list[str], message: str
+) -> None:
+    if args:
+        target = history[0] / "optimizr-summary.json"
+    else:
+        target = tmp_path / "empty"
+        target.mkdir()
+    result = invoke("report", target, *args, "-o", tmp_path / "r.html")
+    assert result.exit_code == 2
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("optimizr: error: ") and message in lines[0]
+    assert not (tmp_path / "r.html").exists()
+
+
 # --- the page, without a browser ---
 
 
@@ -401,6 +502,37 @@ def test_catch_all_bucket_off_the_grid() -> None:
     (trace,) = plot_data(render_report(summary), "latency")
     assert trace["y"] == [1, 1, 0, 1, 5]
     assert trace["x"][0] == "≤ 14.1 ms" and trace["x"][-1] == "≤ 234 ms"
+
+
+def section(html_text: str, name: str) -> str:
+    start = html_text.index(f'<section id="{name}">')
+    return html_text[start : html_text.index("</section>", start)]
+
+
+WRITTEN = {"path": "written-bigger.png", "bytes_in": 100, "bytes_out": 150}
+KEPT = {"path": "kept-as-is.png", "bytes_in": 100, "bytes_out": 180}
+
+
+@pytest.mark.parametrize(
+    ("summary", "grew", "skipped"),
+    [
+        ({"grew": [WRITTEN], "skipped_larger": [KEPT]}, [WRITTEN], [KEPT]),
+        ({"grew": [], "skipped_larger": [KEPT]}, [], [KEPT]),
+        # Older summaries put both in grew; the run's --if-larger says which they were.
+        ({"grew": [KEPT], "options": {"if_larger": "skip"}}, [], [KEPT]),
+        ({"grew": [WRITTEN], "options": {"if_larger": "write"}}, [WRITTEN], []),
+    ],
+)
+def test_outputs_that_grew_are_not_confused_with_files_not_written(
+    summary: dict[str, Any], grew: list[dict[str, Any]], skipped: list[dict[str, Any]]
+) -> None:
+    html_text = render_report({"schema": "optimizr-summary/2", **summary})
+    parse(html_text)
+    for name, expected in [("grew", grew), ("skipped_larger", skipped)]:
+        text = section(html_text, name)
+        for item in (WRITTEN, KEPT):
+            assert (item["path"] in text) == (item in expected), (name, item["path"])
+        assert ("None." in text) == (not expected)
 
 
 def test_failed_files_without_a_list_are_counted() -> None:
@@ -478,6 +610,19 @@ def test_every_chart_draws_in_chromium(
     for name, chart in page.charts.items():
         assert int(chart["data-main-svg"]) >= 1 and int(chart["data-traces"]) >= 1, name
     assert FINDING in page.text
+
+
+def test_history_page_draws_in_chromium(
+    chromium: str, history: tuple[Path, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    out = tmp_path / "history.html"
+    assert invoke("report", history[0], "--history", "-o", out).exit_code == 0
+    view = open_in_chromium(chromium, out, tmp_path / "chromium")
+    assert_clean(view)
+    assert sorted(view.page.charts) == ["runs", "saved"]
+    assert view.page.root["data-charts-drawn"] == "2"
+    for name, chart in view.page.charts.items():
+        assert int(chart["data-main-svg"]) >= 1 and int(chart["data-traces"]) >= 1, name
 
 
 def test_empty_page_is_clean_in_chromium(chromium: str, tmp_path: Path) -> None:

@@ -31,6 +31,7 @@ from optimizr import (
     convert_tree,
     read_status,
 )
+from optimizr.errors import ImageError
 from optimizr.executors import InlineExecutor
 from optimizr.lock import RunLock
 
@@ -128,7 +129,9 @@ def test_failures_are_known_bad_until_retry_failed_then_max_attempts(
     run(src, dest, retry_failed=True)
     assert manifest_rows(dest)["b/bad.jpg"]["attempts"] == 3
     gave_up = run(src, dest, retry_failed=True)
-    assert gave_up.known_failed == 1 and gave_up.exit_code == 1
+    # Listed and counted, but no longer new: only --strict fails the run for it.
+    assert gave_up.known_failed == 1 and gave_up.new_failed == 0 and gave_up.exit_code == 0
+    assert run(src, dest, retry_failed=True, strict=True).exit_code == 1
     [known] = [r for r in gave_up.not_converted if r.key == "b/bad.jpg"]
     assert "gave up after 3 attempts" in known.message
     assert manifest_rows(dest)["b/bad.jpg"]["attempts"] == 3
@@ -298,10 +301,16 @@ def test_rows_of_deleted_files_and_folders_are_dropped_excluded_ones_kept(
     (src / "b/bad.jpg").unlink()
     (src / "b").rmdir()
     # Folder a is excluded, not deleted: the row of its file that still exists stays.
+    # Rows of sources gone whose outputs are still in DEST stay too, as "source
+    # deleted", so that the outputs remain known as optimizr's (for --delete).
     run(src, dest, exclude=("a",))
-    assert set(manifest_rows(dest)) == {"a/one.jpg", "notes.txt"}
-    assert run(src, dest).skipped_by_reason["up to date"] == 1
+    rows = manifest_rows(dest)
+    gone = {"a/two.jpg", "b/three.jpg", "b/four.png"}
+    assert set(rows) == {"a/one.jpg", "notes.txt", *gone}
+    assert {rows[k]["reason"] for k in gone} == {"source deleted"}
     assert read_status(dest).failures == ()  # b/bad.jpg no longer reported
+    assert run(src, dest, delete=True).skipped_by_reason["up to date"] == 1
+    assert set(manifest_rows(dest)) == {"a/one.jpg", "notes.txt"}
 
 
 def test_dest_is_swept_for_temporaries_only_after_an_unfinished_run(
@@ -319,3 +328,127 @@ def test_dest_is_swept_for_temporaries_only_after_an_unfinished_run(
     conn.close()
     run(src, dest)  # as after kill -9: the whole of DEST is swept
     assert not planted.exists()
+
+
+# -- failures decided by the run's settings or by other files: decided again -------------
+
+MB = 1 << 20
+
+
+def test_memory_budget_refusal_is_decided_again_under_the_current_max_memory(
+    tmp_path: Path,
+) -> None:
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    save_jpeg(src / "huge.jpg", photo_array(4000, 3000, seed=1), quality=50)
+    age(src)
+
+    def refused_under(max_memory: int) -> str:
+        config = RunConfig(src=src, dest=dest, workers=1, max_memory=max_memory)
+        summary = convert_tree(src, dest, config)
+        [refused] = summary.not_converted
+        assert (refused.key, refused.reason) == ("huge.jpg", "too large")
+        assert summary.known_failed == 0  # decided from the header, not replayed
+        return refused.message
+
+    assert "--max-memory 200 MiB" in refused_under(200 * MB)
+    # The same budget refuses it again, quoting the budget of this run...
+    assert "--max-memory 150 MiB" in refused_under(150 * MB)
+    assert manifest_rows(dest)["huge.jpg"]["attempts"] == 0  # the image was never tried
+    # ...and raising it, as the message advises, converts it: no --retry-failed needed.
+    raised = convert_tree(src, dest, RunConfig(src=src, dest=dest, workers=1, max_memory=2 << 30))
+    assert raised.converted == 1 and raised.failed == 0 and raised.exit_code == 0
+    assert decode(dest / "huge.webp").size == (4000, 3000)
+
+
+def test_output_conflict_is_decided_again_from_the_files_of_this_run(tmp_path: Path) -> None:
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    # a.jpeg sorts first and claims a.webp; a.jpg conflicts with it.
+    save_jpeg(src / "a.jpeg", photo_array(96, 64, seed=1))
+    save_jpeg(src / "a.jpg", photo_array(80, 60, seed=2))
+    age(src)
+    first = run(src, dest)
+    [conflict] = first.not_converted
+    assert (conflict.key, conflict.reason) == ("a.jpg", "output conflict")
+    again = run(src, dest)  # both still there: still a conflict, decided afresh
+    assert [(r.key, r.reason) for r in again.not_converted] == [("a.jpg", "output conflict")]
+    assert again.known_failed == 0 and "known bad" not in again.not_converted[0].message
+    # The other source left out of this run: nothing claims a.webp but a.jpg.
+    alone = run(src, dest, include=("*.jpg",))
+    assert alone.converted == 1 and alone.failed == 0
+    assert decode(dest / "a.webp").size == (80, 60)
+    # A run of both again: the first in name order has the output back.
+    save_jpeg(src / "b.jpeg", photo_array(96, 64, seed=3))
+    save_jpeg(src / "b.jpg", photo_array(72, 48, seed=4))
+    age(src)
+    both = run(src, dest)
+    assert [(r.key, r.reason) for r in both.not_converted] == [
+        ("a.jpg", "output conflict"),
+        ("b.jpg", "output conflict"),
+    ]
+    assert decode(dest / "a.webp").size == (96, 64)
+    # The other source deleted: the conflict is gone with it.
+    (src / "b.jpeg").unlink()
+    gone = run(src, dest)
+    assert gone.converted == 1 and [r.key for r in gone.not_converted] == ["a.jpg"]
+    assert decode(dest / "b.webp").size == (72, 48)
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose IHDR claims width x height over a few bytes of data: a decompression bomb."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body)
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\0" * 1024)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def test_bomb_over_max_pixels_is_told_about_max_pixels_not_max_memory(tmp_path: Path) -> None:
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    src.mkdir()
+    (src / "bomb_png_65536x65536.png").write_bytes(png_header_only(65536, 65536))
+    # Under --max-pixels, but more than 1 GiB to convert: that one is the budget's call.
+    (src / "wide_png_12000x9000.png").write_bytes(png_header_only(12000, 9000))
+    age(src)
+    config = RunConfig(src=src, dest=dest, workers=1, max_memory=1 << 30)
+    summary = convert_tree(src, dest, config)
+    assert summary.converted == 0
+    by_key = {r.key: r for r in summary.not_converted}
+    bomb = by_key["bomb_png_65536x65536.png"]
+    assert bomb.reason == "too large" and bomb.error_class == "TooLarge"
+    assert "--max-pixels" in bomb.message and "--max-memory" not in bomb.message
+    assert "65536x65536" in bomb.message
+    wide = by_key["wide_png_12000x9000.png"]
+    assert "--max-memory" in wide.message and "--max-pixels" not in wide.message
+    # The bomb is too large under these options whatever the budget: known bad.
+    again = convert_tree(src, dest, RunConfig(src=src, dest=dest, workers=1, max_memory=2 << 30))
+    assert again.known_failed == 1
+    [replayed] = [r for r in again.not_converted if r.key == "bomb_png_65536x65536.png"]
+    assert "--max-pixels" in replayed.message and "known bad" in replayed.message
+
+
+def test_every_image_error_states_its_cause_in_the_drawn_tree() -> None:
+    import optimizr
+    from optimizr import errors
+
+    assert errors.__doc__ is not None
+    tree = errors.__doc__.splitlines()
+    classes = [getattr(optimizr, n) for n in optimizr.__all__]
+    image_errors = [
+        c
+        for c in classes
+        if isinstance(c, type) and issubclass(c, ImageError) and c is not ImageError
+    ]
+    assert len(image_errors) > 15
+    for cls in image_errors:
+        [line] = [t for t in tree if f" {cls.__name__} " in t]
+        assert line.split()[-1] == cls.cause, cls.__name__
+    transient = {c.reason for c in image_errors if c.cause == "transient"}
+    assert errors.TRANSIENT == transient and "no space left" in transient
+    assert errors.cause_of("OverMemoryBudget", "too large") == "run"
+    assert errors.cause_of("TooLarge", "too large") == "image"
+    assert errors.cause_of(None, "no space left") == "transient"  # a row with no class

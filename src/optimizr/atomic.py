@@ -86,10 +86,18 @@ def atomic_open(target: Path, *, mode: int = 0o644) -> Iterator[AtomicFile]:
             os.close(fd)
 
 
-def atomic_write(target: Path, data: bytes, *, mode: int = 0o644) -> None:
-    """Write ``data`` to ``target`` atomically, creating parent directories."""
+def atomic_write(
+    target: Path, data: bytes, *, mode: int = 0o644, mtime_ns: int | None = None
+) -> None:
+    """Write ``data`` to ``target`` atomically, creating parent directories.
+
+    With ``mtime_ns``, the file carries that modification time from the moment
+    it appears (set on the temporary, before the rename)."""
     with atomic_open(target, mode=mode) as fh:
         fh.write(data)
+        if mtime_ns is not None:
+            fh.flush()
+            os.utime(fh.fd, ns=(mtime_ns, mtime_ns))
 
 
 def fsync_dir(directory: Path) -> None:

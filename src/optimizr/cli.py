@@ -1,7 +1,13 @@
 """The command line: parse, build one frozen config, make one library call, exit.
 
-Exit codes: 0 every file converted or skipped; 1 some failed; 2 usage error
-(or a damaged manifest); 3 another run holds DEST; 4 the worker processes
+Every option of ``convert`` is declared once, in :mod:`optimizr.cli_options`;
+from there it reaches the command line, the environment (``OPTIMIZR_QUALITY``),
+the config file (``optimizr.toml``) and the frozen config.
+
+Exit codes: 0 every file converted or skipped, or failed only as it had failed
+before (known bad: listed, but not new); 1 some file failed for the first time,
+or for another reason than before (with --strict: any file failed); 2 usage
+error (or a damaged manifest); 3 another run holds DEST; 4 the worker processes
 cannot start; 130 interrupted by SIGINT, 143 by SIGTERM.
 """
 
@@ -11,8 +17,11 @@ import contextlib
 import io
 import json
 import logging
+import os
 import signal
 import sys
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -21,392 +30,197 @@ import click
 from rich.console import Console
 
 from optimizr import __version__
-from optimizr.config import DEFAULT_MAX_PIXELS, PRESETS, EncodeOptions, RunConfig, parse_size
+from optimizr.cli_options import (
+    CONFIG_NAME,
+    ConsoleOptions,
+    apply_options,
+    build_configs,
+    find_config_file,
+    load_config_file,
+)
+from optimizr.config import RunConfig
 from optimizr.convert import convert_tree
-from optimizr.errors import OptimizrError
+from optimizr.errors import OptimizrError, UsageError
 from optimizr.events import Listeners, ProgressListener, StopToken
+from optimizr.filenames import json_safe, printable
 from optimizr.lock import describe_holder
 from optimizr.metrics.logs import LogListener, configure_logging
-from optimizr.metrics.progress import TerminalProgress, summary_table
+from optimizr.metrics.progress import TerminalProgress, deletion_lines, summary_table
 from optimizr.status import StatusReport, read_status
 
 if TYPE_CHECKING:
     from optimizr.metrics.exporter import MetricsExporter
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="optimizr")
+class _Group(click.Group):
+    """click's group, with click's own errors in optimizr's one style.
+
+    click prints ``Usage: ...`` and ``Error: Invalid value ...`` over three lines;
+    optimizr's errors are one line, ``optimizr: error: ...`` (or one JSON event
+    with --log-format json), with the same exit code 2 for every usage error.
+    """
+
+    def main(self, args: Sequence[str] | None = None, *pos: Any, **kwargs: Any) -> Any:
+        argv = list(sys.argv[1:] if args is None else args)
+        kwargs["standalone_mode"] = False
+        try:
+            code = super().main(argv, *pos, **kwargs)
+        except click.exceptions.Abort:
+            print_error("aborted", argv)
+            sys.exit(130)
+        except click.exceptions.NoArgsIsHelpError as exc:
+            click.echo(exc.format_message(), err=True)  # plain `optimizr`: the help
+            sys.exit(2)
+        except click.ClickException as exc:
+            message = exc.format_message().replace("\n", "; ")
+            print_error(message[:1].lower() + message[1:], argv)
+            sys.exit(2 if isinstance(exc, click.UsageError) else exc.exit_code)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def print_error(message: str, argv: Sequence[str] = (), *, json_logs: bool | None = None) -> None:
+    """The one way an error reaches the user: one line on stderr."""
+    if json_logs is None:
+        json_logs = _wants_json(argv)
+    if json_logs:
+        event = {"level": "error", "event": "error", "message": message, "exit_code": 2}
+        click.echo(json.dumps(json_safe(event), ensure_ascii=False), err=True)
+    else:
+        click.echo(f"optimizr: error: {printable(message)}", err=True)
+
+
+def _wants_json(argv: Sequence[str]) -> bool:
+    # Parsing failed, so the parsed --log-format is unknown: look for it by hand.
+    for index, arg in enumerate(argv):
+        if arg == "--log-format=json" or (
+            arg == "--log-format" and argv[index + 1 : index + 2] == ["json"]
+        ):
+            return True
+    return os.environ.get("OPTIMIZR_LOG_FORMAT") == "json"
+
+
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    from optimizr.convert import tool_versions
+
+    tool = tool_versions()
+    click.echo(f"optimizr {__version__}")
+    click.echo(f"libvips {tool['libvips']} (pyvips {tool['pyvips']})")
+    click.echo(f"libwebp {tool['libwebp']}")
+    click.echo(f"Python {tool['python']}")
+    ctx.exit(0)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_print_version,
+    help="Print the versions of optimizr, libvips, libwebp and Python, and exit.",
+)
 def main() -> None:
     """Convert whole image libraries to WebP."""
 
 
-@main.command()
-@click.argument("src", type=click.Path(path_type=Path, file_okay=False))
-@click.argument("dest", type=click.Path(path_type=Path, file_okay=False))
-@click.option(
-    "-q",
-    "--quality",
-    type=click.IntRange(0, 100),
-    default=80,
-    show_default=True,
-    help="Lossy quality (libwebp -q).",
+def _read_config_file(ctx: click.Context, _param: click.Parameter, value: Path | None) -> Any:
+    # Eager, so it runs before the other options take their defaults: the file's
+    # values become click's default_map, below the command line and environment.
+    if ctx.resilient_parsing:
+        return value
+    try:
+        path = find_config_file(value)
+        if path is not None:
+            ctx.default_map = {**(ctx.default_map or {}), **load_config_file(path)}
+    except UsageError as exc:
+        raise click.UsageError(str(exc)) from None
+    return path
+
+
+@main.command(
+    epilog="Every option can also be set in the environment (OPTIMIZR_QUALITY=75, "
+    f"OPTIMIZR_MAX_MEMORY=2G) or in {CONFIG_NAME} (quality = 75); the command line wins, "
+    "then the environment, then the file."
 )
+# As typed (str, not Path): a trailing slash on DEST says "a folder" for one file.
+@click.argument("paths", nargs=-1, required=True, type=click.Path(), metavar="SRC... DEST")
 @click.option(
-    "--effort",
-    type=click.IntRange(0, 6),
-    default=4,
-    show_default=True,
-    help="CPU effort: 0 fastest, 6 smallest files (libwebp -m).",
-)
-@click.option("--lossless", is_flag=True, help="Lossless WebP.")
-@click.option(
-    "--near-lossless",
-    type=click.IntRange(0, 100),
-    default=None,
-    metavar="N",
-    help="Near-lossless preprocessing level, 0 (most) to 100 (off); implies lossless.",
-)
-@click.option(
-    "--alpha-quality",
-    type=click.IntRange(0, 100),
-    default=100,
-    show_default=True,
-    help="Quality of the alpha plane.",
-)
-@click.option("--smart-subsample", is_flag=True, help="Sharper chroma subsampling (slower).")
-@click.option(
-    "--preset",
-    type=click.Choice(PRESETS),
-    default="default",
-    show_default=True,
-    help="libwebp content preset.",
-)
-@click.option(
-    "--max-width",
-    type=click.IntRange(1),
-    default=None,
-    help="Shrink wider images to this width (aspect kept, never enlarged).",
-)
-@click.option(
-    "--max-height",
-    type=click.IntRange(1),
-    default=None,
-    help="Shrink taller images to this height (aspect kept, never enlarged).",
-)
-@click.option(
-    "--metadata",
-    type=click.Choice(["none", "icc", "all"]),
-    default="icc",
-    show_default=True,
-    help="What to keep: icc keeps only the colour profile (EXIF/GPS/XMP dropped).",
-)
-@click.option(
-    "--srgb", is_flag=True, help="Convert to sRGB instead of keeping a wide-gamut colour profile."
-)
-@click.option(
-    "--oversize",
-    type=click.Choice(["fail", "fit"]),
-    default="fail",
-    show_default=True,
-    help="Images over WebP's 16383 px limit: fail, or fit (downscale to fit).",
-)
-@click.option(
-    "--max-pixels",
-    type=click.IntRange(1),
-    default=DEFAULT_MAX_PIXELS,
-    show_default=True,
-    help="Refuse larger images (decompression bombs) from the header.",
-)
-@click.option(
-    "--if-larger",
-    type=click.Choice(["skip", "write"]),
-    default="skip",
-    show_default=True,
-    help="When the WebP is bigger than the source: skip or write.",
-)
-@click.option(
-    "--name",
-    "name_mode",
-    type=click.Choice(["replace", "append"]),
-    default="replace",
-    show_default=True,
-    help="photo.jpg -> photo.webp (replace) or photo.jpg.webp (append).",
-)
-@click.option(
-    "--include",
-    multiple=True,
-    metavar="GLOB",
-    help="Only files matching (name, or path if it has a /). Repeatable.",
-)
-@click.option(
-    "--exclude", multiple=True, metavar="GLOB", help="Skip files and folders matching. Repeatable."
-)
-@click.option("--follow-symlinks", is_flag=True, help="Follow symbolic links (loops are cut).")
-@click.option("--dry-run", is_flag=True, help="List what would be converted; write nothing.")
-@click.option("--force", is_flag=True, help="Ignore the manifest: convert even what is up to date.")
-@click.option(
-    "--retry-failed",
-    is_flag=True,
-    help="Try again the images earlier runs found bad (corrupt, crashed the codec...).",
-)
-@click.option(
-    "--max-attempts",
-    type=click.IntRange(1),
-    default=3,
-    show_default=True,
-    help="With --retry-failed: give up on an image after this many attempts in all.",
-)
-@click.option(
-    "--verify",
-    is_flag=True,
-    help="Decode each output before committing it; a mismatch is a failure.",
-)
-@click.option(
-    "--rebuild-manifest",
-    is_flag=True,
-    help="Set a damaged manifest aside and rebuild it from the outputs in DEST.",
-)
-@click.option(
-    "-j",
-    "--workers",
-    type=click.IntRange(0),
-    default=0,
-    help="Worker processes (default: the CPUs this process may use).",
-)
-@click.option(
-    "--timeout",
-    type=click.FloatRange(min=0, min_open=True),
-    default=300.0,
-    show_default=True,
-    help="Seconds per image before its worker is killed.",
-)
-@click.option(
-    "--max-memory",
-    default=None,
-    metavar="SIZE",
-    help="Ceiling on the memory of all processes, e.g. 512M, 2G "
-    "[default: half of the available memory, cgroup limit included].",
-)
-@click.option(
-    "--max-tasks-per-worker",
-    type=click.IntRange(1),
-    default=200,
-    show_default=True,
-    help="Replace each worker process after this many images.",
-)
-@click.option(
-    "--grace",
-    type=click.FloatRange(min=0),
-    default=60.0,
-    show_default=True,
-    help="After Ctrl-C or SIGTERM, seconds in-flight images may take to finish.",
-)
-@click.option(
-    "--lookahead",
-    type=click.IntRange(0),
-    default=4,
-    show_default=True,
-    help="Files per worker the walk may run ahead; the largest of them starts first "
-    "(0: strictly in walk order).",
-)
-@click.option(
-    "--summary",
-    "summary_path",
+    "--config",
+    "config_file",
     type=click.Path(path_type=Path, dir_okay=False),
-    default=None,
-    help="Where to write the JSON summary [DEST/optimizr-summary.json].",
-)
-@click.option("-v", "--verbose", is_flag=True, help="One line per file.")
-@click.option(
-    "--progress/--no-progress",
-    "live",
-    default=None,
-    help="Force the live progress bar on or off (default: on for a terminal).",
-)
-@click.option(
-    "--metrics-port",
-    type=click.IntRange(0, 65535),
-    default=None,
-    metavar="PORT",
-    help="During the run, serve Prometheus /metrics, /healthz and /readyz on this port "
-    "(0: any free port).",
-)
-@click.option(
-    "--metrics-host",
-    default="127.0.0.1",
-    show_default=True,
-    metavar="HOST",
-    help="Address the --metrics-port server listens on (0.0.0.0: every interface).",
-)
-@click.option(
-    "--metrics-textfile",
-    type=click.Path(path_type=Path, dir_okay=False),
-    default=None,
+    envvar="OPTIMIZR_CONFIG",
+    is_eager=True,
+    callback=_read_config_file,
     metavar="PATH",
-    help="At the end of the run, write the final metrics here, atomically "
-    "(node_exporter textfile collector format, name it *.prom).",
+    help=f"Read option defaults from this TOML file [./{CONFIG_NAME} if it exists].",
 )
-@click.option(
-    "--metrics-linger",
-    type=click.FloatRange(min=0),
-    default=0.0,
-    show_default=True,
-    metavar="SECONDS",
-    help="After the run, keep serving the final metrics this long (Ctrl-C ends it sooner).",
-)
-@click.option(
-    "--stall-timeout",
-    type=click.FloatRange(min=0, min_open=True),
-    default=300.0,
-    show_default=True,
-    metavar="SECONDS",
-    help="/healthz answers 503 when no image finished for this long while work is pending.",
-)
-@click.option(
-    "--log-format",
-    type=click.Choice(["text", "json"]),
-    default="text",
-    show_default=True,
-    help="json: one JSON object per line on stderr (an event per image and per "
-    "milestone) instead of the progress display and table.",
-)
-@click.option(
-    "--log-level",
-    type=click.Choice(["debug", "info", "warning", "error"]),
-    default="info",
-    show_default=True,
-    help="Least severe log events shown (failed images are warnings).",
-)
-def convert(src: Path, dest: Path, log_format: str, log_level: str, **options: Any) -> None:
-    """Convert every image under SRC into a mirrored tree of .webp files under DEST."""
-    with configure_logging("json" if log_format == "json" else "text", log_level) as logger:
-        sys.exit(_convert(logger, log_format == "json", src, dest, **options))
+@apply_options
+def convert(paths: tuple[str, ...], config_file: Path | None, **params: Any) -> None:
+    """Convert every image under SRC into a mirrored tree of .webp files under DEST.
+
+    SRC may be one file (DEST: a .webp name or a folder), DEST itself (in place,
+    with --name append), or several SRCs, each going under DEST/<its name>/."""
+    srcs, dest = paths[:-1], paths[-1]
+    src = Path(srcs[0]) if len(srcs) == 1 else tuple(Path(s) for s in srcs)
+    try:
+        config, console = build_configs(src, Path(dest), params, config_file)
+    except OptimizrError as exc:
+        print_error(str(exc), json_logs=params.get("log_format") == "json")
+        sys.exit(exc.exit_code)
+    with configure_logging(console.log_format, console.effective_log_level) as logger:
+        sys.exit(_convert(logger, config, console, dest))
 
 
-def _convert(
-    logger: logging.Logger,
-    json_logs: bool,
-    src: Path,
-    dest: Path,
-    *,
-    quality: int,
-    effort: int,
-    lossless: bool,
-    near_lossless: int | None,
-    alpha_quality: int,
-    smart_subsample: bool,
-    preset: Any,
-    max_width: int | None,
-    max_height: int | None,
-    metadata: Any,
-    srgb: bool,
-    oversize: Any,
-    max_pixels: int,
-    if_larger: Any,
-    name_mode: Any,
-    include: tuple[str, ...],
-    exclude: tuple[str, ...],
-    follow_symlinks: bool,
-    dry_run: bool,
-    force: bool,
-    retry_failed: bool,
-    max_attempts: int,
-    verify: bool,
-    rebuild_manifest: bool,
-    workers: int,
-    timeout: float,
-    max_memory: str | None,
-    max_tasks_per_worker: int,
-    grace: float,
-    lookahead: int,
-    summary_path: Path | None,
-    verbose: bool,
-    live: bool | None,
-    metrics_port: int | None,
-    metrics_host: str,
-    metrics_textfile: Path | None,
-    metrics_linger: float,
-    stall_timeout: float,
-) -> int:
+def _convert(logger: logging.Logger, config: RunConfig, console: ConsoleOptions, dest: str) -> int:
     """The body of ``convert``; returns the exit code."""
     err = Console(stderr=True, highlight=False, soft_wrap=True)
+    started_at = time.time()
+    exporter: MetricsExporter | None = None
+    json_logs, quiet = console.json_logs, console.effective_log_level in ("warning", "error")
     try:
-        config = RunConfig(
-            src=src,
-            dest=dest,
-            encode=EncodeOptions(
-                quality=quality,
-                effort=effort,
-                lossless=lossless,
-                near_lossless=near_lossless,
-                alpha_quality=alpha_quality,
-                smart_subsample=smart_subsample,
-                preset=preset,
-                max_width=max_width,
-                max_height=max_height,
-                metadata=metadata,
-                srgb=srgb,
-                oversize=oversize,
-                max_pixels=max_pixels,
-            ),
-            workers=workers,
-            include=include,
-            exclude=exclude,
-            follow_symlinks=follow_symlinks,
-            name=name_mode,
-            if_larger=if_larger,
-            dry_run=dry_run,
-            force=force,
-            retry_failed=retry_failed,
-            max_attempts=max_attempts,
-            verify=verify,
-            rebuild_manifest=rebuild_manifest,
-            summary_path=summary_path,
-            timeout=timeout,
-            max_memory=parse_size(max_memory) if max_memory else None,
-            max_tasks_per_worker=max_tasks_per_worker,
-            grace=grace,
-            lookahead_per_worker=lookahead,
-        )
         stop = StopToken()
         log = LogListener(logger, images=json_logs)
+        dry_run = config.dry_run
         # JSON logs own stderr: no live bar, plain lines or table may mix into them.
         progress = TerminalProgress(
-            live=False if dry_run or json_logs else live,
-            verbose=verbose or dry_run,
+            live=False if dry_run or json_logs or quiet else console.live,
+            verbose=(console.verbose or dry_run or console.log_level == "debug") and not quiet,
             stream=io.StringIO() if json_logs else None,
+            quiet=quiet,
+            show_failures=console.effective_log_level != "error",
         )
         listener: ProgressListener = Listeners(progress, log)
-        exporter: MetricsExporter | None = None
-        if metrics_port is not None or metrics_textfile is not None:
+        if console.metrics_port is not None or console.metrics_textfile is not None:
             # Imported here: prometheus_client costs ~70 ms, paid only by runs that use it.
-            from optimizr.metrics.exporter import MetricsExporter
+            from optimizr.metrics.exporter import MetricsExporter, run_labels
 
-            exporter = MetricsExporter(stall_timeout=stall_timeout)
+            exporter = MetricsExporter(
+                stall_timeout=console.stall_timeout, labels=run_labels(config)
+            )
             listener = Listeners(progress, log, exporter)
-        received: list[int] = []
 
         def on_signal(signum: int, _frame: FrameType | None) -> None:
-            received.append(signum)
-            stop.request()
+            stop.request(signum)
             listener.stopping(hard=stop.hard)
 
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             # The server answers from before the run starts until it ends, then frees the port.
             with exporter or contextlib.nullcontext(), progress:
-                if exporter is not None and metrics_port is not None:
-                    url = exporter.serve(metrics_host, metrics_port)
+                if exporter is not None and console.metrics_port is not None:
+                    url = exporter.serve(console.metrics_host, console.metrics_port)
                     logger.info(
                         "metrics: %s/metrics (and /healthz, /readyz)",
                         url,
                         extra={"event": "metrics", "fields": {"url": url}},
                     )
-                summary = convert_tree(src, dest, config, listener=listener, stop=stop)
+                summary = convert_tree(config.src, dest, config, listener=listener, stop=stop)
                 if exporter is not None:
                     exporter.run_ended()
-                    if metrics_port is not None and metrics_linger > 0:
-                        exporter.linger(metrics_linger)
+                    if console.metrics_port is not None and console.metrics_linger > 0:
+                        exporter.linger(console.metrics_linger)
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
@@ -415,26 +229,61 @@ def _convert(
             fields = {"message": str(exc), "exit_code": exc.exit_code}
             logger.error("%s", exc, extra={"event": "error", "fields": fields})
         else:
-            err.print(f"optimizr: error: {exc}", markup=False)
+            print_error(str(exc), json_logs=False)
+        # A run that could not start is a failed run, for the textfile too.
+        problem = _write_textfile(exporter, console.metrics_textfile, exc.exit_code, started_at)
+        if problem:
+            err.print(f"optimizr: warning: {problem}", markup=False)
         return exc.exit_code
 
-    if exporter is not None and metrics_textfile is not None:
-        try:
-            exporter.write_textfile(metrics_textfile)
-        except OSError as exc:
-            summary.warnings.append(f"could not write {metrics_textfile}: {exc.strerror or exc}")
     code = summary.exit_code
-    if summary.interrupted and received and received[0] == signal.SIGTERM:
-        code = 143
+    problem = _write_textfile(exporter, console.metrics_textfile, code, started_at)
+    if problem:
+        summary.warnings.append(problem)
+    if config.summary_to_stdout and not dry_run:
+        click.echo(json.dumps(summary.to_dict(), indent=2))
     if json_logs:
         log.run_finished(summary, code)
     else:
-        err.print(summary_table(summary))
-        for warning in summary.warnings:
-            err.print(f"optimizr: warning: {warning}", markup=False)
-        if not dry_run:
-            err.print(f"summary: {config.effective_summary_path}", markup=False)
+        if not quiet:
+            err.print(summary_table(summary))
+            for line in deletion_lines(summary, console.verbose and not dry_run):
+                err.print(line, markup=False)
+        if console.effective_log_level != "error":
+            for warning in summary.warnings:
+                err.print(f"optimizr: warning: {printable(warning)}", markup=False)
+        if dry_run:
+            _print_dry_run(summary)
+        elif not quiet and summary.summary_file is not None:
+            err.print(f"summary: {printable(str(summary.summary_file))}", markup=False)
     return code
+
+
+def _write_textfile(
+    exporter: MetricsExporter | None, path: Path | None, code: int, started_at: float
+) -> str | None:
+    """Write --metrics-textfile with the run's exit code; the problem, if it could not."""
+    if exporter is None or path is None:
+        return None
+    try:
+        exporter.write_textfile(
+            path, exit_code=code, started_at=started_at, finished_at=time.time()
+        )
+    except OSError as exc:
+        return f"could not write {path}: {exc.strerror or exc}"
+    return None
+
+
+def _print_dry_run(summary: Any) -> None:
+    """What a dry run found, on stdout where a pipe can take it; the table is on stderr."""
+    from optimizr.metrics.progress import human_bytes
+
+    click.echo(
+        f"would convert {summary.would_convert:,} files "
+        f"({human_bytes(summary.would_convert_bytes)})"
+    )
+    for line in deletion_lines(summary, True):  # --delete: what it would remove
+        click.echo(line)
 
 
 @main.command()
@@ -445,9 +294,7 @@ def status(dest: Path, as_json: bool) -> None:
     try:
         report = read_status(dest)
     except OptimizrError as exc:
-        Console(stderr=True, highlight=False, soft_wrap=True).print(
-            f"optimizr: error: {exc}", markup=False
-        )
+        print_error(str(exc), json_logs=False)
         sys.exit(exc.exit_code)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
@@ -456,7 +303,8 @@ def status(dest: Path, as_json: bool) -> None:
 
 
 def format_status(report: StatusReport) -> str:
-    lines = [f"DEST      {report.dest}", f"manifest  {report.manifest}"]
+    # Paths and messages are shown escaped: a name may hold what a terminal obeys.
+    lines = [f"DEST      {printable(report.dest)}", f"manifest  {printable(report.manifest)}"]
     if report.lock_holder is not None:
         lines.append(f"running   yes ({describe_holder(report.lock_holder)})")
     else:
@@ -469,6 +317,14 @@ def format_status(report: StatusReport) -> str:
             else (f"exit {run['exit_code']}")
         )
         lines.append(f"last run  #{run['id']} ({ended})")
+    progress = report.progress
+    if progress is not None:
+        left = (
+            "total not known yet (still counting)"
+            if progress.total is None or progress.remaining is None
+            else f"remaining {progress.remaining:,} of {progress.total:,}"
+        )
+        lines.append(f"progress  {progress.processed:,} processed this run, {left}")
     counts = report.by_status
     lines.append(
         f"files     {report.total:,}: {counts['done']:,} done, {counts['failed']:,} failed, "
@@ -484,28 +340,54 @@ def format_status(report: StatusReport) -> str:
         lines.append(f"skipped   {count:>8,}  {reason}")
     for group in report.failures:
         example = f"{group.example}: {group.message}" if group.message else group.example
-        lines.append(f"failed    {group.count:>8,}  {group.reason}  e.g. {example}")
+        lines.append(f"failed    {group.count:>8,}  {group.reason}  e.g. {printable(example)}")
     return "\n".join(lines)
 
 
 @main.command()
-@click.argument("summary", type=click.Path(path_type=Path))
+@click.argument("source", metavar="DEST|SUMMARY", type=click.Path(path_type=Path))
 @click.option(
     "-o",
     "--output",
     type=click.Path(path_type=Path, dir_okay=False),
     default=None,
-    help="Where to write the HTML page [report.html beside SUMMARY].",
+    help="Where to write the HTML page [report.html (report-history.html with --history) "
+    "in DEST, or beside SUMMARY].",
 )
-def report(summary: Path, output: Path | None) -> None:
-    """Draw SUMMARY (a run's optimizr-summary.json) as one self-contained HTML page."""
-    # Imported here, like plotly inside it: `optimizr convert` should not load either.
-    from optimizr.report import write_report
+@click.option(
+    "--history",
+    "--all",
+    "history",
+    is_flag=True,
+    help="Draw every run DEST keeps (DEST/.optimizr/runs/): a table of runs and totals over time.",
+)
+def report(source: Path, output: Path | None, history: bool) -> None:
+    """Draw a run's summary as one self-contained HTML page.
 
-    out = output or summary.with_name("report.html")
+    DEST (a folder): its latest run that converted or failed something. SUMMARY: that
+    summary file (an optimizr-summary.json, or one kept in DEST/.optimizr/runs/).
+    """
+    # Imported here, like plotly inside it: `optimizr convert` should not load either.
+    from optimizr.history import latest_summary
+    from optimizr.report import write_report
+    from optimizr.report_history import write_history_report
+
+    folder = source.is_dir()
     try:
-        write_report(summary, out)
+        if history:
+            if not folder:
+                raise UsageError(f"--history draws the runs DEST keeps: {source} is not a folder")
+            out = output or source / "report-history.html"
+            count = write_history_report(source, out)
+            drawn = f"{count} run" + ("s" if count != 1 else "")
+        else:
+            summary, why = latest_summary(source) if folder else (source, "")
+            out = output or (source / "report.html" if folder else summary.with_name("report.html"))
+            write_report(summary, out)
+            drawn = f"{summary}, {why}" if folder else ""
     except OptimizrError as exc:
-        click.echo(f"optimizr: error: {exc}", err=True)
+        print_error(str(exc), json_logs=False)
         sys.exit(exc.exit_code)
-    click.echo(f"report: {out}", err=True)
+    click.echo(
+        f"report: {printable(str(out))}" + (f" ({printable(drawn)})" if drawn else ""), err=True
+    )

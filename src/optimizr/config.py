@@ -24,10 +24,15 @@ DEFAULT_MAX_PIXELS = 268_402_689
 Metadata = Literal["none", "icc", "all"]
 Oversize = Literal["fail", "fit"]
 IfLarger = Literal["skip", "write"]
-NameMode = Literal["replace", "append"]
+NameMode = Literal["replace", "append", "auto"]
+IfExists = Literal["skip", "overwrite"]
 Preset = Literal["default", "picture", "photo", "drawing", "icon", "text"]
+Pages = Literal["first", "all"]
 
 PRESETS: tuple[str, ...] = ("default", "picture", "photo", "drawing", "icon", "text")
+
+#: The summary a run writes at the top of DEST (unless --summary says elsewhere).
+SUMMARY_NAME = "optimizr-summary.json"
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,9 @@ class EncodeOptions:
     srgb: bool = False
     oversize: Oversize = "fail"
     max_pixels: int = DEFAULT_MAX_PIXELS
+    #: A multi-page TIFF: its first page (with a warning), or every page as its own
+    #: output (``scan.webp``, ``scan.p2.webp``, ...).
+    pages: Pages = "first"
 
     def __post_init__(self) -> None:
         _check_range("--quality", self.quality, 0, 100)
@@ -65,6 +73,8 @@ class EncodeOptions:
             raise UsageError(f"--metadata must be none, icc or all, not {self.metadata!r}")
         if self.oversize not in ("fail", "fit"):
             raise UsageError(f"--oversize must be fail or fit, not {self.oversize!r}")
+        if self.pages not in ("first", "all"):
+            raise UsageError(f"--pages must be first or all, not {self.pages!r}")
 
     def shrink_box(self, width: int, height: int) -> tuple[int, int] | None:
         """The box an upright ``width`` x ``height`` image must shrink into, or None
@@ -82,17 +92,22 @@ class EncodeOptions:
 class RunConfig:
     """One ``convert`` run: where from, where to, and how."""
 
-    src: Path
+    #: One SRC (a folder, or one file), or several (see ``sources``).
+    src: Path | tuple[Path, ...]
     dest: Path
     encode: EncodeOptions = field(default_factory=EncodeOptions)
     workers: int = 0  # 0 = the CPUs this process may use
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     follow_symlinks: bool = False
+    #: Give each output the modification time of its source (as rsync -t, cwebp-based
+    #: deploy scripts and CDNs that sort by mtime expect).
+    preserve_mtime: bool = False
     name: NameMode = "replace"
     if_larger: IfLarger = "skip"
     dry_run: bool = False
     force: bool = False
+    #: Where the JSON summary goes; ``-`` is standard output.
     summary_path: Path | None = None
     #: How far the walk may run ahead of the workers, in files per worker. The
     #: largest image in this window starts first; 0 turns that off (plain FIFO).
@@ -114,14 +129,47 @@ class RunConfig:
     verify: bool = False
     #: Set a damaged manifest aside and rebuild it from the outputs on disk.
     rebuild_manifest: bool = False
+    #: Convert only the files this list names (relative to SRC, one folder) instead
+    #: of walking SRC; ``-`` reads the list from standard input.
+    files_from: Path | None = None
+    #: The list's names end with NUL (``find -print0``), not with a newline.
+    files_from_nul: bool = False
+    #: A file in DEST where an output goes that optimizr did not write (no
+    #: manifest row names it): keep it and skip the source, or replace it.
+    if_exists: IfExists = "skip"
+    #: Remove the outputs (and copies) optimizr wrote for sources that are gone.
+    delete: bool = False
+    #: Copy the files that are not converted (larger than source, small saving,
+    #: already WebP, unsupported, not an image) into DEST as they are.
+    copy_unconverted: bool = False
+    #: Keep no WebP that saves less than this percentage of its source.
+    min_saving: float = 0.0
+    #: Re-encode WebP sources; without it they are kept as they are ("already webp").
+    reencode_webp: bool = False
+    #: Exit 1 for any failed file; by default only for failures new in this run,
+    #: so that known-bad files do not fail every scheduled run for ever.
+    strict: bool = False
+    #: Labels put on every series of the --metrics-textfile, as (name, value) pairs,
+    #: besides ``dest`` (which a pair named ``dest`` replaces).
+    metrics_labels: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
+        if not self.sources:
+            raise UsageError("convert needs a SRC and a DEST")
+        if self.files_from_nul and self.files_from is None:
+            raise UsageError("-0/--null says how --files-from separates names: give --files-from")
         if self.workers < 0:
             raise UsageError(f"--workers must be 0 (auto) or more, not {self.workers}")
-        if self.name not in ("replace", "append"):
-            raise UsageError(f"--name must be replace or append, not {self.name!r}")
+        if self.name not in ("replace", "append", "auto"):
+            raise UsageError(f"--name must be replace, append or auto, not {self.name!r}")
+        if self.if_exists not in ("skip", "overwrite"):
+            raise UsageError(f"--if-exists must be skip or overwrite, not {self.if_exists!r}")
         if self.if_larger not in ("skip", "write"):
             raise UsageError(f"--if-larger must be skip or write, not {self.if_larger!r}")
+        if not 0 <= self.min_saving < 100:
+            raise UsageError(f"--min-saving must be 0 or more and under 100, not {self.min_saving}")
+        if self.min_saving and self.if_larger == "write":
+            raise UsageError("--min-saving cannot be used with --if-larger write (which keeps all)")
         if self.timeout <= 0:
             raise UsageError(f"--timeout must be positive, not {self.timeout}")
         if self.max_memory is not None and self.max_memory < 64 << 20:
@@ -132,6 +180,26 @@ class RunConfig:
             raise UsageError(f"--max-attempts must be at least 1, not {self.max_attempts}")
         if self.grace < 0:
             raise UsageError(f"--grace must not be negative, not {self.grace}")
+        if not isinstance(self.strict, bool):
+            raise UsageError(f"strict must be True or False, not {self.strict!r}")
+        seen: set[str] = set()
+        for name, _ in self.metrics_labels:
+            if not _LABEL_NAME_RE.match(name) or name.startswith("__"):
+                raise UsageError(
+                    f"--metrics-label: {name!r} is not a valid label name "
+                    "(letters, digits and _, not starting with a digit or __)"
+                )
+            if name in METRIC_LABELS_IN_USE:
+                raise UsageError(
+                    f"--metrics-label: {name!r} is already a label of optimizr's metrics"
+                )
+            if name in seen:
+                raise UsageError(f"--metrics-label: {name!r} is given twice")
+            seen.add(name)
+
+    @property
+    def sources(self) -> tuple[Path, ...]:
+        return self.src if isinstance(self.src, tuple) else (self.src,)
 
     @property
     def effective_workers(self) -> int:
@@ -139,7 +207,26 @@ class RunConfig:
 
     @property
     def effective_summary_path(self) -> Path:
-        return self.summary_path or self.dest / "optimizr-summary.json"
+        return self.summary_path or self.dest / SUMMARY_NAME
+
+    @property
+    def summary_to_stdout(self) -> bool:
+        return self.summary_path is not None and str(self.summary_path) == "-"
+
+
+#: Prometheus label names (its data model: ``[a-zA-Z_][a-zA-Z0-9_]*``; ``__`` is reserved).
+_LABEL_NAME_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+#: Labels optimizr's own series carry (``le``: histogram buckets); a run label of the
+#: same name would collide with them.
+METRIC_LABELS_IN_USE = frozenset({"status", "format", "le", "quantile"})
+
+
+def parse_metrics_label(text: str) -> tuple[str, str]:
+    """``KEY=VALUE`` (as ``--metrics-label`` takes it) as a (name, value) pair."""
+    name, equals, value = text.partition("=")
+    if not equals or not name:
+        raise UsageError(f"--metrics-label takes KEY=VALUE, not {text!r}")
+    return name, value
 
 
 def _check_range(name: str, value: int, low: int, high: int) -> None:

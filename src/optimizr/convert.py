@@ -1,7 +1,8 @@
 """The library API: convert one file, or a whole tree.
 
-``convert_tree`` sets a run up (checks SRC and DEST, takes DEST's lock, opens
-the manifest, builds the memory budget and the worker pool), runs the
+``convert_tree`` sets a run up (resolves SRC... and DEST into a layout, see
+``sources.py``; takes DEST's lock, opens the manifest, builds the memory budget
+and the worker pool), runs the
 :class:`~optimizr.pipeline.Pipeline`, then gathers each component's figures
 into the summary and writes it. ``convert_file`` is the one-image version,
 in the calling process, with no manifest.
@@ -13,7 +14,9 @@ import json
 import os
 import sqlite3
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from optimizr.atomic import atomic_write
 from optimizr.budget import MemoryBudget, default_memory_budget
@@ -25,6 +28,7 @@ from optimizr.errors import (
 )
 from optimizr.events import ProgressListener, StopToken
 from optimizr.executors.base import Executor
+from optimizr.history import keep_run, runs_dir
 from optimizr.lock import RunLock
 from optimizr.manifest import (
     FAILED_LIST_NAME,
@@ -32,18 +36,22 @@ from optimizr.manifest import (
     options_fingerprint,
     state_dir,
 )
+from optimizr.metrics.machine import MachineCpuSampler
 from optimizr.metrics.memory import TreeMemorySampler
 from optimizr.pipeline import Pipeline, classify_error, larger_than_source, write_failure
 from optimizr.results import (
     Result,
     RunSummary,
 )
+from optimizr.sources import Layout, OwnOutputs, resolve_layout
 from optimizr.storage.local import LocalStorage
+
+PathArg = str | os.PathLike[str]
 
 
 def convert_tree(
-    src: str | os.PathLike[str],
-    dest: str | os.PathLike[str],
+    src: PathArg | Sequence[PathArg],
+    dest: PathArg,
     options: EncodeOptions | RunConfig | None = None,
     *,
     executor: Executor | None = None,
@@ -52,40 +60,46 @@ def convert_tree(
 ) -> RunSummary:
     """Convert every image under ``src`` into a mirrored tree of WebP files under ``dest``.
 
+    ``src`` is one folder (mirrored into ``dest``; ``dest`` may be ``src`` itself,
+    *in place*, with ``name="append"``), one file (converted to ``dest``, a
+    ``.webp`` path or a folder, with no manifest or summary, as cwebp does), or a
+    sequence of them (each folder mirrored under ``dest/<its name>/``, each file
+    into ``dest``). ``RunConfig.files_from`` names the files to take from one folder.
+
     ``options`` is an :class:`EncodeOptions` (run settings left at their
     defaults) or a whole :class:`RunConfig`. Per-file problems never raise:
     they are counted and listed in the returned :class:`RunSummary`, which is
-    also written to ``DEST/optimizr-summary.json`` (or ``RunConfig.summary_path``).
+    also written to ``DEST/optimizr-summary.json`` (or ``RunConfig.summary_path``) and
+    kept in DEST's run history (``DEST/.optimizr/runs/``, see :mod:`optimizr.history`).
     Raises :class:`~optimizr.errors.UsageError` when SRC or DEST cannot be used.
     """
-    src_path, dest_path = Path(src), Path(dest)
+    if isinstance(src, str | os.PathLike):
+        srcs: tuple[Path, ...] = (Path(src),)
+    else:
+        srcs = tuple(Path(s) for s in src)
+    dest_path = Path(dest)
     if isinstance(options, RunConfig):
         config = options
     else:
-        config = RunConfig(src=src_path, dest=dest_path, encode=options or EncodeOptions())
-    if not src_path.exists():
-        raise UsageError(f"SRC does not exist: {src_path}")
-    if not src_path.is_dir():
-        raise UsageError(f"SRC is not a folder: {src_path}")
-    src_real, dest_real = src_path.resolve(), dest_path.resolve()
-    if src_real == dest_real:
-        raise UsageError("DEST must be a different folder from SRC")
-    if dest_real.exists() and not dest_real.is_dir():
-        raise UsageError(f"DEST exists and is not a folder: {dest_path}")
-    prune: tuple[str, ...] = ()
-    if dest_real.is_relative_to(src_real):
-        prune = (dest_real.relative_to(src_real).as_posix(),)
+        one = srcs[0] if len(srcs) == 1 else srcs
+        config = RunConfig(src=one, dest=dest_path, encode=options or EncodeOptions())
+    if not srcs:
+        raise UsageError("convert needs a SRC and a DEST")
+    layout = resolve_layout(srcs, os.fspath(dest), config)
     if not config.dry_run:
         try:
-            dest_path.mkdir(parents=True, exist_ok=True)
+            layout.dest_root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise UsageError(f"cannot create DEST {dest_path}: {exc.strerror or exc}") from None
 
     lock: RunLock | None = None
     manifest: Manifest | None = None
-    if config.dry_run:
+    own: OwnOutputs | None = None
+    if layout.one_file:
+        pass  # like cwebp: the output alone, no DEST/.optimizr
+    elif config.dry_run:
         # Read-only: a dry run reports what the manifest would let a real run skip.
-        manifest = Manifest.open_readonly(dest_path) if dest_real.is_dir() else None
+        manifest = Manifest.open_readonly(dest_path) if dest_path.is_dir() else None
     else:
         lock = RunLock(state_dir(dest_path))
         try:
@@ -108,15 +122,27 @@ def convert_tree(
                 manifest.begin_run(config, options_fingerprint(config))
             except sqlite3.OperationalError:
                 pass  # a full disk: the rows themselves are retried as the run goes
-        summary = _execute(config, src_path, dest_path, prune, manifest, executor, listener, stop)
+        dest_storage = LocalStorage(layout.dest_root)
+        if not layout.one_file:
+            own = OwnOutputs(layout, manifest, dest_storage)
+        summary = _execute(config, layout, dest_storage, manifest, own, executor, listener, stop)
+        if own is not None:
+            summary.warnings.extend(own.warnings)
+        if layout.one_file:
+            summary.dest = str(dest_path)
         if manifest is not None and lock is not None:
             _finish_manifest(summary, manifest, dest_path)
+        # One file (like cwebp): a summary only where --summary asks, and no history.
+        latest = config.summary_path if layout.one_file else config.effective_summary_path
+        if config.summary_to_stdout:
+            latest = None  # "--summary -": the caller (the CLI) prints it on stdout
         if not config.dry_run:
-            try:
-                write_summary(summary, config.effective_summary_path)
-            except OSError as exc:  # DEST full: the run's results still stand
-                summary.warnings.append(f"could not write the summary: {exc.strerror or exc}")
+            run_id = manifest.run_id if manifest is not None else 0
+            history = None if layout.one_file else dest_path
+            _write_summaries(summary, latest, history, run_id)
     finally:
+        if own is not None:
+            own.close()
         if manifest is not None:
             manifest.close()
         if lock is not None:
@@ -158,16 +184,19 @@ def _finish_manifest(summary: RunSummary, manifest: Manifest, dest: Path) -> Non
 
 def _execute(
     config: RunConfig,
-    src_path: Path,
-    dest_path: Path,
-    prune: tuple[str, ...],
+    layout: Layout,
+    dest: LocalStorage,
     manifest: Manifest | None,
+    own_outputs: OwnOutputs | None,
     executor: Executor | None,
     listener: ProgressListener | None,
     stop: StopToken | None,
 ) -> RunSummary:
     own_executor = executor is None
-    workers = config.effective_workers if executor is None else executor.workers
+    if executor is not None:
+        workers = executor.workers
+    else:
+        workers = 1 if layout.one_file else config.effective_workers
     total_memory = config.max_memory or default_memory_budget()
     budget = MemoryBudget(total_memory, workers)
     if executor is None:
@@ -184,18 +213,21 @@ def _execute(
             grace=config.grace,
         )
     sampler = TreeMemorySampler().start()
+    machine_sampler = MachineCpuSampler(available_cpus()).start()
     times_start, wall_start = os.times(), time.monotonic()
     try:
         pipeline = Pipeline(
             config,
-            LocalStorage(src_path),
-            LocalStorage(dest_path),
+            layout.source,
+            dest,
             executor,
             listener=listener,
             stop=stop,
-            prune=prune,
+            prune=layout.prune,
             budget=budget if own_executor else None,
             manifest=manifest,
+            target=layout.target,
+            own_outputs=own_outputs,
         )
         summary = pipeline.run()
     finally:
@@ -204,13 +236,19 @@ def _execute(
     memory = sampler.stop()
     wall = time.monotonic() - wall_start
     times_end = os.times()
-    # The parent's whole life, start-up imports included: all of it is overhead.
+    machine = machine_sampler.stop()
+    # The parent's whole life, start-up imports included.
     parent_cpu = times_end.user + times_end.system
+    # ... and during the run alone: the orchestration's cost, start-up excluded
+    # (a fixed cost, paid once whatever the run's size).
+    parent_run_cpu = (times_end.user - times_start.user) + (times_end.system - times_start.system)
     workers_cpu = (times_end.children_user - times_start.children_user) + (
         times_end.children_system - times_start.children_system
     )
-    total_cpu = parent_cpu + workers_cpu
-    cores = min(available_cpus(), workers * max(1, available_cpus() // workers))
+    run_cpu = parent_run_cpu + workers_cpu
+    threads = max(1, available_cpus() // workers)
+    cores = min(available_cpus(), workers * threads)
+    codec_cpu, codec_wall = summary.codec_cpu_seconds, summary.codec_seconds
     stats = executor.statistics()
     budget_stats = budget.statistics()
     summary.memory = {
@@ -225,17 +263,34 @@ def _execute(
     }
     summary.cpu = {
         "cores": cores,
+        "threads_per_worker": threads,
         "wall_seconds": round(wall, 3),
         "parent_cpu_seconds": round(parent_cpu, 3),
+        "parent_run_cpu_seconds": round(parent_run_cpu, 3),
         "workers_cpu_seconds": round(workers_cpu, 3),
-        "codec_cpu_seconds": round(summary.codec_cpu_seconds, 3),
-        # All CPU spent outside the codec (the parent, worker start-up, passing
-        # jobs and results), as a share of all CPU: the cost of orchestration.
-        "orchestration_share": round(1 - summary.codec_cpu_seconds / total_cpu, 4)
-        if total_cpu > 0
+        "codec_cpu_seconds": round(codec_cpu, 3),
+        "codec_wall_seconds": round(codec_wall, 3),
+        # CPU a worker got per second it spent converting: near 1 (or more, with
+        # libvips threads) unless it waited, for a disk or for a CPU others held.
+        "codec_cpu_per_wall": round(codec_cpu / codec_wall, 4) if codec_wall > 0 else 0.0,
+        # The CPU the run used outside the codec (the parent during the run, worker
+        # start-up, passing jobs and results), as a share of all it used: the cost
+        # of orchestration. CPU time, not wall: waiting for a CPU costs none.
+        "orchestration_share": round(max(0.0, run_cpu - codec_cpu) / run_cpu, 4)
+        if run_cpu > 0
         else 0.0,
         # Codec CPU over the CPU the machine offered during the run.
-        "efficiency": round(summary.codec_cpu_seconds / (cores * wall), 4) if wall > 0 else 0.0,
+        "efficiency": round(codec_cpu / (cores * wall), 4) if wall > 0 else 0.0,
+        "machine": None
+        if machine is None
+        else {
+            "cpus": machine.cpus,
+            "busy_seconds": round(machine.busy_seconds, 3),
+            # What the same CPUs gave to processes other than this run's.
+            "others_cpu_seconds": round(max(0.0, machine.busy_seconds - run_cpu), 3),
+            "iowait_seconds": round(machine.iowait_seconds, 3),
+            "steal_seconds": round(machine.steal_seconds, 3),
+        },
     }
     summary.executor = {
         "workers": stats.workers,
@@ -277,8 +332,36 @@ def tool_versions() -> dict[str, str]:
 
 
 def write_summary(summary: RunSummary, path: Path) -> None:
-    data = json.dumps(summary.to_dict(), indent=2, sort_keys=False).encode() + b"\n"
-    atomic_write(path, data)
+    atomic_write(path, _summary_json(summary.to_dict()))
+
+
+def _summary_json(doc: dict[str, Any]) -> bytes:
+    return json.dumps(doc, indent=2, sort_keys=False).encode() + b"\n"
+
+
+def _write_summaries(
+    summary: RunSummary, latest: Path | None, dest: Path | None, run_id: int
+) -> None:
+    """The run's summary into DEST's history (DEST/.optimizr/runs/, unless ``dest`` is
+    None), then as the latest run's (``latest``, DEST/optimizr-summary.json unless
+    --summary; None: nowhere): both the same document. A write that fails is a
+    warning: the run's results still stand."""
+    doc = summary.to_dict()  # once: it samples the timeline's last point
+    if dest is not None:
+        try:
+            keep_run(dest, doc, _summary_json(doc), summary.started_at, run_id)
+        except OSError as exc:  # DEST full
+            summary.warnings.append(
+                f"could not keep the summary in {runs_dir(dest)}: {exc.strerror or exc}"
+            )
+            doc["warnings"] = list(summary.warnings)
+    if latest is None:
+        return
+    try:
+        atomic_write(latest, _summary_json(doc))
+        summary.summary_file = latest
+    except OSError as exc:
+        summary.warnings.append(f"could not write the summary: {exc.strerror or exc}")
 
 
 def convert_file(

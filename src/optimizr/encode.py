@@ -71,12 +71,19 @@ class ImageFacts:
     read_seconds: float = 0.0
     decode_seconds: float = 0.0
     encode_seconds: float = 0.0
+    #: Pages in the file (a multi-page TIFF); ``frames`` counts animation frames.
+    pages: int = 1
+    #: What the conversion did that the user should know of, one line each
+    #: ("multi-page: ..."): the output is right, but not all of the source.
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class Encoded:
     webp: bytes
     facts: ImageFacts
+    #: --pages all: the WebP of pages 2, 3, ... (``webp`` is page 1).
+    more_pages: tuple[bytes, ...] = ()
 
 
 # Formats with no signature to sniff, recognised by name only to say what they are.
@@ -92,6 +99,8 @@ _FAIL_ON = {"jpeg": "truncated", "gif": "truncated"}
 
 # Loaders that understand n=-1 (all frames) and produce a "toilet roll" image.
 _ANIMATED_LOADERS = frozenset({"gif", "webp"})
+#: Formats whose pages are separate images (not frames of one animation).
+_PAGED_LOADERS = frozenset({"tiff"})
 
 
 def encode_webp(source: Source, options: EncodeOptions) -> Encoded:
@@ -116,10 +125,21 @@ def encode_webp(source: Source, options: EncodeOptions) -> Encoded:
     # failure would be reported with the messages of earlier images attached.
     pyvips.vips_lib.vips_error_clear()
     clock = _PhaseClock(started)
+    fail_on = _FAIL_ON.get(sniffed.format)
     try:
-        loaded, image, webp = _convert(
-            source, sniffed, options, _FAIL_ON.get(sniffed.format), clock
-        )
+        loaded, image, webp = _convert(source, sniffed, options, fail_on, clock)
+        more_pages: list[bytes] = []
+        warnings: list[str] = []
+        if loaded.pages > 1 and options.pages == "all":
+            more_pages.extend(
+                _convert(source, sniffed, options, fail_on, None, page)[2]
+                for page in range(1, loaded.pages)
+            )
+        elif loaded.pages > 1:
+            warnings.append(
+                f"multi-page: {loaded.pages} pages, only the first was converted "
+                "(--pages all converts each)"
+            )
     except OSError as exc:  # the BMP and APNG decoders read the file themselves
         raise SourceUnreadable(exc.strerror or str(exc)) from None
     except pyvips.Error as exc:
@@ -148,8 +168,10 @@ def encode_webp(source: Source, options: EncodeOptions) -> Encoded:
         read_seconds=round(clock.read, 6),
         decode_seconds=round(clock.decode, 6),
         encode_seconds=round(clock.encode, 6),
+        pages=loaded.pages,
+        warnings=tuple(warnings),
     )
-    return Encoded(webp, facts)
+    return Encoded(webp, facts, tuple(more_pages))
 
 
 class _PhaseClock:
@@ -193,15 +215,18 @@ def _convert(
     sniffed: Sniffed,
     options: EncodeOptions,
     fail_on: str | None,
-    clock: _PhaseClock,
+    clock: _PhaseClock | None,
+    page: int = 0,
 ) -> tuple[_Loaded, Any, bytes]:
-    loaded = _load(source, sniffed, options, fail_on or "error")
+    loaded = _load(source, sniffed, options, fail_on or "error", page)
     image, converted = _prepare_colour(loaded.image, options)
     image = _fit_to_webp(image, options)
     loaded = dataclasses.replace(loaded, converted_to_srgb=converted)
-    clock.built(decoded_already=sniffed.format == "bmp" or sniffed.animated_png)
+    if clock is not None:
+        clock.built(decoded_already=sniffed.format == "bmp" or sniffed.animated_png)
     webp = _save(image, options, clock)
-    clock.saved()
+    if clock is not None:
+        clock.saved()
     return loaded, image, webp
 
 
@@ -237,10 +262,14 @@ class _Loaded:
     frames: int
     resized: bool
     converted_to_srgb: bool = False
+    #: Pages in the file: a multi-page TIFF (each page its own image, unlike frames).
+    pages: int = 1
 
 
-def _load(source: Source, sniffed: Sniffed, options: EncodeOptions, fail_on: str) -> _Loaded:
-    """Decode, oriented and (if asked) shrunk."""
+def _load(
+    source: Source, sniffed: Sniffed, options: EncodeOptions, fail_on: str, page: int = 0
+) -> _Loaded:
+    """Decode ``page`` (of a multi-page file), oriented and (if asked) shrunk."""
     fmt = sniffed.format
     assert fmt is not None
     if fmt == "bmp":
@@ -259,10 +288,13 @@ def _load(source: Source, sniffed: Sniffed, options: EncodeOptions, fail_on: str
         )
 
     all_frames = fmt in _ANIMATED_LOADERS
-    header = _open(source, fail_on, n=-1) if all_frames else _open(source, fail_on)
+    paged = fmt in _PAGED_LOADERS
+    on_page: dict[str, Any] = {"page": page} if paged else {}
+    header = _open(source, fail_on, n=-1) if all_frames else _open(source, fail_on, **on_page)
     frames = _pages(header) if all_frames else 1
+    pages = int(header.get("n-pages")) if paged and header.get_typeof("n-pages") else 1
     width, page_height = header.width, _page_height(header)
-    _check_pixels(width, page_height, frames, options)
+    check_pixels(width, page_height, frames, options)
     orientation = _orientation(header)
     out_w, out_h = _oriented(width, page_height, orientation)
     target = options.shrink_box(out_w, out_h)
@@ -274,24 +306,28 @@ def _load(source: Source, sniffed: Sniffed, options: EncodeOptions, fail_on: str
         image = (
             _open(source, fail_on, n=-1, access=access)
             if all_frames
-            else _open(source, fail_on, access=access)
+            else _open(source, fail_on, access=access, **on_page)
         )
         if orientation != 1 and frames == 1:
             image = image.autorot()
-        return _Loaded(image, width, page_height, frames, False)
+        return _Loaded(image, width, page_height, frames, False, pages=pages)
 
     # Shrink on load: libvips' thumbnail asks the JPEG/WebP/HEIF decoder for a
     # reduced image directly, then finishes with a high-quality resize. It also
     # applies the EXIF orientation and keeps the embedded profile untouched.
     t_w, t_h = target
     kwargs: dict[str, Any] = {"height": t_h, "size": "down", "fail_on": fail_on}
+    load_options = "n=-1" if all_frames else (f"page={page}" if paged else "")
     if isinstance(source, bytes):
-        image = pyvips.Image.thumbnail_buffer(
-            source, t_w, option_string="n=-1" if all_frames else "", **kwargs
-        )
+        image = pyvips.Image.thumbnail_buffer(source, t_w, option_string=load_options, **kwargs)
     else:
-        image = pyvips.Image.thumbnail(source + ("[n=-1]" if all_frames else ""), t_w, **kwargs)
-    return _Loaded(image, width, page_height, frames, True)
+        # thumbnail_source hands its loader the option string alone: a fail_on
+        # argument would be dropped, and a truncated file "converted".
+        loader_options = f"fail_on={fail_on}" + (f",{load_options}" if load_options else "")
+        image = pyvips.Image.thumbnail_source(
+            open_vips_source(source), t_w, option_string=loader_options, height=t_h, size="down"
+        )
+    return _Loaded(image, width, page_height, frames, True, pages=pages)
 
 
 def _png_cut_short(source: Source) -> bool:
@@ -311,7 +347,23 @@ def _open(source: Source, fail_on: str, **kwargs: Any) -> Any:
     kwargs["fail_on"] = fail_on
     if isinstance(source, bytes):
         return pyvips.Image.new_from_buffer(source, "", **kwargs)
-    return pyvips.Image.new_from_file(source, **kwargs)
+    return pyvips.Image.new_from_source(open_vips_source(source), "", **kwargs)
+
+
+def open_vips_source(path: str) -> Any:
+    """A libvips source that streams the file at ``path``, whatever its name holds.
+
+    The name never reaches libvips: pyvips encodes it as UTF-8, which a name
+    that is not (``caf\\xe9.jpg``, a surrogate here) cannot be, and libvips
+    reads a trailing ``[...]`` as load options (``scan[1]`` was "does not
+    exist"). Python opens the file, libvips reads a duplicate of the descriptor
+    with the same loaders, streaming and shrink-on-load as from a file name.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        return pyvips.Source.new_from_descriptor(fd)
+    finally:
+        os.close(fd)  # libvips holds its own duplicate for as long as the image lives
 
 
 def _resize_in_memory(image: Any, options: EncodeOptions) -> Any:
@@ -332,7 +384,8 @@ def _resize_in_memory(image: Any, options: EncodeOptions) -> Any:
     return strip
 
 
-def _check_pixels(width: int, height: int, frames: int, options: EncodeOptions) -> None:
+def check_pixels(width: int, height: int, frames: int, options: EncodeOptions) -> None:
+    """Refuse a decompression bomb from its header: over ``--max-pixels`` in all frames."""
     pixels = width * height * frames
     if pixels > options.max_pixels:
         what = f"{width}x{height}" + (f"x{frames} frames" if frames > 1 else "")
@@ -408,15 +461,20 @@ def _icc_description(profile: bytes) -> bytes:
     return b""
 
 
+def check_webp_limit(width: int, height: int, options: EncodeOptions) -> None:
+    """Refuse an output over WebP's size limit, unless ``--oversize fit`` shrinks it."""
+    if options.oversize == "fail" and max(width, height) > WEBP_MAX_DIMENSION:
+        raise TooLarge(
+            f"{width}x{height} is over WebP's {WEBP_MAX_DIMENSION} px limit; "
+            "use --oversize fit to downscale it, or --max-width/--max-height"
+        )
+
+
 def _fit_to_webp(image: Any, options: EncodeOptions) -> Any:
     page_height = _page_height(image)
     if image.width <= WEBP_MAX_DIMENSION and page_height <= WEBP_MAX_DIMENSION:
         return image
-    if options.oversize == "fail":
-        raise TooLarge(
-            f"{image.width}x{page_height} is over WebP's {WEBP_MAX_DIMENSION} px limit; "
-            "use --oversize fit to downscale it, or --max-width/--max-height"
-        )
+    check_webp_limit(image.width, page_height, options)
     # Only images that reached here without shrink-on-load (BMP, APNG) need this.
     return image.thumbnail_image(WEBP_MAX_DIMENSION, height=WEBP_MAX_DIMENSION, size="down")
 
@@ -532,4 +590,14 @@ def _classify_vips_error(exc: pyvips.Error, fmt: str) -> ImageError:
     return CorruptImage(f"{fmt}: {detail}")
 
 
-__all__ = ["HEAD_SIZE", "Encoded", "ImageFacts", "Source", "encode_webp", "webp_has_alpha"]
+__all__ = [
+    "HEAD_SIZE",
+    "Encoded",
+    "ImageFacts",
+    "Source",
+    "check_pixels",
+    "check_webp_limit",
+    "encode_webp",
+    "open_vips_source",
+    "webp_has_alpha",
+]

@@ -10,26 +10,40 @@ the process exit code the CLI turns it into. Only ``cli.py`` catches them.
     │   └── ManifestDamaged       exit 2    DEST's manifest is unreadable: --rebuild-manifest
     ├── DestBusy                  exit 3    another run holds DEST's lock
     ├── WorkerStartFailed         exit 4    worker processes cannot start (interpreter, import)
-    ├── Interrupted               exit 130  stopped by a signal (SIGINT)
+    ├── Interrupted               exit 130  stopped by a signal (a run stopped by SIGTERM exits 143)
     └── ImageError                exit 1    one image could not be converted; the run goes on
-        ├── NotAnImage            "not an image"        no known image signature
-        ├── UnsupportedImage      "unsupported"         an image, but not one we can decode
-        ├── CorruptImage          "corrupt"             the decoder rejected the data
-        ├── TruncatedImage        "truncated"           the data ends before the image does
-        ├── TooLarge              "too large"           over --max-pixels, or over WebP's limit
-        ├── SourceUnreadable      "permission denied" / "unreadable" / "source disappeared"
-        ├── SourceChanged         "source changed"      modified or deleted while being converted
-        ├── OutputConflict        "output conflict"     two sources map to one output
-        ├── EncodeFailed          "encode failed"       libwebp refused the image
-        ├── VerifyFailed          "verify failed"       --verify: the output did not decode as meant
-        ├── WriteFailed           "write failed"        the output could not be written
-        │   └── NoSpaceLeft       "no space left"       ... because DEST is full
-        └── WorkerCrashed         "worker crashed"      the process converting it died or hung
+        ├── NotAnImage            "not an image"        no known image signature           image
+        ├── UnsupportedImage      "unsupported"         an image we cannot decode          image
+        ├── CorruptImage          "corrupt"             the decoder rejected the data      image
+        ├── TruncatedImage        "truncated"           the data ends before the image     image
+        ├── TooLarge              "too large"           over --max-pixels or WebP's limit  image
+        │   └── OverMemoryBudget  "too large"           needs more than --max-memory       run
+        ├── SourceUnreadable      "unreadable"          the file could not be read         transient
+        │   ├── PermissionDenied  "permission denied"                                      transient
+        │   └── SourceDisappeared "source disappeared"                                     transient
+        ├── SourceChanged         "source changed"      modified or deleted meanwhile      transient
+        ├── OutsideSource         "outside SRC"         --files-from named a path out of SRC run
+        ├── OutputConflict        "output conflict"     two sources map to one output      run
+        ├── EncodeFailed          "encode failed"       libwebp refused the image          image
+        ├── VerifyFailed          "verify failed"       --verify: output not as meant      image
+        ├── WriteFailed           "write failed"        the output could not be written    transient
+        │   └── NoSpaceLeft       "no space left"       ... because DEST is full           transient
+        └── WorkerCrashed         "worker crashed"      its process died or hung           image
 
-The image errors that say nothing about the image itself (``TRANSIENT``: the
-disk was full, the file could not be read or changed meanwhile) are retried by
-the next run on their own; the others mark the image known-bad until
-``--retry-failed``.
+The last column is each failure's :attr:`ImageError.cause`: what it is evidence
+of, and so when a later run decides it again.
+
+* ``image``: it says something about the file's bytes, under the options of the
+  fingerprint (``--max-pixels`` and ``--oversize`` are among them). The file is
+  known bad, not opened again, until it changes, the options change, or
+  ``--retry-failed`` (``--max-attempts`` in all).
+* ``transient`` (:data:`TRANSIENT`): it says something about the moment (a full
+  disk, a permission, an edit under way). The next run tries the file again on
+  its own.
+* ``run``: it was decided by this run's settings or by the other files in it
+  (the memory budget, from the header alone; two sources claiming one output).
+  Every run decides it again, cheaply, from its own settings and files: raising
+  ``--max-memory`` or removing the other source is enough.
 
 An ``ImageError`` never stops a run: the pipeline records it against the file
 (path and one-line reason) and moves on. Their constructors take one message
@@ -37,6 +51,11 @@ string so they pickle across the worker-process boundary unchanged.
 """
 
 from __future__ import annotations
+
+from typing import Literal
+
+#: What a failure is evidence of; see the module docstring.
+Cause = Literal["image", "transient", "run"]
 
 
 class OptimizrError(Exception):
@@ -80,9 +99,11 @@ class Interrupted(OptimizrError):
 
 
 class ImageError(OptimizrError):
-    """One image failed; ``reason`` is the short category shown and counted."""
+    """One image failed; ``reason`` is the short category shown and counted,
+    ``cause`` what the failure is evidence of (when it is decided again)."""
 
     reason = "failed"
+    cause: Cause = "image"
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -112,8 +133,16 @@ class TooLarge(ImageError):
     reason = "too large"
 
 
+class OverMemoryBudget(TooLarge):
+    """Refused from the header: it would need more than --max-memory leaves for one image.
+    A fact about this run's budget, not about the image."""
+
+    cause = "run"
+
+
 class SourceUnreadable(ImageError):
     reason = "unreadable"
+    cause = "transient"
 
 
 class PermissionDenied(SourceUnreadable):
@@ -126,10 +155,20 @@ class SourceDisappeared(SourceUnreadable):
 
 class SourceChanged(ImageError):
     reason = "source changed"
+    cause = "transient"
+
+
+class OutsideSource(ImageError):
+    # Decided by the list the run was given; never recorded in the manifest.
+    reason = "outside SRC"
+    cause = "run"
 
 
 class OutputConflict(ImageError):
+    """Another source of this run claims the same output: a fact about the other files."""
+
     reason = "output conflict"
+    cause = "run"
 
 
 class EncodeFailed(ImageError):
@@ -142,6 +181,7 @@ class VerifyFailed(ImageError):
 
 class WriteFailed(ImageError):
     reason = "write failed"
+    cause = "transient"
 
 
 class NoSpaceLeft(WriteFailed):
@@ -152,23 +192,32 @@ class WorkerCrashed(ImageError):
     reason = "worker crashed"
 
 
+def _image_errors(cls: type[ImageError] = ImageError) -> list[type[ImageError]]:
+    found = [cls]
+    for sub in cls.__subclasses__():
+        found.extend(_image_errors(sub))
+    return found
+
+
+_BY_NAME = {cls.__name__: cls for cls in _image_errors()}
+
 #: Reasons that say nothing about the image: the next run tries these files again
 #: without --retry-failed (after a full disk is cleared, a chmod, a settled edit).
-TRANSIENT = frozenset(
-    cls.reason
-    for cls in (
-        SourceUnreadable,
-        PermissionDenied,
-        SourceDisappeared,
-        SourceChanged,
-        WriteFailed,
-        NoSpaceLeft,
-    )
-)
+TRANSIENT = frozenset(cls.reason for cls in _BY_NAME.values() if cls.cause == "transient")
+
+
+def cause_of(error_class: str | None, reason: str | None) -> Cause:
+    """The cause of a failure recorded by class name (and reason, for a row whose
+    class is unknown, e.g. written by an older version): decided by the class."""
+    cls = _BY_NAME.get(error_class or "")
+    if cls is not None:
+        return cls.cause
+    return "transient" if reason in TRANSIENT else "image"
 
 
 __all__ = [
     "TRANSIENT",
+    "Cause",
     "CorruptImage",
     "DestBusy",
     "EncodeFailed",
@@ -179,6 +228,8 @@ __all__ = [
     "NotAnImage",
     "OptimizrError",
     "OutputConflict",
+    "OutsideSource",
+    "OverMemoryBudget",
     "PermissionDenied",
     "SourceChanged",
     "SourceDisappeared",
@@ -191,4 +242,5 @@ __all__ = [
     "WorkerCrashed",
     "WorkerStartFailed",
     "WriteFailed",
+    "cause_of",
 ]

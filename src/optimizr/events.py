@@ -43,6 +43,34 @@ class RunSnapshot:
     draining: bool
     #: time.monotonic() of the last image finished (or of the start).
     last_progress: float
+    #: Source bytes of the files the pipeline's walk listed, and of those finished
+    #: (any outcome): what an ETA in bytes is measured against.
+    found_bytes: int = 0
+    finished_bytes: int = 0
+    #: The count pass (optimizr.count), which runs ahead of the throttled walk.
+    counted: int = 0
+    counted_bytes: int = 0
+    count_done: bool = False
+
+    @property
+    def total(self) -> int | None:
+        """How many files the run will have seen, once anyone knows (see known_total)."""
+        return known_total(self.found, self.walk_done, self.counted, self.count_done)
+
+    @property
+    def total_bytes(self) -> int | None:
+        return known_total(self.found_bytes, self.walk_done, self.counted_bytes, self.count_done)
+
+
+def known_total(walked: int, walk_done: bool, counted: int, count_done: bool) -> int | None:
+    """The pipeline's walk when it has finished (it is the authority: files may
+    come and go during a run), else the count pass's figure (never less than the
+    walk has already seen), else None: not known yet."""
+    if walk_done:
+        return walked
+    if count_done:
+        return max(counted, walked)
+    return None
 
 
 class ProgressListener(Protocol):
@@ -86,13 +114,20 @@ class Listeners:
 
 @dataclass
 class StopToken:
-    """Asked once: finish what is in flight. Asked twice: abort now."""
+    """Asked once: finish what is in flight. Asked twice: abort now.
+
+    ``signum`` is the signal that first asked (None when asked by a caller),
+    so the run's exit code can say which one stopped it (130 SIGINT, 143 SIGTERM).
+    """
 
     graceful: bool = False
     hard: bool = False
+    signum: int | None = None
     _listeners: list[Executor] = field(default_factory=list)
 
-    def request(self) -> None:
+    def request(self, signum: int | None = None) -> None:
+        if self.signum is None:
+            self.signum = signum
         if self.graceful:
             self.hard = True
             for executor in self._listeners:

@@ -13,11 +13,19 @@ someone deletes the file later the size check sends it back to work.
 One table row per source, keyed by (directory, name) so that a whole
 directory's rows, the unit the pipeline plans in, come back in one query with
 memory bounded by the largest directory, not by the tree.
+
+A name is bytes on POSIX, and not always UTF-8 (``caf\\xe9.jpg`` from a Latin-1
+archive), which SQLite TEXT cannot hold. ``dir``, ``name`` and ``output`` are
+TEXT when they are UTF-8, as nearly all are, and otherwise a BLOB of the exact
+bytes (SQLite columns take either; ``WHERE dir = ?`` with a blob finds the
+blob); they come back as the same ``str`` the walk gives (:func:`os.fsdecode`).
+Paths are joined in Python, never with ``||`` in SQL, which would mangle a blob.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -31,9 +39,10 @@ from typing import Any
 from optimizr.atomic import atomic_open, atomic_path
 from optimizr.config import RunConfig
 from optimizr.errors import ManifestDamaged
+from optimizr.filenames import is_exact_text, key_from_fields, name_fields, valid_unicode
 from optimizr.results import options_dict
+from optimizr.storage.base import STATE_DIR
 
-STATE_DIR = ".optimizr"
 MANIFEST_NAME = "manifest.sqlite"
 FAILED_LIST_NAME = "failed.jsonl"
 SCHEMA_VERSION = 1
@@ -53,6 +62,10 @@ BATCH_SECONDS = 0.5
 #: whole-second mtimes come from a filesystem with 1-2 s granularity (FAT, HFS+).
 SETTLE_NS = 10_000_000
 SETTLE_COARSE_NS = 2_000_000_000
+
+#: The ``meta`` key under which the run in progress publishes how far it is
+#: (JSON: run_id, processed, total, updated_at), for ``optimizr status``.
+PROGRESS_KEY = "progress"
 
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -91,6 +104,8 @@ CREATE TABLE files (
     PRIMARY KEY (dir, name)
 ) WITHOUT ROWID;
 CREATE INDEX files_by_status ON files (status, reason);
+-- For people reading the manifest with sqlite3; optimizr joins paths itself
+-- (a name stored as a BLOB, not being UTF-8, shows here as raw bytes).
 CREATE VIEW sources AS
     SELECT CASE WHEN dir = '' THEN name ELSE dir || '/' || name END AS path, *
     FROM files;
@@ -119,16 +134,48 @@ def manifest_path(dest: Path) -> Path:
     return state_dir(dest) / MANIFEST_NAME
 
 
+#: EncodeOptions fields added since the first manifests, with their defaults.
+_ADDED_LATER = {"pages": "first"}
+
+
 def options_fingerprint(config: RunConfig) -> str:
     """A digest of every option that shapes what is written for a source."""
+    encode = options_dict(config.encode)
+    for name, default in _ADDED_LATER.items():
+        # An option added after manifests existed counts only when it is set:
+        # otherwise upgrading optimizr would make every done file look stale.
+        if encode.get(name) == default:
+            del encode[name]
     shaping = {
         "generation": ENCODER_GENERATION,
-        "encode": options_dict(config.encode),
-        "name": config.name,
+        "encode": encode,
+        # auto names a file as replace does unless a sibling collides, and the
+        # output name is checked against the row anyway: switching to auto
+        # redoes only the files whose names change.
+        "name": "replace" if config.name == "auto" else config.name,
         "if_larger": config.if_larger,
     }
+    # Added only when not at their defaults, so that the fingerprints of
+    # manifests written before these options existed stay valid.
+    if config.min_saving:
+        shaping["min_saving"] = config.min_saving
+    if config.reencode_webp:
+        shaping["reencode_webp"] = True
     text = json.dumps(shaping, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _to_sql(name: str) -> str | bytes:
+    """A name or path as the manifest stores it: TEXT if it is UTF-8, else its bytes."""
+    return name if is_exact_text(name) else os.fsencode(name)
+
+
+def _from_sql(value: str | bytes) -> str:
+    return os.fsdecode(value) if isinstance(value, bytes) else value
+
+
+def _join(directory: str, name: str) -> str:
+    return f"{directory}/{name}" if directory else name
 
 
 def split_key(key: str) -> tuple[str, str]:
@@ -190,6 +237,9 @@ class Manifest:
     stats: ManifestStatistics = field(default_factory=ManifestStatistics)
     _pending: list[tuple[Any, ...]] = field(default_factory=list)
     _last_commit: float = field(default_factory=time.monotonic)
+    #: (processed, total) as last told by note_progress, and as last written.
+    _progress: tuple[int, int | None] | None = None
+    _progress_written: tuple[int, int | None] | None = None
 
     # -- opening -------------------------------------------------------------------
 
@@ -250,7 +300,7 @@ class Manifest:
 
     def _restore_failures(self, failed_list: Path) -> None:
         try:
-            lines = failed_list.read_text().splitlines()
+            lines = failed_list.read_text(encoding="utf-8").splitlines()
         except OSError:
             return
         for line in lines:
@@ -266,7 +316,7 @@ class Manifest:
                     "message": item.get("message", ""),
                     "attempts": int(item.get("attempts", 1)),
                 }
-                key = str(item["path"])
+                key = key_from_fields(item)
             except (ValueError, KeyError, TypeError):
                 continue  # a line from an older format, or torn: that file is simply retried
             self.record(key, status="failed", **restored)
@@ -284,10 +334,16 @@ class Manifest:
             (time.time(), os.getpid(), socket.gethostname(), __version__, fingerprint, options),
         )
         self.run_id = int(cursor.lastrowid or 0)
+        # At once, so that status never shows the previous run's figures as this one's.
+        self.note_progress(0, None)
+        self.flush()
         return self.run_id
 
     def finish_run(self, found: int, converted: int, skipped: int, failed: int, code: int) -> None:
-        self.flush()
+        if not self.flush():
+            # Rows are missing (a full disk): the run counts as unfinished, so
+            # the next one knows the outputs without rows may be its own.
+            return
         with contextlib.suppress(sqlite3.Error):
             self.conn.execute(
                 "UPDATE runs SET finished_at = ?, found = ?, converted = ?, skipped = ?, "
@@ -304,9 +360,16 @@ class Manifest:
         rows = self.conn.execute(
             "SELECT name, size, mtime_ns, checked_ns, fingerprint, status, reason, output, "
             "output_size, error_class, message, attempts FROM files WHERE dir = ?",
-            (directory,),
+            (_to_sql(directory),),
         )
-        return {r[0]: Row(prefix + r[0], *r[1:]) for r in rows}
+        found: dict[str, Row] = {}
+        for raw_name, *facts in rows:
+            name = _from_sql(raw_name)
+            row = Row(prefix + name, *facts)
+            if row.output is not None and not isinstance(row.output, str):
+                row = dataclasses.replace(row, output=_from_sql(row.output))  # a BLOB
+            found[name] = row
+        return found
 
     def record(
         self,
@@ -325,19 +388,22 @@ class Manifest:
         attempts: int = 0,
     ) -> None:
         now = time.time()
+        directory, name = split_key(key)
         self._pending.append(
             (
-                *split_key(key),
+                _to_sql(directory),
+                _to_sql(name),
                 size,
                 mtime_ns,
                 checked_ns,
                 fingerprint,
                 status,
                 reason,
-                output,
+                None if output is None else _to_sql(output),
                 output_size,
                 error_class,
-                message,
+                # Free text, often naming a file: kept readable, made valid TEXT.
+                valid_unicode(message),
                 attempts,
                 now,
                 now,
@@ -350,6 +416,25 @@ class Manifest:
         ):
             self.flush()
 
+    def note_progress(self, processed: int, total: int | None) -> None:
+        """How far the run is: files finished, of ``total`` (None while unknown).
+
+        Written in the same transaction as the next batch of rows; when no rows
+        come (a re-run skipping up-to-date files), at most every BATCH_SECONDS on
+        its own, so that a reader of the manifest always sees a recent figure."""
+        self._progress = (processed, total)
+        if time.monotonic() - self._last_commit >= BATCH_SECONDS:
+            self.flush()
+
+    def run_progress(self) -> dict[str, Any] | None:
+        """What the last run published with note_progress, or None."""
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (PROGRESS_KEY,)).fetchone()
+        try:
+            value = json.loads(row[0]) if row else None
+        except ValueError:
+            return None
+        return value if isinstance(value, dict) else None
+
     def previous_run_finished(self) -> bool:
         """Did the run before this one end (normally, or stopped by a signal)?"""
         row = self.conn.execute(
@@ -358,26 +443,58 @@ class Manifest:
         ).fetchone()
         return row is not None and row[0] is not None
 
+    def unfinished_since(self) -> float | None:
+        """When the earliest of the runs since the last finished one started; None
+        if the run before this one finished.
+
+        A run killed between an output's rename and its row's commit leaves
+        outputs with no row: files written since then may be optimizr's own."""
+        row = self.conn.execute(
+            "SELECT MIN(started_at) FROM runs WHERE id < ? AND id > COALESCE("
+            "(SELECT MAX(id) FROM runs WHERE finished_at IS NOT NULL AND id < ?), 0)",
+            (self.run_id or 1 << 62, self.run_id or 1 << 62),
+        ).fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
+    def owner_of(self, output: str) -> str | None:
+        """The source whose row names ``output`` as its output, if any. Rows not yet
+        committed count too: an output written earlier in this run is optimizr's."""
+        self.flush()
+        directory = split_key(output)[0]  # an output lives in its source's folder
+        row = self.conn.execute(
+            "SELECT path FROM sources WHERE dir = ? AND output = ? LIMIT 1", (directory, output)
+        ).fetchone()
+        return None if row is None else str(row[0])
+
     def directories(self) -> list[str]:
         """Every directory that has rows (far fewer than files)."""
-        return [r[0] for r in self.conn.execute("SELECT DISTINCT dir FROM files")]
+        return [_from_sql(r[0]) for r in self.conn.execute("SELECT DISTINCT dir FROM files")]
 
     def forget(self, key: str) -> None:
         """Drop the row of a source that no longer exists."""
         self.flush()
         with contextlib.suppress(sqlite3.OperationalError):
-            self.conn.execute("DELETE FROM files WHERE dir = ? AND name = ?", split_key(key))
+            directory, name = split_key(key)
+            self.conn.execute(
+                "DELETE FROM files WHERE dir = ? AND name = ?", (_to_sql(directory), _to_sql(name))
+            )
 
     def flush(self) -> bool:
         """Commit the pending rows; False (rows kept for the next try) if the disk refused."""
         self._last_commit = time.monotonic()
-        if not self._pending:
+        progress = self._progress if self._progress != self._progress_written else None
+        if not self._pending and progress is None:
             return True
         start = time.perf_counter()
         try:
             self.conn.execute("BEGIN IMMEDIATE")
             try:
                 self.conn.executemany(_UPSERT, self._pending)
+                if progress is not None:
+                    self.conn.execute(
+                        "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                        (PROGRESS_KEY, _progress_json(self.run_id, *progress)),
+                    )
                 self.conn.execute("COMMIT")
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):
@@ -393,6 +510,7 @@ class Manifest:
             return False
         self.stats.commits += 1
         self.stats.rows_written += len(self._pending)
+        self._progress_written = progress or self._progress_written
         self.stats.commit_seconds += time.perf_counter() - start
         self.stats.unsaved_rows = 0
         self._pending.clear()
@@ -413,13 +531,15 @@ class Manifest:
         count = 0
         with atomic_open(target) as fh:
             rows = self.conn.execute(
-                "SELECT path, error_class, reason, message, attempts, updated_at, size, "
-                "mtime_ns, checked_ns, fingerprint FROM sources WHERE status = 'failed' "
+                "SELECT dir, name, error_class, reason, message, attempts, updated_at, size, "
+                "mtime_ns, checked_ns, fingerprint FROM files WHERE status = 'failed' "
                 "ORDER BY dir, name"
             )
-            for path, cls, reason, message, attempts, updated, size, mtime, checked, fp in rows:
+            for directory, name, cls, reason, message, attempts, updated, *facts in rows:
+                size, mtime, checked, fp = facts
                 item = {
-                    "path": path,
+                    # "path_bytes" too when the name is not UTF-8: restored exactly.
+                    **name_fields(_join(_from_sql(directory), _from_sql(name))),
                     "error_class": cls,
                     "reason": reason,
                     "message": message,
@@ -434,6 +554,23 @@ class Manifest:
                 count += 1
         return count
 
+    def failure_examples(self) -> list[tuple[str | None, int, str, str]]:
+        """(reason, count, first path, its message) per failure reason, most common first."""
+        groups = self.conn.execute(
+            "SELECT reason, COUNT(*) FROM files WHERE status = 'failed' "
+            "GROUP BY reason ORDER BY COUNT(*) DESC, reason"
+        ).fetchall()
+        examples = []
+        for reason, count in groups:
+            directory, name, message = self.conn.execute(
+                "SELECT dir, name, message FROM files WHERE status = 'failed' AND reason IS ? "
+                "ORDER BY dir, name LIMIT 1",
+                (reason,),
+            ).fetchone()
+            path = _join(_from_sql(directory), _from_sql(name))
+            examples.append((reason, int(count), path, message or ""))
+        return examples
+
     def last_run(self) -> dict[str, Any] | None:
         row = self.conn.execute(
             "SELECT id, started_at, finished_at, pid, host, version, found, converted, skipped, "
@@ -445,6 +582,11 @@ class Manifest:
             "id started_at finished_at pid host version found converted skipped failed exit_code"
         )
         return dict(zip(names.split(), row, strict=True))
+
+
+def _progress_json(run_id: int, processed: int, total: int | None) -> str:
+    doc = {"run_id": run_id, "processed": processed, "total": total, "updated_at": time.time()}
+    return json.dumps(doc)
 
 
 def _create(path: Path) -> None:

@@ -6,6 +6,9 @@
   proves unchanged (size, mtime_ns, options fingerprint, output still there at
   its size) are skipped without being opened, one manifest query and one DEST
   listing per directory.
+* **count**: meanwhile a listing-only walk on its own thread
+  (:class:`~optimizr.count.TreeCounter`) counts the files and bytes ahead, so
+  that progress has a total long before the throttled walk reaches the end.
 * **execute**: jobs go to an :class:`~optimizr.executors.base.Executor`, which
   pulls them only as workers free up, so the walk stays a small window ahead.
 * **commit**: the parent alone writes outputs, each atomically, after checking
@@ -18,27 +21,37 @@ graceful stop (no new work, in-flight images finish) and a second time for an ab
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import os
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING
 
-from optimizr.budget import MemoryBudget, estimate_peak_bytes
+from optimizr.budget import Header, MemoryBudget, estimate_peak_bytes
 from optimizr.config import IfLarger, NameMode, RunConfig
+from optimizr.count import TreeCounter
+from optimizr.encode import check_pixels, check_webp_limit
 from optimizr.errors import (
-    TRANSIENT,
     ImageError,
     NoSpaceLeft,
     NotAnImage,
     OutputConflict,
+    OutsideSource,
+    OverMemoryBudget,
     PermissionDenied,
     SourceChanged,
+    SourceDisappeared,
     SourceUnreadable,
     TooLarge,
     UnsupportedImage,
     WriteFailed,
+    cause_of,
 )
-from optimizr.events import ProgressListener, RunSnapshot, StopToken
+from optimizr.events import ProgressListener, RunSnapshot, StopToken, known_total
 from optimizr.executors.base import Executor, Job, Outcome
 from optimizr.manifest import (
     Manifest,
@@ -48,9 +61,14 @@ from optimizr.manifest import (
 )
 from optimizr.probe import probe
 from optimizr.results import (
+    ALREADY_WEBP,
+    COPYABLE,
     DRY_RUN,
     LARGER_THAN_SOURCE,
     NOT_AN_IMAGE,
+    OUTPUT_EXISTS,
+    SMALL_SAVING,
+    SOURCE_DELETED,
     UNSUPPORTED,
     UP_TO_DATE,
     Result,
@@ -58,12 +76,26 @@ from optimizr.results import (
     options_dict,
 )
 from optimizr.sniff import looks_like_image_name, sniff_file
-from optimizr.storage.base import DirectoryListing, FileStat, SourceEntry, Storage, WalkOptions
+from optimizr.storage.base import (
+    NOT_FOUND,
+    OUTSIDE_SRC,
+    DirectoryListing,
+    FileStat,
+    SourceEntry,
+    Storage,
+    WalkOptions,
+)
 from optimizr.verify import file_is_complete_webp
+
+if TYPE_CHECKING:
+    from optimizr.sources import OwnOutputs
 
 
 def output_key(key: str, name: NameMode) -> str:
-    """``a/b/photo.jpg`` -> ``a/b/photo.webp`` (replace) or ``a/b/photo.jpg.webp`` (append)."""
+    """``a/b/photo.jpg`` -> ``a/b/photo.webp`` (replace) or ``a/b/photo.jpg.webp`` (append).
+
+    ``auto`` is decided for a whole folder (:func:`output_keys`); one key alone
+    gets its replace name."""
     if name == "append":
         return key + ".webp"
     # Plain string work, as PurePosixPath(key).with_suffix would do it: called
@@ -72,6 +104,34 @@ def output_key(key: str, name: NameMode) -> str:
     if key.rfind("/") + 1 < dot < len(key) - 1:  # a suffix: not a dotfile, not a trailing dot
         return key[:dot] + ".webp"
     return key + ".webp"
+
+
+def output_keys(keys: Iterable[str], name: NameMode) -> dict[str, str]:
+    """The output key of every source of one folder.
+
+    ``auto`` gives each source its replace name unless two would share one:
+    then those take their append names (``a.jpg.webp``, ``a.png.webp``) and
+    the rest of the folder keeps its short names. A source already named like
+    that output (``x.webp`` beside ``x.jpg``) keeps it; the other moves aside.
+    The names depend only on the folder's listing, so a re-run gives the same
+    ones, and a sibling arriving or leaving changes only the names it touches.
+    """
+    if name != "auto":
+        return {key: output_key(key, name) for key in keys}
+    short = {key: output_key(key, "replace") for key in keys}
+    claims = Counter(short.values())
+    return {
+        key: key + ".webp" if claims[out] > 1 and out != key else out for key, out in short.items()
+    }
+
+
+#: The message of a done row whose source had several pages: "pages: 3".
+PAGES_PREFIX = "pages: "
+
+
+def page_key(out_key: str, page: int) -> str:
+    """The output of page ``page`` (2, 3, ...) of a multi-page source: ``a/scan.p2.webp``."""
+    return f"{out_key.removesuffix('.webp')}.p{page}.webp"
 
 
 def classify_error(key: str, error: ImageError) -> Result:
@@ -85,13 +145,41 @@ def classify_error(key: str, error: ImageError) -> Result:
 
 
 def larger_than_source(
-    key: str, webp_size: int, source_size: int, if_larger: IfLarger
+    key: str, webp_size: int, source_size: int, if_larger: IfLarger, min_saving: float = 0.0
 ) -> Result | None:
-    """The skip result when ``--if-larger skip`` keeps no output, else None."""
-    if if_larger != "skip" or webp_size < source_size:
+    """The skip result when ``--if-larger skip`` keeps no output (the WebP is no
+    smaller, or saves less than ``min_saving`` percent of the source), else None."""
+    if if_larger != "skip":
         return None
-    message = f"WebP would be {webp_size:,} bytes, source is {source_size:,}"
-    return Result(key, "skipped", LARGER_THAN_SOURCE, message, None, source_size, webp_size)
+    if webp_size >= source_size:
+        message = f"WebP would be {webp_size:,} bytes, source is {source_size:,}"
+        return Result(key, "skipped", LARGER_THAN_SOURCE, message, None, source_size, webp_size)
+    saving = 100 * (source_size - webp_size) / source_size
+    if saving >= min_saving:
+        return None
+    message = (
+        f"WebP would save {saving:.1f}% ({source_size - webp_size:,} of {source_size:,} "
+        f"bytes), less than --min-saving {min_saving:g}%"
+    )
+    return Result(key, "skipped", SMALL_SAVING, message, None, source_size, webp_size)
+
+
+def is_webp(source: str | bytes) -> bool:
+    """Is this source a WebP already (by its signature, never its name)?"""
+    if isinstance(source, bytes):
+        head = source[:12]
+    else:
+        try:
+            with open(source, "rb") as fh:
+                head = fh.read(12)
+        except OSError:
+            return False  # the worker meets the same problem and says what it is
+    return head[:4] == b"RIFF" and head[8:12] == b"WEBP"
+
+
+def already_webp(key: str) -> Result:
+    message = "kept as it is, not re-encoded (--reencode-webp re-encodes it)"
+    return Result(key, "skipped", ALREADY_WEBP, message)
 
 
 def write_failure(key: str, target: str, exc: OSError) -> Result:
@@ -105,6 +193,9 @@ class _InFlight:
     entry: SourceEntry
     checked_ns: int
     attempts: int
+    known: str | None
+    out_key: str
+    plan: _DirectoryPlan
 
 
 class Pipeline:
@@ -120,6 +211,8 @@ class Pipeline:
         prune: tuple[str, ...] = (),
         budget: MemoryBudget | None = None,
         manifest: Manifest | None = None,
+        target: str | None = None,
+        own_outputs: OwnOutputs | None = None,
     ) -> None:
         self.config = config
         self.budget = budget
@@ -130,6 +223,9 @@ class Pipeline:
         self.stop = stop or StopToken()
         self.prune = prune
         self.manifest = manifest
+        #: One file: its output's key (DEST names the file), instead of output_key.
+        self.target = target
+        self.own_outputs = own_outputs
         self.fingerprint = options_fingerprint(config)
         self.summary = RunSummary(src=source.describe(), dest=dest.describe())
         self.summary.workers = executor.workers
@@ -144,23 +240,46 @@ class Pipeline:
             "retry_failed": config.retry_failed,
             "max_attempts": config.max_attempts,
             "verify": config.verify,
+            "files_from": None if config.files_from is None else str(config.files_from),
+            "strict": config.strict,
+            "if_exists": config.if_exists,
+            "delete": config.delete,
+            "copy_unconverted": config.copy_unconverted,
+            "min_saving": config.min_saving,
+            "reencode_webp": config.reencode_webp,
             "fingerprint": self.fingerprint,
         }
+        # Files in DEST newer than this may be outputs of a killed run whose rows
+        # were lost with it (STYLE rule 5: coarse clocks get 2 s of doubt).
+        since = manifest.unfinished_since() if manifest is not None else None
+        self._unconfirmed_ns = None if since is None else int(since * 1e9) - 2_000_000_000
+        self.summary.strict = config.strict
         self._in_flight: dict[int, _InFlight] = {}
         self._next_id = 0
         self._found = 0
         self._walk_done = False
         self._last_progress = time.monotonic()
+        # Source bytes listed by the walk, and of the files handed to _plan:
+        # those minus the bytes in flight are the bytes finished.
+        self._found_bytes = 0
+        self._planned_bytes = 0
+        #: The count pass, running ahead of the throttled walk (None in a dry run).
+        self.counter: TreeCounter | None = None
 
     def snapshot(self) -> RunSnapshot:
         summary = self.summary
         executor = self.executor.statistics()
         budget = self.budget.statistics() if self.budget is not None else None
-        in_flight = len(self._in_flight)
+        count = self.counter.statistics() if self.counter is not None else None
+        # list() copies the values in one step under the GIL, so the pipeline's
+        # thread adding or removing a job meanwhile cannot break the iteration.
+        flights = list(self._in_flight.values())
+        in_flight = len(flights)
+        in_flight_bytes = sum(flight.entry.size for flight in flights)
         return RunSnapshot(
             found=self._found,
             walk_done=self._walk_done,
-            finished=summary.found,
+            finished=summary.finished,
             converted=summary.converted,
             skipped=summary.skipped,
             failed=summary.failed,
@@ -175,50 +294,93 @@ class Pipeline:
             budget_in_use=budget.in_use if budget else 0,
             draining=self.stop.graceful,
             last_progress=self._last_progress,
+            found_bytes=self._found_bytes,
+            finished_bytes=max(0, self._planned_bytes - in_flight_bytes),
+            counted=count.files if count else 0,
+            counted_bytes=count.bytes if count else 0,
+            count_done=count.done if count else False,
         )
+
+    def _publish_progress(self) -> None:
+        """Tell the manifest how far the run is, for ``optimizr status`` to read.
+        It goes out with the manifest's next batch commit: no commit of its own
+        unless no rows come for a while (see Manifest.note_progress)."""
+        if self.manifest is None or self.config.dry_run:
+            return
+        count = self.counter.statistics() if self.counter is not None else None
+        total = known_total(
+            self._found, self._walk_done, count.files if count else 0, bool(count and count.done)
+        )
+        self.manifest.note_progress(self.summary.found, total)
 
     def run(self) -> RunSummary:
         if self.listener:
             self.listener.started(self.snapshot)
         self.stop.attach(self.executor)
-        if not self.config.dry_run and (
-            self.manifest is None or not self.manifest.previous_run_finished()
+        if (
+            not self.config.dry_run
+            and self.target is None  # one file: never sweep the folder it is written to
+            and (self.manifest is None or not self.manifest.previous_run_finished())
         ):
             # Only a run that did not finish (killed, crashed) can have left
             # temporaries behind: after a clean one, skip walking all of DEST.
             self.dest.remove_stale_temporaries()
+        if not self.config.dry_run:
+            # A dry run walks unthrottled (nothing waits for a worker): no count needed.
+            self.counter = TreeCounter(
+                self.source,
+                self._walk_options(),
+                cancelled=lambda: self.stop.graceful or self._walk_done,
+                keep=None if self.own_outputs is None else self.own_outputs.drop_for_count,
+            ).start()
         try:
             for outcome in self.executor.imap_unordered(self._jobs()):
                 if self.stop.hard:
                     break
                 self._commit(outcome)
         finally:
+            if self.counter is not None:
+                self.counter.stop()
             self.summary.interrupted = self.stop.graceful
+            self.summary.stop_signal = self.stop.signum
+            self.summary.walk_complete = self._walk_done
             self.summary.finished_at = time.time()
+            self._publish_progress()
         return self.summary
 
     # -- plan --------------------------------------------------------------------
 
-    def _jobs(self) -> Iterator[Job]:
+    def _walk_options(self) -> WalkOptions:
         config = self.config
-        walk = WalkOptions(
+        return WalkOptions(
             include=config.include,
             exclude=config.exclude,
             follow_symlinks=config.follow_symlinks,
             prune=self.prune,
         )
+
+    def _jobs(self) -> Iterator[Job]:
         found = 0
         visited: set[str] = set()
-        for listing in self.source.walk(walk):
+        for listing in self.source.walk(self._walk_options()):
             if self.stop.graceful:
                 return
+            if listing.skipped is not None:
+                self.summary.warnings.append(f"{listing.directory}: {listing.skipped}")
+                continue
             visited.add(listing.directory)
+            if self.own_outputs is not None:
+                before = self.own_outputs.count
+                listing = self.own_outputs.drop(listing)
+                self.summary.own_outputs += self.own_outputs.count - before
             found += len(listing.entries)
-            self._found = found
+            self._found = self.summary.found = found
+            self._found_bytes += sum(entry.size for entry in listing.entries)
             if self.listener:
                 self.listener.found(len(listing.entries))
-            planner = _DirectoryPlan(self, listing.directory)
+            planner = _DirectoryPlan(self, listing)
             for entry in listing.entries:
+                self._planned_bytes += entry.size
                 job = self._plan(entry, planner)
                 if job is not None:
                     yield job
@@ -232,60 +394,126 @@ class Pipeline:
 
     def _forget_deleted(self, listing: DirectoryListing, plan: _DirectoryPlan) -> None:
         """Rows of this directory whose source is gone (not merely excluded) are dropped,
-        so status and failed.jsonl do not report files that no longer exist."""
-        if self.manifest is None or self.config.dry_run or plan.matched == len(plan.rows):
+        so status and failed.jsonl do not report files that no longer exist; their
+        outputs go with --delete."""
+        if self.manifest is None or plan.matched == len(plan.rows):
+            return
+        if self.config.dry_run and not self.config.delete:
+            return
+        if not self.source.complete_walk:
             return
         listed = {split_key(e.key)[1] for e in listing.entries}
-        self._forget_missing(row for name, row in plan.rows.items() if name not in listed)
+        self._forget_missing((row for name, row in plan.rows.items() if name not in listed), plan)
 
     def _forget_vanished_directories(self, visited: set[str]) -> None:
         """After a whole walk: rows of directories the walk never listed, whose
         sources are gone (a folder deleted or emptied since), are dropped too.
         Directories merely excluded keep their rows: their files still exist."""
-        if self.manifest is None or self.config.dry_run:
+        if (
+            self.manifest is None
+            or (self.config.dry_run and not self.config.delete)
+            or not self.source.complete_walk
+        ):
             return
         for directory in self.manifest.directories():
             if directory not in visited:
-                self._forget_missing(self.manifest.rows_in(directory).values())
+                self._forget_missing(self.manifest.rows_in(directory).values(), None)
 
-    def _forget_missing(self, rows: Iterable[Row]) -> None:
-        assert self.manifest is not None
+    def _forget_missing(self, rows: Iterable[Row], plan: _DirectoryPlan | None) -> None:
         for row in rows:
             if self.source.stat(row.key) is None:
+                self._source_gone(row, plan)
+
+    def _source_gone(self, row: Row, plan: _DirectoryPlan | None) -> None:
+        """The source of ``row`` no longer exists: what of its output?
+
+        With --delete it goes (rsync's --delete), if it is still as optimizr
+        wrote it and no other source has that name now. Without, it stays,
+        and the row stays too, as ``source deleted``: a later --delete, or the
+        source coming back, still knows the file is optimizr's."""
+        assert self.manifest is not None
+        dry_run, output = self.config.dry_run, row.output
+        taken = output is not None and plan is not None and split_key(output)[1] in plan.wanted
+        found = self.dest.stat(output) if output is not None and not taken else None
+        if output is None or found is None or found.size != row.output_size:
+            # No output, another source's now, gone, or changed since: not ours to remove.
+            if not dry_run:
                 self.manifest.forget(row.key)
+            return
+        if self.config.delete:
+            if not dry_run:
+                try:
+                    for target in reversed(_outputs_of(row)):  # the main output last
+                        self.dest.delete(target)
+                except OSError as exc:
+                    self.summary.warnings.append(
+                        f"could not delete {output} (its source is gone): {exc.strerror or exc}"
+                    )
+                    return  # the row stays: the next run tries again
+                self.manifest.forget(row.key)
+            self.summary.outputs.note_deleted(output, dry_run=dry_run)
+            return
+        self.summary.outputs.sources_gone += 1
+        if row.reason != SOURCE_DELETED:
+            self.manifest.record(
+                row.key,
+                size=row.size,
+                mtime_ns=row.mtime_ns,
+                checked_ns=row.checked_ns,
+                fingerprint=row.fingerprint,
+                status="skipped",
+                reason=SOURCE_DELETED,
+                output=output,
+                output_size=row.output_size,
+                # "pages: N" stays: it says which page outputs are optimizr's too.
+                message=row.message
+                if row.message.startswith(PAGES_PREFIX)
+                else f"the source is gone; {output} is kept in DEST (--delete removes it)",
+            )
 
     def _plan(self, entry: SourceEntry, plan: _DirectoryPlan) -> Job | None:
         checked_ns = plan.checked_ns
+        row = plan.row(entry.key)
+        # The reason this file had failed for before this run: failing the same
+        # way again is not new, and does not fail the run without --strict.
+        known = row.reason if row is not None and row.status == "failed" else None
+        record = partial(self._record, entry=entry, checked_ns=checked_ns, known=known, plan=plan)
+        if entry.error in (NOT_FOUND, OUTSIDE_SRC):
+            # A listed name that is no file of SRC: no manifest row, which is about files.
+            self._record(_failure(entry.key, _not_in_src(entry.error)))
+            return None
         if entry.error is not None:
             kind = PermissionDenied if entry.error == "permission denied" else SourceUnreadable
             error = kind(f"cannot read: {entry.error}")
-            self._record(_failure(entry.key, error), entry, checked_ns)
+            record(_failure(entry.key, error))
             return None
-        out_key = output_key(entry.key, self.config.name)
-        if out_key in plan.claimed:
-            conflict = OutputConflict(
-                f"{out_key} is already the output of {plan.claimed[out_key]}; "
-                "use --name append to keep both"
-            )
-            self._record(_failure(entry.key, conflict), entry, checked_ns)
+        out_key = plan.names[entry.key]
+        owner = plan.wanted[split_key(out_key)[1]]
+        if owner != entry.key:
+            record(_failure(entry.key, self._conflict(entry.key, owner, out_key)))
             return None
-        plan.claimed[out_key] = entry.key
         attempts = 0
         if not self.config.force:
-            row = plan.rows.get(split_key(entry.key)[1])
-            if row is not None:
-                plan.matched += 1
             if row is not None and row.describes(entry.size, entry.mtime_ns, self.fingerprint):
                 settled = self._settled(entry, row, out_key, plan)
+                if (
+                    settled is not None
+                    and settled.status == "skipped"
+                    and settled.reason != UP_TO_DATE
+                    and settled.output != row.output
+                ):
+                    # Its copy was made or removed just now: the row must say so.
+                    record(settled)
+                    return None
                 if settled is not None:
-                    self._record(settled)
+                    self._record(settled, known=known)
                     return None
                 attempts = row.attempts if row.status == "failed" else 0
             elif row is None and self.manifest is not None and self.manifest.rebuilt:
                 if self._adopt(entry, out_key, plan):
                     return None
         if self.config.dry_run:
-            self._record(self._dry_run_result(entry, out_key))
+            self._record(self._dry_run_result(entry, out_key, plan), known=known)
             return None
         source: str | bytes | None = self.source.local_path(entry.key)
         if source is None:
@@ -293,26 +521,96 @@ class Pipeline:
                 source = self.source.read_bytes(entry.key)
             except OSError as exc:
                 unreadable = SourceUnreadable(exc.strerror or str(exc))
-                self._record(_failure(entry.key, unreadable), entry, checked_ns, attempts)
+                record(_failure(entry.key, unreadable), attempts=attempts)
                 return None
+        if not self.config.reencode_webp and is_webp(source):
+            # Decoding and re-encoding a WebP only loses quality (lossless ones
+            # became lossy) for a few bytes: it is kept as it is unless asked.
+            record(self._keep_as_is(already_webp(entry.key), entry, plan))
+            return None
+        if self._kept_in_the_way(out_key, plan):
+            record(self._output_exists(entry.key, out_key))
+            return None
         cost = 0
         if self.budget is not None:
             header = probe(source)
             if header is not None:
-                cost = estimate_peak_bytes(header, self.config.encode)
-                if not self.budget.fits_alone(cost):
-                    refusal = TooLarge(
-                        f"{header.width}x{header.height} needs about {cost / 2**20:,.0f} MiB to "
-                        f"convert, more than --max-memory {self.budget.total / 2**20:,.0f} MiB "
-                        f"leaves for one image ({self.budget.capacity / 2**20:,.0f} MiB); "
-                        "raise --max-memory or use --max-width/--max-height"
-                    )
-                    self._record(_failure(entry.key, refusal), entry, checked_ns, attempts)
+                refusal = self._refusal(header)
+                if refusal is not None:
+                    record(_failure(entry.key, refusal), attempts=attempts)
                     return None
+                cost = estimate_peak_bytes(header, self.config.encode)
         self._next_id += 1
-        self._in_flight[self._next_id] = _InFlight(entry, checked_ns, attempts)
+        self._in_flight[self._next_id] = _InFlight(
+            entry, checked_ns, attempts, known, out_key, plan
+        )
         return Job(
             self._next_id, entry.key, source, self.config.encode, cost, verify=self.config.verify
+        )
+
+    def _conflict(self, key: str, owner: str, out_key: str) -> OutputConflict:
+        if self.config.name == "replace":
+            hint = (
+                f"with --name auto these two become {output_key(owner, 'append')} and "
+                f"{output_key(key, 'append')}, and every other file keeps its name"
+            )
+        else:
+            hint = "rename one of them"
+        return OutputConflict(f"{out_key} is already the output of {owner}; {hint}")
+
+    def _kept_in_the_way(self, out_key: str, plan: _DirectoryPlan) -> bool:
+        """Does a file optimizr did not write stand where ``out_key`` goes, to be kept?"""
+        if self.config.if_exists != "skip":
+            return False
+        found = plan.outputs().get(split_key(out_key)[1])
+        return found is not None and self._foreign(out_key, plan, found)
+
+    def _foreign(self, out_key: str, plan: _DirectoryPlan, found: FileStat) -> bool:
+        """Is the file ``found`` at ``out_key`` one optimizr did not write?
+
+        Its own: a row of the folder names it (whatever that row's status), it
+        was written earlier in this run, or it is newer than the start of a
+        run that was killed before its rows were committed."""
+        name = split_key(out_key)[1]
+        if name in plan.owned() or name in plan.written:
+            return False
+        if self._unconfirmed_ns is not None and found.mtime_ns >= self._unconfirmed_ns:
+            return False
+        return self.manifest is None or self.manifest.owner_of(out_key) is None
+
+    def _output_exists(self, key: str, out_key: str) -> Result:
+        message = (
+            f"{out_key} is in DEST and optimizr did not write it: kept, not converted "
+            "(--if-exists overwrite replaces it)"
+        )
+        if self.manifest is not None and self.manifest.rebuilt:
+            message += (
+                "; after --rebuild-manifest only outputs newer than their source "
+                "are known to be optimizr's"
+            )
+        return Result(key, "skipped", OUTPUT_EXISTS, message)
+
+    def _refusal(self, header: Header) -> TooLarge | None:
+        """What the header alone says cannot be converted, the image's own limits first:
+        a bomb over --max-pixels must be told so, not to raise --max-memory by 44 GB."""
+        assert self.budget is not None
+        options = self.config.encode
+        try:
+            check_pixels(header.width, header.height, header.frames, options)
+            if options.shrink_box(header.width, header.height) is None:
+                # Kept at its own size, so the worker would meet exactly this limit.
+                check_webp_limit(header.width, header.height, options)
+        except TooLarge as exc:
+            return exc
+        cost = estimate_peak_bytes(header, options)
+        if self.budget.fits_alone(cost):
+            return None
+        budget = self.budget
+        return OverMemoryBudget(
+            f"{header.width}x{header.height} needs about {cost / 2**20:,.0f} MiB to "
+            f"convert, more than --max-memory {budget.total / 2**20:,.0f} MiB "
+            f"leaves for one image ({budget.capacity / 2**20:,.0f} MiB); "
+            "raise --max-memory or use --max-width/--max-height"
         )
 
     def _settled(
@@ -320,14 +618,31 @@ class Pipeline:
     ) -> Result | None:
         """The result that stands without opening the file, if the manifest proves one."""
         if row.status == "done":
-            output = plan.outputs().get(split_key(out_key)[1])
-            if row.output == out_key and output is not None and output.size == row.output_size:
+            outputs = plan.outputs()
+            output = outputs.get(split_key(out_key)[1])
+            pages = (
+                int(row.message[len(PAGES_PREFIX) :] or 1)
+                if row.message.startswith(PAGES_PREFIX)
+                else 1
+            )
+            pages_there = all(
+                split_key(page_key(out_key, n))[1] in outputs for n in range(2, pages + 1)
+            )
+            if (
+                row.output == out_key
+                and output is not None
+                and output.size == row.output_size
+                and pages_there
+            ):
                 return Result(entry.key, "skipped", UP_TO_DATE, "", out_key)
             return None  # the output is gone or was changed: make it again
         if row.status == "skipped":
-            return Result(entry.key, "skipped", row.reason, row.message)
-        if row.reason in TRANSIENT:
-            return None  # the disk was full, the file unreadable...: not the image's fault
+            return self._settled_skip(entry, row, out_key, plan)
+        if cause_of(row.error_class, row.reason) != "image":
+            # Transient (a full disk, a permission...) or decided by the run's
+            # settings and other files (the memory budget, an output conflict):
+            # this run decides it again from what it finds.
+            return None
         if self.config.retry_failed and row.attempts < self.config.max_attempts:
             return None
         self.summary.known_failed += 1
@@ -343,6 +658,79 @@ class Pipeline:
             f"{row.message}; {hint}" if row.message else hint,
             error_class=row.error_class,
         )
+
+    def _settled_skip(
+        self, entry: SourceEntry, row: Row, out_key: str, plan: _DirectoryPlan
+    ) -> Result | None:
+        """A skip stands, unless it was about DEST and DEST or the options changed.
+
+        Copies (--copy-unconverted) are made, made again or removed here, from
+        the row's evidence alone: nothing is encoded again to decide them."""
+        if row.reason == SOURCE_DELETED:
+            return None  # it is back: convert it (its old output is optimizr's)
+        if row.reason == OUTPUT_EXISTS:
+            found = plan.outputs().get(split_key(out_key)[1])
+            if self.config.if_exists == "overwrite" or found is None:
+                return None  # the file in the way is gone, or may now be replaced
+            if not self._foreign(out_key, plan, found):
+                return None
+        result = Result(entry.key, "skipped", row.reason, row.message)
+        wanted = self.config.copy_unconverted and row.reason in COPYABLE
+        if wanted and row.output is not None:
+            found = plan.outputs().get(split_key(row.output)[1])
+            if found is not None and found.size == row.output_size:
+                return dataclasses.replace(
+                    result, output=row.output, copied=found.size, note="copied as is"
+                )
+        if wanted:
+            return self._keep_as_is(result, entry, plan)
+        return result  # without output: a copy made before is removed as it is recorded
+
+    def _keep_as_is(self, result: Result, entry: SourceEntry, plan: _DirectoryPlan) -> Result:
+        """--copy-unconverted: a file not converted goes to DEST under its own name,
+        so DEST is a complete tree for a web deploy."""
+        key = entry.key
+        if not self.config.copy_unconverted or result.reason not in COPYABLE:
+            return result
+        name = split_key(key)[1]
+        owner = plan.wanted.get(name, key)
+        if owner != key:
+            return dataclasses.replace(
+                result, note=f"not copied: {key} in DEST is the output of {owner}"
+            )
+        if self.config.dry_run:
+            return dataclasses.replace(result, note="would be copied as is")
+        if self._same_file(key):
+            return dataclasses.replace(result, note="already in DEST")  # SRC is DEST
+        found = self.dest.stat(key)
+        overwriting = found is not None and self._foreign(key, plan, found)
+        if overwriting and self.config.if_exists == "skip":
+            self.summary.outputs.kept += 1
+            return dataclasses.replace(
+                result,
+                note=f"not copied: {key} is in DEST and optimizr did not write it "
+                "(--if-exists overwrite replaces it)",
+            )
+        try:
+            size = self.dest.copy_in(key, self.source, key)
+        except OSError as exc:
+            return write_failure(key, key, exc)
+        plan.written.add(name)
+        outputs = self.summary.outputs
+        outputs.copied += 1
+        outputs.copied_bytes += size
+        if overwriting:
+            outputs.overwritten += 1
+        return dataclasses.replace(result, output=key, copied=size, note="copied as is")
+
+    def _same_file(self, key: str) -> bool:
+        src_path, dest_path = self.source.local_path(key), self.dest.local_path(key)
+        if src_path is None or dest_path is None:
+            return False
+        try:
+            return os.path.samefile(src_path, dest_path)
+        except OSError:
+            return False
 
     def _adopt(self, entry: SourceEntry, out_key: str, plan: _DirectoryPlan) -> bool:
         """After --rebuild-manifest: an output already on disk, complete and newer
@@ -368,7 +756,7 @@ class Pipeline:
         self._record(Result(entry.key, "skipped", UP_TO_DATE, "adopted by --rebuild-manifest"))
         return True
 
-    def _dry_run_result(self, entry: SourceEntry, out_key: str) -> Result:
+    def _dry_run_result(self, entry: SourceEntry, out_key: str, plan: _DirectoryPlan) -> Result:
         path = self.source.local_path(entry.key)
         try:
             if path is not None:
@@ -381,35 +769,56 @@ class Pipeline:
         except OSError as exc:
             return Result(entry.key, "failed", "unreadable", exc.strerror or str(exc))
         if sniffed.format is None:
-            return classify_error(entry.key, NotAnImage("no known image signature"))
+            error: ImageError = NotAnImage("no known image signature")
+            return self._keep_as_is(classify_error(entry.key, error), entry, plan)
         if not sniffed.supported:
-            return classify_error(
-                entry.key, UnsupportedImage(f"{sniffed.format} is not a format optimizr converts")
-            )
+            error = UnsupportedImage(f"{sniffed.format} is not a format optimizr converts")
+            return self._keep_as_is(classify_error(entry.key, error), entry, plan)
+        if sniffed.format == "webp" and not self.config.reencode_webp:
+            return self._keep_as_is(already_webp(entry.key), entry, plan)
+        if self._kept_in_the_way(out_key, plan):
+            return self._output_exists(entry.key, out_key)
         kind = "apng" if sniffed.animated_png else sniffed.format
-        return Result(entry.key, "skipped", DRY_RUN, f"would convert {kind} -> {out_key}", out_key)
+        return Result(
+            entry.key,
+            "skipped",
+            DRY_RUN,
+            f"would convert {kind} -> {out_key}",
+            out_key,
+            bytes_in=entry.size,
+        )
 
     # -- commit ------------------------------------------------------------------
 
     def _commit(self, outcome: Outcome) -> None:
         flight = self._in_flight.pop(outcome.job.id)
-        entry, key = flight.entry, flight.entry.key
+        entry, key, out_key, plan = flight.entry, flight.entry.key, flight.out_key, flight.plan
+        record_as = partial(
+            self._record,
+            entry=entry,
+            checked_ns=flight.checked_ns,
+            attempts=flight.attempts,
+            known=flight.known,
+            plan=plan,
+        )
 
         def record(result: Result) -> None:
-            if outcome.warnings:  # libvips' messages about this image stay with it
-                result = replace(result, warnings=outcome.warnings)
-            self._record(result, entry, flight.checked_ns, flight.attempts)
+            if outcome.warnings:  # what libvips said about this image stays with it
+                result = dataclasses.replace(result, warnings=(*result.warnings, *outcome.warnings))
+            record_as(result)
 
         if outcome.error is not None or outcome.encoded is None:
             error = outcome.error or ImageError("no result")
-            record(classify_error(key, error))
+            record(self._keep_as_is(classify_error(key, error), entry, plan))
             return
         encoded = outcome.encoded
-        out_key = output_key(key, self.config.name)
-        size = len(encoded.webp)
-        larger = larger_than_source(key, size, entry.size, self.config.if_larger)
+        more_bytes = sum(len(page) for page in encoded.more_pages)
+        size = len(encoded.webp) + more_bytes
+        larger = larger_than_source(
+            key, size, entry.size, self.config.if_larger, self.config.min_saving
+        )
         if larger is not None:
-            record(larger)
+            record(self._keep_as_is(larger, entry, plan))
             return
         now = self.source.stat(key)
         if now is None or (now.size, now.mtime_ns) != (entry.size, entry.mtime_ns):
@@ -419,25 +828,48 @@ class Pipeline:
             # sees the difference and converts it again.
             record(_failure(key, changed))
             return
+        mtime_ns = entry.mtime_ns if self.config.preserve_mtime else None
+        # Pages 2, 3, ... first: the main output, and the row after it, say the
+        # whole source is done only once every page is in place.
+        writes = [(page_key(out_key, n), data) for n, data in enumerate(encoded.more_pages, 2)]
+        writes.append((out_key, encoded.webp))
+        # Checked again here: a file may have appeared while the image converted.
+        overwriting = []
+        for target, _ in writes:
+            found = self.dest.stat(target)
+            if found is not None and self._foreign(target, plan, found):
+                if self.config.if_exists == "skip":
+                    record(self._output_exists(key, target))
+                    return
+                overwriting.append(target)
         write_started = time.perf_counter()
-        try:
-            self.dest.write_atomic(out_key, encoded.webp)
-        except OSError as exc:
-            record(write_failure(key, out_key, exc))
-            return
+        for target, data in writes:
+            try:
+                self.dest.write_atomic(target, data, mtime_ns=mtime_ns)
+            except OSError as exc:
+                record(write_failure(key, target, exc))
+                return
+            plan.written.add(split_key(target)[1])
         written = time.perf_counter() - write_started
+        self.summary.outputs.overwritten += len(overwriting)
         # Only now, with the output renamed into place, may the row say done.
         record(
             Result(
                 key,
                 "converted",
                 None,
-                "",
+                # Kept in the manifest row: a re-run checks that every page is still there.
+                f"{PAGES_PREFIX}{1 + len(encoded.more_pages)}" if encoded.more_pages else "",
                 out_key,
                 entry.size,
                 size,
                 encoded.facts,
                 write_seconds=written,
+                warnings=encoded.facts.warnings,
+                more_pages_bytes=more_bytes,
+                note=f"replaced {', '.join(overwriting)}, which optimizr had not written"
+                if overwriting
+                else "",
             )
         )
 
@@ -447,14 +879,39 @@ class Pipeline:
         entry: SourceEntry | None = None,
         checked_ns: int = 0,
         attempts: int = 0,
+        known: str | None = None,
+        plan: _DirectoryPlan | None = None,
     ) -> None:
+        if entry is not None and result.status == "failed" and not result.bytes_in:
+            # A failure still had a source of some size: logs and the report show it.
+            result = dataclasses.replace(result, bytes_in=entry.size)
         self.summary.record(result)
+        if result.status == "failed" and result.reason != known:
+            self.summary.new_failed += 1
+        if result.reason == OUTPUT_EXISTS:
+            self.summary.outputs.kept += 1
         self._last_progress = time.monotonic()
         if self.listener:
             self.listener.finished(result)
+        self._publish_progress()
         if entry is None or self.manifest is None or self.config.dry_run:
             return
         status = {"converted": "done", "skipped": "skipped", "failed": "failed"}[result.status]
+        if status == "failed" and cause_of(result.error_class, result.reason) != "run":
+            attempts += 1  # a refusal by the budget or a conflict never tried the image
+        prior = plan.prior(entry.key) if plan is not None else None
+        output: str | None = None
+        output_size: int | None = None
+        if status == "done":
+            # The main output's own size: the evidence a re-run checks on disk.
+            output, output_size = result.output, result.bytes_out - result.more_pages_bytes
+        elif result.copied is not None:
+            output, output_size = result.output, result.copied
+        elif status == "failed" and prior is not None:
+            # A failure leaves an earlier output where it is (a cron run that
+            # meets a full disk must not take images off a site), and the row
+            # goes on saying optimizr wrote it.
+            output, output_size = prior.output, prior.output_size
         self.manifest.record(
             entry.key,
             size=entry.size,
@@ -463,34 +920,139 @@ class Pipeline:
             fingerprint=self.fingerprint,
             status=status,
             reason=result.reason,
-            output=result.output if status == "done" else None,
-            output_size=result.bytes_out if status == "done" else None,
+            output=output,
+            output_size=output_size,
             error_class=result.error_class,
             message=result.message,
-            attempts=attempts + 1 if status == "failed" else attempts,
+            attempts=attempts,
         )
+        if prior is not None and prior.output is not None and status != "failed":
+            assert plan is not None
+            now = {output} if output is not None else set()
+            if status == "done" and result.message.startswith(PAGES_PREFIX):
+                count = int(result.message[len(PAGES_PREFIX) :])
+                now |= {page_key(result.output or "", n) for n in range(2, count + 1)}
+            self._remove_stale(entry.key, prior, now, plan)
+
+    def _remove_stale(self, key: str, prior: Row, now: set[str], plan: _DirectoryPlan) -> None:
+        """The files optimizr wrote for a source that it no longer has as outputs:
+        another name now (--name), or none (skipped, its copy no longer wanted).
+
+        Removed only as written (the main output at its recorded size), and never
+        while another source of the folder claims that name (a.png taking over the
+        a.webp that a.jpg had, under --name replace)."""
+        for target in _outputs_of(prior):
+            name = split_key(target)[1]
+            if target in now or plan.wanted.get(name, key) != key or name in plan.written:
+                continue  # still its own, or another source's now
+            found = self.dest.stat(target)
+            if found is None or (target == prior.output and found.size != prior.output_size):
+                continue
+            try:
+                removed = self.dest.delete(target)
+            except OSError as exc:
+                self.summary.warnings.append(
+                    f"could not remove {target}, no longer the output of anything: "
+                    f"{exc.strerror or exc}"
+                )
+                continue
+            if removed:
+                self.summary.outputs.stale_removed += 1
 
 
 class _DirectoryPlan:
     """What the pipeline knows about one source directory while planning it."""
 
-    def __init__(self, pipeline: Pipeline, directory: str) -> None:
+    def __init__(self, pipeline: Pipeline, listing: DirectoryListing) -> None:
+        directory = listing.directory
         self.directory = directory
         self.dest = pipeline.dest
         # Taken before the rows are read: an edit after this moment shows as a
         # newer mtime than the row's, or falls inside the settle window.
         self.checked_ns = time.time_ns()
-        self.claimed: dict[str, str] = {}
-        use_rows = pipeline.manifest is not None and not pipeline.config.force
-        self.rows = pipeline.manifest.rows_in(directory) if use_rows and pipeline.manifest else {}
+        # Decided for the whole folder at once: --name auto needs every name.
+        self.names = output_keys(
+            (e.key for e in listing.entries if e.error is None), pipeline.config.name
+        )
+        if pipeline.target is not None:  # one file: its output is the path given
+            self.names = dict.fromkeys(self.names, pipeline.target)
+        #: Output file name -> the source that claims it (the first, in name order).
+        self.wanted: dict[str, str] = {}
+        for key, out_key in self.names.items():
+            self.wanted.setdefault(split_key(out_key)[1], key)
+        # Read under --force too: it skips nothing, but a failure is still new
+        # only if the file had not failed the same way before, and the rows say
+        # which files in DEST optimizr wrote.
+        self.manifest = pipeline.manifest
+        self.rows = self.manifest.rows_in(directory) if self.manifest is not None else {}
         self.matched = 0  # rows that a listed file found
+        #: Output names written into this folder by this run.
+        self.written: set[str] = set()
         self._outputs: dict[str, FileStat] | None = None
+        self._owned: set[str] | None = None
+
+    def prior(self, key: str) -> Row | None:
+        """The row a source of this folder had as the run began (not counted as a match)."""
+        directory, name = split_key(key)
+        return self.rows.get(name) if directory == self.directory else None
+
+    def owned(self) -> set[str]:
+        """Names in the DEST folder that rows say optimizr wrote (as the run began)."""
+        if self._owned is None:
+            self._owned = {
+                split_key(target)[1] for row in self.rows.values() for target in _outputs_of(row)
+            }
+        return self._owned
+
+    def row(self, key: str) -> Row | None:
+        """The manifest's row for a listed file, if it has one."""
+        directory, name = split_key(key)
+        if directory != self.directory:
+            # The entry that stands for an unreadable directory is recorded under
+            # its own key, a name in the parent directory.
+            if self.manifest is None:
+                return None
+            return self.manifest.rows_in(directory).get(name)
+        row = self.rows.get(name)
+        if row is not None:
+            self.matched += 1
+        return row
 
     def outputs(self) -> dict[str, FileStat]:
         """The files in the mirrored DEST directory, listed once and only if needed."""
         if self._outputs is None:
             self._outputs = self.dest.list_files(self.directory)
         return self._outputs
+
+
+def _not_in_src(error: str) -> ImageError:
+    if error == NOT_FOUND:
+        return SourceDisappeared("listed, but not in SRC: --files-from names are relative to SRC")
+    return OutsideSource("listed, but the name leads out of SRC; refused")
+
+
+def _outputs_of(row: Row) -> list[str]:
+    """Every file a row says optimizr wrote: its output, and the outputs of pages 2, 3, ..."""
+    if row.output is None:
+        return []
+    return [row.output] + [page_key(row.output, n) for n in range(2, _pages_of(row) + 1)]
+
+
+def _pages_of(row: Row) -> int:
+    if row.message.startswith(PAGES_PREFIX):
+        try:
+            return max(1, int(row.message[len(PAGES_PREFIX) :]))
+        except ValueError:
+            pass
+    return 1
+
+
+def row_outputs(row: Row) -> list[str]:
+    """The output keys a done row stands for: its output and, after --pages all, the
+    other pages' (which the walk must not take as sources when they lie in SRC)."""
+    if row.status != "done" or not row.output:
+        return []
+    return [row.output, *(page_key(row.output, n) for n in range(2, _pages_of(row) + 1))]
 
 
 def _failure(key: str, error: ImageError) -> Result:

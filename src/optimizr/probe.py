@@ -53,13 +53,15 @@ def _header(source: str | bytes, sniffed: Sniffed) -> Header | None:
         return Header("apng", info.width, info.height, 4, info.num_frames)
     import pyvips
 
+    from optimizr.encode import open_vips_source
+
     # Header reads would otherwise sit in libvips' operation cache, each with
     # its file open; nothing here is ever read twice.
     pyvips.cache_set_max(0)
     image: Any = (
         pyvips.Image.new_from_buffer(source, "", fail_on="none")
         if isinstance(source, bytes)
-        else pyvips.Image.new_from_file(source, fail_on="none")
+        else pyvips.Image.new_from_source(open_vips_source(source), "", fail_on="none")
     )
     frames = 1
     if fmt in _ANIMATED and image.get_typeof("n-pages"):

@@ -117,24 +117,30 @@ def render_report(summary: Mapping[str, Any]) -> str:
     if not isinstance(schema, str) or not schema.startswith(SCHEMA_PREFIX):
         raise UsageError(f"not an optimizr summary (no {SCHEMA_PREFIX}N schema)")
     charts = [
-        _chart_section("sizes", "Size before and after", sizes_chart(summary)),
-        _chart_section("formats", "Saving by input format", formats_chart(summary)),
-        _chart_section("latency", "Time per image", latency_chart(summary)),
-        _chart_section("memory", "Memory over time", memory_chart(summary)),
-        _chart_section("throughput", "Throughput over time", throughput_chart(summary)),
+        chart_section("sizes", "Size before and after", sizes_chart(summary)),
+        chart_section("formats", "Saving by input format", formats_chart(summary)),
+        chart_section("latency", "Time per image", latency_chart(summary)),
+        chart_section("memory", "Memory over time", memory_chart(summary)),
+        chart_section("throughput", "Throughput over time", throughput_chart(summary)),
     ]
     tables = [
         _failures_section(summary),
         _paths_section(summary, "largest_savings", "Largest savings", "saved"),
-        _paths_section(summary, "grew", "Outputs larger than their source", None),
+        *_larger_sections(summary),
     ]
+    title = f"optimizr report: {as_text(summary.get('src'))} to {as_text(summary.get('dest'))}"
+    return html_page(title, [_header(summary), _analysis_section(summary)], charts, tables)
+
+
+def html_page(title: str, top: list[str], charts: list[str], bottom: list[str]) -> str:
+    """The page around already rendered sections: ``charts`` in the two-column grid
+    between ``top`` and ``bottom``; plotly.js embedded only when a chart needs it."""
     scripts = f"<script>{_PROBE_JS}</script>"
     if any('class="chart"' in s for s in charts):
         from plotly.offline import get_plotlyjs  # type: ignore[import-untyped]
 
         # "<\/" is "</" inside a JS string; it keeps the HTML parser inside the script.
         scripts += "\n<script>" + str(get_plotlyjs()).replace("</", "<\\/") + "</script>"
-    title = f"optimizr report: {as_text(summary.get('src'))} to {as_text(summary.get('dest'))}"
     return "\n".join(
         [
             "<!DOCTYPE html>",
@@ -146,12 +152,11 @@ def render_report(summary: Mapping[str, Any]) -> str:
             scripts,
             "</head>",
             "<body>",
-            _header(summary),
-            _analysis_section(summary),
+            *top,
             '<div class="charts">',
             *charts,
             "</div>",
-            *tables,
+            *bottom,
             "</body>",
             "</html>",
             "",
@@ -178,6 +183,10 @@ def write_report(summary_path: Path | str, out_path: Path | str) -> None:
         page = render_report(summary)
     except UsageError as exc:
         raise UsageError(f"{summary_path}: {exc}") from exc
+    write_page(out_path, page)
+
+
+def write_page(out_path: Path, page: str) -> None:
     try:
         atomic_write(out_path, page.encode("utf-8"))
     except OSError as exc:
@@ -269,7 +278,7 @@ def _analysis_section(summary: Mapping[str, Any]) -> str:
     return f'<section id="analysis">\n<h2>Findings</h2>\n{body}\n</section>'
 
 
-def _table(headers: list[tuple[str, str]], rows: list[list[str]]) -> str:
+def html_table(headers: list[tuple[str, str]], rows: list[list[str]]) -> str:
     """``headers`` are (label, css class); cells in ``rows`` are already escaped."""
     head = "".join(f'<th class="{cls}">{esc(label)}</th>' for label, cls in headers)
     cells = [
@@ -314,15 +323,23 @@ def _failures_section(summary: Mapping[str, Any]) -> str:
             f"{more:,} more in DEST/.optimizr/failed.jsonl.</p>"
         )
         rows = rows[:MAX_TABLE_ROWS]
-    table = _table([("path", "path"), ("reason", "reason"), ("message", "message")], rows)
+    table = html_table([("path", "path"), ("reason", "reason"), ("message", "message")], rows)
     return f'<section id="failures">\n<h2>Failures</h2>\n{note}{table}\n</section>'
 
 
-def _paths_section(summary: Mapping[str, Any], key: str, title: str, saved: str | None) -> str:
-    if key not in summary:
+def _paths_section(
+    summary: Mapping[str, Any],
+    key: str,
+    title: str,
+    saved: str | None,
+    items: list[Any] | None = None,
+    after: str = "after",
+    caption: str = "",
+) -> str:
+    if key not in summary and items is None:
         return ""
     rows = []
-    for item in map(as_dict, as_list(summary.get(key))):
+    for item in map(as_dict, as_list(summary.get(key)) if items is None else items):
         cells = [
             esc(item.get("path")),
             fmt_bytes(item.get("bytes_in")),
@@ -331,12 +348,34 @@ def _paths_section(summary: Mapping[str, Any], key: str, title: str, saved: str 
         rows.append(cells + ([fmt_bytes(item.get(saved))] if saved else []))
     if not rows:
         return f'<section id="{key}">\n<h2>{title}</h2>\n<p class="empty">None.</p>\n</section>'
-    headers = [("path", "path"), ("before", "num"), ("after", "num")]
-    table = _table(headers + ([("saved", "num")] if saved else []), rows)
-    return f'<section id="{key}">\n<h2>{title}</h2>\n{table}\n</section>'
+    headers = [("path", "path"), ("before", "num"), (after, "num")]
+    table = html_table(headers + ([("saved", "num")] if saved else []), rows)
+    note = f'<p class="caption">{caption}</p>\n' if caption else ""
+    return f'<section id="{key}">\n<h2>{title}</h2>\n{note}{table}\n</section>'
 
 
-def _chart_section(name: str, title: str, chart: Chart) -> str:
+def _larger_sections(summary: Mapping[str, Any]) -> list[str]:
+    """Outputs written larger than their source, and files kept as they were because
+    their WebP would have been larger: two different things, in two tables."""
+    grew, skipped = summary.get("grew"), summary.get("skipped_larger")
+    if grew is None and skipped is None:
+        return []
+    if skipped is None:
+        # Written before the two were told apart, ``grew`` held both; the run's
+        # --if-larger says which: under skip no output larger than its source is written.
+        writes = as_dict(summary.get("options")).get("if_larger") == "write"
+        grew, skipped = (grew, []) if writes else ([], grew)
+    return [
+        _paths_section(summary, "grew", "Outputs larger than their source", None,
+                       as_list(grew), caption="Written anyway (--if-larger write)."),
+        _paths_section(summary, "skipped_larger", "Not converted: the WebP would be larger",
+                       None, as_list(skipped), after="WebP would be",
+                       caption="No output written; the source stays the smaller file "
+                       "(--if-larger skip)."),
+    ]  # fmt: skip
+
+
+def chart_section(name: str, title: str, chart: Chart) -> str:
     figure, text = chart
     if figure is None:
         body = f'<p class="empty">{text}</p>'

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from itertools import pairwise
 from typing import Any
 
+from optimizr.filenames import printable
 from optimizr.metrics.progress import human_bytes
 
 _COLOURS = {"before": "#8c96a8", "after": "#2f7ed8", "line": "#2f7ed8", "line2": "#e8743b"}
@@ -43,7 +44,9 @@ def as_text(value: Any) -> str:
 
 
 def esc(value: Any) -> str:
-    return html.escape(as_text(value), quote=True)
+    """For HTML, and with the control characters a file name may hold made visible
+    (a page shows "\\x1b" where a terminal would have obeyed it)."""
+    return html.escape(printable(as_text(value)), quote=True)
 
 
 def fmt_count(value: Any) -> str:
@@ -140,14 +143,14 @@ def _scaled(value: float, unit: str, digits: int) -> str:
     raise AssertionError("unreachable")
 
 
-def _go() -> Any:
+def plotly_objects() -> Any:
     import plotly.graph_objects as go  # type: ignore[import-untyped]
 
     return go
 
 
 def _histogram_bars(histograms: dict[str, dict[float, float]], unit: str, noun: str) -> Any:
-    go = _go()
+    go = plotly_objects()
     bounds = _log_grid(sorted({b for h in histograms.values() for b in h}))
     labels = _bucket_labels(bounds, unit)
     figure = go.Figure(
@@ -178,7 +181,7 @@ def sizes_chart(summary: Mapping[str, Any]) -> Chart:
 
 
 def formats_chart(summary: Mapping[str, Any]) -> Chart:
-    go = _go()
+    go = plotly_objects()
     by_format = as_dict(as_dict(summary.get("files")).get("by_format"))
     rows = []
     for fmt, figures in by_format.items():
@@ -257,7 +260,7 @@ def _points(value: Any, width: int) -> list[list[float]]:
 
 
 def memory_chart(summary: Mapping[str, Any]) -> Chart:
-    go = _go()
+    go = plotly_objects()
     memory = as_dict(summary.get("memory"))
     points = _points(memory.get("timeline"), 2)
     if len(points) < 2:
@@ -295,7 +298,7 @@ def memory_chart(summary: Mapping[str, Any]) -> Chart:
 
 
 def throughput_chart(summary: Mapping[str, Any]) -> Chart:
-    go = _go()
+    go = plotly_objects()
     points = _points(summary.get("timeline"), 3)
     if points and points[0][0] > 0:
         # The timeline is cumulative from the start, where nothing was done yet.

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from optimizr.errors import UsageError
+from optimizr.filenames import json_safe, name_fields
 from optimizr.lock import lock_holder
 from optimizr.manifest import Manifest, manifest_path, state_dir
 
@@ -19,8 +20,34 @@ from optimizr.manifest import Manifest, manifest_path, state_dir
 class FailureGroup:
     reason: str
     count: int
-    example: str  # one path with this reason
+    example: str  # one path with this reason (a key: not always UTF-8, see filenames.py)
     message: str  # and its message
+
+
+@dataclass(frozen=True)
+class RunProgress:
+    """How far the run in progress is, as it last published in the manifest
+    (with each batch of rows, so at most a second or so old)."""
+
+    run_id: int
+    #: Files this run has finished so far, whatever became of them.
+    processed: int
+    #: Files this run will have seen; None while the count pass is still going.
+    total: int | None
+    updated_at: float
+
+    @property
+    def remaining(self) -> int | None:
+        return None if self.total is None else max(0, self.total - self.processed)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "processed": self.processed,
+            "total": self.total,
+            "remaining": self.remaining,
+            "updated_at": self.updated_at,
+        }
 
 
 @dataclass(frozen=True)
@@ -35,6 +62,8 @@ class StatusReport:
     bytes_out: int
     lock_holder: dict[str, Any] | None
     last_run: dict[str, Any] | None
+    #: Only while a run holds the lock: how far it is.
+    progress: RunProgress | None = None
 
     @property
     def total(self) -> int:
@@ -45,11 +74,16 @@ class StatusReport:
         return self.bytes_in - self.bytes_out
 
     def to_dict(self) -> dict[str, Any]:
+        """The JSON document; an example that is not UTF-8 also has "example_bytes"."""
         data = asdict(self)
+        data["failures"] = [
+            {**vars(group), **name_fields(group.example, "example")} for group in self.failures
+        ]
         data["total"] = self.total
         data["saved"] = self.saved
         data["running"] = self.lock_holder is not None
-        return data
+        data["progress"] = self.progress.to_dict() if self.progress is not None else None
+        return dict(json_safe(data))
 
 
 def read_status(dest: str | Path) -> StatusReport:
@@ -72,22 +106,19 @@ def read_status(dest: str | Path) -> StatusReport:
                 "GROUP BY reason ORDER BY COUNT(*) DESC, reason"
             ).fetchall()
         )
-        groups = []
-        for reason, count, path, message in conn.execute(
-            "SELECT reason, COUNT(*), MIN(path), "
-            "(SELECT message FROM sources s2 WHERE s2.status = 'failed' "
-            " AND s2.reason IS s1.reason ORDER BY path LIMIT 1) "
-            "FROM sources s1 WHERE status = 'failed' GROUP BY reason "
-            "ORDER BY COUNT(*) DESC, reason"
-        ):
-            groups.append(FailureGroup(reason or "failed", count, path, message or ""))
+        groups = [
+            FailureGroup(reason or "failed", count, path, message)
+            for reason, count, path, message in manifest.failure_examples()
+        ]
         bytes_in, bytes_out = conn.execute(
             "SELECT COALESCE(SUM(size), 0), COALESCE(SUM(output_size), 0) "
             "FROM files WHERE status = 'done'"
         ).fetchone()
         last_run = manifest.last_run()
+        published = manifest.run_progress()
     finally:
         manifest.close()
+    holder = lock_holder(state_dir(dest_path))
     return StatusReport(
         dest=str(dest_path),
         manifest=str(manifest.path),
@@ -96,6 +127,28 @@ def read_status(dest: str | Path) -> StatusReport:
         failures=tuple(groups),
         bytes_in=int(bytes_in),
         bytes_out=int(bytes_out),
-        lock_holder=lock_holder(state_dir(dest_path)),
+        lock_holder=holder,
         last_run=last_run,
+        progress=_live_progress(published, last_run) if holder is not None else None,
     )
+
+
+def _live_progress(
+    published: dict[str, Any] | None, last_run: dict[str, Any] | None
+) -> RunProgress | None:
+    """The published progress, if it is the running run's: the figures a finished
+    or killed run left behind describe no run in progress."""
+    if published is None or last_run is None or last_run["finished_at"] is not None:
+        return None
+    if published.get("run_id") != last_run["id"]:
+        return None
+    try:
+        total = published.get("total")
+        return RunProgress(
+            run_id=int(published["run_id"]),
+            processed=int(published["processed"]),
+            total=None if total is None else int(total),
+            updated_at=float(published["updated_at"]),
+        )
+    except (KeyError, TypeError, ValueError):
+        return None

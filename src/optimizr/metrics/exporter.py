@@ -12,11 +12,12 @@ This is the edge of the program: only the CLI uses it, the core never does.
 from __future__ import annotations
 
 import json
+import math
 import socket
 import socketserver
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -32,12 +33,14 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 from optimizr.atomic import atomic_write
 from optimizr.errors import UsageError
 from optimizr.results import Result, input_format
 
 if TYPE_CHECKING:
+    from optimizr.config import RunConfig
     from optimizr.events import RunSnapshot
 
 #: Seconds one image may take, from thumbnails to 100 MP scans near --timeout.
@@ -154,23 +157,101 @@ class _SnapshotCollector:
         )
 
 
+class _BatchJobCollector:
+    """The exporter's metrics with the run's labels added, and the batch-job gauges."""
+
+    def __init__(
+        self,
+        exporter: MetricsExporter,
+        exit_code: int,
+        started_at: float,
+        finished_at: float,
+        success: float | None,
+    ) -> None:
+        self.exporter = exporter
+        self.job = [
+            ("optimizr_last_run_timestamp_seconds", "When the last run ended (Unix time).",
+             finished_at),
+            ("optimizr_last_run_duration_seconds", "Wall seconds the last run took.",
+             max(0.0, finished_at - started_at)),
+            ("optimizr_last_exit_code", "Exit code of the last run (0 success, 1 some files "
+             "failed, 2 usage error, 3 DEST busy, 130 or 143 interrupted).", exit_code),
+        ]  # fmt: skip
+        if success is not None:
+            self.job.append(
+                (
+                    "optimizr_last_success_timestamp_seconds",
+                    "When the last run that exited 0 ended (Unix time); failed runs keep it.",
+                    success,
+                )
+            )
+
+    def collect(self) -> Iterator[Metric]:
+        labels = self.exporter.labels
+        for family in self.exporter.registry.collect():
+            labelled = Metric(family.name, family.documentation, family.type, family.unit)
+            for sample in family.samples:
+                labelled.add_sample(
+                    sample.name, {**labels, **sample.labels}, sample.value, sample.timestamp
+                )
+            yield labelled
+        for name, documentation, value in self.job:
+            gauge = GaugeMetricFamily(name, documentation, labels=list(labels))
+            gauge.add_metric(list(labels.values()), float(value))
+            yield gauge
+
+
+def _last_success(text: str, labels: Mapping[str, str]) -> float | None:
+    """The last success time a textfile holds for exactly these labels, if any."""
+    try:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if (
+                    sample.name == "optimizr_last_success_timestamp_seconds"
+                    and sample.labels == dict(labels)
+                    and math.isfinite(sample.value)
+                ):
+                    return float(sample.value)
+    except ValueError:  # not the text format: written by something else
+        return None
+    return None
+
+
+def run_labels(config: RunConfig) -> dict[str, str]:
+    """The labels a run's textfile series carry: ``dest`` (the absolute DEST), then
+    ``--metrics-label`` pairs (one named ``dest`` replaces it)."""
+    return {"dest": str(config.dest.resolve()), **dict(config.metrics_labels)}
+
+
 class MetricsExporter:
     """Implements the pipeline's ``ProgressListener`` and serves what it learns.
 
     ::
 
-        exporter = MetricsExporter(stall_timeout=300)
+        exporter = MetricsExporter(stall_timeout=300, labels=run_labels(config))
+        started = time.time()
         with exporter:
             url = exporter.serve("127.0.0.1", 9464)
-            convert_tree(src, dest, config, listener=exporter)
-        exporter.write_textfile(Path("optimizr.prom"))
+            summary = convert_tree(src, dest, config, listener=exporter)
+        exporter.write_textfile(
+            Path("optimizr.prom"), exit_code=summary.exit_code,
+            started_at=started, finished_at=time.time(),
+        )
+
+    ``labels`` go on every series of the textfile (not of ``/metrics``, whose
+    scrape configuration names the target).
     """
 
     def __init__(
-        self, *, stall_timeout: float = 300.0, clock: Callable[[], float] = time.monotonic
+        self,
+        *,
+        stall_timeout: float = 300.0,
+        clock: Callable[[], float] = time.monotonic,
+        labels: Mapping[str, str] | None = None,
     ) -> None:
         self.stall_timeout = stall_timeout
         self.clock = clock
+        self.labels = dict(labels or {})
         self.draining = False
         self.registry = CollectorRegistry()
         self._images = Counter(
@@ -254,13 +335,35 @@ class MetricsExporter:
         """The metrics in Prometheus' text format."""
         return generate_latest(self.registry)
 
-    def write_textfile(self, path: Path) -> None:
-        """Write the metrics atomically, for node_exporter's textfile collector (which
-        must never read half a file). Raises OSError."""
-        atomic_write(path, self.render())
+    def render_textfile(
+        self, *, exit_code: int, started_at: float, finished_at: float, previous: str = ""
+    ) -> bytes:
+        """The metrics for node_exporter's textfile collector, as a batch job reports
+        itself: every series with the run's labels, plus the last run's end time,
+        duration and exit code, and the end time of the last run that succeeded (exit
+        0): this run's, else the one ``previous`` (the file's old text) holds under
+        the same labels, else none at all. Times are Unix seconds."""
+        success = finished_at if exit_code == 0 else _last_success(previous, self.labels)
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_BatchJobCollector(self, exit_code, started_at, finished_at, success))
+        return generate_latest(registry)
+
+    def write_textfile(
+        self, path: Path, *, exit_code: int, started_at: float, finished_at: float
+    ) -> None:
+        """Write :meth:`render_textfile` atomically (the collector must never read half
+        a file), keeping the last success time the file held. Raises OSError."""
+        try:
+            previous = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            previous = ""  # no file yet (or not ours): no earlier success to keep
+        data = self.render_textfile(
+            exit_code=exit_code, started_at=started_at, finished_at=finished_at, previous=previous
+        )
+        atomic_write(path, data)
 
     def answer(self, path: str) -> tuple[int, str, bytes]:
-        """HTTP status, content type and body for a GET of ``path``."""
+        """HTTP status, content type and body for a GET of ``path`` (a HEAD: all but the body)."""
         route = urlsplit(path).path.rstrip("/") or "/"
         if route == "/metrics":
             self._count("scrapes")
@@ -366,12 +469,22 @@ class _Handler(BaseHTTPRequestHandler):
         super().__init__(*args, **kwargs)
 
     def do_GET(self) -> None:
+        self._respond(with_body=True)
+
+    def do_HEAD(self) -> None:
+        # Uptime probes and load balancers check with HEAD; BaseHTTPRequestHandler
+        # answers 501 to any method without a do_ handler (issue 10, item 11).
+        self._respond(with_body=False)
+
+    def _respond(self, *, with_body: bool) -> None:
         status, content_type, body = self.exporter.answer(self.path)
         self.send_response(status)
         self.send_header("Content-Type", content_type)
+        # The GET body's length, as RFC 9110 (9.3.2) asks of a HEAD answer.
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        if with_body:
+            self.wfile.write(body)
 
     def log_message(self, format: str, *args: Any) -> None:
         pass  # one line per scrape would bury the run's own output on stderr

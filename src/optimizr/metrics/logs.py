@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import IO, TYPE_CHECKING, Any, Literal
 
+from optimizr.filenames import json_safe, name_fields, printable
 from optimizr.results import Result, RunSummary
 
 if TYPE_CHECKING:
@@ -26,7 +27,7 @@ LOGGER = "optimizr"
 
 #: Fields of an image event, in the order they are written.
 IMAGE_FIELDS = (
-    "path", "status", "reason", "bytes_in", "bytes_out", "ms", "error", "output", "warnings"
+    "path", "status", "reason", "bytes_in", "bytes_out", "ms", "error", "output", "warnings",
 )  # fmt: skip
 
 
@@ -45,12 +46,14 @@ class JsonFormatter(logging.Formatter):
         data.update(fields or {})
         if record.exc_info:
             data["exception"] = self.formatException(record.exc_info)
-        return json.dumps(data, ensure_ascii=False)
+        # A name that is not UTF-8 would be a lone surrogate: not text a reader takes.
+        return json.dumps(json_safe(data), ensure_ascii=False)
 
 
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        return f"{record.levelname.lower()}: {record.getMessage()}"
+        # One event, one line, whatever the file names in it hold.
+        return f"{record.levelname.lower()}: {printable(record.getMessage())}"
 
 
 @contextlib.contextmanager
@@ -103,7 +106,7 @@ class LogListener:
     def finished(self, result: Result) -> None:
         if not self.images:
             return
-        level = logging.WARNING if result.status == "failed" else logging.INFO
+        level = logging.WARNING if result.status == "failed" or result.warnings else logging.INFO
         if not self.logger.isEnabledFor(level):
             return
         fields = image_fields(result)
@@ -136,14 +139,13 @@ def image_fields(result: Result) -> dict[str, Any]:
     if result.status == "failed":
         error = {"class": result.error_class, "reason": result.reason, "message": result.message}
     return {
-        "path": result.key,
+        **name_fields(result.key),  # and "path_bytes" when the name is not UTF-8
         "status": result.status,
         "reason": result.reason,
         "bytes_in": result.bytes_in,
         "bytes_out": result.bytes_out,
         "ms": ms,
         "error": error,
-        "output": result.output,
-        # What libvips said about this image (recoverable damage, ...), one per entry.
+        **(name_fields(result.output, "output") if result.output else {"output": None}),
         "warnings": list(result.warnings),
     }

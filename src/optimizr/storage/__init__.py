@@ -1,6 +1,7 @@
 """Storage backends behind one small interface (see ``base.py``)."""
 
 from optimizr.storage.base import (
+    STATE_DIR,
     DirectoryListing,
     FileStat,
     SourceEntry,
@@ -12,6 +13,7 @@ from optimizr.storage.local import LocalStorage
 from optimizr.storage.memory import MemoryStorage
 
 __all__ = [
+    "STATE_DIR",
     "DirectoryListing",
     "FileStat",
     "LocalStorage",

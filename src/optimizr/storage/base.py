@@ -12,6 +12,18 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
+from typing import ClassVar
+
+#: The folder in which optimizr keeps a DEST's state (manifest, lock, failed.jsonl).
+#: A walk never enters one, and a folder that holds one is an optimizr DEST: its
+#: files are optimizr's outputs, never sources.
+STATE_DIR = ".optimizr"
+
+#: ``SourceEntry.error`` of a name given in a list of sources that is not in SRC
+#: (no manifest row is kept for it: the manifest describes files that exist).
+NOT_FOUND = "not found"
+#: ... and of a listed name that leads out of SRC (``../x``, or an absolute path elsewhere).
+OUTSIDE_SRC = "outside SRC"
 
 
 @dataclass(frozen=True)
@@ -46,6 +58,8 @@ class WalkOptions:
         return not _matches_any(key, self.exclude)
 
     def wants_dir(self, key: str) -> bool:
+        if key.rpartition("/")[2] == STATE_DIR:
+            return False
         return key not in self.prune and not _matches_any(key, self.exclude)
 
 
@@ -70,6 +84,8 @@ class WalkStatistics:
     excluded: int = 0
     errors: int = 0
     loops_avoided: int = 0
+    #: Folders passed over whole because they are optimizr DESTs (they hold STATE_DIR).
+    dest_folders: int = 0
 
 
 @dataclass(frozen=True)
@@ -79,10 +95,25 @@ class DirectoryListing:
 
     directory: str
     entries: tuple[SourceEntry, ...] = field(default_factory=tuple)
+    #: Set when the walk passed this directory over whole (with no entries), and why:
+    #: the pipeline says so once in the run's warnings.
+    skipped: str | None = None
+
+
+#: Why a folder holding STATE_DIR is passed over.
+DEST_FOLDER = (
+    f"passed over: it is an optimizr DEST (it holds {STATE_DIR}/), its files are "
+    "optimizr's outputs; to convert sources kept in it, give it as a SRC of its own"
+)
 
 
 class Storage(ABC):
     """A tree of files addressed by relative POSIX keys."""
+
+    #: Does ``walk`` list every file under the root? Only then is a manifest row
+    #: that no listing named evidence that its source may be gone (a list of
+    #: sources, --files-from, names some files and proves nothing about the rest).
+    complete_walk: ClassVar[bool] = True
 
     @abstractmethod
     def walk(self, options: WalkOptions) -> Iterator[DirectoryListing]:
@@ -104,8 +135,22 @@ class Storage(ABC):
     def read_bytes(self, key: str) -> bytes: ...
 
     @abstractmethod
-    def write_atomic(self, key: str, data: bytes) -> None:
-        """Replace ``key`` with ``data`` so no reader ever sees a partial object."""
+    def write_atomic(self, key: str, data: bytes, *, mtime_ns: int | None = None) -> None:
+        """Replace ``key`` with ``data`` so no reader ever sees a partial object;
+        ``mtime_ns``: the modification time it carries (--preserve-mtime)."""
+
+    def copy_in(
+        self, key: str, source: Storage, source_key: str, *, mtime_ns: int | None = None
+    ) -> int:
+        """Copy ``source_key`` of ``source`` to ``key``, atomically; return the bytes copied."""
+        data = source.read_bytes(source_key)
+        self.write_atomic(key, data, mtime_ns=mtime_ns)
+        return len(data)
+
+    @abstractmethod
+    def delete(self, key: str) -> bool:
+        """Remove the file ``key``; False if there was none. Folders it leaves
+        empty go too, as rsync's --delete leaves no empty shells behind."""
 
     def local_path(self, key: str) -> str | None:
         """A filesystem path workers may read directly (streaming), if there is one."""

@@ -8,8 +8,10 @@ import stat as stat_mod
 from collections.abc import Iterator
 from pathlib import Path
 
-from optimizr.atomic import atomic_write, is_temp_name
+from optimizr.atomic import atomic_open, atomic_write, fsync_dir, is_temp_name
 from optimizr.storage.base import (
+    DEST_FOLDER,
+    STATE_DIR,
     DirectoryListing,
     FileStat,
     SourceEntry,
@@ -20,14 +22,20 @@ from optimizr.storage.base import (
 
 
 class LocalStorage(Storage):
-    def __init__(self, root: Path) -> None:
+    """The folder ``root``; with a ``prefix``, its keys are ``prefix/...`` (one of
+    several SRCs, mirrored under DEST/prefix/) and the walk starts at ``prefix``."""
+
+    def __init__(self, root: Path, prefix: str = "") -> None:
         self.root = root
+        self.prefix = prefix
         self.walk_stats = WalkStatistics()
 
     def describe(self) -> str:
         return str(self.root)
 
     def path_of(self, key: str) -> Path:
+        if self.prefix:
+            key = key[len(self.prefix) + 1 :]
         return self.root / key if key else self.root
 
     def local_path(self, key: str) -> str | None:
@@ -58,8 +66,41 @@ class LocalStorage(Storage):
     def read_bytes(self, key: str) -> bytes:
         return self.path_of(key).read_bytes()
 
-    def write_atomic(self, key: str, data: bytes) -> None:
-        atomic_write(self.path_of(key), data)
+    def write_atomic(self, key: str, data: bytes, *, mtime_ns: int | None = None) -> None:
+        atomic_write(self.path_of(key), data, mtime_ns=mtime_ns)
+
+    def copy_in(
+        self, key: str, source: Storage, source_key: str, *, mtime_ns: int | None = None
+    ) -> int:
+        path = source.local_path(source_key)
+        if path is None:
+            return super().copy_in(key, source, source_key, mtime_ns=mtime_ns)
+        copied = 0
+        # Streamed: a 2 GB unsupported file must not be read into memory whole.
+        with open(path, "rb") as fh, atomic_open(self.path_of(key)) as out:
+            while chunk := fh.read(1 << 20):
+                out.write(chunk)
+                copied += len(chunk)
+            if mtime_ns is not None:
+                out.flush()
+                os.utime(out.fd, ns=(mtime_ns, mtime_ns))
+        return copied
+
+    def delete(self, key: str) -> bool:
+        path = self.path_of(key)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return False
+        fsync_dir(path.parent)
+        parent = path.parent
+        while parent != self.root and self.root in parent.parents:
+            try:
+                parent.rmdir()
+            except OSError:
+                break  # not empty (or not ours to remove): stop climbing
+            parent = parent.parent
+        return True
 
     def remove_stale_temporaries(self) -> int:
         removed = 0
@@ -82,7 +123,7 @@ class LocalStorage(Storage):
         stats = self.walk_stats
         root_st = os.stat(self.root)
         stack: list[tuple[str, tuple[tuple[int, int], ...]]] = [
-            ("", ((root_st.st_dev, root_st.st_ino),))
+            (self.prefix, ((root_st.st_dev, root_st.st_ino),))
         ]
         while stack:
             key, ancestors = stack.pop()
@@ -95,9 +136,16 @@ class LocalStorage(Storage):
                 reason = "permission denied" if isinstance(exc, PermissionError) else str(exc)
                 yield DirectoryListing(key, (SourceEntry(key or ".", error=reason),))
                 continue
+            if key != self.prefix and any(_is_state_dir(e) for e in dir_entries):
+                # Another run's DEST (this run's own is pruned): outputs, not sources.
+                stats.dest_folders += 1
+                yield DirectoryListing(key, skipped=DEST_FOLDER)
+                continue
             files: list[SourceEntry] = []
             subdirs: list[tuple[str, tuple[tuple[int, int], ...]]] = []
             for entry in dir_entries:
+                if _is_state_dir(entry):
+                    continue  # SRC's own state folder (in place, or SRC is a DEST)
                 child = f"{key}/{entry.name}" if key else entry.name
                 try:
                     is_link = entry.is_symlink()
@@ -109,7 +157,7 @@ class LocalStorage(Storage):
                     if is_temp_name(entry.name):
                         continue
                     stats.errors += 1
-                    files.append(SourceEntry(child, error=_os_reason(exc)))
+                    files.append(SourceEntry(child, error=os_reason(exc)))
                     continue
                 if stat_mod.S_ISDIR(st.st_mode):
                     ident = (st.st_dev, st.st_ino)
@@ -134,7 +182,14 @@ class LocalStorage(Storage):
             stack.extend(reversed(subdirs))
 
 
-def _os_reason(exc: OSError) -> str:
+def _is_state_dir(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.name == STATE_DIR and entry.is_dir(follow_symlinks=False)
+    except OSError:
+        return False
+
+
+def os_reason(exc: OSError) -> str:
     if isinstance(exc, PermissionError):
         return "permission denied"
     if isinstance(exc, FileNotFoundError):

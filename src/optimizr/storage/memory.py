@@ -7,7 +7,15 @@ import time
 from collections.abc import Iterator
 from pathlib import PurePosixPath
 
-from optimizr.storage.base import DirectoryListing, FileStat, SourceEntry, Storage, WalkOptions
+from optimizr.storage.base import (
+    DEST_FOLDER,
+    STATE_DIR,
+    DirectoryListing,
+    FileStat,
+    SourceEntry,
+    Storage,
+    WalkOptions,
+)
 
 
 class MemoryStorage(Storage):
@@ -41,23 +49,34 @@ class MemoryStorage(Storage):
         except KeyError:
             raise FileNotFoundError(key) from None
 
-    def write_atomic(self, key: str, data: bytes) -> None:
+    def write_atomic(self, key: str, data: bytes, *, mtime_ns: int | None = None) -> None:
         self.writes += 1
-        self.put(key, bytes(data))
+        self.put(key, bytes(data), mtime_ns)
+
+    def delete(self, key: str) -> bool:
+        return self.objects.pop(key, None) is not None
 
     def remove_stale_temporaries(self) -> int:
         return 0
 
     def walk(self, options: WalkOptions) -> Iterator[DirectoryListing]:
+        # Folders (below the root) that hold a state folder are optimizr DESTs.
+        dests = {
+            key.rpartition(f"/{STATE_DIR}/")[0] for key in self.objects if f"/{STATE_DIR}/" in key
+        }
         by_dir: dict[str, list[SourceEntry]] = {}
         for key in sorted(self.objects):
             parent = str(PurePosixPath(key).parent)
             parent = "" if parent == "." else parent
             parts = PurePosixPath(key).parts[:-1]
             prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+            if any(p in dests for p in prefixes):
+                continue
             if any(not options.wants_dir(p) for p in prefixes) or not options.wants_file(key):
                 continue
             data, mtime = self.objects[key]
             by_dir.setdefault(parent, []).append(SourceEntry(key, len(data), mtime))
+        for directory in sorted(dests):
+            yield DirectoryListing(directory, skipped=DEST_FOLDER)
         for directory in sorted(by_dir):
             yield DirectoryListing(directory, tuple(by_dir[directory]))
