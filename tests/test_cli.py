@@ -194,12 +194,14 @@ def test_hung_worker_is_killed_after_timeout(
     src, dest = tmp_path / "src", tmp_path / "dest"
     make_tree(src, 4)
     monkeypatch.setenv("OPTIMIZR_TEST_FAULTS", "hang:img001.jpg")
-    result = cli("convert", src, dest, "-j", "2", "--timeout", "2", "--no-progress")
+    # The clock starts when a ready worker gets the image (not while it starts up,
+    # which on a loaded machine took seconds); a healthy image needs milliseconds.
+    result = cli("convert", src, dest, "-j", "2", "--timeout", "5", "--no-progress")
     assert result.exit_code == 1
     doc = json.loads((dest / "optimizr-summary.json").read_text())
     [failure] = doc["not_converted"]
     assert failure["path"] == "d1/img001.jpg" and failure["reason"] == "worker crashed"
-    assert "timed out after 2 s" in failure["message"]
+    assert "timed out after 5 s" in failure["message"]
     assert doc["files"]["converted"] == 3
 
 
@@ -257,8 +259,13 @@ def test_first_signal_finishes_in_flight_and_writes_summary(
 
 
 @pytest.mark.timeout(120)
-def test_second_sigint_aborts_without_partial_files(big_tree: tuple[Path, Path]) -> None:
+def test_second_sigint_aborts_without_partial_files(
+    big_tree: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     src, dest = big_tree
+    # The first image (in walk order) never finishes: after the first SIGINT the run
+    # waits for it (--grace 60 s), so it cannot end before the second one arrives.
+    monkeypatch.setenv("OPTIMIZR_TEST_FAULTS", "hang:d0/img000.jpg")
     proc = spawn_cli(src, dest, "-j", "2", "--effort", "6")
     wait_for(lambda: any(dest.rglob("*.webp")))
     proc.send_signal(signal.SIGINT)

@@ -37,6 +37,7 @@ from optimizr.errors import (
     UsageError,
     VerifyFailed,
     WorkerCrashed,
+    WorkerStartFailed,
     WriteFailed,
 )
 from optimizr.events import StopToken
@@ -76,6 +77,7 @@ __all__ = [
     "UsageError",
     "VerifyFailed",
     "WorkerCrashed",
+    "WorkerStartFailed",
     "WriteFailed",
     "__version__",
     "convert_file",

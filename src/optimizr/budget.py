@@ -47,7 +47,8 @@ SAFETY = 1.10
 #: Resident size of an idle worker (Python + pyvips + optimizr), measured: 31 MB.
 WORKER_BASELINE = 35 << 20
 #: Resident size of the parent (walk, pool, progress, RSS sampler: 37-45 MB,
-#: measured) plus multiprocessing's resource-tracker process (12 MB).
+#: measured), and 12 MB to spare: the figure once included multiprocessing's
+#: resource-tracker process, which workers started with subprocess no longer need.
 PARENT_BASELINE = 60 << 20
 
 

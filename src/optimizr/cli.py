@@ -7,8 +7,8 @@ the config file (``optimizr.toml``) and the frozen config.
 Exit codes: 0 every file converted or skipped, or failed only as it had failed
 before (known bad: listed, but not new); 1 some file failed for the first time,
 or for another reason than before (with --strict: any file failed); 2 usage
-error (or a damaged manifest); 3 another run holds DEST; 130 interrupted by
-SIGINT, 143 by SIGTERM.
+error (or a damaged manifest); 3 another run holds DEST; 4 the worker processes
+cannot start; 130 interrupted by SIGINT, 143 by SIGTERM.
 """
 
 from __future__ import annotations

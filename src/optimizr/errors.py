@@ -9,6 +9,7 @@ the process exit code the CLI turns it into. Only ``cli.py`` catches them.
     ├── UsageError                exit 2    bad option, SRC missing, DEST unusable
     │   └── ManifestDamaged       exit 2    DEST's manifest is unreadable: --rebuild-manifest
     ├── DestBusy                  exit 3    another run holds DEST's lock
+    ├── WorkerStartFailed         exit 4    worker processes cannot start (interpreter, import)
     ├── Interrupted               exit 130  stopped by a signal (a run stopped by SIGTERM exits 143)
     └── ImageError                exit 1    one image could not be converted; the run goes on
         ├── NotAnImage            "not an image"        no known image signature           image
@@ -77,6 +78,18 @@ class DestBusy(OptimizrError):
     """Another run holds DEST's lock."""
 
     exit_code = 3
+
+
+class WorkerStartFailed(OptimizrError):
+    """Worker processes die or stay silent before they are ready for work.
+
+    A fault of the installation or the machine (the interpreter cannot run,
+    optimizr or libvips cannot be imported, the process is killed while
+    starting), never of an image: the run stops before any image is given to
+    a worker, and nothing is recorded against the images.
+    """
+
+    exit_code = 4
 
 
 class Interrupted(OptimizrError):
@@ -227,6 +240,7 @@ __all__ = [
     "UsageError",
     "VerifyFailed",
     "WorkerCrashed",
+    "WorkerStartFailed",
     "WriteFailed",
     "cause_of",
 ]

@@ -793,7 +793,7 @@ class Pipeline:
     def _commit(self, outcome: Outcome) -> None:
         flight = self._in_flight.pop(outcome.job.id)
         entry, key, out_key, plan = flight.entry, flight.entry.key, flight.out_key, flight.plan
-        record = partial(
+        record_as = partial(
             self._record,
             entry=entry,
             checked_ns=flight.checked_ns,
@@ -801,6 +801,12 @@ class Pipeline:
             known=flight.known,
             plan=plan,
         )
+
+        def record(result: Result) -> None:
+            if outcome.warnings:  # what libvips said about this image stays with it
+                result = dataclasses.replace(result, warnings=(*result.warnings, *outcome.warnings))
+            record_as(result)
+
         if outcome.error is not None or outcome.encoded is None:
             error = outcome.error or ImageError("no result")
             record(self._keep_as_is(classify_error(key, error), entry, plan))

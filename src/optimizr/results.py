@@ -59,8 +59,9 @@ class Result:
     error_class: str | None = None
     #: Seconds the parent spent writing the output into place.
     write_seconds: float = 0.0
-    #: Things the user should know about a converted image, one line each
-    #: ("multi-page: 3 pages, only the first was converted ...").
+    #: Things the user should know about an image, one line each ("multi-page: 3
+    #: pages, only the first was converted ...", or what libvips said while
+    #: converting it: "VIPS: read gave 100 warnings").
     warnings: tuple[str, ...] = ()
     #: Of ``bytes_out``: the outputs of pages 2, 3, ... of a multi-page source.
     more_pages_bytes: int = 0
@@ -221,8 +222,11 @@ class RunSummary:
     outputs: OutputStatistics = field(default_factory=OutputStatistics)
 
     def record(self, result: Result) -> None:
-        for warning in result.warnings:
-            self.warned_by_kind[warning.partition(":")[0]] += 1
+        # Converted images, not messages: libvips often says several things about
+        # one file, and a failed one is counted as failed.
+        if result.status == "converted":
+            for kind in dict.fromkeys(w.partition(":")[0] for w in result.warnings):
+                self.warned_by_kind[kind] += 1
         if result.reason != UP_TO_DATE:
             counts = self.by_format.setdefault(input_format(result), Counter())
             counts[result.status] += 1

@@ -37,6 +37,9 @@ class Outcome:
     encoded: Encoded | None
     error: ImageError | None
     worker: str = ""
+    #: What libvips (or another codec library) said about this image while
+    #: converting it, one message per entry: per-image warnings, not log lines.
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,7 @@ class ExecutorStatistics:
     pids: tuple[int, ...] = ()
     #: Jobs being converted right now.
     running: int = 0
-    #: Worker processes alive (in-process executors count as one).
+    #: Worker processes alive and ready for work (in-process executors count as one).
     alive: int = 0
 
 

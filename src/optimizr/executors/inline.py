@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
-from optimizr.encode import encode_webp
-from optimizr.errors import ImageError
 from optimizr.executors.base import Executor, ExecutorStatistics, Job, Outcome
-from optimizr.verify import verify_webp
+from optimizr.executors.codec_messages import CodecMessages
+from optimizr.executors.worker import convert_job
 
 
 class InlineExecutor(Executor):
@@ -18,18 +17,13 @@ class InlineExecutor(Executor):
         self._started = 0
 
     def imap_unordered(self, jobs: Iterable[Job]) -> Iterator[Outcome]:
-        for job in jobs:
-            if self._stopping:
-                return
-            self._started += 1
-            try:
-                encoded = encode_webp(job.source, job.options)
-                if job.verify:
-                    verify_webp(encoded)
-            except ImageError as exc:
-                yield Outcome(job, None, exc, "inline")
-            else:
-                yield Outcome(job, encoded, None, "inline")
+        with CodecMessages() as messages:
+            for job in jobs:
+                if self._stopping:
+                    return
+                self._started += 1
+                encoded, error, warnings = convert_job(job, messages)
+                yield Outcome(job, encoded, error, "inline", warnings)
 
     def stop_accepting(self) -> None:
         self._stopping = True

@@ -3,36 +3,106 @@
 Why not ``concurrent.futures.ProcessPoolExecutor``: when one of its workers
 dies, the whole pool breaks and every job in flight fails with it, with no
 way to tell which image was to blame. Here each worker runs one job at a time
-over its own pipe, so the parent always knows which image a dead or stuck
+over its own socket, so the parent always knows which image a dead or stuck
 worker was holding: that image fails with the cause (``worker crashed:
 SIGSEGV``, ``timed out after 300 s``), the worker is replaced, and the run goes on.
+
+Why not ``multiprocessing`` either: its spawn start method re-imports the
+caller's ``__main__`` in every worker, so a script without an ``if __name__ ==
+"__main__":`` guard, or one piped to ``python -``, ran itself again in each
+worker, which died, and its images were recorded as crashed for good (issue
+10). A worker here is an interpreter of its own running ``worker.main``, with
+the parent's ``sys.path`` (so it imports the same optimizr) and nothing else of
+the caller's. It says "ready" once its imports and libvips set-up are done:
+only then is it given a job, and the job's timeout starts when it is handed
+over. Workers start when the first job comes (a re-run with nothing to do
+starts none). A worker that dies before it is ready, or while idle, is
+replaced without failing any image; when workers keep dying before they are
+ready, the pool raises :class:`~optimizr.errors.WorkerStartFailed` (before the
+first image is given out, on a broken installation).
+
+A worker's stdout and stderr go to an in-memory file that the parent reads
+between jobs: whatever a codec printed while converting an image becomes one
+of that image's warnings, never a raw line on the parent's stderr (which
+``--log-format json`` keeps pure JSON), and what a dying worker printed still
+reaches the parent.
 """
 
 from __future__ import annotations
 
-import multiprocessing
+import fcntl
+import json
+import logging
+import os
 import signal
+import socket
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
-from multiprocessing.process import BaseProcess
+from typing import Any
 
 from optimizr.budget import MemoryBudget
-from optimizr.errors import ImageError, WorkerCrashed
+from optimizr.errors import ImageError, WorkerCrashed, WorkerStartFailed
 from optimizr.executors.base import Executor, ExecutorStatistics, Job, Outcome
-from optimizr.executors.worker import worker_main
+from optimizr.executors.codec_messages import last_line, tidy
 
-# spawn, not fork: the parent may run threads (the progress display), and a
-# forked child inherits their locks mid-air.
-_CTX = multiprocessing.get_context("spawn")
+logger = logging.getLogger(__name__)
+
+#: The parent's sys.path, as JSON, for the worker to import from.
+PATH_ENV = "OPTIMIZR_WORKER_PATH"
+# -P: nothing from the working directory shadows json or os before sys.path is set.
+_BOOTSTRAP = (
+    f"import json, os, sys; sys.path[:] = json.loads(os.environ.pop({PATH_ENV!r})); "
+    "from optimizr.executors.worker import main; main()"
+)
+# Mirrors worker.STOP_SIGNALS; the worker module is not imported by the parent.
+_STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
+#: The most of a worker's output kept at a time (its end: a traceback's verdict).
+_OUTPUT_LIMIT = 64 << 10
+
+
+class CapturedOutput:
+    """A worker's stdout and stderr: an in-memory file the parent empties between jobs."""
+
+    def __init__(self) -> None:
+        memfd_create = getattr(os, "memfd_create", None)
+        if memfd_create is not None:
+            self.fd: int = memfd_create("optimizr-worker-output")
+        else:  # not Linux
+            with tempfile.TemporaryFile() as spill:
+                self.fd = os.dup(spill.fileno())
+        # O_APPEND (shared with the worker's copy of the descriptor): its writes
+        # always land at the current end, so emptying the file between jobs
+        # never leaves a hole in front of the next message.
+        flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
+        fcntl.fcntl(self.fd, fcntl.F_SETFL, flags | os.O_APPEND)
+
+    def take(self) -> str:
+        """What the worker printed since the last call (its last 64 KiB at most)."""
+        size = os.fstat(self.fd).st_size
+        if not size:
+            return ""
+        start = max(0, size - _OUTPUT_LIMIT)
+        data = os.pread(self.fd, size - start, start)
+        os.ftruncate(self.fd, 0)
+        return data.decode("utf-8", "replace")
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 @dataclass
 class _Worker:
-    process: BaseProcess
+    process: subprocess.Popen[bytes]
     conn: Connection
+    output: CapturedOutput
     name: str
+    spawned: float
+    ready: bool = False
     job: Job | None = None
     started: float = 0.0
     tasks_done: int = 0
@@ -45,6 +115,11 @@ class ProcessExecutor(Executor):
     job that the memory budget admits goes first, so the run does not end with
     one core busy on the biggest photo while the others idle. A job the budget
     cannot admit yet holds back smaller ones that would delay it further.
+
+    ``python`` is the command a worker's interpreter starts with (default: this
+    one, ``sys.executable``); ``start_timeout`` bounds how long a worker may take
+    to become ready, and ``max_start_failures`` how many may die in a row before
+    they are ready, before the pool gives up with WorkerStartFailed.
     """
 
     def __init__(
@@ -57,6 +132,9 @@ class ProcessExecutor(Executor):
         budget: MemoryBudget | None = None,
         lookahead: int | None = None,
         grace: float | None = None,
+        start_timeout: float = 60.0,
+        max_start_failures: int = 3,
+        python: Sequence[str] | None = None,
     ) -> None:
         self.workers = max(1, workers)
         self.threads_per_worker = max(1, threads_per_worker)
@@ -65,11 +143,15 @@ class ProcessExecutor(Executor):
         self.budget = budget
         self.lookahead = max(1, lookahead if lookahead is not None else 4 * self.workers)
         self.grace = grace
+        self.start_timeout = start_timeout
+        self.max_start_failures = max(1, max_start_failures)
+        self.python = tuple(python) if python else (sys.executable,)
         self._pool: list[_Worker] = []
         self._stopping = False
         self._aborted = False
         self._stop_deadline: float | None = None
         self._serial = 0
+        self._failed_starts = 0  # in a row, since a worker last became ready
         self._started = self._completed = self._crashed = self._timed_out = self._restarts = 0
         self._last_dispatch = self._last_done = 0.0
         self._busy_seconds = 0.0
@@ -77,33 +159,77 @@ class ProcessExecutor(Executor):
     # -- lifecycle -------------------------------------------------------------
 
     def _spawn(self) -> _Worker:
-        parent_conn, child_conn = _CTX.Pipe(duplex=True)
+        ours, theirs = socket.socketpair()
+        output = CapturedOutput()
         self._serial += 1
         name = f"worker-{self._serial}"
-        process = _CTX.Process(
-            target=worker_main, args=(child_conn, self.threads_per_worker), name=name, daemon=True
-        )
-        process.start()
-        child_conn.close()
-        return _Worker(process, parent_conn, name)
+        threads = str(self.threads_per_worker)
+        env = {**os.environ, PATH_ENV: json.dumps(sys.path), "VIPS_CONCURRENCY": threads}
+        command = [*self.python, "-P", "-c", _BOOTSTRAP, str(theirs.fileno()), threads]
+        # Blocked here, SIGINT and SIGTERM stay blocked in the new process until
+        # it ignores them: a Ctrl-C while it starts up cannot kill it. It stays
+        # in our process group, so the terminal's Ctrl-C still reaches it.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=output.fd,
+                stderr=output.fd,
+                pass_fds=(theirs.fileno(),),
+                env=env,
+            )
+        except OSError as exc:
+            ours.close()
+            output.close()
+            raise WorkerStartFailed(
+                f"cannot start a worker process ({self.python[0]}): {exc.strerror or exc}"
+            ) from None
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            theirs.close()
+        return _Worker(process, Connection(ours.detach()), output, name, time.monotonic())
 
-    def _retire(self, worker: _Worker, *, kill: bool) -> None:
-        if kill and worker.process.is_alive():
-            worker.process.kill()
-        else:
+    def _start(self) -> None:
+        """Bring every worker up before the first job is given out: a pool that
+        cannot start stops the run before any image is in a worker, so none is
+        recorded as failed; every worker is ready for the first dispatch."""
+        while len(self._pool) < self.workers:
+            self._pool.append(self._spawn())
+        while not self._stopping and not all(w.ready for w in self._pool):
+            for _ in self._poll():  # no job is out yet: nothing to yield
+                pass
+
+    def _retire(self, worker: _Worker, *, kill: bool, asked: bool = False) -> None:
+        """End a worker: ask an idle, ready one to leave (unless ``asked`` already), kill others."""
+        if kill or not worker.ready or worker.job is not None:
+            _kill(worker.process)
+        elif not asked:
             try:
                 worker.conn.send(None)
             except OSError:
                 pass
-        worker.process.join(timeout=5)
-        if worker.process.is_alive():
-            worker.process.kill()
-            worker.process.join(timeout=5)
+        try:
+            worker.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            _kill(worker.process)
+            worker.process.wait(timeout=5)
         worker.conn.close()
+        self._log_output(worker, worker.output.take())
+        worker.output.close()
 
     def close(self) -> None:
+        # Ask every idle worker to leave first, so that they all exit at once.
+        asked: set[str] = set()
         for worker in self._pool:
-            self._retire(worker, kill=worker.job is not None)
+            if worker.ready and worker.job is None:
+                try:
+                    worker.conn.send(None)
+                    asked.add(worker.name)
+                except OSError:
+                    pass
+        for worker in self._pool:
+            self._retire(worker, kill=worker.job is not None, asked=worker.name in asked)
         self._pool.clear()
 
     def stop_accepting(self) -> None:
@@ -116,9 +242,10 @@ class ProcessExecutor(Executor):
         self._aborted = True
         for worker in self._pool:
             if worker.job is not None:
-                worker.process.kill()
+                _kill(worker.process)
 
     def statistics(self) -> ExecutorStatistics:
+        pool = list(self._pool)  # may be asked from another thread (metrics)
         tail = max(0.0, self._last_done - self._last_dispatch) if self._last_done else 0.0
         return ExecutorStatistics(
             self.workers,
@@ -129,16 +256,20 @@ class ProcessExecutor(Executor):
             self._restarts,
             tail,
             self._busy_seconds,
-            tuple(w.process.pid for w in self._pool if w.process.pid is not None),
-            running=sum(1 for w in list(self._pool) if w.job is not None),
-            alive=sum(1 for w in list(self._pool) if w.process.is_alive()),
+            tuple(w.process.pid for w in pool),
+            running=sum(1 for w in pool if w.job is not None),
+            alive=sum(1 for w in pool if w.ready and w.process.returncode is None),
         )
 
     # -- the loop ----------------------------------------------------------------
 
     def imap_unordered(self, jobs: Iterable[Job]) -> Iterator[Outcome]:
         pending = iter(jobs)
-        window: list[Job] = []
+        first = next(pending, None)
+        if first is None:
+            return  # nothing to convert (a re-run with all up to date): no worker needed
+        self._start()
+        window: list[Job] = [first]
         exhausted = False
         while True:
             if self._stopping:
@@ -151,39 +282,51 @@ class ProcessExecutor(Executor):
                     else:
                         window.append(job)
                 self._dispatch(window)
-            busy = [w for w in self._pool if w.job is not None]
-            if not busy:
-                if window and not self._stopping:
-                    continue  # nothing running: _dispatch admits the next job
+            busy = any(w.job is not None for w in self._pool)
+            if not busy and not window:
                 return
-            now = time.monotonic()
-            if self._stop_deadline is not None and now > self._stop_deadline:
+            if self._stop_deadline is not None and time.monotonic() > self._stop_deadline:
                 self.abort()
-            nearest = min(w.started + self.timeout for w in busy)
-            # Wake at least every quarter second so a stop request is seen promptly.
-            ready = wait(
-                [w.conn for w in busy] + [w.process.sentinel for w in busy],
-                timeout=max(0.0, min(0.25, nearest - now)),
-            )
-            for worker in busy:
-                outcome = self._collect(worker, ready)
-                if outcome is not None:
-                    yield outcome
+            yield from self._poll()
+
+    def _poll(self) -> Iterator[Outcome]:
+        """Wait for the next answer, death, timeout or start-up deadline, and act on it."""
+        now = time.monotonic()
+        deadlines = [w.started + self.timeout for w in self._pool if w.job is not None]
+        deadlines += [w.spawned + self.start_timeout for w in self._pool if not w.ready]
+        # Wake at least every quarter second so a stop request is seen promptly.
+        wake = min([now + 0.25, *deadlines])
+        # Every worker is watched: the busy for answers, the starting for "ready",
+        # the idle for an early death, so no job is ever handed to a dead one.
+        ready = wait([w.conn for w in self._pool], timeout=max(0.0, wake - now))
+        for worker in list(self._pool):
+            outcome = self._collect(worker, ready)
+            if outcome is not None:
+                yield outcome
 
     def _dispatch(self, window: list[Job]) -> None:
         """Give idle workers the largest jobs of the window that the budget admits."""
         window.sort(key=lambda job: job.cost, reverse=True)
         while window:
-            idle = next((w for w in self._pool if w.job is None), None)
-            if idle is None and len(self._pool) < self.workers:
-                idle = self._spawn()
-                self._pool.append(idle)
+            idle = next((w for w in self._pool if w.ready and w.job is None), None)
             if idle is None:
                 return
             job = self._admit(window)
             if job is None:
                 return
-            self._send(idle, job)
+            try:
+                idle.conn.send(job)
+            except OSError:
+                # Died while idle: the job goes back to the window, untouched.
+                if self.budget is not None:
+                    self.budget.release(job.cost)
+                window.append(job)
+                window.sort(key=lambda job: job.cost, reverse=True)
+                self._died(idle)
+                continue
+            idle.job, idle.started = job, time.monotonic()
+            self._started += 1
+            self._last_dispatch = idle.started
 
     def _admit(self, window: list[Job]) -> Job | None:
         if self.budget is None:
@@ -203,43 +346,102 @@ class ProcessExecutor(Executor):
                 return window.pop(index)
         return None
 
-    def _send(self, worker: _Worker, job: Job) -> None:
-        try:
-            worker.conn.send(job)
-        except OSError:
-            self._replace(worker)
-            worker = self._pool[-1]
-            worker.conn.send(job)
-        worker.job, worker.started = job, time.monotonic()
-        self._started += 1
-        self._last_dispatch = worker.started
-
     def _collect(self, worker: _Worker, ready: Sequence[object]) -> Outcome | None:
-        job = worker.job
-        assert job is not None
         if worker.conn in ready:
             try:
-                kind, payload = worker.conn.recv()
+                message = worker.conn.recv()
             except (EOFError, OSError):
-                return self._crashed_outcome(worker, job)
-            self._finish(worker)
-            worker.tasks_done += 1
-            self._completed += 1
-            if self.max_tasks_per_worker and worker.tasks_done >= self.max_tasks_per_worker:
-                self._replace(worker)
-            if kind == "ok":
-                return Outcome(job, payload, None, worker.name)
-            error = payload if isinstance(payload, ImageError) else WorkerCrashed(str(payload))
-            return Outcome(job, None, error, worker.name)
-        if worker.process.sentinel in ready:
-            return self._crashed_outcome(worker, job)
-        if time.monotonic() - worker.started > self.timeout:
+                return self._died(worker)
+            return self._answered(worker, message)
+        now = time.monotonic()
+        job = worker.job
+        if job is not None and now - worker.started > self.timeout:
             self._finish(worker)
             self._timed_out += 1
+            warnings = tidy([worker.output.take()])
             self._replace(worker, kill=True)
             error = WorkerCrashed(f"timed out after {self.timeout:g} s; the worker was killed")
-            return Outcome(job, None, error, worker.name)
+            return Outcome(job, None, error, worker.name, warnings)
+        if not worker.ready and now - worker.spawned > self.start_timeout:
+            _kill(worker.process)
+            self._start_failed(worker, f"was not ready after {self.start_timeout:g} s")
         return None
+
+    def _answered(self, worker: _Worker, message: Any) -> Outcome | None:
+        job = worker.job
+        if not worker.ready:
+            if message[0] == "ready":
+                worker.ready = True
+                self._failed_starts = 0
+                self._log_output(worker, worker.output.take())
+                return None
+            _kill(worker.process)
+            self._start_failed(worker, f"answered {message[0]!r} instead of 'ready'")
+            return None
+        if job is None:
+            logger.warning("%s sent %r while it had no job; replaced", worker.name, message[0])
+            self._replace(worker, kill=True)
+            return None
+        kind, payload, messages = message
+        # The worker flushed everything it printed before answering.
+        warnings = tidy([*messages, worker.output.take()])
+        self._finish(worker)
+        worker.tasks_done += 1
+        self._completed += 1
+        if self.max_tasks_per_worker and worker.tasks_done >= self.max_tasks_per_worker:
+            self._replace(worker)
+        if kind == "ok":
+            return Outcome(job, payload, None, worker.name, warnings)
+        error = payload if isinstance(payload, ImageError) else WorkerCrashed(str(payload))
+        return Outcome(job, None, error, worker.name, warnings)
+
+    def _died(self, worker: _Worker) -> Outcome | None:
+        """The worker's connection closed: it is gone, or going."""
+        job = worker.job
+        try:
+            code = worker.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            code = None
+        if not worker.ready:
+            self._start_failed(worker, f"died ({_describe_exit(code)})")
+            return None
+        text = worker.output.take()
+        if job is None:
+            # No image was in it: not a failure of any image, only of the machinery.
+            self._log_output(worker, text)
+            logger.warning("%s died while idle (%s); replaced", worker.name, _describe_exit(code))
+            self._replace(worker, kill=True)
+            return None
+        self._finish(worker)
+        self._replace(worker, kill=True)
+        if self._aborted:
+            return None  # killed by us: abandoned, not failed
+        self._crashed += 1
+        reason = _describe_exit(code)
+        if code is not None and code > 0 and last_line(text):
+            reason = f"{reason}: {last_line(text)}"  # a Python traceback's verdict
+        return Outcome(job, None, WorkerCrashed(reason), worker.name, tidy([text]))
+
+    def _start_failed(self, worker: _Worker, what: str) -> None:
+        """A worker is lost before it was ready: no image was in it, so none fails;
+        a pool that loses one after another gives up."""
+        self._failed_starts += 1
+        text = worker.output.take()
+        said = last_line(text)
+        self._log_output(worker, text)
+        self._retire(worker, kill=True)
+        self._pool.remove(worker)
+        self._restarts += 1
+        if self._failed_starts >= self.max_start_failures:
+            self.close()  # the pool gives up: no worker is left behind
+            raise WorkerStartFailed(
+                f"worker processes cannot start: {worker.name} {what} before it was ready"
+                + (f" ({said})" if said else "")
+                + f"; {self._failed_starts} in a row failed (interpreter {self.python[0]})"
+            )
+        logger.warning("%s %s before it was ready; starting another", worker.name, what)
+        if not self._stopping:
+            self._pool.append(self._spawn())
 
     def _finish(self, worker: _Worker) -> None:
         if self.budget is not None and worker.job is not None:
@@ -249,26 +451,25 @@ class ProcessExecutor(Executor):
         self._last_done = now
         worker.job = None
 
-    def _crashed_outcome(self, worker: _Worker, job: Job) -> Outcome | None:
-        self._finish(worker)
-        worker.process.join(timeout=5)
-        code = worker.process.exitcode
-        self._replace(worker, kill=True)
-        if self._aborted:
-            return None  # killed by us: abandoned, not failed
-        self._crashed += 1
-        return Outcome(job, None, WorkerCrashed(_describe_exit(code)), worker.name)
-
     def _replace(self, worker: _Worker, *, kill: bool = False) -> None:
         self._retire(worker, kill=kill)
-        index = self._pool.index(worker)
+        self._pool.remove(worker)
         self._restarts += 1
-        if self._stopping:
-            del self._pool[index]
-            return
-        self._pool[index] = self._spawn()
-        # Keep the replacement at the end so callers can find it.
-        self._pool.append(self._pool.pop(index))
+        if not self._stopping:
+            self._pool.append(self._spawn())
+
+    def _log_output(self, worker: _Worker, text: str) -> None:
+        """Output of a worker that belongs to no image (start-up, idle, exit): logged."""
+        for line in tidy([text]):
+            logger.warning("%s: %s", worker.name, line)
+
+
+def _kill(process: subprocess.Popen[bytes]) -> None:
+    if process.returncode is None:
+        try:
+            process.kill()
+        except OSError:
+            pass
 
 
 def _describe_exit(code: int | None) -> str:

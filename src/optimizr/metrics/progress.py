@@ -329,7 +329,9 @@ class TerminalProgress:
     def finished(self, result: Result) -> None:
         if result.status == "failed" and self.show_failures:
             self._print(f"[red]FAILED[/red] {_escape(result.line())}")
-        if self.show_failures:
+        # A failed image's FAILED line already says what the decoder said; its
+        # codec messages stay on its JSON event only.
+        if self.show_failures and result.status != "failed":
             for warning in result.warnings:
                 self._print(f"[yellow]WARNING[/yellow] {_escape(result.key)}: {_escape(warning)}")
         if result.reason == DRY_RUN:
