@@ -418,3 +418,12 @@ def test_pruning_limits(
     assert [r.run_id for r in listed] == [r[0] for r in runs]
     dropped = {r.run_id for r in prunable(listed, max_runs, max_bytes)}
     assert [r.run_id for r in listed if r.run_id not in dropped] == kept_ids
+
+
+def test_to_dict_twice_gives_the_same_document(tmp_path: Path) -> None:
+    # --summary - prints the document after the history kept its copy: they must agree.
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    save_jpeg(src / "a.jpg", photo_array(64, 48))
+    summary = convert_tree(src, dest, RunConfig(src=src, dest=dest), executor=InlineExecutor())
+    kept = [json.loads(p.read_text()) for p in (dest / ".optimizr" / "runs").iterdir()]
+    assert kept == [summary.to_dict()] == [summary.to_dict()]

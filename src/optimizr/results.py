@@ -309,7 +309,12 @@ class RunSummary:
         from optimizr.metrics.analysis import analyse
 
         seconds = self.seconds
-        self.timeline.sample(self.finished, self.bytes_in, self.bytes_out, force=True)
+        # The final point, once: a second to_dict() (the CLI printing --summary -
+        # after the history kept its copy) must give the same document.
+        final = [self.finished, self.bytes_in, self.bytes_out]
+        points = self.timeline.points
+        if not points or points[-1][1:] != final:
+            self.timeline.sample(*final, force=True)
         per_second = (lambda n: round(n / seconds, 3)) if seconds else (lambda n: 0)
         doc: dict[str, Any] = {
             "schema": SCHEMA,
