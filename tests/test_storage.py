@@ -11,12 +11,19 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import obstore
 import pytest
 
 from optimizr.errors import UsageError
 from optimizr.storage import LocalStorage, MemoryStorage, Storage, WalkOptions
 from optimizr.storage.base import DEST_FOLDER
-from optimizr.storage.objectstore import ObjectStorage, StoreOptions, probe, storage_for
+from optimizr.storage.objectstore import (
+    MTIME_METADATA,
+    ObjectStorage,
+    StoreOptions,
+    probe,
+    storage_for,
+)
 from optimizr.storage.urls import Location, parse_location
 from servers import SeaweedS3, free_ports
 
@@ -138,7 +145,13 @@ def test_write_read_stat_list_delete(storage: Storage, backend: str) -> None:
     assert before - 2_000_000_000 <= st.mtime_ns <= time.time_ns() + 2_000_000_000
     assert (st.etag is not None) == (backend == "s3")
     assert set(storage.list_files("x")) == {"photo.webp"}
-    assert storage.list_files("x")["photo.webp"].size == 12
+    listed = storage.list_files("x")["photo.webp"]
+    assert listed.size == 12
+    # The listing carries the same evidence as a HEAD: no HEAD per object on a re-run.
+    assert listed.etag == st.etag
+    walked_etags = [e.etag for x in storage.walk(WalkOptions()) for e in x.entries]
+    assert walked_etags[0] == st.etag and len(walked_etags) == 2
+    assert all((etag is not None) == (backend == "s3") for etag in walked_etags)
     storage.write_atomic("x/photo.webp", b"replaced")
     assert storage.read_bytes("x/photo.webp") == b"replaced"
     assert storage.delete("x/photo.webp") is True
@@ -200,7 +213,11 @@ def test_preserve_mtime_sets_mtime_only_where_a_store_can(storage: Storage, back
     st = storage.stat("old.webp")
     assert st is not None
     if backend == "s3":
+        assert isinstance(storage, ObjectStorage)
         assert st.mtime_ns != then  # documented: the store stamps last-modified itself
+        attributes = obstore.get(storage.store, storage._full("old.webp")).attributes
+        assert attributes.get("Content-Type") == "image/webp"
+        assert attributes.get(MTIME_METADATA) == str(then)
     else:
         assert st.mtime_ns == then
 
