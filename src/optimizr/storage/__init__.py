@@ -11,15 +11,23 @@ from optimizr.storage.base import (
 )
 from optimizr.storage.local import LocalStorage
 from optimizr.storage.memory import MemoryStorage
+from optimizr.storage.objectstore import ObjectStorage, StoreOptions, probe, storage_for
+from optimizr.storage.urls import Location, parse_location
 
 __all__ = [
     "STATE_DIR",
     "DirectoryListing",
     "FileStat",
+    "Location",
     "LocalStorage",
     "MemoryStorage",
+    "ObjectStorage",
     "SourceEntry",
     "Storage",
+    "StoreOptions",
     "WalkOptions",
     "WalkStatistics",
+    "parse_location",
+    "probe",
+    "storage_for",
 ]

@@ -30,6 +30,8 @@ OUTSIDE_SRC = "outside SRC"
 class FileStat:
     size: int
     mtime_ns: int
+    #: The object store's ETag (None on a filesystem): evidence of "unchanged" there.
+    etag: str | None = None
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class SourceEntry:
     size: int = 0
     mtime_ns: int = 0
     error: str | None = None
+    etag: str | None = None
 
 
 @dataclass(frozen=True)

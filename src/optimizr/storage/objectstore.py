@@ -1,0 +1,328 @@
+"""An object store (S3, GCS, Azure; obstore's local and in-memory stores too) as a
+:class:`Storage`.
+
+Keys are flat; "directories" are the ``/``-delimited prefixes a delimited LIST
+returns. Differences from a folder, and why:
+
+* ``write_atomic`` is one PUT (obstore goes multipart above its threshold): an
+  object store never shows a partial object, so there are no temporaries, and
+  ``remove_stale_temporaries`` has nothing to do.
+* ``mtime_ns`` cannot be set on an object: the store stamps last-modified itself,
+  so --preserve-mtime has no effect on the object's date. The wanted time is kept
+  as user metadata (``optimizr-mtime-ns``) for whoever needs it; ``stat`` reports
+  the store's last-modified.
+* Every failure is an ``OSError`` the pipeline already understands:
+  ``FileNotFoundError`` for a missing key, ``PermissionError`` for 401/403, a plain
+  ``OSError`` otherwise. Messages name the key and the cause, never a credential
+  (obstore's own message is not passed on: it carries request details).
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
+
+import obstore
+from obstore.exceptions import (
+    BaseError,
+    NotFoundError,
+    PermissionDeniedError,
+    UnauthenticatedError,
+)
+from obstore.store import AzureStore, GCSStore, LocalStore, MemoryStore, S3Store
+
+from optimizr.errors import UsageError
+from optimizr.storage.base import (
+    DEST_FOLDER,
+    STATE_DIR,
+    DirectoryListing,
+    FileStat,
+    SourceEntry,
+    Storage,
+    WalkOptions,
+    WalkStatistics,
+)
+from optimizr.storage.urls import Location
+
+if TYPE_CHECKING:
+    from obstore import Attributes, ObjectMeta
+    from obstore.store import ClientConfig, ObjectStore, RetryConfig, S3Config
+
+#: User metadata holding the mtime an output was meant to carry (--preserve-mtime).
+MTIME_METADATA = "optimizr-mtime-ns"
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class StoreOptions:
+    """How to reach the store, beyond what the URL says.
+
+    Anything left None is read by obstore from the environment (``AWS_ACCESS_KEY_ID``,
+    ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_REGION``,
+    ``AWS_ENDPOINT_URL``, ``GOOGLE_SERVICE_ACCOUNT``, ``AZURE_STORAGE_ACCOUNT_NAME``...).
+
+    ``profile``: obstore 0.12 does not read ``~/.aws/credentials`` or
+    ``~/.aws/config`` by profile name (only the environment, web identity and
+    instance metadata). A profile is therefore refused with a UsageError that says
+    so, rather than silently ignored; reading profiles needs boto3 and is left for
+    a later change.
+    """
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    profile: str | None = None
+    #: Path-style requests (http://host/bucket/key), which most S3-compatible
+    #: servers (SeaweedFS, MinIO, Ceph) want, instead of bucket.host.
+    s3_path_style: bool = False
+    #: Retries of one request, and the time they may take in all (obstore's defaults).
+    max_retries: int = 10
+    retry_timeout: float = 180.0
+
+
+def storage_for(location: Location, options: StoreOptions | None = None) -> ObjectStorage:
+    """An :class:`ObjectStorage` over ``location``, built from obstore's store for its scheme."""
+    options = options or StoreOptions()
+    if options.profile is not None:
+        raise UsageError(
+            f"--profile {options.profile}: shared AWS profiles are not read yet (obstore "
+            "0.12 does not read ~/.aws files); set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY (or AWS_SESSION_TOKEN) instead"
+        )
+    retry: RetryConfig = {
+        "max_retries": options.max_retries,
+        "retry_timeout": timedelta(seconds=options.retry_timeout),
+    }
+    client: ClientConfig = {}
+    if options.endpoint_url and options.endpoint_url.startswith("http://"):
+        client["allow_http"] = True  # S3-compatible servers on a LAN often speak plain HTTP
+    store: ObjectStore
+    if location.scheme == "s3":
+        s3: S3Config = {"virtual_hosted_style_request": not options.s3_path_style}
+        if options.endpoint_url:
+            s3["endpoint"] = options.endpoint_url
+        if options.region:
+            s3["region"] = options.region
+        store = S3Store(location.bucket, config=s3, client_options=client, retry_config=retry)
+    elif location.scheme == "gs":
+        store = GCSStore(location.bucket, client_options=client, retry_config=retry)
+    elif location.scheme == "az":
+        store = AzureStore(location.bucket, client_options=client, retry_config=retry)
+    elif location.scheme == "memory":
+        store = MemoryStore()
+    else:
+        assert location.path is not None
+        location.path.mkdir(parents=True, exist_ok=True)
+        store = LocalStore(location.path)
+    return ObjectStorage(store, location)
+
+
+class ObjectStorage(Storage):
+    """The keys under ``location.prefix`` of one bucket; this storage's keys are
+    relative to that prefix, as a LocalStorage's are to its folder."""
+
+    def __init__(self, store: ObjectStore, location: Location) -> None:
+        self.store = store
+        self.location = location
+        self.root = location.prefix if location.is_remote or location.scheme == "memory" else ""
+        self.walk_stats = WalkStatistics()
+        # obstore's LocalStore refuses attributes (a file has no Content-Type to keep).
+        self._attributes = not isinstance(store, LocalStore)
+
+    def __repr__(self) -> str:
+        # The store's own repr is not used: it is not ours to promise it hides secrets.
+        return f"ObjectStorage({self.describe()!r})"
+
+    def describe(self) -> str:
+        return self.location.url()
+
+    def _full(self, key: str) -> str:
+        if not self.root:
+            return key
+        return f"{self.root}/{key}" if key else self.root
+
+    def _relative(self, full: str) -> str:
+        return full[len(self.root) + 1 :] if self.root else full
+
+    def stat(self, key: str) -> FileStat | None:
+        try:
+            meta = obstore.head(self.store, self._full(key))
+        except FileNotFoundError:
+            return None
+        except BaseError as exc:
+            raise os_error(exc, self._full(key), "stat") from None
+        return _file_stat(meta)
+
+    def list_files(self, directory: str) -> dict[str, FileStat]:
+        return {
+            meta["path"].rpartition("/")[2]: _file_stat(meta)
+            for meta in self._listing(directory)[1]
+        }
+
+    def _listing(self, directory: str) -> tuple[list[str], list[ObjectMeta]]:
+        """One delimited listing of ``directory``: its subdirectories (full keys) and objects.
+
+        obstore follows the continuation tokens itself, so one directory's entries
+        are held at a time (as LocalStorage holds one scandir), never the bucket."""
+        full = self._full(directory)
+        try:
+            result = obstore.list_with_delimiter(self.store, f"{full}/" if full else None)
+        except FileNotFoundError:
+            return [], []  # LocalStore: the folder does not exist yet
+        except BaseError as exc:
+            raise os_error(exc, full or "/", "list") from None
+        # Some servers (SeaweedFS, and consoles that "create folders") list a zero-byte
+        # marker for the directory itself: it is no file of the tree.
+        objects = [
+            meta
+            for meta in result["objects"]
+            if not meta["path"].endswith("/") and meta["path"] != full
+        ]
+        return list(result["common_prefixes"]), objects
+
+    def read_bytes(self, key: str) -> bytes:
+        full = self._full(key)
+        try:
+            return bytes(obstore.get(self.store, full).bytes())
+        except FileNotFoundError:
+            raise FileNotFoundError(2, "no such object", full) from None
+        except BaseError as exc:
+            raise os_error(exc, full, "read") from None
+
+    def write_atomic(self, key: str, data: bytes, *, mtime_ns: int | None = None) -> None:
+        full = self._full(key)
+        attributes: Attributes = {}
+        if not self._attributes:
+            pass
+        elif full.endswith(".webp"):
+            attributes["Content-Type"] = "image/webp"
+        if mtime_ns is not None and self._attributes:
+            attributes[MTIME_METADATA] = str(mtime_ns)
+        try:
+            obstore.put(self.store, full, bytes(data), attributes=attributes or None)
+        except BaseError as exc:
+            raise os_error(exc, full, "write") from None
+
+    def delete(self, key: str) -> bool:
+        # A DELETE of a missing key succeeds on S3: only a HEAD says whether it existed.
+        if self.stat(key) is None:
+            return False
+        full = self._full(key)
+        try:
+            obstore.delete(self.store, full)
+        except FileNotFoundError:
+            return False
+        except BaseError as exc:
+            raise os_error(exc, full, "delete") from None
+        return True
+
+    def remove_stale_temporaries(self) -> int:
+        return 0  # single PUTs leave none
+
+    def walk(self, options: WalkOptions) -> Iterator[DirectoryListing]:
+        """Depth-first in name order, one delimited listing in memory at a time,
+        like LocalStorage.walk (whose order and grouping the tests hold it to)."""
+        stats = self.walk_stats
+        stack = [""]
+        while stack:
+            key = stack.pop()
+            stats.directories += 1
+            try:
+                prefixes, objects = self._listing(key)
+            except OSError as exc:
+                stats.errors += 1
+                yield DirectoryListing(
+                    key, (SourceEntry(key or ".", error=exc.strerror or str(exc)),)
+                )
+                continue
+            names = sorted(self._relative(p.rstrip("/")).rpartition("/")[2] for p in prefixes)
+            if key and STATE_DIR in names:
+                # Another run's DEST (this run's own is pruned): outputs, not sources.
+                stats.dest_folders += 1
+                yield DirectoryListing(key, skipped=DEST_FOLDER)
+                continue
+            files: list[SourceEntry] = []
+            for meta in sorted(objects, key=lambda m: m["path"]):
+                child = self._relative(meta["path"])
+                if options.wants_file(child):
+                    stats.files += 1
+                    st = _file_stat(meta)
+                    files.append(SourceEntry(child, st.size, st.mtime_ns, etag=st.etag))
+                else:
+                    stats.excluded += 1
+            subdirs: list[str] = []
+            for name in names:
+                if name == STATE_DIR:
+                    continue  # SRC's own state folder
+                child = f"{key}/{name}" if key else name
+                if options.wants_dir(child):
+                    subdirs.append(child)
+                else:
+                    stats.excluded += 1
+            if files:
+                yield DirectoryListing(key, tuple(files))
+            stack.extend(reversed(subdirs))
+
+
+def probe(storage: ObjectStorage, *, write: bool) -> None:
+    """Check, before any work, that ``storage`` can be listed (SRC) or written (DEST).
+
+    Lists one directory of the prefix; with ``write``, puts and deletes a tiny
+    object under ``.optimizr/``. Raises UsageError naming the bucket and the cause."""
+    where = storage.describe()
+    try:
+        storage.list_files("")
+        if write:
+            key = f"{STATE_DIR}/probe-{secrets.token_hex(8)}"
+            storage.write_atomic(key, b"optimizr write probe")
+            storage.delete(key)
+    except OSError as exc:
+        action = "written" if write else "listed"
+        raise UsageError(f"{where} cannot be {action}: {exc.strerror or exc}") from None
+
+
+def _file_stat(meta: ObjectMeta) -> FileStat:
+    modified = meta["last_modified"]
+    mtime_ns = (modified - _EPOCH) // timedelta(microseconds=1) * 1000
+    return FileStat(meta["size"], mtime_ns, etag=meta.get("e_tag"))
+
+
+_S3_CODE = re.compile(r"<Code>([A-Za-z]+)</Code>")
+_STATUS = re.compile(r"\b([45]\d\d) ([A-Z][A-Za-z ]+?)(?::|$)", re.MULTILINE)
+_CAUSES = {
+    "NoSuchBucket": "the bucket does not exist",
+    "SignatureDoesNotMatch": "wrong credentials (the secret key does not match)",
+    "InvalidAccessKeyId": "wrong credentials (unknown access key)",
+    "AccessDenied": "access denied",
+    "SlowDown": "throttled by the server",
+}
+
+
+def os_error(exc: BaseError, key: str, action: str) -> OSError:
+    """An OSError for ``exc`` raised while trying to ``action`` ``key``: the cause in
+    words, picked out of obstore's message (which is not passed on whole: it holds
+    request URLs and headers)."""
+    text = str(exc)
+    code = _S3_CODE.search(text)
+    status = _STATUS.search(text)
+    if code and code.group(1) in _CAUSES:
+        cause = _CAUSES[code.group(1)]
+    elif code:
+        cause = code.group(1)
+    elif status:
+        cause = f"HTTP {status.group(1)} {status.group(2).strip()}"
+    elif "connect" in text.lower() or "dns" in text.lower():
+        cause = "the endpoint is unreachable"
+    else:
+        cause = type(exc).__name__
+    message = f"cannot {action} {key}: {cause}"
+    http = int(status.group(1)) if status else 0
+    if isinstance(exc, NotFoundError) or (code and code.group(1) == "NoSuchKey"):
+        return FileNotFoundError(2, message, key)
+    denied = isinstance(exc, PermissionDeniedError | UnauthenticatedError) or http in (401, 403)
+    if denied:
+        return PermissionError(13, message, key)
+    return OSError(5, message, key)

@@ -1,0 +1,354 @@
+"""The storage backends, one set of test bodies over three of them: a local folder,
+the in-memory fake, and an object store (obstore) on a real SeaweedFS S3 server.
+Plus the URL parser, the S3 factory and the access probe against that server."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import obstore
+import pytest
+
+from optimizr.errors import UsageError
+from optimizr.storage import LocalStorage, MemoryStorage, Storage, WalkOptions
+from optimizr.storage.base import DEST_FOLDER
+from optimizr.storage.objectstore import (
+    MTIME_METADATA,
+    ObjectStorage,
+    StoreOptions,
+    probe,
+    storage_for,
+)
+from optimizr.storage.urls import Location, parse_location
+from servers import SeaweedS3, free_ports
+
+BACKENDS = ["local", "memory", "s3"]
+
+
+def s3_env(monkeypatch: pytest.MonkeyPatch, server: SeaweedS3, secret: str | None = None) -> None:
+    # The credentials reach obstore the way a user's do: AWS_* variables. Anything
+    # else that could send it elsewhere (a profile, a token, instance metadata) goes.
+    for name in list(os.environ):
+        if name.startswith("AWS_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", server.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret or server.secret_key)
+
+
+def s3_options(server: SeaweedS3, **kwargs: object) -> StoreOptions:
+    return StoreOptions(
+        endpoint_url=server.endpoint, region="us-east-1", s3_path_style=True, **kwargs
+    )
+
+
+def s3_storage(server: SeaweedS3, bucket: str | None = None, **kwargs: object) -> ObjectStorage:
+    # A fresh prefix per test: the server and its bucket are shared by the session.
+    url = f"s3://{bucket or server.bucket}/t-{uuid.uuid4().hex}"
+    return storage_for(parse_location(url), s3_options(server, **kwargs))
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def storage(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Storage:
+    if backend == "local":
+        return LocalStorage(tmp_path / "tree")
+    if backend == "memory":
+        return MemoryStorage()
+    server: SeaweedS3 = request.getfixturevalue("s3_server")
+    s3_env(request.getfixturevalue("monkeypatch"), server)
+    return s3_storage(server)
+
+
+TREE = {
+    "top.jpg": b"top",
+    "a/1.jpg": b"one",
+    "a/2.png": b"two!",
+    "a/b/3.jpg": b"three",
+    "d/4.jpg": b"four",
+    "c/5.jpg": b"five",
+    "c/.optimizr/manifest.sqlite": b"another run's DEST",
+    ".optimizr/manifest.sqlite": b"this tree's own state",
+}
+
+
+def fill(storage: Storage, files: dict[str, bytes] = TREE) -> None:
+    for key, data in files.items():
+        storage.write_atomic(key, data)
+
+
+def walked(storage: Storage, options: WalkOptions | None = None) -> list[tuple[str, list[str]]]:
+    return [
+        (listing.directory, [e.key for e in listing.entries])
+        for listing in storage.walk(options or WalkOptions())
+        if listing.skipped is None
+    ]
+
+
+def test_walk_groups_files_by_directory_in_order(storage: Storage) -> None:
+    fill(storage)
+    assert walked(storage) == [
+        ("", ["top.jpg"]),
+        ("a", ["a/1.jpg", "a/2.png"]),
+        ("a/b", ["a/b/3.jpg"]),
+        ("d", ["d/4.jpg"]),
+    ]
+
+
+def test_walk_passes_over_other_dests_and_never_enters_state_dirs(storage: Storage) -> None:
+    fill(storage)
+    listings = list(storage.walk(WalkOptions()))
+    skipped = [(x.directory, x.skipped) for x in listings if x.skipped is not None]
+    assert skipped == [("c", DEST_FOLDER)]
+    keys = [e.key for x in listings for e in x.entries]
+    assert not [k for k in keys if ".optimizr" in k or k.startswith("c/")]
+
+
+def test_walk_entries_carry_size(storage: Storage) -> None:
+    fill(storage)
+    sizes = {e.key: e.size for x in storage.walk(WalkOptions()) for e in x.entries}
+    assert sizes == {k: len(v) for k, v in TREE.items() if "optimizr" not in k and "c/" not in k}
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        (WalkOptions(include=("*.jpg",)), ["top.jpg", "a/1.jpg", "a/b/3.jpg", "d/4.jpg"]),
+        (WalkOptions(exclude=("a/b/**",)), ["top.jpg", "a/1.jpg", "a/2.png", "d/4.jpg"]),
+        (WalkOptions(exclude=("*.png", "d")), ["top.jpg", "a/1.jpg", "a/b/3.jpg"]),
+        (WalkOptions(prune=("a",)), ["top.jpg", "d/4.jpg"]),
+    ],
+)
+def test_walk_honours_include_exclude_prune(
+    storage: Storage, options: WalkOptions, expected: list[str]
+) -> None:
+    fill(storage)
+    assert [k for _, keys in walked(storage, options) for k in keys] == expected
+
+
+def test_write_read_stat_list_delete(storage: Storage, backend: str) -> None:
+    before = time.time_ns()
+    storage.write_atomic("x/photo.webp", b"RIFF....WEBP")
+    storage.write_atomic("x/y/deeper.jpg", b"jpeg")
+    assert storage.read_bytes("x/photo.webp") == b"RIFF....WEBP"
+    st = storage.stat("x/photo.webp")
+    assert st is not None and st.size == 12
+    # Object stores stamp last-modified themselves (to the second, on S3).
+    assert before - 2_000_000_000 <= st.mtime_ns <= time.time_ns() + 2_000_000_000
+    assert (st.etag is not None) == (backend == "s3")
+    assert set(storage.list_files("x")) == {"photo.webp"}
+    listed = storage.list_files("x")["photo.webp"]
+    assert listed.size == 12
+    # The listing carries the same evidence as a HEAD: no HEAD per object on a re-run.
+    assert listed.etag == st.etag
+    walked_etags = [e.etag for x in storage.walk(WalkOptions()) for e in x.entries]
+    assert walked_etags[0] == st.etag and len(walked_etags) == 2
+    assert all((etag is not None) == (backend == "s3") for etag in walked_etags)
+    storage.write_atomic("x/photo.webp", b"replaced")
+    assert storage.read_bytes("x/photo.webp") == b"replaced"
+    assert storage.delete("x/photo.webp") is True
+    assert storage.stat("x/photo.webp") is None
+    assert storage.list_files("x") == {}
+    assert storage.read_bytes("x/y/deeper.jpg") == b"jpeg"
+
+
+def test_missing_keys(storage: Storage) -> None:
+    storage.write_atomic("here.jpg", b"x")
+    assert storage.stat("nope.jpg") is None
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes("nope.jpg")
+    assert storage.delete("nope.jpg") is False
+    assert storage.list_files("no/such/dir") == {}
+    assert storage.remove_stale_temporaries() == 0
+
+
+def test_copy_in_from_another_storage(storage: Storage) -> None:
+    source = MemoryStorage({"src/raw.cr2": b"raw bytes" * 100})
+    assert storage.copy_in("out/raw.cr2", source, "src/raw.cr2") == 900
+    assert storage.read_bytes("out/raw.cr2") == b"raw bytes" * 100
+
+
+def test_large_object_round_trip(storage: Storage) -> None:
+    # 12 MB: above obstore's multipart chunk size, so S3 sees a multipart upload.
+    data = os.urandom(12 * 1024 * 1024)
+    storage.write_atomic("big/blob.bin", data)
+    assert storage.read_bytes("big/blob.bin") == data
+    st = storage.stat("big/blob.bin")
+    assert st is not None and st.size == len(data)
+
+
+def test_a_reader_sees_the_old_or_the_whole_new_object(storage: Storage) -> None:
+    old, new = b"o" * (3 << 20), b"n" * (4 << 20)
+    storage.write_atomic("k.bin", old)
+    seen: list[bytes] = []
+    stop = threading.Event()
+
+    def read() -> None:
+        while not stop.is_set():
+            seen.append(storage.read_bytes("k.bin"))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for i in range(6):
+            storage.write_atomic("k.bin", new if i % 2 == 0 else old)
+    finally:
+        stop.set()
+        reader.join(60)
+    assert seen
+    assert all(data in (old, new) for data in seen)
+
+
+def test_preserve_mtime_sets_mtime_only_where_a_store_can(storage: Storage, backend: str) -> None:
+    then = 1_600_000_000_000_000_000
+    storage.write_atomic("old.webp", b"w", mtime_ns=then)
+    st = storage.stat("old.webp")
+    assert st is not None
+    if backend == "s3":
+        assert isinstance(storage, ObjectStorage)
+        assert st.mtime_ns != then  # documented: the store stamps last-modified itself
+        attributes = obstore.get(storage.store, storage._full("old.webp")).attributes
+        assert attributes.get("Content-Type") == "image/webp"
+        assert attributes.get(MTIME_METADATA) == str(then)
+    else:
+        assert st.mtime_ns == then
+
+
+# ---- URLs -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argument", "expected"),
+    [
+        ("s3://bucket/photos/2024/", Location("s3", "bucket", "photos/2024")),
+        ("s3://my.bucket", Location("s3", "my.bucket", "")),
+        ("gs://gbucket/a", Location("gs", "gbucket", "a")),
+        ("az://container/p/q", Location("az", "container", "p/q")),
+        ("memory://pre", Location("memory", prefix="pre")),
+        ("file:///srv/photos", Location("local", path=Path("/srv/photos"))),
+        ("file://localhost/srv/a%20b", Location("local", path=Path("/srv/a b"))),
+        ("photos/raw", Location("local", path=Path("photos/raw"))),
+        ("/abs/dir", Location("local", path=Path("/abs/dir"))),
+    ],
+)
+def test_parse_location(argument: str, expected: Location) -> None:
+    assert parse_location(argument) == expected
+
+
+@pytest.mark.parametrize(
+    ("argument", "says"),
+    [
+        ("s3://", "without a bucket"),
+        ("s3:///prefix", "without a bucket"),
+        ("s3://Bad_Bucket/x", "not a valid bucket"),
+        ("az://a--b/x", "not a valid bucket"),
+        ("s3://bucket/a//b", "empty, '.' or '..'"),
+        ("gs://bucket/a/../b", "empty, '.' or '..'"),
+        ("s3://bucket/x?versionId=1", "no query"),
+        ("http://example.com/x", "unknown URL scheme"),
+        ("abfs://c@acct.dfs.core.windows.net/x", "az://container/prefix"),
+        ("file://otherhost/x", "only local files"),
+        ("", "empty path"),
+    ],
+)
+def test_parse_location_refuses_malformed_urls(argument: str, says: str) -> None:
+    with pytest.raises(UsageError, match=None) as info:
+        parse_location(argument)
+    assert says in str(info.value)
+
+
+def test_credentials_in_a_url_are_refused_without_echoing_them() -> None:
+    with pytest.raises(UsageError) as info:
+        parse_location("s3://AKIAEXAMPLE:sup3rs3cret@bucket/x")
+    assert "sup3rs3cret" not in str(info.value)
+    assert "AKIAEXAMPLE" not in str(info.value)
+
+
+def test_location_url_is_canonical() -> None:
+    assert parse_location("s3://bucket/a/b/").url() == "s3://bucket/a/b"
+    assert parse_location("gs://bucket").url() == "gs://bucket"
+
+
+def test_profile_is_refused_with_the_reason() -> None:
+    with pytest.raises(UsageError, match="profiles are not read"):
+        storage_for(parse_location("s3://bucket/x"), StoreOptions(profile="prod"))
+
+
+def test_object_storage_over_obstore_local_store(tmp_path: Path) -> None:
+    # file:// goes through obstore's LocalStore: the same code path as the buckets.
+    storage = storage_for(parse_location(f"file://{tmp_path}/out"))
+    storage.write_atomic("a/b.webp", b"webp")
+    assert (tmp_path / "out" / "a" / "b.webp").read_bytes() == b"webp"
+    assert walked(storage) == [("a", ["a/b.webp"])]
+
+
+# ---- the probe, against the real server ------------------------------------------------
+
+
+@pytest.fixture
+def s3(s3_server: SeaweedS3, monkeypatch: pytest.MonkeyPatch) -> Iterator[SeaweedS3]:
+    s3_env(monkeypatch, s3_server)
+    yield s3_server
+
+
+def test_probe_lists_and_writes_leaving_nothing(s3: SeaweedS3) -> None:
+    storage = s3_storage(s3)
+    probe(storage, write=False)
+    probe(storage, write=True)
+    assert storage.list_files(".optimizr") == {}
+
+
+def test_probe_names_a_missing_bucket(s3: SeaweedS3) -> None:
+    storage = s3_storage(s3, bucket="no-such-bucket-here")
+    with pytest.raises(UsageError) as info:
+        probe(storage, write=False)
+    assert "s3://no-such-bucket-here/" in str(info.value)
+    assert "does not exist" in str(info.value)
+
+
+def test_probe_names_an_unreachable_endpoint(s3: SeaweedS3) -> None:
+    (port,) = free_ports(1)  # nothing listens there
+    location = parse_location(f"s3://{s3.bucket}/x")
+    options = StoreOptions(
+        endpoint_url=f"http://127.0.0.1:{port}",
+        region="us-east-1",
+        s3_path_style=True,
+        max_retries=0,
+        retry_timeout=5,
+    )
+    with pytest.raises(UsageError) as info:
+        probe(storage_for(location, options), write=True)
+    assert f"s3://{s3.bucket}/x" in str(info.value)
+    assert "unreachable" in str(info.value)
+
+
+def test_wrong_secret_is_one_clear_error_and_no_secret_leaks(
+    s3_server: SeaweedS3, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    wrong = "wr0ng-s3cret-value-that-must-not-leak"
+    s3_env(monkeypatch, s3_server, secret=wrong)
+    storage = s3_storage(s3_server)
+    with pytest.raises(UsageError) as info:
+        probe(storage, write=True)
+    message = str(info.value)
+    assert "wrong credentials" in message and s3_server.bucket in message
+    for text in (message, storage.describe(), repr(storage)):
+        assert wrong not in text
+        assert s3_server.access_key not in text
+
+
+def test_denied_write_is_a_permission_error(s3: SeaweedS3, monkeypatch: pytest.MonkeyPatch) -> None:
+    s3_env(monkeypatch, s3, secret="not-the-secret")
+    storage = s3_storage(s3)
+    with pytest.raises(PermissionError) as info:
+        storage.write_atomic("a.webp", b"x")
+    assert "a.webp" in str(info.value)
+    assert "not-the-secret" not in str(info.value)
