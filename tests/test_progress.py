@@ -345,6 +345,9 @@ def test_status_shows_how_many_remain_while_a_run_is_going(
             doc = json.loads(result.output)
             progress = doc["progress"]
             if doc["running"] and progress and progress["remaining"] is not None:
+                # Counted after status was read: every file it called processed has
+                # its output in place by now (the output is renamed before its row).
+                doc["outputs_after"] = len(list(dest.rglob("*.webp")))
                 reports.append(doc)
             return bool(reports)
 
@@ -353,6 +356,8 @@ def test_status_shows_how_many_remain_while_a_run_is_going(
         assert isinstance(progress, dict)
         assert progress["total"] == 24 and 1 <= progress["processed"] < 24
         assert progress["remaining"] == 24 - progress["processed"]
+        # Processed means finished, not merely found by the walk.
+        assert progress["processed"] <= reports[0]["outputs_after"]
         text = cli("status", dest).output
         assert re.search(r"^progress  \d+ processed this run, remaining \d+ of 24$", text, re.M)
     finally:

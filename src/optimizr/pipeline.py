@@ -311,7 +311,7 @@ class Pipeline:
         total = known_total(
             self._found, self._walk_done, count.files if count else 0, bool(count and count.done)
         )
-        self.manifest.note_progress(self.summary.found, total)
+        self.manifest.note_progress(self.summary.finished, total)
 
     def run(self) -> RunSummary:
         if self.listener:
