@@ -16,8 +16,8 @@ Like ``cli.py`` this is the edge of the program: the core never imports it.
 from __future__ import annotations
 
 import tomllib
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -259,7 +259,7 @@ class ConsoleOptions:
     stall_timeout: float = 300.0
     log_format: Literal["text", "json"] = "text"
     log_level: str = "info"
-    config_file: Path | None = field(default=None)
+    config_file: Path | None = None
 
     @property
     def json_logs(self) -> bool:
@@ -330,7 +330,7 @@ def load_config_file(path: Path) -> dict[str, Any]:
         raise UsageError(f"config file {path}: [convert] must be a table")
     by_name = {opt.name: opt for opt in OPTIONS}
     defaults: dict[str, Any] = {}
-    for key, value in _items(data, section):
+    for key, value in [*data.items(), *section.items()]:
         opt = by_name.get(key.replace("_", "-"))
         if opt is None:
             raise UsageError(f"config file {path}: unknown option {key!r}")
@@ -340,11 +340,6 @@ def load_config_file(path: Path) -> dict[str, Any]:
             value = str(value)  # max-memory = 2147483648
         defaults[opt.field] = value
     return defaults
-
-
-def _items(*tables: Mapping[str, Any]) -> Iterable[tuple[str, Any]]:
-    for table in tables:
-        yield from table.items()
 
 
 def undeclared_fields() -> dict[str, set[str]]:

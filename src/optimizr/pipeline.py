@@ -256,7 +256,6 @@ class Pipeline:
         self.summary.strict = config.strict
         self._in_flight: dict[int, _InFlight] = {}
         self._next_id = 0
-        self._found = 0
         self._walk_done = False
         self._last_progress = time.monotonic()
         # Source bytes listed by the walk, and of the files handed to _plan:
@@ -277,7 +276,7 @@ class Pipeline:
         in_flight = len(flights)
         in_flight_bytes = sum(flight.entry.size for flight in flights)
         return RunSnapshot(
-            found=self._found,
+            found=summary.found,
             walk_done=self._walk_done,
             finished=summary.finished,
             converted=summary.converted,
@@ -309,7 +308,10 @@ class Pipeline:
             return
         count = self.counter.statistics() if self.counter is not None else None
         total = known_total(
-            self._found, self._walk_done, count.files if count else 0, bool(count and count.done)
+            self.summary.found,
+            self._walk_done,
+            count.files if count else 0,
+            bool(count and count.done),
         )
         self.manifest.note_progress(self.summary.finished, total)
 
@@ -374,7 +376,7 @@ class Pipeline:
                 listing = self.own_outputs.drop(listing)
                 self.summary.own_outputs += self.own_outputs.count - before
             found += len(listing.entries)
-            self._found = self.summary.found = found
+            self.summary.found = found
             self._found_bytes += sum(entry.size for entry in listing.entries)
             if self.listener:
                 self.listener.found(len(listing.entries))
@@ -392,15 +394,21 @@ class Pipeline:
         if self.listener:
             self.listener.walk_done(found)
 
+    def _may_forget(self) -> bool:
+        """Can the walk tell that a row's source is gone? Only with a manifest, over a
+        whole tree (a list of sources proves nothing about the files it leaves out),
+        and not in a dry run unless it is to report what --delete would remove."""
+        return (
+            self.manifest is not None
+            and (not self.config.dry_run or self.config.delete)
+            and self.source.complete_walk
+        )
+
     def _forget_deleted(self, listing: DirectoryListing, plan: _DirectoryPlan) -> None:
         """Rows of this directory whose source is gone (not merely excluded) are dropped,
         so status and failed.jsonl do not report files that no longer exist; their
         outputs go with --delete."""
-        if self.manifest is None or plan.matched == len(plan.rows):
-            return
-        if self.config.dry_run and not self.config.delete:
-            return
-        if not self.source.complete_walk:
+        if not self._may_forget() or plan.matched == len(plan.rows):
             return
         listed = {split_key(e.key)[1] for e in listing.entries}
         self._forget_missing((row for name, row in plan.rows.items() if name not in listed), plan)
@@ -409,12 +417,9 @@ class Pipeline:
         """After a whole walk: rows of directories the walk never listed, whose
         sources are gone (a folder deleted or emptied since), are dropped too.
         Directories merely excluded keep their rows: their files still exist."""
-        if (
-            self.manifest is None
-            or (self.config.dry_run and not self.config.delete)
-            or not self.source.complete_walk
-        ):
+        if not self._may_forget():
             return
+        assert self.manifest is not None
         for directory in self.manifest.directories():
             if directory not in visited:
                 self._forget_missing(self.manifest.rows_in(directory).values(), None)
