@@ -540,11 +540,11 @@ class Pipeline:
         if self.budget is not None:
             header = probe(source)
             if header is not None:
-                refusal = self._refusal(header)
+                cost = estimate_peak_bytes(header, self.config.encode)
+                refusal = self._refusal(header, cost)
                 if refusal is not None:
                     record(_failure(entry.key, refusal), attempts=attempts)
                     return None
-                cost = estimate_peak_bytes(header, self.config.encode)
         self._next_id += 1
         self._in_flight[self._next_id] = _InFlight(
             entry, checked_ns, attempts, known, out_key, plan
@@ -595,7 +595,7 @@ class Pipeline:
             )
         return Result(key, "skipped", OUTPUT_EXISTS, message)
 
-    def _refusal(self, header: Header) -> TooLarge | None:
+    def _refusal(self, header: Header, cost: int) -> TooLarge | None:
         """What the header alone says cannot be converted, the image's own limits first:
         a bomb over --max-pixels must be told so, not to raise --max-memory by 44 GB."""
         assert self.budget is not None
@@ -607,7 +607,6 @@ class Pipeline:
                 check_webp_limit(header.width, header.height, options)
         except TooLarge as exc:
             return exc
-        cost = estimate_peak_bytes(header, options)
         if self.budget.fits_alone(cost):
             return None
         budget = self.budget
@@ -625,11 +624,7 @@ class Pipeline:
         if row.status == "done":
             outputs = plan.outputs()
             output = outputs.get(split_key(out_key)[1])
-            pages = (
-                int(row.message[len(PAGES_PREFIX) :] or 1)
-                if row.message.startswith(PAGES_PREFIX)
-                else 1
-            )
+            pages = _pages_of(row)
             pages_there = all(
                 split_key(page_key(out_key, n))[1] in outputs for n in range(2, pages + 1)
             )
@@ -1038,7 +1033,7 @@ def _not_in_src(error: str) -> ImageError:
 
 def _outputs_of(row: Row) -> list[str]:
     """Every file a row says optimizr wrote: its output, and the outputs of pages 2, 3, ..."""
-    if row.output is None:
+    if not row.output:
         return []
     return [row.output] + [page_key(row.output, n) for n in range(2, _pages_of(row) + 1)]
 
@@ -1055,9 +1050,7 @@ def _pages_of(row: Row) -> int:
 def row_outputs(row: Row) -> list[str]:
     """The output keys a done row stands for: its output and, after --pages all, the
     other pages' (which the walk must not take as sources when they lie in SRC)."""
-    if row.status != "done" or not row.output:
-        return []
-    return [row.output, *(page_key(row.output, n) for n in range(2, _pages_of(row) + 1))]
+    return _outputs_of(row) if row.status == "done" else []
 
 
 def _failure(key: str, error: ImageError) -> Result:
