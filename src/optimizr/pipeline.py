@@ -624,7 +624,7 @@ class Pipeline:
         if row.status == "done":
             outputs = plan.outputs()
             output = outputs.get(split_key(out_key)[1])
-            pages = _pages_of(row)
+            pages = _pages_in(row.message)
             pages_there = all(
                 split_key(page_key(out_key, n))[1] in outputs for n in range(2, pages + 1)
             )
@@ -928,10 +928,8 @@ class Pipeline:
         )
         if prior is not None and prior.output is not None and status != "failed":
             assert plan is not None
-            now = {output} if output is not None else set()
-            if status == "done" and result.message.startswith(PAGES_PREFIX):
-                count = int(result.message[len(PAGES_PREFIX) :])
-                now |= {page_key(result.output or "", n) for n in range(2, count + 1)}
+            pages = _pages_in(result.message) if status == "done" else 1
+            now = set(_with_pages(output, pages)) if output is not None else set()
             self._remove_stale(entry.key, prior, now, plan)
 
     def _remove_stale(self, key: str, prior: Row, now: set[str], plan: _DirectoryPlan) -> None:
@@ -1035,13 +1033,19 @@ def _outputs_of(row: Row) -> list[str]:
     """Every file a row says optimizr wrote: its output, and the outputs of pages 2, 3, ..."""
     if not row.output:
         return []
-    return [row.output] + [page_key(row.output, n) for n in range(2, _pages_of(row) + 1)]
+    return _with_pages(row.output, _pages_in(row.message))
 
 
-def _pages_of(row: Row) -> int:
-    if row.message.startswith(PAGES_PREFIX):
+def _with_pages(output: str, pages: int) -> list[str]:
+    """``output`` and the outputs of its pages 2, 3, ... up to ``pages``."""
+    return [output, *(page_key(output, n) for n in range(2, pages + 1))]
+
+
+def _pages_in(message: str) -> int:
+    """The page count a done row's message records ("pages: 3"), else 1."""
+    if message.startswith(PAGES_PREFIX):
         try:
-            return max(1, int(row.message[len(PAGES_PREFIX) :]))
+            return max(1, int(message[len(PAGES_PREFIX) :]))
         except ValueError:
             pass
     return 1
