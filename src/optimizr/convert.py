@@ -331,10 +331,6 @@ def tool_versions() -> dict[str, str]:
     }
 
 
-def write_summary(summary: RunSummary, path: Path) -> None:
-    atomic_write(path, _summary_json(summary.to_dict()))
-
-
 def _summary_json(doc: dict[str, Any]) -> bytes:
     return json.dumps(doc, indent=2, sort_keys=False).encode() + b"\n"
 
@@ -346,7 +342,7 @@ def _write_summaries(
     None), then as the latest run's (``latest``, DEST/optimizr-summary.json unless
     --summary; None: nowhere): both the same document. A write that fails is a
     warning: the run's results still stand."""
-    doc = summary.to_dict()  # once: it samples the timeline's last point
+    doc = summary.to_dict()
     if dest is not None:
         try:
             keep_run(dest, doc, _summary_json(doc), summary.started_at, run_id)
