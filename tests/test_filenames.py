@@ -384,6 +384,9 @@ def test_the_manifest_keeps_non_utf8_names_as_blobs(tmp_path: Path) -> None:
         [row] = manifest.rows_in(fs(DIR)).values()
         assert row.key == key and row.output == fs(DIR + b"/caf\xe9.webp")
         assert row.message == "d\\xfcr/caf\\xe9.jpg is fine"
+        # --if-exists asks who wrote a file in DEST: found by its exact bytes too.
+        assert manifest.owner_of(fs(DIR + b"/caf\xe9.webp")) == key
+        assert manifest.owner_of(fs(DIR + b"/other\xe9.webp")) is None
         manifest.forget(key)
         assert manifest.rows_in(fs(DIR)) == {}
     finally:

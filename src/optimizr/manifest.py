@@ -462,9 +462,10 @@ class Manifest:
         self.flush()
         directory = split_key(output)[0]  # an output lives in its source's folder
         row = self.conn.execute(
-            "SELECT path FROM sources WHERE dir = ? AND output = ? LIMIT 1", (directory, output)
+            "SELECT name FROM files WHERE dir = ? AND output = ? LIMIT 1",
+            (_to_sql(directory), _to_sql(output)),
         ).fetchone()
-        return None if row is None else str(row[0])
+        return None if row is None else _join(directory, _from_sql(row[0]))
 
     def directories(self) -> list[str]:
         """Every directory that has rows (far fewer than files)."""
