@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from optimizr.atomic import atomic_write
+from optimizr.config import SUMMARY_NAME
 from optimizr.errors import UsageError
 from optimizr.manifest import state_dir
 
 RUNS_DIR = "runs"
-SUMMARY_NAME = "optimizr-summary.json"
 #: Runs kept at most, and bytes of their documents at most (a summary lists every
 #: file not converted, so a library of many unsupported files makes large ones).
 MAX_RUNS = 100
@@ -142,9 +142,7 @@ def latest_summary(dest: Path) -> tuple[Path, str]:
     latest = dest / SUMMARY_NAME
     if latest.is_file():
         return latest, f"{SUMMARY_NAME} (DEST keeps no run history)"
-    raise UsageError(
-        f"{dest}: no run summary here (no {RUNS_DIR} in {state_dir(dest)}, no {SUMMARY_NAME})"
-    )
+    raise _no_summary(dest)
 
 
 def load_history(dest: Path) -> list[tuple[KeptRun | None, dict[str, Any]]]:
@@ -161,10 +159,14 @@ def load_history(dest: Path) -> list[tuple[KeptRun | None, dict[str, Any]]]:
         if latest is not None:
             docs.append((None, latest))
     if not docs:
-        raise UsageError(
-            f"{dest}: no run summary here (no {RUNS_DIR} in {state_dir(dest)}, no {SUMMARY_NAME})"
-        )
+        raise _no_summary(dest)
     return docs
+
+
+def _no_summary(dest: Path) -> UsageError:
+    return UsageError(
+        f"{dest}: no run summary here (no {RUNS_DIR} in {state_dir(dest)}, no {SUMMARY_NAME})"
+    )
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
