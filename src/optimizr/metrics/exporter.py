@@ -175,7 +175,8 @@ class _BatchJobCollector:
             ("optimizr_last_run_duration_seconds", "Wall seconds the last run took.",
              max(0.0, finished_at - started_at)),
             ("optimizr_last_exit_code", "Exit code of the last run (0 success, 1 some files "
-             "failed, 2 usage error, 3 DEST busy, 130 or 143 interrupted).", exit_code),
+             "failed, 2 usage error, 3 DEST busy, 4 workers could not start, 130 or 143 "
+             "interrupted).", exit_code),
         ]  # fmt: skip
         if success is not None:
             self.job.append(
