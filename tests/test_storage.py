@@ -352,3 +352,76 @@ def test_denied_write_is_a_permission_error(s3: SeaweedS3, monkeypatch: pytest.M
         storage.write_atomic("a.webp", b"x")
     assert "a.webp" in str(info.value)
     assert "not-the-secret" not in str(info.value)
+
+
+def test_write_if_absent_refuses_a_key_that_exists(storage: Storage) -> None:
+    storage.write_atomic("k/one.webp", b"first", if_absent=True)
+    with pytest.raises(FileExistsError):
+        storage.write_atomic("k/one.webp", b"second", if_absent=True)
+    assert storage.read_bytes("k/one.webp") == b"first"
+    storage.write_atomic("k/one.webp", b"third")  # a plain write still replaces
+    assert storage.read_bytes("k/one.webp") == b"third"
+
+
+def test_of_writers_racing_on_one_key_if_absent_exactly_one_wins(storage: Storage) -> None:
+    barrier = threading.Barrier(6)
+    won: list[bytes] = []
+    lost: list[bytes] = []
+
+    def write(data: bytes) -> None:
+        barrier.wait()
+        try:
+            storage.write_atomic("race.webp", data, if_absent=True)
+            won.append(data)
+        except FileExistsError:
+            lost.append(data)
+
+    threads = [threading.Thread(target=write, args=(b"w%d" % n,)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(won) == 1 and len(lost) == 5
+    assert storage.read_bytes("race.webp") == won[0]
+
+
+def test_read_object_gives_the_etag_of_the_bytes_read(storage: Storage, backend: str) -> None:
+    storage.write_atomic("e/x.jpg", b"version one")
+    first = storage.read_object("e/x.jpg")
+    assert first.data == b"version one"
+    if backend != "s3":
+        return  # a filesystem has no ETag
+    listed = storage.list_files("e")["x.jpg"]
+    assert first.etag is not None and first.etag == listed.etag
+    storage.write_atomic("e/x.jpg", b"version two")
+    assert storage.read_object("e/x.jpg").etag not in (None, first.etag)
+
+
+def test_s3_outputs_carry_type_marker_and_cache_control(
+    s3_server: SeaweedS3, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s3_env(monkeypatch, s3_server)
+    storage = s3_storage(s3_server, cache_control="public, max-age=31536000")
+    storage.write_atomic("p/a.webp", b"RIFF")
+    storage.write_atomic("p/a.jpg", b"jpeg")  # a copied original: no marker, no type forced
+    out = obstore.get(storage.store, storage._full("p/a.webp")).attributes
+    assert out["Content-Type"] == "image/webp"
+    assert out["Cache-Control"] == "public, max-age=31536000"
+    assert storage.read_object("p/a.webp").metadata.get("optimizr-output")
+    assert "optimizr-output" not in storage.read_object("p/a.jpg").metadata
+
+
+def test_s3_replace_if_is_a_compare_and_swap(
+    s3_server: SeaweedS3, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s3_env(monkeypatch, s3_server)
+    storage = s3_storage(s3_server)
+    etag = storage.create("lock", b"a")
+    assert etag
+    with pytest.raises(FileExistsError):
+        storage.create("lock", b"b")
+    newer = storage.replace_if("lock", b"c", etag)
+    assert newer and newer != etag
+    with pytest.raises(FileExistsError):
+        storage.replace_if("lock", b"d", etag)  # stale: another writer got there first
+    assert storage.read_bytes("lock") == b"c"

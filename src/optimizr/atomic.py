@@ -27,10 +27,13 @@ def is_temp_name(name: str) -> bool:
 
 
 @contextlib.contextmanager
-def atomic_path(target: Path, *, sync: bool = True) -> Iterator[Path]:
+def atomic_path(target: Path, *, sync: bool = True, exclusive: bool = False) -> Iterator[Path]:
     """A temporary path beside ``target``: whatever the block writes there replaces
     ``target`` when the block ends (fsynced first, unless the writer already did),
-    or is removed if the block raises. For writers that want a path (SQLite)."""
+    or is removed if the block raises. For writers that want a path (SQLite).
+
+    ``exclusive``: never replace, raise FileExistsError if ``target`` exists by then
+    (a hard link is created or fails atomically, as a rename cannot)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name_for(target)
     try:
@@ -41,7 +44,11 @@ def atomic_path(target: Path, *, sync: bool = True) -> Iterator[Path]:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        os.replace(tmp, target)
+        if exclusive:
+            os.link(tmp, target)
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, target)
     except BaseException:
         # Also on KeyboardInterrupt: an interrupted write must leave nothing behind.
         with contextlib.suppress(OSError):
@@ -72,10 +79,12 @@ class AtomicFile:
 
 
 @contextlib.contextmanager
-def atomic_open(target: Path, *, mode: int = 0o644) -> Iterator[AtomicFile]:
+def atomic_open(
+    target: Path, *, mode: int = 0o644, exclusive: bool = False
+) -> Iterator[AtomicFile]:
     """Stream a file into place: ``target`` appears whole when the block ends, or
-    not at all if it raises."""
-    with atomic_path(target, sync=False) as tmp:
+    not at all if it raises (``exclusive``: see atomic_path)."""
+    with atomic_path(target, sync=False, exclusive=exclusive) as tmp:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), mode)
         try:
             fh = AtomicFile(fd)
@@ -87,13 +96,19 @@ def atomic_open(target: Path, *, mode: int = 0o644) -> Iterator[AtomicFile]:
 
 
 def atomic_write(
-    target: Path, data: bytes, *, mode: int = 0o644, mtime_ns: int | None = None
+    target: Path,
+    data: bytes,
+    *,
+    mode: int = 0o644,
+    mtime_ns: int | None = None,
+    exclusive: bool = False,
 ) -> None:
     """Write ``data`` to ``target`` atomically, creating parent directories.
 
     With ``mtime_ns``, the file carries that modification time from the moment
-    it appears (set on the temporary, before the rename)."""
-    with atomic_open(target, mode=mode) as fh:
+    it appears (set on the temporary, before the rename). ``exclusive``: raise
+    FileExistsError rather than replace a file that is there."""
+    with atomic_open(target, mode=mode, exclusive=exclusive) as fh:
         fh.write(data)
         if mtime_ns is not None:
             fh.flush()

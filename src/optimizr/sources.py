@@ -207,7 +207,9 @@ def _summaries(config: RunConfig, roots: dict[str, tuple[Path, bool]]) -> tuple[
 class _SourceOnly(Storage):
     """A storage that only ever serves sources: what writes would do is refused."""
 
-    def write_atomic(self, key: str, data: bytes, *, mtime_ns: int | None = None) -> None:
+    def write_atomic(
+        self, key: str, data: bytes, *, mtime_ns: int | None = None, if_absent: bool = False
+    ) -> None:
         raise OSError(errno.EROFS, "a SRC is never written", key)
 
     def delete(self, key: str) -> bool:

@@ -35,6 +35,16 @@ class FileStat:
 
 
 @dataclass(frozen=True)
+class StoredObject:
+    """What one read of a key gave: its bytes, and, on an object store, the ETag of
+    exactly those bytes and the object's user metadata."""
+
+    data: bytes
+    etag: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class SourceEntry:
     """One file found by a walk, or a place the walk could not enter (``error`` set)."""
 
@@ -138,9 +148,19 @@ class Storage(ABC):
     def read_bytes(self, key: str) -> bytes: ...
 
     @abstractmethod
-    def write_atomic(self, key: str, data: bytes, *, mtime_ns: int | None = None) -> None:
+    def write_atomic(
+        self, key: str, data: bytes, *, mtime_ns: int | None = None, if_absent: bool = False
+    ) -> None:
         """Replace ``key`` with ``data`` so no reader ever sees a partial object;
-        ``mtime_ns``: the modification time it carries (--preserve-mtime)."""
+        ``mtime_ns``: the modification time it carries (--preserve-mtime).
+
+        ``if_absent``: raise FileExistsError instead if ``key`` exists when the write
+        lands, decided by the store itself (a hard link, an If-None-Match PUT), so
+        that of two writers racing on one key exactly one wins."""
+
+    def read_object(self, key: str) -> StoredObject:
+        """``key``'s bytes with what the store knows of them (ETag, user metadata)."""
+        return StoredObject(self.read_bytes(key))
 
     def copy_in(
         self, key: str, source: Storage, source_key: str, *, mtime_ns: int | None = None

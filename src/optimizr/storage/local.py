@@ -66,8 +66,10 @@ class LocalStorage(Storage):
     def read_bytes(self, key: str) -> bytes:
         return self.path_of(key).read_bytes()
 
-    def write_atomic(self, key: str, data: bytes, *, mtime_ns: int | None = None) -> None:
-        atomic_write(self.path_of(key), data, mtime_ns=mtime_ns)
+    def write_atomic(
+        self, key: str, data: bytes, *, mtime_ns: int | None = None, if_absent: bool = False
+    ) -> None:
+        atomic_write(self.path_of(key), data, mtime_ns=mtime_ns, exclusive=if_absent)
 
     def copy_in(
         self, key: str, source: Storage, source_key: str, *, mtime_ns: int | None = None

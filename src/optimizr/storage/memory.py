@@ -3,6 +3,7 @@ model the S3 backend will follow (flat keys, whole-object writes)."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import PurePosixPath
@@ -21,6 +22,8 @@ from optimizr.storage.base import (
 class MemoryStorage(Storage):
     def __init__(self, files: dict[str, bytes] | None = None) -> None:
         self.objects: dict[str, tuple[bytes, int]] = {}
+        # I/O threads write concurrently: check-and-put of if_absent is one step.
+        self._lock = threading.Lock()
         for key, data in (files or {}).items():
             self.put(key, data)
         self.writes = 0
@@ -49,9 +52,14 @@ class MemoryStorage(Storage):
         except KeyError:
             raise FileNotFoundError(key) from None
 
-    def write_atomic(self, key: str, data: bytes, *, mtime_ns: int | None = None) -> None:
-        self.writes += 1
-        self.put(key, bytes(data), mtime_ns)
+    def write_atomic(
+        self, key: str, data: bytes, *, mtime_ns: int | None = None, if_absent: bool = False
+    ) -> None:
+        with self._lock:
+            if if_absent and key in self.objects:
+                raise FileExistsError(17, "exists", key)
+            self.writes += 1
+            self.put(key, bytes(data), mtime_ns)
 
     def delete(self, key: str) -> bool:
         return self.objects.pop(key, None) is not None

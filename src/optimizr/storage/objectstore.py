@@ -28,9 +28,11 @@ from typing import TYPE_CHECKING
 
 import obstore
 from obstore.exceptions import (
+    AlreadyExistsError,
     BaseError,
     NotFoundError,
     PermissionDeniedError,
+    PreconditionError,
     UnauthenticatedError,
 )
 from obstore.store import AzureStore, GCSStore, LocalStore, MemoryStore, S3Store
@@ -43,6 +45,7 @@ from optimizr.storage.base import (
     FileStat,
     SourceEntry,
     Storage,
+    StoredObject,
     WalkOptions,
     WalkStatistics,
 )
@@ -54,6 +57,9 @@ if TYPE_CHECKING:
 
 #: User metadata holding the mtime an output was meant to carry (--preserve-mtime).
 MTIME_METADATA = "optimizr-mtime-ns"
+#: User metadata on every .webp optimizr writes (its version): a WebP that carries
+#: it is an output, never a source, even in a bucket that mixes both.
+OUTPUT_METADATA = "optimizr-output"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -81,6 +87,8 @@ class StoreOptions:
     #: Retries of one request, and the time they may take in all (obstore's defaults).
     max_retries: int = 10
     retry_timeout: float = 180.0
+    #: Cache-Control set on every output (--cache-control); None: none.
+    cache_control: str | None = None
 
 
 def storage_for(location: Location, options: StoreOptions | None = None) -> ObjectStorage:
@@ -101,7 +109,11 @@ def storage_for(location: Location, options: StoreOptions | None = None) -> Obje
         client["allow_http"] = True  # S3-compatible servers on a LAN often speak plain HTTP
     store: ObjectStore
     if location.scheme == "s3":
-        s3: S3Config = {"virtual_hosted_style_request": not options.s3_path_style}
+        s3: S3Config = {
+            "virtual_hosted_style_request": not options.s3_path_style,
+            # Compare-and-swap by ETag (If-Match), which the lease on DEST's lock needs.
+            "conditional_put": "etag",
+        }
         if options.endpoint_url:
             s3["endpoint"] = options.endpoint_url
         if options.region:
@@ -117,16 +129,19 @@ def storage_for(location: Location, options: StoreOptions | None = None) -> Obje
         assert location.path is not None
         location.path.mkdir(parents=True, exist_ok=True)
         store = LocalStore(location.path)
-    return ObjectStorage(store, location)
+    return ObjectStorage(store, location, cache_control=options.cache_control)
 
 
 class ObjectStorage(Storage):
     """The keys under ``location.prefix`` of one bucket; this storage's keys are
     relative to that prefix, as a LocalStorage's are to its folder."""
 
-    def __init__(self, store: ObjectStore, location: Location) -> None:
+    def __init__(
+        self, store: ObjectStore, location: Location, *, cache_control: str | None = None
+    ) -> None:
         self.store = store
         self.location = location
+        self.cache_control = cache_control
         self.root = location.prefix if location.is_remote or location.scheme == "memory" else ""
         self.walk_stats = WalkStatistics()
         # obstore's LocalStore refuses attributes (a file has no Content-Type to keep).
@@ -184,25 +199,76 @@ class ObjectStorage(Storage):
         return list(result["common_prefixes"]), objects
 
     def read_bytes(self, key: str) -> bytes:
+        return self.read_object(key).data
+
+    def read_object(self, key: str) -> StoredObject:
         full = self._full(key)
         try:
-            return bytes(obstore.get(self.store, full).bytes())
+            result = obstore.get(self.store, full)
+            data = bytes(result.bytes())
         except FileNotFoundError:
             raise FileNotFoundError(2, "no such object", full) from None
         except BaseError as exc:
             raise os_error(exc, full, "read") from None
+        # The ETag of the very bytes read: the commit compares it with the listing's.
+        metadata = {k: v for k, v in result.attributes.items() if isinstance(v, str)}
+        return StoredObject(data, result.meta.get("e_tag"), metadata)
 
-    def write_atomic(self, key: str, data: bytes, *, mtime_ns: int | None = None) -> None:
-        full = self._full(key)
-        attributes: Attributes = {}
+    def _attributes_for(self, full: str, mtime_ns: int | None) -> Attributes | None:
         if not self._attributes:
-            pass
-        elif full.endswith(".webp"):
+            return None
+        attributes: Attributes = {}
+        if full.endswith(".webp") and f"{STATE_DIR}/" not in full:
+            from optimizr import __version__
+
             attributes["Content-Type"] = "image/webp"
-        if mtime_ns is not None and self._attributes:
+            attributes[OUTPUT_METADATA] = __version__
+            if self.cache_control:
+                attributes["Cache-Control"] = self.cache_control
+        if mtime_ns is not None:
             attributes[MTIME_METADATA] = str(mtime_ns)
+        return attributes or None
+
+    def write_atomic(
+        self, key: str, data: bytes, *, mtime_ns: int | None = None, if_absent: bool = False
+    ) -> None:
+        full = self._full(key)
         try:
-            obstore.put(self.store, full, bytes(data), attributes=attributes or None)
+            obstore.put(
+                self.store,
+                full,
+                bytes(data),
+                attributes=self._attributes_for(full, mtime_ns),
+                mode="create" if if_absent else None,
+            )
+        except AlreadyExistsError:
+            raise FileExistsError(17, f"{full} exists", full) from None
+        except PreconditionError:
+            # Some stores answer a lost If-None-Match race with 412 rather than 409.
+            raise FileExistsError(17, f"{full} exists", full) from None
+        except BaseError as exc:
+            raise os_error(exc, full, "write") from None
+
+    def create(self, key: str, data: bytes) -> str | None:
+        """Put ``key`` only if it does not exist (FileExistsError otherwise); its new ETag."""
+        full = self._full(key)
+        try:
+            return obstore.put(self.store, full, bytes(data), mode="create")["e_tag"]
+        except (AlreadyExistsError, PreconditionError):
+            raise FileExistsError(17, f"{full} exists", full) from None
+        except BaseError as exc:
+            raise os_error(exc, full, "write") from None
+
+    def replace_if(self, key: str, data: bytes, etag: str) -> str | None:
+        """Put ``key`` only if its ETag is still ``etag`` (FileExistsError if it changed,
+        FileNotFoundError if it is gone): compare-and-swap; the new ETag."""
+        full = self._full(key)
+        try:
+            return obstore.put(self.store, full, bytes(data), mode={"e_tag": etag})["e_tag"]
+        except PreconditionError:
+            raise FileExistsError(17, f"{full} was changed by another writer", full) from None
+        except FileNotFoundError:
+            raise FileNotFoundError(2, "no such object", full) from None
         except BaseError as exc:
             raise os_error(exc, full, "write") from None
 
