@@ -151,13 +151,21 @@ def _wait_for_bucket(server: SeaweedS3) -> None:
         request = urllib.request.Request(f"{server.endpoint}/{server.bucket}", method="HEAD")
         try:
             with urllib.request.urlopen(request, timeout=2):
-                return
+                pass
         except urllib.error.HTTPError as exc:
-            if exc.code in (401, 403):
-                return
             last = f"HTTP {exc.code}"
+            if exc.code not in (401, 403):
+                time.sleep(0.1)
+                continue
         except OSError as exc:
             last = str(exc)
+            time.sleep(0.1)
+            continue
+        # S3 answers; the bucket may still be on its way (a signed LIST says NoSuchBucket
+        # for a moment after the anonymous HEAD is refused): ready when that lists.
+        last = _signed_list(server)
+        if not last:
+            return
         time.sleep(0.1)  # polling interval, not a race: the loop checks the condition
     raise RuntimeError(
         f"weed S3 not ready after {START_TIMEOUT:.0f} s ({last}): {_tail(server.log)}"
@@ -166,3 +174,27 @@ def _wait_for_bucket(server: SeaweedS3) -> None:
 
 def _tail(log: Path) -> str:
     return log.read_text(errors="replace")[-2000:]
+
+
+def _signed_list(server: SeaweedS3) -> str:
+    """'' if an authenticated LIST of the bucket succeeds, else why not."""
+    import obstore
+    from obstore.store import S3Store
+
+    store = S3Store(
+        server.bucket,
+        config={
+            "endpoint": server.endpoint,
+            "access_key_id": server.access_key,
+            "secret_access_key": server.secret_key,
+            "region": "us-east-1",
+            "virtual_hosted_style_request": False,
+        },
+        client_options={"allow_http": True, "timeout": "5s"},
+        retry_config={"max_retries": 0},
+    )
+    try:
+        obstore.list_with_delimiter(store, None)
+    except Exception as exc:  # noqa: BLE001 - any failure means "not ready yet"
+        return type(exc).__name__
+    return ""

@@ -126,6 +126,9 @@ class MemoryBudget:
         self.admitted = 0
         self.waited = 0
         self.ran_alone = 0
+        #: Bytes of transfer buffers held now (see hold), and at most.
+        self.io_bytes = 0
+        self.peak_io_bytes = 0
         self._running = 0
         self._lock = threading.Lock()
 
@@ -157,6 +160,20 @@ class MemoryBudget:
         with self._lock:
             self.in_use -= need
             self._running -= 1
+
+    def hold(self, size: int) -> None:
+        """Count ``size`` bytes of buffers (fetched sources, outputs to upload) as in
+        use: they delay the admission of images like an image's own memory does."""
+        with self._lock:
+            self.in_use += size
+            self.io_bytes += size
+            self.peak_in_use = max(self.peak_in_use, self.in_use)
+            self.peak_io_bytes = max(self.peak_io_bytes, self.io_bytes)
+
+    def free(self, size: int) -> None:
+        with self._lock:
+            self.in_use -= size
+            self.io_bytes -= size
 
     def statistics(self) -> BudgetStatistics:
         return BudgetStatistics(

@@ -47,6 +47,7 @@ from optimizr.lock import describe_holder
 from optimizr.metrics.logs import LogListener, configure_logging
 from optimizr.metrics.progress import TerminalProgress, deletion_lines, summary_table
 from optimizr.status import StatusReport, read_status
+from optimizr.storage.urls import is_url
 
 if TYPE_CHECKING:
     from optimizr.metrics.exporter import MetricsExporter
@@ -163,9 +164,20 @@ def convert(paths: tuple[str, ...], config_file: Path | None, **params: Any) -> 
     SRC may be one file (DEST: a .webp name or a folder), DEST itself (in place,
     with --name append), or several SRCs, each going under DEST/<its name>/."""
     srcs, dest = paths[:-1], paths[-1]
-    src = Path(srcs[0]) if len(srcs) == 1 else tuple(Path(s) for s in srcs)
+    # A URL stays text (Path would fold its "//"); a path becomes a Path.
+    src: Path | tuple[Path, ...] | str
+    if len(srcs) == 1:
+        src = srcs[0] if is_url(srcs[0]) else Path(srcs[0])
+    elif any(is_url(s) for s in srcs):
+        src = srcs[0]  # refused by convert_tree, with the reason
+        print_error("a SRC that is a URL must be the only SRC", json_logs=False)
+        sys.exit(2)
+    else:
+        src = tuple(Path(s) for s in srcs)
     try:
-        config, console = build_configs(src, Path(dest), params, config_file)
+        config, console = build_configs(
+            src, dest if is_url(dest) else Path(dest), params, config_file
+        )
     except OptimizrError as exc:
         print_error(str(exc), json_logs=params.get("log_format") == "json")
         sys.exit(exc.exit_code)

@@ -208,6 +208,31 @@ OPTIONS: tuple[Opt, ...] = (
     Opt(("--summary",), "summary_path", "run",
         "Where to write the JSON summary ('-': stdout) [DEST/optimizr-summary.json].",
         None, click.Path(path_type=Path, dir_okay=False, allow_dash=True), metavar="PATH"),
+    # -- object stores: SRC or DEST given as s3://, gs://, az:// (file:// too)
+    Opt(("--endpoint-url",), "endpoint_url", "run",
+        "S3-compatible endpoint (SeaweedFS, MinIO, Ceph, R2...) [AWS_ENDPOINT_URL, else AWS].",
+        None, str, metavar="URL"),
+    Opt(("--region",), "region", "run",
+        "Region of the bucket [AWS_REGION / AWS_DEFAULT_REGION].", None, str),
+    Opt(("--profile",), "profile", "run",
+        "Shared AWS profile (refused for now: see the README; use AWS_* variables).",
+        None, str),
+    Opt(("--s3-path-style/--no-s3-path-style",), "s3_path_style", "run",
+        "Path-style S3 requests (host/bucket/key), as most S3-compatible servers want.",
+        False),
+    Opt(("--io-concurrency",), "io_concurrency", "run",
+        "Object-store requests in flight at once (0: 8 per worker, see the README).",
+        0, _ALWAYS, metavar="N"),
+    Opt(("--cache-control",), "cache_control", "run",
+        "Cache-Control header set on every output written to an object store.",
+        None, str, metavar="VALUE"),
+    Opt(("--state-dir",), "state_dir", "run",
+        "Where a remote DEST's manifest is kept on this machine "
+        "[~/.cache/optimizr/dests/<DEST>].",
+        None, click.Path(path_type=Path, file_okay=False), metavar="DIR"),
+    Opt(("--checkpoint-interval",), "checkpoint_interval", "run",
+        "Seconds between uploads of the manifest to a remote DEST's .optimizr/.",
+        60.0, click.FloatRange(min=0, min_open=True), metavar="SECONDS"),
     # -- the terminal edge (ConsoleOptions): how the run is shown, never what it writes
     Opt(("--verbose", "-v"), "verbose", "console", "One line per file.", False, is_flag=True),
     Opt(("--quiet", "-Q"), "quiet", "console",
@@ -279,8 +304,8 @@ def apply_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def build_configs(
-    src: Path | tuple[Path, ...],
-    dest: Path,
+    src: Path | tuple[Path, ...] | str,
+    dest: Path | str,
     params: Mapping[str, Any],
     config_file: Path | None = None,
 ) -> tuple[RunConfig, ConsoleOptions]:

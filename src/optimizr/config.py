@@ -92,9 +92,11 @@ class EncodeOptions:
 class RunConfig:
     """One ``convert`` run: where from, where to, and how."""
 
-    #: One SRC (a folder, or one file), or several (see ``sources``).
-    src: Path | tuple[Path, ...]
-    dest: Path
+    #: One SRC (a folder, or one file), or several (see ``sources``); a str is the
+    #: URL of an object store prefix (s3://, gs://, az://, file://).
+    src: Path | tuple[Path, ...] | str
+    #: A folder, or (a str) the URL of an object store prefix.
+    dest: Path | str
     encode: EncodeOptions = field(default_factory=EncodeOptions)
     workers: int = 0  # 0 = the CPUs this process may use
     include: tuple[str, ...] = ()
@@ -152,6 +154,27 @@ class RunConfig:
     #: Labels put on every series of the --metrics-textfile, as (name, value) pairs,
     #: besides ``dest`` (which a pair named ``dest`` replaces).
     metrics_labels: tuple[tuple[str, str], ...] = ()
+    # -- object stores (see storage/objectstore.py StoreOptions) ----------------------
+    #: An S3-compatible endpoint (SeaweedFS, MinIO, Ceph, R2...); None: AWS_ENDPOINT_URL or AWS.
+    endpoint_url: str | None = None
+    region: str | None = None
+    profile: str | None = None
+    #: Path-style requests (http://host/bucket/key), which most S3-compatible servers want.
+    s3_path_style: bool = False
+    #: Requests to object stores in flight at once; 0: chosen from the workers
+    #: (transfers.default_io_concurrency).
+    io_concurrency: int = 0
+    #: Cache-Control set on every output written to an object store.
+    cache_control: str | None = None
+    #: Where a remote DEST's manifest lives on this machine (dest_state.local_state_root).
+    state_dir: Path | None = None
+    #: Seconds between uploads of the manifest's snapshot to a remote DEST.
+    checkpoint_interval: float = 60.0
+
+    @property
+    def remote(self) -> bool:
+        """Is SRC or DEST an object store?"""
+        return isinstance(self.src, str) or isinstance(self.dest, str)
 
     def __post_init__(self) -> None:
         if not self.sources:
@@ -180,6 +203,19 @@ class RunConfig:
             raise UsageError(f"--max-attempts must be at least 1, not {self.max_attempts}")
         if self.grace < 0:
             raise UsageError(f"--grace must not be negative, not {self.grace}")
+        if self.io_concurrency < 0:
+            raise UsageError(
+                f"--io-concurrency must be 0 (auto) or more, not {self.io_concurrency}"
+            )
+        if self.checkpoint_interval <= 0:
+            raise UsageError(
+                f"--checkpoint-interval must be positive, not {self.checkpoint_interval}"
+            )
+        if self.cache_control is not None and not _HEADER_VALUE_RE.fullmatch(self.cache_control):
+            raise UsageError(
+                f"--cache-control {self.cache_control!r}: not a valid header value "
+                "(printable ASCII, no line breaks)"
+            )
         if not isinstance(self.strict, bool):
             raise UsageError(f"strict must be True or False, not {self.strict!r}")
         seen: set[str] = set()
@@ -198,7 +234,7 @@ class RunConfig:
             seen.add(name)
 
     @property
-    def sources(self) -> tuple[Path, ...]:
+    def sources(self) -> tuple[Path | str, ...]:
         return self.src if isinstance(self.src, tuple) else (self.src,)
 
     @property
@@ -207,12 +243,19 @@ class RunConfig:
 
     @property
     def effective_summary_path(self) -> Path:
-        return self.summary_path or self.dest / SUMMARY_NAME
+        """The local summary (for a remote DEST see convert: it goes to DEST too)."""
+        if self.summary_path is not None:
+            return self.summary_path
+        assert isinstance(self.dest, Path), "a remote DEST's summary is placed by convert"
+        return self.dest / SUMMARY_NAME
 
     @property
     def summary_to_stdout(self) -> bool:
         return self.summary_path is not None and str(self.summary_path) == "-"
 
+
+#: What an HTTP header value may hold (visible ASCII and spaces).
+_HEADER_VALUE_RE = re.compile(r"[\x20-\x7e]+")
 
 #: Prometheus label names (its data model: ``[a-zA-Z_][a-zA-Z0-9_]*``; ``__`` is reserved).
 _LABEL_NAME_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")

@@ -10,6 +10,7 @@ in the calling process, with no manifest.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -20,7 +21,7 @@ from typing import Any
 
 from optimizr.atomic import atomic_write
 from optimizr.budget import MemoryBudget, default_memory_budget
-from optimizr.config import EncodeOptions, IfLarger, RunConfig, available_cpus
+from optimizr.config import SUMMARY_NAME, EncodeOptions, IfLarger, RunConfig, available_cpus
 from optimizr.errors import (
     ImageError,
     SourceUnreadable,
@@ -28,7 +29,7 @@ from optimizr.errors import (
 )
 from optimizr.events import ProgressListener, StopToken
 from optimizr.executors.base import Executor
-from optimizr.history import keep_run, runs_dir
+from optimizr.history import RUNS_DIR, keep_run, runs_dir
 from optimizr.lock import RunLock
 from optimizr.manifest import (
     FAILED_LIST_NAME,
@@ -43,8 +44,18 @@ from optimizr.results import (
     Result,
     RunSummary,
 )
-from optimizr.sources import Layout, OwnOutputs, resolve_layout
+from optimizr.sources import (
+    IN_PLACE_NEEDS_APPEND,
+    Layout,
+    ListedSource,
+    OwnOutputs,
+    read_listed_names,
+    resolve_layout,
+)
+from optimizr.storage.base import STATE_DIR, Storage
 from optimizr.storage.local import LocalStorage
+from optimizr.storage.urls import is_url
+from optimizr.transfers import Transfers, default_io_concurrency
 
 PathArg = str | os.PathLike[str]
 
@@ -73,10 +84,10 @@ def convert_tree(
     kept in DEST's run history (``DEST/.optimizr/runs/``, see :mod:`optimizr.history`).
     Raises :class:`~optimizr.errors.UsageError` when SRC or DEST cannot be used.
     """
-    if isinstance(src, str | os.PathLike):
-        srcs: tuple[Path, ...] = (Path(src),)
-    else:
-        srcs = tuple(Path(s) for s in src)
+    given = (src,) if isinstance(src, str | os.PathLike) else tuple(src)
+    if any(isinstance(s, str) and is_url(s) for s in (*given, dest)):
+        return _convert_remote(given, dest, options, executor, listener, stop)
+    srcs = tuple(Path(s) for s in given)
     dest_path = Path(dest)
     if isinstance(options, RunConfig):
         config = options
@@ -185,12 +196,14 @@ def _finish_manifest(summary: RunSummary, manifest: Manifest, dest: Path) -> Non
 def _execute(
     config: RunConfig,
     layout: Layout,
-    dest: LocalStorage,
+    dest: Storage,
     manifest: Manifest | None,
     own_outputs: OwnOutputs | None,
     executor: Executor | None,
     listener: ProgressListener | None,
     stop: StopToken | None,
+    *,
+    remote: bool = False,
 ) -> RunSummary:
     own_executor = executor is None
     if executor is not None:
@@ -212,6 +225,11 @@ def _execute(
             lookahead=max(1, config.lookahead_per_worker * workers),
             grace=config.grace,
         )
+    transfers = (
+        Transfers(config.io_concurrency or default_io_concurrency(workers), budget)
+        if remote
+        else None
+    )
     sampler = TreeMemorySampler().start()
     machine_sampler = MachineCpuSampler(available_cpus()).start()
     times_start, wall_start = os.times(), time.monotonic()
@@ -228,11 +246,14 @@ def _execute(
             manifest=manifest,
             target=layout.target,
             own_outputs=own_outputs,
+            transfers=transfers,
         )
         summary = pipeline.run()
     finally:
         if own_executor:
             executor.close()
+        if transfers is not None:
+            transfers.close()
     memory = sampler.stop()
     wall = time.monotonic() - wall_start
     times_end = os.times()
@@ -258,6 +279,7 @@ def _execute(
         "peak_estimated_in_flight_bytes": budget_stats.peak_in_use,
         "admissions_waited": budget_stats.waited,
         "ran_alone": budget_stats.ran_alone,
+        "peak_transfer_bytes": budget.peak_io_bytes,
         "samples": memory.samples,
         "timeline": [list(point) for point in memory.timeline],
     }
@@ -304,6 +326,12 @@ def _execute(
         "utilisation": round(stats.busy_seconds / (stats.workers * wall), 4) if wall > 0 else 0.0,
     }
     summary.tool = tool_versions()
+    if transfers is not None:
+        summary.storage["transfers"] = transfers.stats.to_dict(transfers.concurrency)
+    for role, storage in (("src", layout.source), ("dest", dest)):
+        statistics = getattr(storage, "statistics", None)
+        if callable(statistics):
+            summary.storage[role] = statistics().to_dict()
     return summary
 
 
@@ -396,3 +424,193 @@ def convert_file(
     return Result(
         str(src_path), "converted", None, "", str(dest_path), size, webp_size, encoded.facts
     )
+
+
+# -- object stores -------------------------------------------------------------------------
+
+
+def _convert_remote(
+    given: tuple[PathArg, ...],
+    dest: PathArg,
+    options: EncodeOptions | RunConfig | None,
+    executor: Executor | None,
+    listener: ProgressListener | None,
+    stop: StopToken | None,
+) -> RunSummary:
+    """A run whose SRC or DEST (or both) is an object store.
+
+    The layout is one SRC tree mirrored into DEST. The source and DEST are probed
+    first (a listing, and a write to DEST/.optimizr/) so that wrong credentials or
+    a missing bucket stop the run before anything starts. A remote DEST's state
+    (manifest, run history) lives in a local state root (see dest_state) and its
+    snapshot goes up to DEST/.optimizr/ every --checkpoint-interval and at the end."""
+    from optimizr.dest_state import Checkpointer, local_state_root, restore
+    from optimizr.storage.objectstore import ObjectStorage, StoreOptions, probe, storage_for
+    from optimizr.storage.urls import parse_location
+
+    if len(given) != 1:
+        raise UsageError("a SRC or DEST that is a URL takes exactly one SRC")
+    src_text, dest_text = os.fspath(given[0]), os.fspath(dest)
+    src_loc, dest_loc = parse_location(src_text), parse_location(dest_text)
+    if isinstance(options, RunConfig):
+        config = options
+    else:
+        config = RunConfig(
+            src=src_text if src_loc.scheme != "local" else Path(src_text),
+            dest=dest_text if dest_loc.scheme != "local" else Path(dest_text),
+            encode=options or EncodeOptions(),
+        )
+    store = StoreOptions(
+        endpoint_url=config.endpoint_url,
+        region=config.region,
+        profile=config.profile,
+        s3_path_style=config.s3_path_style,
+        cache_control=config.cache_control,
+    )
+    source: Storage
+    if src_loc.scheme == "local":
+        assert src_loc.path is not None
+        if not src_loc.path.is_dir():
+            raise UsageError(f"SRC must be a folder when DEST is a URL: {src_loc.path}")
+        source = LocalStorage(src_loc.path)
+    else:
+        remote_source = storage_for(src_loc, store)
+        probe(remote_source, write=False)
+        source = remote_source
+    dest_storage: Storage
+    if dest_loc.scheme == "local":
+        assert dest_loc.path is not None
+        root = dest_loc.path
+        dest_storage = LocalStorage(root)
+    else:
+        remote_dest = storage_for(dest_loc, store)
+        if not config.dry_run:
+            probe(remote_dest, write=True)
+        dest_storage = remote_dest
+        root = local_state_root(dest_loc.url(), config.state_dir)
+    prune: tuple[str, ...] = ()
+    in_place = False
+    own_prefix: str | None = None
+    if src_loc.is_remote and (src_loc.scheme, src_loc.bucket) == (dest_loc.scheme, dest_loc.bucket):
+        # One bucket: DEST inside SRC is never walked; SRC == DEST is in place.
+        src_prefix, dest_prefix = src_loc.prefix, dest_loc.prefix
+        if src_prefix == dest_prefix:
+            if config.name != "append":
+                raise UsageError(IN_PLACE_NEEDS_APPEND.format(name=config.name))
+            in_place, own_prefix = True, ""
+        elif dest_prefix.startswith(src_prefix + "/") or (not src_prefix and dest_prefix):
+            prune = (dest_prefix[len(src_prefix) :].lstrip("/"),)
+        elif src_prefix.startswith(dest_prefix + "/") or (not dest_prefix and src_prefix):
+            own_prefix = src_prefix[len(dest_prefix) :].lstrip("/")
+    if config.files_from is not None:
+        if not isinstance(source, LocalStorage):
+            raise UsageError("--files-from takes a local SRC folder (not yet a URL)")
+        names = read_listed_names(config.files_from, nul=config.files_from_nul)
+        source = ListedSource(source, names)
+    # In place, the summary DEST gets sits among the sources; and a SRC that is
+    # another run's DEST holds that run's summary: never a source either way.
+    other_dest = not in_place and bool(source.list_files(STATE_DIR))
+    passed = (SUMMARY_NAME,) if in_place or other_dest else ()
+    layout = Layout(source, root, None, prune, in_place, own_prefix, (), passed)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create the state folder {root}: {exc.strerror or exc}") from None
+
+    remote_dest_storage = dest_storage if isinstance(dest_storage, ObjectStorage) else None
+    lock: RunLock | None = None
+    manifest: Manifest | None = None
+    checkpointer: Checkpointer | None = None
+    own: OwnOutputs | None = None
+    restored = False
+    if config.dry_run:
+        manifest = Manifest.open_readonly(root)
+    else:
+        lock = RunLock(state_dir(root))
+        try:
+            lock.acquire()
+        except OSError as exc:
+            raise UsageError(f"cannot use {root}: {exc.strerror or exc}") from None
+    try:
+        if lock is not None:
+            if remote_dest_storage is not None and not config.rebuild_manifest:
+                try:
+                    restored = restore(remote_dest_storage, root)
+                except OSError as exc:
+                    raise UsageError(
+                        f"cannot read the manifest snapshot in {dest_loc.url()}: "
+                        f"{exc.strerror or exc}"
+                    ) from None
+            manifest = Manifest.rebuild(root) if config.rebuild_manifest else Manifest.open(root)
+            manifest.restored = restored
+            with contextlib.suppress(sqlite3.OperationalError):
+                manifest.begin_run(config, options_fingerprint(config))
+            if remote_dest_storage is not None:
+                # The first snapshot at once: a run killed before the first interval
+                # still leaves DEST knowing a run started (and when).
+                manifest.flush()
+                checkpointer = Checkpointer(remote_dest_storage, root, config.checkpoint_interval)
+                checkpointer.upload()
+                checkpointer.start()
+        own = OwnOutputs(layout, manifest, dest_storage)
+        summary = _execute(
+            config, layout, dest_storage, manifest, own, executor, listener, stop, remote=True
+        )
+        summary.warnings.extend(own.warnings)
+        summary.dest = dest_loc.url() if dest_loc.scheme != "local" else str(root)
+        if manifest is not None and lock is not None:
+            _finish_manifest(summary, manifest, root)
+        if checkpointer is not None:
+            checkpointer.stop()
+            flushed = manifest is None or manifest.flush()
+            if not checkpointer.upload() or not flushed:
+                summary.warnings.append(
+                    f"could not upload the manifest to {dest_loc.url()}/.optimizr/ "
+                    f"({checkpointer.stats.last_error}); it is kept in {root}"
+                )
+            checkpointer.stats.restored = restored
+            summary.storage["checkpoints"] = checkpointer.stats.to_dict()
+        if not config.dry_run:
+            latest = (
+                None if config.summary_to_stdout else (config.summary_path or root / SUMMARY_NAME)
+            )
+            run_id = manifest.run_id if manifest is not None else 0
+            _write_summaries(summary, latest, root, run_id)
+            if remote_dest_storage is not None:
+                _upload_state(summary, remote_dest_storage, root, config)
+    finally:
+        if checkpointer is not None:
+            checkpointer.stop()
+        if own is not None:
+            own.close()
+        if manifest is not None:
+            manifest.close()
+        if lock is not None:
+            lock.release()
+    return summary
+
+
+def _upload_state(summary: RunSummary, dest: Storage, root: Path, config: RunConfig) -> None:
+    """What a local DEST holds beside its outputs, put in a remote DEST too: the
+    run's summary (DEST/optimizr-summary.json, unless --summary sends it elsewhere),
+    its copy in the history, and the failed list. A failure is a warning."""
+    doc = summary.to_dict()
+    data = _summary_json(doc)
+    puts: list[tuple[str, bytes | Path]] = []
+    if config.summary_path is None:
+        puts.append((SUMMARY_NAME, data))
+    history = runs_dir(root)
+    latest_run = max(history.glob("*.json"), default=None, key=lambda p: p.name)
+    if latest_run is not None:
+        puts.append((f"{STATE_DIR}/{RUNS_DIR}/{latest_run.name}", latest_run))
+    failed = state_dir(root) / FAILED_LIST_NAME
+    if failed.exists():
+        puts.append((f"{STATE_DIR}/{FAILED_LIST_NAME}", failed))
+    for key, what in puts:
+        try:
+            if isinstance(what, Path):
+                dest.write_from_file(key, what)
+            else:
+                dest.write_atomic(key, what)
+        except OSError as exc:
+            summary.warnings.append(f"could not upload {key}: {exc.strerror or exc}")

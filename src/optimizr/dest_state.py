@@ -12,10 +12,19 @@ machine can resume.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
+
+from optimizr.atomic import atomic_write
+from optimizr.manifest import MANIFEST_NAME, manifest_path, state_dir
+from optimizr.storage.base import STATE_DIR, Storage
 
 #: The key, under DEST, of the manifest's snapshot.
 SNAPSHOT_KEY = ".optimizr/manifest.sqlite"
@@ -36,3 +45,121 @@ def local_state_root(dest_url: str, state_dir: Path | None = None) -> Path:
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", dest_url)[:60].strip("-")
     digest = hashlib.sha256(dest_url.encode()).hexdigest()[:12]
     return cache_home() / "optimizr" / "dests" / f"{slug}-{digest}"
+
+
+#: Beside the local manifest: the ETag of the snapshot in DEST this manifest was last
+#: uploaded as or restored from. Another ETag in DEST means another machine ran since.
+SNAPSHOT_ETAG_NAME = "snapshot-etag"
+
+
+@dataclass
+class CheckpointStatistics:
+    uploads: int = 0
+    upload_bytes: int = 0
+    upload_seconds: float = 0.0
+    failures: int = 0
+    last_error: str = ""
+    restored: bool = False
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "uploads": self.uploads,
+            "upload_bytes": self.upload_bytes,
+            "upload_seconds": round(self.upload_seconds, 3),
+            "failures": self.failures,
+            "last_error": self.last_error,
+            "restored_from_dest": self.restored,
+        }
+
+
+def restore(dest: Storage, root: Path) -> bool:
+    """Bring DEST's snapshot down as the local manifest when the local one is missing
+    or not the last one uploaded (another machine ran since); True if it did.
+
+    One HEAD (a listing of ``.optimizr/``) on every run; the download only when needed.
+    The local manifest it replaces, if any, is kept beside it."""
+    listed = dest.list_files(STATE_DIR).get(MANIFEST_NAME)
+    if listed is None:
+        return False
+    local = manifest_path(root)
+    marker = state_dir(root) / SNAPSHOT_ETAG_NAME
+    known = marker.read_text().strip() if marker.exists() else None
+    if local.exists() and listed.etag is not None and known == listed.etag:
+        return False  # the snapshot is this manifest's own last upload
+    stored = dest.read_object(SNAPSHOT_KEY)
+    if local.exists():
+        aside = local.with_name(f"{MANIFEST_NAME}.replaced-{int(time.time())}")
+        os.replace(local, aside)
+        for suffix in ("-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{local}{suffix}")
+    atomic_write(local, stored.data)
+    _remember(marker, stored.etag)
+    return True
+
+
+class Checkpointer:
+    """Uploads snapshots of the manifest to ``DEST/.optimizr/manifest.sqlite``: every
+    ``interval`` seconds on a thread of its own, and once more at the end.
+
+    A snapshot is taken with SQLite's online backup through a connection of its
+    own (the manifest is in WAL mode: the run's writer is never blocked), into a
+    temporary file beside the manifest that is streamed up and removed. It holds
+    what the run had committed: a run killed later loses at most the rows since,
+    which the next run recovers from DEST's listing (see Pipeline._adopt)."""
+
+    def __init__(self, dest: Storage, root: Path, interval: float) -> None:
+        self.dest = dest
+        self.root = root
+        self.interval = interval
+        self.stats = CheckpointStatistics()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()  # one upload at a time: the thread's or the last
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> Checkpointer:
+        self._thread = threading.Thread(target=self._loop, name="optimizr-checkpoint", daemon=True)
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.upload()
+
+    def upload(self) -> bool:
+        """One snapshot up; a failure is counted (the run goes on), never raised."""
+        with self._lock:
+            started = time.perf_counter()
+            source = manifest_path(self.root)
+            tmp = state_dir(self.root) / f".snapshot-{threading.get_ident()}.sqlite"
+            try:
+                with contextlib.closing(sqlite3.connect(source)) as live:
+                    with contextlib.closing(sqlite3.connect(tmp)) as copy:
+                        live.backup(copy)
+                size = tmp.stat().st_size
+                etag = self.dest.write_from_file(SNAPSHOT_KEY, tmp)
+            except (OSError, sqlite3.Error) as exc:
+                self.stats.failures += 1
+                self.stats.last_error = str(exc)
+                return False
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+            _remember(state_dir(self.root) / SNAPSHOT_ETAG_NAME, etag)
+            self.stats.uploads += 1
+            self.stats.upload_bytes += size
+            self.stats.upload_seconds += time.perf_counter() - started
+            return True
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
+def _remember(marker: Path, etag: str | None) -> None:
+    with contextlib.suppress(OSError):
+        if etag is None:
+            marker.unlink(missing_ok=True)
+        else:
+            atomic_write(marker, etag.encode())

@@ -101,6 +101,8 @@ CREATE TABLE files (
     first_seen REAL NOT NULL,
     updated_at REAL NOT NULL,
     run_id INTEGER,
+    -- An object store's ETag of the source (NULL on a filesystem): see Row.describes.
+    etag TEXT,
     PRIMARY KEY (dir, name)
 ) WITHOUT ROWID;
 CREATE INDEX files_by_status ON files (status, reason);
@@ -113,16 +115,17 @@ CREATE VIEW sources AS
 
 _COLUMNS = (
     "dir, name, size, mtime_ns, checked_ns, fingerprint, status, reason, output, output_size, "
-    "error_class, message, attempts, first_seen, updated_at, run_id"
+    "error_class, message, attempts, first_seen, updated_at, run_id, etag"
 )
 _UPSERT = f"""
-INSERT INTO files ({_COLUMNS}) VALUES ({", ".join("?" * 16)})
+INSERT INTO files ({_COLUMNS}) VALUES ({", ".join("?" * 17)})
 ON CONFLICT (dir, name) DO UPDATE SET
     size = excluded.size, mtime_ns = excluded.mtime_ns, checked_ns = excluded.checked_ns,
     fingerprint = excluded.fingerprint, status = excluded.status, reason = excluded.reason,
     output = excluded.output, output_size = excluded.output_size,
     error_class = excluded.error_class, message = excluded.message,
-    attempts = excluded.attempts, updated_at = excluded.updated_at, run_id = excluded.run_id
+    attempts = excluded.attempts, updated_at = excluded.updated_at, run_id = excluded.run_id,
+    etag = excluded.etag
 """
 
 
@@ -203,9 +206,18 @@ class Row:
     error_class: str | None
     message: str
     attempts: int
+    etag: str | None = None
 
-    def describes(self, size: int, mtime_ns: int, fingerprint: str) -> bool:
-        """Is this row evidence about the source as it is now, under these options?"""
+    def describes(
+        self, size: int, mtime_ns: int, fingerprint: str, etag: str | None = None
+    ) -> bool:
+        """Is this row evidence about the source as it is now, under these options?
+
+        On an object store the ETag says it: a replaced object has a new one even
+        when its size and (one-second) last-modified look the same, and no
+        settle window is needed since an ETag is of the content, not of a clock."""
+        if self.etag is not None and etag is not None:
+            return (self.size, self.etag, self.fingerprint) == (size, etag, fingerprint)
         if (self.size, self.mtime_ns, self.fingerprint) != (size, mtime_ns, fingerprint):
             return False
         coarse = self.mtime_ns % 1_000_000_000 == 0
@@ -234,8 +246,14 @@ class Manifest:
     run_id: int = 0
     #: Set after --rebuild-manifest: outputs already on disk may be adopted.
     rebuilt: bool = False
+    #: Set when this manifest was restored from DEST's snapshot (a remote DEST run
+    #: on a machine without its state): outputs the snapshot has no row for, newer
+    #: than the unfinished run it records, are that run's and may be adopted.
+    restored: bool = False
     stats: ManifestStatistics = field(default_factory=ManifestStatistics)
     _pending: list[tuple[Any, ...]] = field(default_factory=list)
+    #: What rows_in selects for the ETag: a read-only old manifest has no column.
+    _etag: str = "etag"
     _last_commit: float = field(default_factory=time.monotonic)
     #: (processed, total) as last told by note_progress, and as last written.
     _progress: tuple[int, int | None] | None = None
@@ -255,6 +273,9 @@ class Manifest:
             _create(path)
         conn = _connect(path)
         _check(conn, path)
+        if not _has_etag(conn):
+            # Manifests from before object stores: the column is added, NULL for all.
+            conn.execute("ALTER TABLE files ADD COLUMN etag TEXT")
         return cls(path, conn)
 
     @classmethod
@@ -269,7 +290,7 @@ class Manifest:
         except sqlite3.Error as exc:
             raise _damaged(path, exc) from None
         _check(conn, path)
-        return cls(path, conn)
+        return cls(path, conn, _etag="etag" if _has_etag(conn) else "NULL")
 
     @classmethod
     def in_memory(cls) -> Manifest:
@@ -359,7 +380,7 @@ class Manifest:
         prefix = f"{directory}/" if directory else ""
         rows = self.conn.execute(
             "SELECT name, size, mtime_ns, checked_ns, fingerprint, status, reason, output, "
-            "output_size, error_class, message, attempts FROM files WHERE dir = ?",
+            f"output_size, error_class, message, attempts, {self._etag} FROM files WHERE dir = ?",
             (_to_sql(directory),),
         )
         found: dict[str, Row] = {}
@@ -386,6 +407,7 @@ class Manifest:
         error_class: str | None = None,
         message: str = "",
         attempts: int = 0,
+        etag: str | None = None,
     ) -> None:
         now = time.time()
         directory, name = split_key(key)
@@ -408,6 +430,7 @@ class Manifest:
                 now,
                 now,
                 self.run_id or None,
+                etag,
             )
         )
         if (
@@ -618,6 +641,10 @@ def _connect(path: Path) -> sqlite3.Connection:
     except sqlite3.Error as exc:
         raise _damaged(path, exc) from None
     return conn
+
+
+def _has_etag(conn: sqlite3.Connection) -> bool:
+    return any(row[1] == "etag" for row in conn.execute("PRAGMA table_info(files)"))
 
 
 def _check(conn: sqlite3.Connection, path: Path) -> None:

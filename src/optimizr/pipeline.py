@@ -25,8 +25,8 @@ import dataclasses
 import errno
 import os
 import time
-from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
@@ -52,7 +52,7 @@ from optimizr.errors import (
     cause_of,
 )
 from optimizr.events import ProgressListener, RunSnapshot, StopToken, known_total
-from optimizr.executors.base import Executor, Job, Outcome
+from optimizr.executors.base import Executor, Job, Outcome, Wakeup
 from optimizr.manifest import (
     Manifest,
     Row,
@@ -78,6 +78,7 @@ from optimizr.results import (
 from optimizr.sniff import looks_like_image_name, sniff_file
 from optimizr.storage.base import (
     NOT_FOUND,
+    OUTPUT_METADATA,
     OUTSIDE_SRC,
     DirectoryListing,
     FileStat,
@@ -88,7 +89,12 @@ from optimizr.storage.base import (
 from optimizr.verify import file_is_complete_webp
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
+    from optimizr.encode import Encoded
     from optimizr.sources import OwnOutputs
+    from optimizr.storage.base import StoredObject
+    from optimizr.transfers import Transfers
 
 
 def output_key(key: str, name: NameMode) -> str:
@@ -188,7 +194,7 @@ def write_failure(key: str, target: str, exc: OSError) -> Result:
     return Result(key, "failed", error.reason, error.message, error_class=error_type.__name__)
 
 
-@dataclass(frozen=True)
+@dataclass
 class _InFlight:
     entry: SourceEntry
     checked_ns: int
@@ -196,6 +202,35 @@ class _InFlight:
     known: str | None
     out_key: str
     plan: _DirectoryPlan
+    #: The ETag of the bytes fetched (object stores): the commit checks it is the listed one.
+    etag_read: str | None = None
+    #: Bytes of the fetched source held in the budget until the image is committed.
+    held: int = 0
+
+
+@dataclass
+class _Upload:
+    """An image's outputs on their way to DEST on an I/O thread."""
+
+    flight: _InFlight
+    encoded: Encoded
+    warnings: tuple[str, ...]
+    size: int
+    more_bytes: int
+    overwriting: list[str]
+
+
+@dataclass(frozen=True)
+class _Uploaded:
+    """What an upload's thread found and did (the pipeline's thread records it)."""
+
+    #: Set when the source changed since it was listed: nothing was written.
+    changed: str | None = None
+    written: tuple[str, ...] = ()
+    #: A key that appeared meanwhile, where the conditional write found it (--if-exists skip).
+    exists: str | None = None
+    failed: tuple[str, OSError] | None = None
+    seconds: float = 0.0
 
 
 class Pipeline:
@@ -213,8 +248,14 @@ class Pipeline:
         manifest: Manifest | None = None,
         target: str | None = None,
         own_outputs: OwnOutputs | None = None,
+        transfers: Transfers | None = None,
     ) -> None:
         self.config = config
+        #: Network I/O on its own threads (a remote SRC or DEST); None: inline.
+        self.transfers = transfers
+        #: Jobs whose sources were fetched, for the executor's next pulls.
+        self._ready: deque[Job] = deque()
+        self._fetching = 0
         self.budget = budget
         self.source = source
         self.dest = dest
@@ -340,6 +381,9 @@ class Pipeline:
                 if self.stop.hard:
                     break
                 self._commit(outcome)
+                self._landed()
+            if not self.stop.hard:
+                self._drain_uploads()
         finally:
             if self.counter is not None:
                 self.counter.stop()
@@ -361,8 +405,19 @@ class Pipeline:
             prune=self.prune,
         )
 
-    def _jobs(self) -> Iterator[Job]:
-        found = 0
+    def _jobs(self) -> Iterator[Job | Wakeup]:
+        yield from self._walked()
+        # The walk is over; sources still on their way are waited for.
+        while self.transfers is not None and (self._fetching or self._ready):
+            if self.stop.graceful:
+                return
+            self._landed()
+            if self._ready:
+                yield self._ready.popleft()
+            elif self._fetching:
+                yield self.transfers.wakeup
+
+    def _walked(self) -> Iterator[Job | Wakeup]:
         visited: set[str] = set()
         for listing in self.source.walk(self._walk_options()):
             if self.stop.graceful:
@@ -375,24 +430,107 @@ class Pipeline:
                 before = self.own_outputs.count
                 listing = self.own_outputs.drop(listing)
                 self.summary.own_outputs += self.own_outputs.count - before
-            found += len(listing.entries)
-            self.summary.found = found
+            self.summary.found += len(listing.entries)
             self._found_bytes += sum(entry.size for entry in listing.entries)
             if self.listener:
                 self.listener.found(len(listing.entries))
             planner = _DirectoryPlan(self, listing)
             for entry in listing.entries:
                 self._planned_bytes += entry.size
+                if self.transfers is not None:
+                    yield from self._room_for(entry.size)
                 job = self._plan(entry, planner)
                 if job is not None:
                     yield job
+                while self._ready:
+                    yield self._ready.popleft()
                 if self.stop.graceful:
                     return
             self._forget_deleted(listing, planner)
         self._forget_vanished_directories(visited)
         self._walk_done = True
         if self.listener:
-            self.listener.walk_done(found)
+            self.listener.walk_done(self.summary.found)
+
+    def _room_for(self, size: int) -> Iterator[Job | Wakeup]:
+        """Wait, handing the executor what lands meanwhile, until another fetch of
+        ``size`` bytes may start (a free I/O thread and room in the budget)."""
+        assert self.transfers is not None
+        waited = False
+        while not self.transfers.has_room(size) and not self.stop.graceful:
+            if not waited:
+                self.transfers.stats.waited += 1
+                waited = True
+            self._landed()
+            if self._ready:
+                yield self._ready.popleft()
+            else:
+                yield self.transfers.wakeup
+
+    def _landed(self, *, block: bool = False) -> None:
+        """Take in the transfers that finished: fetched sources become jobs (in
+        ``_ready``), finished uploads are recorded."""
+        if self.transfers is None:
+            return
+        for tag, future in self.transfers.collect(block=block):
+            if isinstance(tag, _Upload):
+                self._upload_done(tag, future)
+            else:
+                assert isinstance(tag, _InFlight)
+                self._fetching -= 1
+                self._fetched(tag, future)
+
+    def _drain_uploads(self) -> None:
+        """At the end of the run: every output still uploading is waited for and
+        recorded (a fetch that lands now, after a stop, is let go)."""
+        while self.transfers is not None and self.transfers.in_flight:
+            self._landed(block=True)
+        for flight in self._ready:
+            self._release(flight_of=flight)
+        self._ready.clear()
+
+    def _release(self, *, flight_of: Job) -> None:
+        flight = self._in_flight.pop(flight_of.id, None)
+        if flight is not None and flight.held and self.transfers is not None:
+            self.transfers.free(flight.held)
+
+    def _fetch(self, flight: _InFlight) -> None:
+        """Fetch ``flight``'s source on an I/O thread; ``_fetched`` takes it from there."""
+        assert self.transfers is not None
+        key, size = flight.entry.key, flight.entry.size
+        flight.held = size
+        self.transfers.hold(size)
+        self._fetching += 1
+        self.transfers.submit(
+            flight, self.transfers.timed("fetch", size, lambda: self.source.read_object(key))
+        )
+
+    def _fetched(self, flight: _InFlight, future: Future[StoredObject]) -> None:
+        try:
+            stored = future.result()
+        except OSError as exc:
+            if self.transfers is not None:
+                self.transfers.free(flight.held)
+            unreadable = SourceUnreadable(exc.strerror or str(exc))
+            self._record(
+                _failure(flight.entry.key, unreadable),
+                entry=flight.entry,
+                checked_ns=flight.checked_ns,
+                attempts=flight.attempts,
+                known=flight.known,
+                plan=flight.plan,
+            )
+            return
+        if len(stored.data) != flight.held and self.transfers is not None:
+            # Replaced by a bigger or smaller object since the listing: hold what is held.
+            self.transfers.hold(len(stored.data) - flight.held)
+            flight.held = len(stored.data)
+        flight.etag_read = stored.etag
+        job = self._prepared(flight, stored.data, stored.metadata)
+        if job is None and self.transfers is not None:
+            self.transfers.free(flight.held)
+        elif job is not None:
+            self._ready.append(job)
 
     def _may_forget(self) -> bool:
         """Can the walk tell that a row's source is gone? Only with a manifest, over a
@@ -499,7 +637,9 @@ class Pipeline:
             return None
         attempts = 0
         if not self.config.force:
-            if row is not None and row.describes(entry.size, entry.mtime_ns, self.fingerprint):
+            if row is not None and row.describes(
+                entry.size, entry.mtime_ns, self.fingerprint, entry.etag
+            ):
                 settled = self._settled(entry, row, out_key, plan)
                 if (
                     settled is not None
@@ -514,20 +654,49 @@ class Pipeline:
                     self._record(settled, known=known)
                     return None
                 attempts = row.attempts if row.status == "failed" else 0
-            elif row is None and self.manifest is not None and self.manifest.rebuilt:
+            elif row is None and self.manifest is not None and self._may_adopt():
                 if self._adopt(entry, out_key, plan):
                     return None
         if self.config.dry_run:
             self._record(self._dry_run_result(entry, out_key, plan), known=known)
             return None
+        flight = _InFlight(entry, checked_ns, attempts, known, out_key, plan)
         source: str | bytes | None = self.source.local_path(entry.key)
+        metadata: dict[str, str] = {}
         if source is None:
+            if self.transfers is not None:
+                self._fetch(flight)
+                return None
             try:
-                source = self.source.read_bytes(entry.key)
+                stored = self.source.read_object(entry.key)
             except OSError as exc:
                 unreadable = SourceUnreadable(exc.strerror or str(exc))
                 record(_failure(entry.key, unreadable), attempts=attempts)
                 return None
+            source, metadata, flight.etag_read = stored.data, stored.metadata, stored.etag
+        return self._prepared(flight, source, metadata)
+
+    def _prepared(
+        self, flight: _InFlight, source: str | bytes, metadata: dict[str, str]
+    ) -> Job | None:
+        """The job for a source at hand (its path, or its bytes once fetched), or None
+        when what it is settles it without a worker."""
+        entry, plan, out_key, attempts = flight.entry, flight.plan, flight.out_key, flight.attempts
+        record = partial(
+            self._record,
+            entry=entry,
+            checked_ns=flight.checked_ns,
+            known=flight.known,
+            plan=plan,
+        )
+        if OUTPUT_METADATA in metadata:
+            # An optimizr output in a bucket that mixes both: never a source (it is
+            # taken out of the files found, as OwnOutputs takes out those it knows).
+            self.summary.own_outputs += 1
+            self.summary.found -= 1
+            self._found_bytes -= entry.size
+            self._planned_bytes -= entry.size
+            return None
         if not self.config.reencode_webp and is_webp(source):
             # Decoding and re-encoding a WebP only loses quality (lossless ones
             # became lossy) for a few bytes: it is kept as it is unless asked.
@@ -546,9 +715,7 @@ class Pipeline:
                     record(_failure(entry.key, refusal), attempts=attempts)
                     return None
         self._next_id += 1
-        self._in_flight[self._next_id] = _InFlight(
-            entry, checked_ns, attempts, known, out_key, plan
-        )
+        self._in_flight[self._next_id] = flight
         return Job(
             self._next_id, entry.key, source, self.config.encode, cost, verify=self.config.verify
         )
@@ -732,15 +899,33 @@ class Pipeline:
         except OSError:
             return False
 
+    def _may_adopt(self) -> bool:
+        assert self.manifest is not None
+        return self.manifest.rebuilt or (
+            self.manifest.restored and self._unconfirmed_ns is not None
+        )
+
     def _adopt(self, entry: SourceEntry, out_key: str, plan: _DirectoryPlan) -> bool:
-        """After --rebuild-manifest: an output already on disk, complete and newer
-        than its source, is taken as done under the current options."""
+        """After --rebuild-manifest: an output already in DEST, complete and newer
+        than its source, is taken as done under the current options.
+
+        After a restore from DEST's snapshot (older than DEST itself when the run
+        that wrote it was killed): only outputs written since that run started,
+        the ones whose rows the snapshot missed; anything older and rowless is
+        not known to be optimizr's."""
         assert self.manifest is not None
         output = plan.outputs().get(split_key(out_key)[1])
-        path = self.dest.local_path(out_key)
-        if output is None or output.mtime_ns < entry.mtime_ns or path is None:
+        if output is None or output.mtime_ns < entry.mtime_ns:
             return False
-        if not file_is_complete_webp(path):
+        if not self.manifest.rebuilt:
+            assert self._unconfirmed_ns is not None
+            if output.mtime_ns < self._unconfirmed_ns:
+                return False
+        path = self.dest.local_path(out_key)
+        # An object store never shows a partial object; a file may be one.
+        if path is not None and not file_is_complete_webp(path):
+            return False
+        if path is None and output.size == 0:
             return False
         self.manifest.stats.adopted += 1
         self.manifest.record(
@@ -752,8 +937,10 @@ class Pipeline:
             status="done",
             output=out_key,
             output_size=output.size,
+            etag=entry.etag,
         )
-        self._record(Result(entry.key, "skipped", UP_TO_DATE, "adopted by --rebuild-manifest"))
+        how = "--rebuild-manifest" if self.manifest.rebuilt else "recovery from DEST"
+        self._record(Result(entry.key, "skipped", UP_TO_DATE, f"adopted by {how}"))
         return True
 
     def _dry_run_result(self, entry: SourceEntry, out_key: str, plan: _DirectoryPlan) -> Result:
@@ -792,21 +979,10 @@ class Pipeline:
 
     def _commit(self, outcome: Outcome) -> None:
         flight = self._in_flight.pop(outcome.job.id)
+        if flight.held and self.transfers is not None:
+            self.transfers.free(flight.held)  # the source's bytes are done with
         entry, key, out_key, plan = flight.entry, flight.entry.key, flight.out_key, flight.plan
-        record_as = partial(
-            self._record,
-            entry=entry,
-            checked_ns=flight.checked_ns,
-            attempts=flight.attempts,
-            known=flight.known,
-            plan=plan,
-        )
-
-        def record(result: Result) -> None:
-            if outcome.warnings:  # what libvips said about this image stays with it
-                result = dataclasses.replace(result, warnings=(*result.warnings, *outcome.warnings))
-            record_as(result)
-
+        record = self._recorder(flight, outcome.warnings)
         if outcome.error is not None or outcome.encoded is None:
             error = outcome.error or ImageError("no result")
             record(self._keep_as_is(classify_error(key, error), entry, plan))
@@ -820,19 +996,22 @@ class Pipeline:
         if larger is not None:
             record(self._keep_as_is(larger, entry, plan))
             return
-        now = self.source.stat(key)
-        if now is None or (now.size, now.mtime_ns) != (entry.size, entry.mtime_ns):
-            what = "was deleted" if now is None else "was modified"
-            changed = SourceChanged(f"the source {what} while it was being converted")
-            # Recorded with the size and mtime it had when listed: the next run
-            # sees the difference and converts it again.
-            record(_failure(key, changed))
-            return
-        mtime_ns = entry.mtime_ns if self.config.preserve_mtime else None
         # Pages 2, 3, ... first: the main output, and the row after it, say the
         # whole source is done only once every page is in place.
         writes = [(page_key(out_key, n), data) for n, data in enumerate(encoded.more_pages, 2)]
         writes.append((out_key, encoded.webp))
+        if self.transfers is not None and self.dest.local_path(out_key) is None:
+            self._upload(flight, outcome, writes, size, more_bytes)
+            return
+        changed = _changed(entry, self.source.stat(key), flight.etag_read)
+        if changed is not None:
+            # Recorded with the size and mtime it had when listed: the next run
+            # sees the difference and converts it again.
+            record(
+                _failure(key, SourceChanged(f"the source {changed} while it was being converted"))
+            )
+            return
+        mtime_ns = entry.mtime_ns if self.config.preserve_mtime else None
         # Checked again here: a file may have appeared while the image converted.
         overwriting = []
         for target, _ in writes:
@@ -851,27 +1030,136 @@ class Pipeline:
                 return
             plan.written.add(split_key(target)[1])
         written = time.perf_counter() - write_started
-        self.summary.outputs.overwritten += len(overwriting)
-        # Only now, with the output renamed into place, may the row say done.
-        record(
-            Result(
-                key,
-                "converted",
-                None,
-                # Kept in the manifest row: a re-run checks that every page is still there.
-                f"{PAGES_PREFIX}{1 + len(encoded.more_pages)}" if encoded.more_pages else "",
-                out_key,
-                entry.size,
-                size,
-                encoded.facts,
-                write_seconds=written,
-                warnings=encoded.facts.warnings,
-                more_pages_bytes=more_bytes,
-                note=f"replaced {', '.join(overwriting)}, which optimizr had not written"
-                if overwriting
-                else "",
+        record(self._converted(flight, encoded, size, more_bytes, written, overwriting))
+
+    def _recorder(self, flight: _InFlight, warnings: tuple[str, ...]) -> Callable[[Result], None]:
+        def record(result: Result) -> None:
+            if warnings:  # what libvips said about this image stays with it
+                result = dataclasses.replace(result, warnings=(*result.warnings, *warnings))
+            self._record(
+                result,
+                entry=flight.entry,
+                checked_ns=flight.checked_ns,
+                attempts=flight.attempts,
+                known=flight.known,
+                plan=flight.plan,
             )
+
+        return record
+
+    def _converted(
+        self,
+        flight: _InFlight,
+        encoded: Encoded,
+        size: int,
+        more_bytes: int,
+        written: float,
+        overwriting: list[str],
+    ) -> Result:
+        self.summary.outputs.overwritten += len(overwriting)
+        # Only now, with the output in place, may the row say done.
+        return Result(
+            flight.entry.key,
+            "converted",
+            None,
+            # Kept in the manifest row: a re-run checks that every page is still there.
+            f"{PAGES_PREFIX}{1 + len(encoded.more_pages)}" if encoded.more_pages else "",
+            flight.out_key,
+            flight.entry.size,
+            size,
+            encoded.facts,
+            write_seconds=written,
+            warnings=encoded.facts.warnings,
+            more_pages_bytes=more_bytes,
+            note=f"replaced {', '.join(overwriting)}, which optimizr had not written"
+            if overwriting
+            else "",
         )
+
+    def _upload(
+        self,
+        flight: _InFlight,
+        outcome: Outcome,
+        writes: list[tuple[str, bytes]],
+        size: int,
+        more_bytes: int,
+    ) -> None:
+        """Hand an image's outputs to an I/O thread (a remote DEST).
+
+        What the DEST listing says decides each write: a key that is not there is
+        written only if still absent (If-None-Match) under --if-exists skip, so a
+        file that appears meanwhile is kept and two machines racing on one key
+        cannot both win; a foreign one that is there is kept or replaced now."""
+        assert self.transfers is not None and outcome.encoded is not None
+        plan, key = flight.plan, flight.entry.key
+        overwriting: list[str] = []
+        absent: set[str] = set()
+        for target, _ in writes:
+            found = plan.outputs().get(split_key(target)[1])
+            if found is None:
+                if self.config.if_exists == "skip":
+                    absent.add(target)
+            elif self._foreign(target, plan, found):
+                if self.config.if_exists == "skip":
+                    self._recorder(flight, outcome.warnings)(self._output_exists(key, target))
+                    return
+                overwriting.append(target)
+        upload = _Upload(flight, outcome.encoded, outcome.warnings, size, more_bytes, overwriting)
+        self.transfers.hold(size)
+        mtime_ns = flight.entry.mtime_ns if self.config.preserve_mtime else None
+
+        def put() -> _Uploaded:
+            # On the I/O thread: storage calls only, nothing of the manifest or summary.
+            changed = _changed(flight.entry, self.source.stat(key), flight.etag_read)
+            if changed is not None:
+                return _Uploaded(changed=changed)
+            started = time.perf_counter()
+            done: list[str] = []
+            for target, data in writes:
+                try:
+                    self.dest.write_atomic(
+                        target, data, mtime_ns=mtime_ns, if_absent=target in absent
+                    )
+                except FileExistsError:
+                    return _Uploaded(written=tuple(done), exists=target)
+                except OSError as exc:
+                    return _Uploaded(written=tuple(done), failed=(target, exc))
+                done.append(target)
+            return _Uploaded(written=tuple(done), seconds=time.perf_counter() - started)
+
+        self.transfers.submit(upload, self.transfers.timed("upload", size, put))
+
+    def _upload_done(self, upload: _Upload, future: Future[_Uploaded]) -> None:
+        assert self.transfers is not None
+        self.transfers.free(upload.size)
+        flight = upload.flight
+        key = flight.entry.key
+        record = self._recorder(flight, upload.warnings)
+        try:
+            result = future.result()
+        except OSError as exc:  # the source's HEAD failed
+            record(_failure(key, SourceUnreadable(exc.strerror or str(exc))))
+            return
+        for target in result.written:
+            flight.plan.written.add(split_key(target)[1])
+        if result.changed is not None:
+            changed = SourceChanged(f"the source {result.changed} while it was being converted")
+            record(_failure(key, changed))
+        elif result.exists is not None:
+            record(self._output_exists(key, result.exists))
+        elif result.failed is not None:
+            record(write_failure(key, result.failed[0], result.failed[1]))
+        else:
+            record(
+                self._converted(
+                    flight,
+                    upload.encoded,
+                    upload.size,
+                    upload.more_bytes,
+                    result.seconds,
+                    upload.overwriting,
+                )
+            )
 
     def _record(
         self,
@@ -925,6 +1213,7 @@ class Pipeline:
             error_class=result.error_class,
             message=result.message,
             attempts=attempts,
+            etag=entry.etag,
         )
         if prior is not None and prior.output is not None and status != "failed":
             assert plan is not None
@@ -1055,6 +1344,22 @@ def row_outputs(row: Row) -> list[str]:
     """The output keys a done row stands for: its output and, after --pages all, the
     other pages' (which the walk must not take as sources when they lie in SRC)."""
     return _outputs_of(row) if row.status == "done" else []
+
+
+def _changed(entry: SourceEntry, now: FileStat | None, etag_read: str | None) -> str | None:
+    """How the source differs from what the walk listed ("was deleted", "was
+    modified"), or None. On an object store the ETag decides (of the object now,
+    and of the bytes that were fetched): its last-modified has one-second
+    granularity in a HEAD but finer in a LIST, so comparing those would see
+    changes that are not."""
+    if now is None:
+        return "was deleted"
+    if entry.etag is not None and now.etag is not None:
+        same = now.etag == entry.etag and etag_read in (None, entry.etag)
+        return None if same and now.size == entry.size else "was modified"
+    if (now.size, now.mtime_ns) != (entry.size, entry.mtime_ns):
+        return "was modified"
+    return None
 
 
 def _failure(key: str, error: ImageError) -> Result:

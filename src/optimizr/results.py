@@ -212,6 +212,9 @@ class RunSummary:
     cpu: dict[str, Any] = field(default_factory=dict)
     executor: dict[str, Any] = field(default_factory=dict)
     manifest: dict[str, Any] = field(default_factory=dict)
+    #: Object stores: the transfers' figures, each store's requests and retries, and
+    #: the manifest's checkpoints to a remote DEST (empty for a local run).
+    storage: dict[str, Any] = field(default_factory=dict)
     #: Problems with the run itself (not with one file), one line each.
     warnings: list[str] = field(default_factory=list)
     #: Files in SRC passed over as optimizr's own (outputs in place, summaries):
@@ -379,6 +382,7 @@ class RunSummary:
             "cpu": self.cpu,
             "executor": self.executor,
             "manifest": self.manifest,
+            "storage": self.storage,
             "failures_by_reason": self._failure_groups(),
             "largest_savings": [_named(item) for item in self.largest_savings.items()],
             "grew": [_named(item) for item in self.grew.items()],

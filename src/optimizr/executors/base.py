@@ -8,6 +8,9 @@ in completion order.
 
 from __future__ import annotations
 
+import contextlib
+import select
+import socket
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -29,6 +32,48 @@ class Job:
     cost: int = 0
     #: Decode the WebP before handing it back (--verify).
     verify: bool = False
+
+
+class Wakeup:
+    """What a job stream yields in place of a job when none is ready yet.
+
+    The executor goes on (dispatches what it has, collects answers) and asks for
+    the next job again when ``fileno()`` turns readable or its own poll wakes;
+    an executor with nothing else to do calls ``wait``."""
+
+    def __init__(self) -> None:
+        self._reader, self._writer = socket.socketpair()
+        self._reader.setblocking(False)
+        self._writer.setblocking(False)
+
+    def fileno(self) -> int:
+        return self._reader.fileno()
+
+    def ring(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            self._writer.send(b"\0")  # a full buffer is already a wake-up
+
+    def clear(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            while self._reader.recv(4096):
+                pass
+
+    def wait(self, timeout: float | None = None) -> None:
+        select.select([self._reader], [], [], timeout)
+
+    def close(self) -> None:
+        self._reader.close()
+        self._writer.close()
+
+
+def first_job(jobs: Iterator[Job | Wakeup]) -> Job | None:
+    """The stream's first job (None: it has none), waiting out its wake-ups: no
+    worker is started before there is work for it."""
+    for item in jobs:
+        if not isinstance(item, Wakeup):
+            return item
+        item.wait(0.25)
+    return None
 
 
 @dataclass(frozen=True)
@@ -66,8 +111,11 @@ class Executor(ABC):
     workers: int = 1
 
     @abstractmethod
-    def imap_unordered(self, jobs: Iterable[Job]) -> Iterator[Outcome]:
-        """Run jobs, at most ``workers`` at a time, yielding each outcome as it completes."""
+    def imap_unordered(self, jobs: Iterable[Job | Wakeup]) -> Iterator[Outcome]:
+        """Run jobs, at most ``workers`` at a time, yielding each outcome as it completes.
+
+        The stream may yield a :class:`Wakeup` instead of a job: none is ready yet
+        (its source is still being fetched); go on and ask again when it rings."""
 
     def stop_accepting(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Graceful stop: take no new jobs; let those in flight finish."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
-from optimizr.executors.base import Executor, ExecutorStatistics, Job, Outcome
+from optimizr.executors.base import Executor, ExecutorStatistics, Job, Outcome, Wakeup
 from optimizr.executors.codec_messages import CodecMessages
 from optimizr.executors.worker import convert_job
 
@@ -16,11 +16,14 @@ class InlineExecutor(Executor):
         self._stopping = False
         self._started = 0
 
-    def imap_unordered(self, jobs: Iterable[Job]) -> Iterator[Outcome]:
+    def imap_unordered(self, jobs: Iterable[Job | Wakeup]) -> Iterator[Outcome]:
         with CodecMessages() as messages:
             for job in jobs:
                 if self._stopping:
                     return
+                if isinstance(job, Wakeup):
+                    job.wait(0.25)  # nothing else to do here but wait for a fetch
+                    continue
                 self._started += 1
                 encoded, error, warnings = convert_job(job, messages)
                 yield Outcome(job, encoded, error, "inline", warnings)

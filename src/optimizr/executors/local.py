@@ -47,7 +47,14 @@ from typing import Any
 
 from optimizr.budget import MemoryBudget
 from optimizr.errors import ImageError, WorkerCrashed, WorkerStartFailed
-from optimizr.executors.base import Executor, ExecutorStatistics, Job, Outcome
+from optimizr.executors.base import (
+    Executor,
+    ExecutorStatistics,
+    Job,
+    Outcome,
+    Wakeup,
+    first_job,
+)
 from optimizr.executors.codec_messages import last_line, tidy
 
 logger = logging.getLogger(__name__)
@@ -263,15 +270,17 @@ class ProcessExecutor(Executor):
 
     # -- the loop ----------------------------------------------------------------
 
-    def imap_unordered(self, jobs: Iterable[Job]) -> Iterator[Outcome]:
+    def imap_unordered(self, jobs: Iterable[Job | Wakeup]) -> Iterator[Outcome]:
         pending = iter(jobs)
-        first = next(pending, None)
+        first = first_job(pending)
         if first is None:
             return  # nothing to convert (a re-run with all up to date): no worker needed
         self._start()
         window: list[Job] = [first]
         exhausted = False
         while True:
+            # Set while the stream has nothing ready: it is watched with the workers.
+            wakeup: Wakeup | None = None
             if self._stopping:
                 window.clear()
             else:
@@ -279,18 +288,22 @@ class ProcessExecutor(Executor):
                     job = next(pending, None)
                     if job is None:
                         exhausted = True
+                    elif isinstance(job, Wakeup):
+                        wakeup = job  # fetches still on their way: ask again when one lands
+                        break
                     else:
                         window.append(job)
                 self._dispatch(window)
             busy = any(w.job is not None for w in self._pool)
-            if not busy and not window:
+            if not busy and not window and (exhausted or self._stopping):
                 return
             if self._stop_deadline is not None and time.monotonic() > self._stop_deadline:
                 self.abort()
-            yield from self._poll()
+            yield from self._poll(wakeup)
 
-    def _poll(self) -> Iterator[Outcome]:
-        """Wait for the next answer, death, timeout or start-up deadline, and act on it."""
+    def _poll(self, wakeup: Wakeup | None = None) -> Iterator[Outcome]:
+        """Wait for the next answer, death, timeout or start-up deadline, and act on it
+        (or for ``wakeup``: a job of the stream became ready)."""
         now = time.monotonic()
         deadlines = [w.started + self.timeout for w in self._pool if w.job is not None]
         deadlines += [w.spawned + self.start_timeout for w in self._pool if not w.ready]
@@ -298,7 +311,10 @@ class ProcessExecutor(Executor):
         wake = min([now + 0.25, *deadlines])
         # Every worker is watched: the busy for answers, the starting for "ready",
         # the idle for an early death, so no job is ever handed to a dead one.
-        ready = wait([w.conn for w in self._pool], timeout=max(0.0, wake - now))
+        watched: list[Any] = [w.conn for w in self._pool]
+        if wakeup is not None:
+            watched.append(wakeup)
+        ready = wait(watched, timeout=max(0.0, wake - now))
         for worker in list(self._pool):
             outcome = self._collect(worker, ready)
             if outcome is not None:

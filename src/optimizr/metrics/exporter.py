@@ -221,7 +221,8 @@ def _last_success(text: str, labels: Mapping[str, str]) -> float | None:
 def run_labels(config: RunConfig) -> dict[str, str]:
     """The labels a run's textfile series carry: ``dest`` (the absolute DEST), then
     ``--metrics-label`` pairs (one named ``dest`` replaces it)."""
-    return {"dest": str(config.dest.resolve()), **dict(config.metrics_labels)}
+    dest = config.dest if isinstance(config.dest, str) else str(config.dest.resolve())
+    return {"dest": dest, **dict(config.metrics_labels)}
 
 
 class MetricsExporter:

@@ -11,13 +11,17 @@ import fnmatch
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import ClassVar
 
 #: The folder in which optimizr keeps a DEST's state (manifest, lock, failed.jsonl).
 #: A walk never enters one, and a folder that holds one is an optimizr DEST: its
 #: files are optimizr's outputs, never sources.
 STATE_DIR = ".optimizr"
+
+#: User metadata on every .webp optimizr writes to an object store (its version):
+#: a WebP that carries it is an output, never a source, in a bucket that mixes both.
+OUTPUT_METADATA = "optimizr-output"
 
 #: ``SourceEntry.error`` of a name given in a list of sources that is not in SRC
 #: (no manifest row is kept for it: the manifest describes files that exist).
@@ -161,6 +165,11 @@ class Storage(ABC):
     def read_object(self, key: str) -> StoredObject:
         """``key``'s bytes with what the store knows of them (ETag, user metadata)."""
         return StoredObject(self.read_bytes(key))
+
+    def write_from_file(self, key: str, path: Path) -> str | None:
+        """Put the file at ``path`` as ``key`` (atomically); the new ETag, if any."""
+        self.write_atomic(key, path.read_bytes())
+        return None
 
     def copy_in(
         self, key: str, source: Storage, source_key: str, *, mtime_ns: int | None = None

@@ -24,6 +24,7 @@ import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import obstore
@@ -40,6 +41,7 @@ from obstore.store import AzureStore, GCSStore, LocalStore, MemoryStore, S3Store
 from optimizr.errors import UsageError
 from optimizr.storage.base import (
     DEST_FOLDER,
+    OUTPUT_METADATA,
     STATE_DIR,
     DirectoryListing,
     FileStat,
@@ -57,9 +59,6 @@ if TYPE_CHECKING:
 
 #: User metadata holding the mtime an output was meant to carry (--preserve-mtime).
 MTIME_METADATA = "optimizr-mtime-ns"
-#: User metadata on every .webp optimizr writes (its version): a WebP that carries
-#: it is an output, never a source, even in a bucket that mixes both.
-OUTPUT_METADATA = "optimizr-output"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -246,6 +245,15 @@ class ObjectStorage(Storage):
         except PreconditionError:
             # Some stores answer a lost If-None-Match race with 412 rather than 409.
             raise FileExistsError(17, f"{full} exists", full) from None
+        except BaseError as exc:
+            raise os_error(exc, full, "write") from None
+
+    def write_from_file(self, key: str, path: Path) -> str | None:
+        # Streamed (multipart above obstore's threshold): a manifest of a million
+        # rows is hundreds of MB and need not be in memory.
+        full = self._full(key)
+        try:
+            return obstore.put(self.store, full, path)["e_tag"]
         except BaseError as exc:
             raise os_error(exc, full, "write") from None
 

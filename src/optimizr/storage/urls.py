@@ -52,6 +52,11 @@ class Location:
         return f"{self.scheme}://{self.bucket}/{self.prefix}".rstrip("/")
 
 
+def is_url(argument: str) -> bool:
+    """Does ``argument`` look like a URL (``scheme://``) rather than a path?"""
+    return _URL.match(argument) is not None
+
+
 def parse_location(argument: str) -> Location:
     """Parse a SRC or DEST argument; raise UsageError naming what is wrong."""
     match = _URL.match(argument)
