@@ -18,11 +18,13 @@ from collections.abc import Iterator
 import pytest
 
 from faultproxy import FaultProxy, matching
+from optimizr.metrics.exporter import MetricsExporter
 from optimizr.storage.objectstore import ObjectStorage, StoreOptions, storage_for
 from optimizr.storage.requests import CAUSES, LATENCY_BUCKETS, StorageStatistics
 from optimizr.storage.urls import parse_location
 from servers import SeaweedS3
 from test_cli import wait_for
+from test_metrics import parse, value
 from test_storage import s3_env
 
 PAYLOAD = b"\xff\xd8\xff" + os.urandom(40_000)  # not compressible, not tiny
@@ -69,6 +71,18 @@ def test_slow_down_three_times_then_the_write_and_the_read_succeed(
     assert seen.faults == {"status": 6}
     assert seen.by_method == {"PUT": 4, "GET": 4}
     assert seen.forwarded == 2  # one real PUT, one real GET: SigV4 verified through the proxy
+
+
+def test_retries_reach_prometheus(proxy: FaultProxy, s3_server: SeaweedS3) -> None:
+    storage = through(proxy, s3_server)
+    exporter = MetricsExporter(storage_statistics=lambda: [storage.statistics()])
+    proxy.slow_down(3, PUT)
+    storage.write_atomic("p.webp", PAYLOAD)
+    samples = parse(exporter.render().decode())
+    put = {"store": storage.describe(), "op": "put"}
+    assert value(samples, "optimizr_storage_retries_total", **put, cause="throttled") == 3
+    assert value(samples, "optimizr_storage_requests_total", **put) == 4
+    assert value(samples, "optimizr_storage_request_seconds_count", **put) == 4
 
 
 def test_a_reset_connection_is_retried(proxy: FaultProxy, s3_server: SeaweedS3) -> None:
