@@ -324,8 +324,10 @@ class FaultProxy:
                 if answer.closed_after:
                     _close(upstream)
                     upstream = None
-        except OSError:
-            return  # a peer went away mid-exchange: so does this connection
+        except (OSError, ValueError):
+            # A peer went away mid-exchange (or sent what is not HTTP): so does this
+            # connection, as a server's would; the client sees it closed.
+            return
         finally:
             with self._lock:
                 self._sockets.discard(client)
