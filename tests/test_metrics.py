@@ -24,6 +24,7 @@ from optimizr.errors import UsageError
 from optimizr.events import RunSnapshot
 from optimizr.metrics.exporter import MetricsExporter
 from optimizr.results import Result as FileResult
+from optimizr.storage.requests import CAUSES, RequestCounter, StorageStatistics
 from test_cli import make_tree, spawn_cli, wait_for
 
 NOW = 1000.0
@@ -338,6 +339,78 @@ def test_textfile_is_written_atomically_with_the_same_metrics(tmp_path: Path) ->
     # Served metrics carry no run labels: the scrape configuration names the target.
     assert value(parse(exporter.render().decode()), "optimizr_workers_alive") == 1
     assert [p.name for p in target.parent.iterdir()] == ["optimizr.prom"]
+
+
+def storage_stats(
+    store: str, requests: list[tuple[str, float]], **counts: int
+) -> StorageStatistics:
+    """A store's statistics after ``requests`` ((op, seconds) attempts), counted by the
+    storage's own RequestCounter; ``counts``: retries as op_cause=n, failures as op=n."""
+    counter = RequestCounter()
+    for op, seconds in requests:
+        counter.observe(op, seconds)
+    for name, n in counts.items():
+        op, _, cause = name.partition("_")
+        for _ in range(n):
+            if cause:
+                counter.retried(op, cause)
+            else:
+                counter.failed(op)
+    return counter.snapshot(store)
+
+
+def test_storage_requests_retries_and_latency_are_served_by_store_and_op(
+    served: tuple[MetricsExporter, Callable[[str], tuple[int, str, bytes]]],
+) -> None:
+    exporter, get_path = served
+    assert "optimizr_storage" not in get_path("/metrics")[2].decode()  # no store, no series
+    src = storage_stats(
+        "s3://bucket/photos",
+        [("get", 0.003), ("get", 0.2), ("get", 0.2), ("list", 0.04)],
+        get_throttled=1,
+        get_timeout=1,
+    )
+    dest = storage_stats("s3://bucket/webp", [("put", 1.5), ("put", 70.0)], put=1)
+    stores = [src]
+    exporter.storage_statistics = lambda: stores
+    samples = parse(get_path("/metrics")[2].decode())
+    requests, retries = "optimizr_storage_requests_total", "optimizr_storage_retries_total"
+    assert value(samples, requests, store="s3://bucket/photos", op="get") == 3
+    assert value(samples, requests, store="s3://bucket/photos", op="list") == 1
+    get = {"store": "s3://bucket/photos", "op": "get"}
+    assert value(samples, retries, **get, cause="throttled") == 1
+    assert value(samples, retries, **get, cause="timeout") == 1
+    # Every cause is a series from the first request on, zeros included.
+    causes = {dict(labels)["cause"] for name, labels in samples if name == retries}
+    assert causes == set(CAUSES)
+    assert value(samples, retries, **get, cause="connection") == 0
+    seconds = "optimizr_storage_request_seconds"
+    assert value(samples, f"{seconds}_bucket", **get, le="0.005") == 1
+    assert value(samples, f"{seconds}_bucket", **get, le="0.25") == 3
+    assert value(samples, f"{seconds}_bucket", **get, le="+Inf") == 3
+    assert value(samples, f"{seconds}_count", **get) == 3
+    assert value(samples, f"{seconds}_sum", **get) == pytest.approx(0.403)
+    # Read at scrape time: a store added later is served by the next scrape.
+    stores.append(dest)
+    samples = parse(get_path("/metrics")[2].decode())
+    put = {"store": "s3://bucket/webp", "op": "put"}
+    assert value(samples, requests, **put) == 2
+    assert value(samples, "optimizr_storage_failures_total", **put) == 1
+    assert value(samples, f"{seconds}_bucket", **put, le="60.0") == 1
+    assert value(samples, f"{seconds}_bucket", **put, le="+Inf") == 2
+    assert total(samples, requests) == 6
+
+
+def test_storage_series_carry_the_run_labels_in_the_textfile(tmp_path: Path) -> None:
+    stats = storage_stats("s3://bucket/webp", [("put", 0.1)], put_throttled=2)
+    exporter = MetricsExporter(labels={"dest": "/d"}, storage_statistics=lambda: [stats])
+    target = tmp_path / "optimizr.prom"
+    exporter.write_textfile(target, exit_code=0, started_at=100.0, finished_at=101.0)
+    samples = parse(target.read_text())
+    labels = {"dest": "/d", "store": "s3://bucket/webp", "op": "put"}
+    assert value(samples, "optimizr_storage_requests_total", **labels) == 1
+    assert value(samples, "optimizr_storage_retries_total", **labels, cause="throttled") == 2
+    assert value(samples, "optimizr_storage_request_seconds_count", **labels) == 1
 
 
 # -- the server ----------------------------------------------------------------------------------

@@ -2,9 +2,11 @@
 
 Counters and the per-image histogram are fed by the pipeline's ``finished``
 calls; every gauge is read from the run's :class:`~optimizr.pipeline.RunSnapshot`
-when Prometheus scrapes, so a scrape always shows the state at that instant and
-nothing runs on a timer. The exporter has its own registry: two runs in one
-process (tests, a library user) never share or clash over metrics.
+when Prometheus scrapes, and the object-store request figures from the stores'
+:class:`~optimizr.storage.requests.StorageStatistics` (``storage_statistics``),
+so a scrape always shows the state at that instant and nothing runs on a timer.
+The exporter has its own registry: two runs in one process (tests, a library
+user) never share or clash over metrics.
 
 This is the edge of the program: only the CLI uses it, the core never does.
 """
@@ -17,7 +19,7 @@ import socket
 import socketserver
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -32,16 +34,23 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 from optimizr.atomic import atomic_write
 from optimizr.errors import UsageError
 from optimizr.results import Result, input_format
+from optimizr.storage.requests import CAUSES
 
 if TYPE_CHECKING:
     from optimizr.config import RunConfig
     from optimizr.events import RunSnapshot
+    from optimizr.storage.requests import StorageStatistics
 
 #: Seconds one image may take, from thumbnails to 100 MP scans near --timeout.
 SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -157,6 +166,60 @@ class _SnapshotCollector:
         )
 
 
+class _StorageCollector:
+    """Object-store requests, retries, failures and latencies, read from the stores'
+    statistics at scrape time (none at all when the run uses no object store)."""
+
+    def __init__(self, exporter: MetricsExporter) -> None:
+        self.exporter = exporter
+
+    def collect(self) -> Iterator[Metric]:
+        provider = self.exporter.storage_statistics
+        stores = list(provider()) if provider is not None else []
+        if not stores:
+            return
+        requests = CounterMetricFamily(
+            "optimizr_storage_requests",
+            "Object-store request attempts (a retry is one more), by store and operation.",
+            labels=["store", "op"],
+        )
+        retries = CounterMetricFamily(
+            "optimizr_storage_retries",
+            "Object-store requests retried, by store, operation and cause (throttled, "
+            "server_error, connection, timeout).",
+            labels=["store", "op", "cause"],
+        )
+        failures = CounterMetricFamily(
+            "optimizr_storage_failures",
+            "Object-store calls that ended in an error (after their retries), by store "
+            "and operation; a missing key or a lost precondition is an answer, not one.",
+            labels=["store", "op"],
+        )
+        seconds = HistogramMetricFamily(
+            "optimizr_storage_request_seconds",
+            "Seconds per object-store request attempt, by store and operation.",
+            labels=["store", "op"],
+        )
+        for stats in stores:
+            for op, count in sorted(stats.requests.items()):
+                requests.add_metric([stats.store, op], count)
+                # Every cause of every operation seen, zeros too: rate() needs the series
+                # to exist before the first retry.
+                causes = stats.retries.get(op, {})
+                for cause in CAUSES:
+                    retries.add_metric([stats.store, op, cause], causes.get(cause, 0))
+                failures.add_metric([stats.store, op], stats.failures.get(op, 0))
+            for op, histogram in sorted(stats.latency.items()):
+                buckets = [(_le(bound), n) for bound, n in histogram.cumulative()]
+                seconds.add_metric([stats.store, op], buckets, histogram.sum)
+        yield from (requests, retries, failures, seconds)
+
+
+def _le(bound: float) -> str:
+    """A bucket bound as Prometheus writes one: 0.005, 1.0, +Inf."""
+    return "+Inf" if math.isinf(bound) else repr(float(bound))
+
+
 class _BatchJobCollector:
     """The exporter's metrics with the run's labels added, and the batch-job gauges."""
 
@@ -242,6 +305,10 @@ class MetricsExporter:
 
     ``labels`` go on every series of the textfile (not of ``/metrics``, whose
     scrape configuration names the target).
+
+    ``storage_statistics``: called at each scrape (and for the textfile), it returns
+    the statistics of the run's object stores (``[s.statistics() for s in stores]``);
+    None, or an empty list, serves no storage metrics.
     """
 
     def __init__(
@@ -250,10 +317,12 @@ class MetricsExporter:
         stall_timeout: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
         labels: Mapping[str, str] | None = None,
+        storage_statistics: Callable[[], Sequence[StorageStatistics]] | None = None,
     ) -> None:
         self.stall_timeout = stall_timeout
         self.clock = clock
         self.labels = dict(labels or {})
+        self.storage_statistics = storage_statistics
         self.draining = False
         self.registry = CollectorRegistry()
         self._images = Counter(
@@ -276,6 +345,7 @@ class MetricsExporter:
             registry=self.registry,
         )
         self.registry.register(_SnapshotCollector(self))
+        self.registry.register(_StorageCollector(self))
         self._snapshot: Callable[[], RunSnapshot] | None = None
         self.run_finished = False
         self._linger_cancelled = threading.Event()

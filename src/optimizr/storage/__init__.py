@@ -12,6 +12,7 @@ from optimizr.storage.base import (
 from optimizr.storage.local import LocalStorage
 from optimizr.storage.memory import MemoryStorage
 from optimizr.storage.objectstore import ObjectStorage, StoreOptions, probe, storage_for
+from optimizr.storage.requests import StorageStatistics
 from optimizr.storage.urls import Location, parse_location
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "ObjectStorage",
     "SourceEntry",
     "Storage",
+    "StorageStatistics",
     "StoreOptions",
     "WalkOptions",
     "WalkStatistics",

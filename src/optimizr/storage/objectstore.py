@@ -15,17 +15,20 @@ returns. Differences from a folder, and why:
   ``FileNotFoundError`` for a missing key, ``PermissionError`` for 401/403, a plain
   ``OSError`` otherwise. Messages name the key and the cause, never a credential
   (obstore's own message is not passed on: it carries request details).
+* Every request goes through one wrapper, :meth:`ObjectStorage._request`, which
+  retries transient failures with backoff, cuts stalled requests by timeout, and
+  counts (``statistics()``); see ``requests.py``. obstore's own retry is off.
 """
 
 from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import obstore
 from obstore.exceptions import (
@@ -51,11 +54,21 @@ from optimizr.storage.base import (
     WalkOptions,
     WalkStatistics,
 )
+from optimizr.storage.requests import (
+    Outcome,
+    RequestCounter,
+    RequestRunner,
+    RetryPolicy,
+    StorageStatistics,
+    describe_cause,
+)
 from optimizr.storage.urls import Location
 
 if TYPE_CHECKING:
-    from obstore import Attributes, ObjectMeta
+    from obstore import Attributes, GetResult, ObjectMeta, PutMode, PutResult
     from obstore.store import ClientConfig, ObjectStore, RetryConfig, S3Config
+
+T = TypeVar("T")
 
 #: User metadata holding the mtime an output was meant to carry (--preserve-mtime).
 MTIME_METADATA = "optimizr-mtime-ns"
@@ -83,11 +96,31 @@ class StoreOptions:
     #: Path-style requests (http://host/bucket/key), which most S3-compatible
     #: servers (SeaweedFS, MinIO, Ceph) want, instead of bucket.host.
     s3_path_style: bool = False
-    #: Retries of one request, and the time they may take in all (obstore's defaults).
+    #: Retries of one request, and the seconds from its first attempt after which
+    #: no retry starts (obstore's defaults). The retries are optimizr's own.
     max_retries: int = 10
     retry_timeout: float = 180.0
+    #: Seconds one attempt may take from connecting to the last byte of the answer;
+    #: a stalled response is cut after this and retried. It bounds a whole GET or
+    #: PUT, so it must allow the largest object at the slowest link expected.
+    request_timeout: float = 60.0
+    #: Seconds to establish a connection.
+    connect_timeout: float = 5.0
+    #: The first retry waits up to this many seconds; each further one doubles it
+    #: (full jitter, at most 15 s).
+    retry_backoff: float = 0.1
     #: Cache-Control set on every output (--cache-control); None: none.
     cache_control: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_retries < 0:
+            raise UsageError(f"max_retries must be 0 or more, not {self.max_retries}")
+        for name in ("retry_timeout", "request_timeout", "connect_timeout", "retry_backoff"):
+            if not getattr(self, name) > 0:
+                raise UsageError(f"{name} must be more than 0 seconds, not {getattr(self, name)}")
+
+    def retry_policy(self) -> RetryPolicy:
+        return RetryPolicy(self.max_retries, self.retry_timeout, self.retry_backoff)
 
 
 def storage_for(location: Location, options: StoreOptions | None = None) -> ObjectStorage:
@@ -99,11 +132,13 @@ def storage_for(location: Location, options: StoreOptions | None = None) -> Obje
             "0.12 does not read ~/.aws files); set AWS_ACCESS_KEY_ID and "
             "AWS_SECRET_ACCESS_KEY (or AWS_SESSION_TOKEN) instead"
         )
-    retry: RetryConfig = {
-        "max_retries": options.max_retries,
-        "retry_timeout": timedelta(seconds=options.retry_timeout),
+    # Every retry is ours (RequestRunner), so that each one is counted and the same
+    # policy covers every kind of failure; obstore would retry some of them unseen.
+    retry: RetryConfig = {"max_retries": 0}
+    client: ClientConfig = {
+        "timeout": timedelta(seconds=options.request_timeout),
+        "connect_timeout": timedelta(seconds=options.connect_timeout),
     }
-    client: ClientConfig = {}
     if options.endpoint_url and options.endpoint_url.startswith("http://"):
         client["allow_http"] = True  # S3-compatible servers on a LAN often speak plain HTTP
     store: ObjectStore
@@ -128,7 +163,9 @@ def storage_for(location: Location, options: StoreOptions | None = None) -> Obje
         assert location.path is not None
         location.path.mkdir(parents=True, exist_ok=True)
         store = LocalStore(location.path)
-    return ObjectStorage(store, location, cache_control=options.cache_control)
+    return ObjectStorage(
+        store, location, cache_control=options.cache_control, retry=options.retry_policy()
+    )
 
 
 class ObjectStorage(Storage):
@@ -136,11 +173,17 @@ class ObjectStorage(Storage):
     relative to that prefix, as a LocalStorage's are to its folder."""
 
     def __init__(
-        self, store: ObjectStore, location: Location, *, cache_control: str | None = None
+        self,
+        store: ObjectStore,
+        location: Location,
+        *,
+        cache_control: str | None = None,
+        retry: RetryPolicy | None = None,
     ) -> None:
         self.store = store
         self.location = location
         self.cache_control = cache_control
+        self._runner = RequestRunner(retry or RetryPolicy(), RequestCounter())
         self.root = location.prefix if location.is_remote or location.scheme == "memory" else ""
         self.walk_stats = WalkStatistics()
         # obstore's LocalStore refuses attributes (a file has no Content-Type to keep).
@@ -161,13 +204,25 @@ class ObjectStorage(Storage):
     def _relative(self, full: str) -> str:
         return full[len(self.root) + 1 :] if self.root else full
 
+    def _request(
+        self, op: str, full: str, fn: Callable[[], T], outcome: Outcome | None = None
+    ) -> T:
+        """``fn()``, the one store call of ``op`` on ``full``: retried while it fails
+        transiently, counted, OSError(EIO) once given up (requests.RequestRunner)."""
+        return self._runner.call(op, full, fn, outcome)
+
+    def statistics(self) -> StorageStatistics:
+        """Requests, retries, failures and latencies so far, by operation."""
+        return self._runner.counter.snapshot(self.describe())
+
     def stat(self, key: str) -> FileStat | None:
+        full = self._full(key)
         try:
-            meta = obstore.head(self.store, self._full(key))
+            meta = self._request("head", full, lambda: obstore.head(self.store, full))
         except FileNotFoundError:
             return None
         except BaseError as exc:
-            raise os_error(exc, self._full(key), "stat") from None
+            raise os_error(exc, full, "stat") from None
         return _file_stat(meta)
 
     def list_files(self, directory: str) -> dict[str, FileStat]:
@@ -182,8 +237,11 @@ class ObjectStorage(Storage):
         obstore follows the continuation tokens itself, so one directory's entries
         are held at a time (as LocalStorage holds one scandir), never the bucket."""
         full = self._full(directory)
+        prefix = f"{full}/" if full else None
         try:
-            result = obstore.list_with_delimiter(self.store, f"{full}/" if full else None)
+            result = self._request(
+                "list", full or "/", lambda: obstore.list_with_delimiter(self.store, prefix)
+            )
         except FileNotFoundError:
             return [], []  # LocalStore: the folder does not exist yet
         except BaseError as exc:
@@ -202,9 +260,15 @@ class ObjectStorage(Storage):
 
     def read_object(self, key: str) -> StoredObject:
         full = self._full(key)
-        try:
+
+        def get() -> tuple[GetResult, bytes]:
+            # The body is read inside the attempt: a response that stalls or breaks
+            # half-way is retried like one that never came.
             result = obstore.get(self.store, full)
-            data = bytes(result.bytes())
+            return result, bytes(result.bytes())
+
+        try:
+            result, data = self._request("get", full, get)
         except FileNotFoundError:
             raise FileNotFoundError(2, "no such object", full) from None
         except BaseError as exc:
@@ -233,16 +297,14 @@ class ObjectStorage(Storage):
     ) -> None:
         full = self._full(key)
         try:
-            obstore.put(
-                self.store,
+            self._put(
+                "put",
                 full,
-                bytes(data),
-                attributes=self._attributes_for(full, mtime_ns),
-                mode="create" if if_absent else None,
+                data,
+                "create" if if_absent else None,
+                self._attributes_for(full, mtime_ns),
             )
-        except AlreadyExistsError:
-            raise FileExistsError(17, f"{full} exists", full) from None
-        except PreconditionError:
+        except (AlreadyExistsError, PreconditionError):
             # Some stores answer a lost If-None-Match race with 412 rather than 409.
             raise FileExistsError(17, f"{full} exists", full) from None
         except BaseError as exc:
@@ -261,7 +323,7 @@ class ObjectStorage(Storage):
         """Put ``key`` only if it does not exist (FileExistsError otherwise); its new ETag."""
         full = self._full(key)
         try:
-            return obstore.put(self.store, full, bytes(data), mode="create")["e_tag"]
+            return self._put("create", full, data, "create")
         except (AlreadyExistsError, PreconditionError):
             raise FileExistsError(17, f"{full} exists", full) from None
         except BaseError as exc:
@@ -272,7 +334,7 @@ class ObjectStorage(Storage):
         FileNotFoundError if it is gone): compare-and-swap; the new ETag."""
         full = self._full(key)
         try:
-            return obstore.put(self.store, full, bytes(data), mode={"e_tag": etag})["e_tag"]
+            return self._put("replace_if", full, data, {"e_tag": etag})
         except PreconditionError:
             raise FileExistsError(17, f"{full} was changed by another writer", full) from None
         except FileNotFoundError:
@@ -280,13 +342,47 @@ class ObjectStorage(Storage):
         except BaseError as exc:
             raise os_error(exc, full, "write") from None
 
+    def _put(
+        self,
+        op: str,
+        full: str,
+        data: bytes,
+        mode: PutMode | None,
+        attributes: Attributes | None = None,
+    ) -> str | None:
+        """One PUT through :meth:`_request`; its ETag.
+
+        A conditional PUT (``mode``) retried after an attempt that may have landed
+        (a timeout, a reset after sending) can find that attempt's object in its
+        way and lose its own condition. The object is then read: holding exactly
+        these bytes, it is this write's, and the write succeeded. Without this, a
+        lock taken on a flaky link would be reported as another run's."""
+        payload = bytes(data)
+        outcome = Outcome()
+
+        def put() -> PutResult:
+            return obstore.put(self.store, full, payload, attributes=attributes, mode=mode)
+
+        try:
+            return self._request(op, full, put, outcome)["e_tag"]
+        except (AlreadyExistsError, PreconditionError):
+            if mode is None or not outcome.uncertain:
+                raise
+            try:
+                found = self.read_object(self._relative(full))
+            except FileNotFoundError:
+                found = None
+            if found is None or found.data != payload:
+                raise
+            return found.etag
+
     def delete(self, key: str) -> bool:
         # A DELETE of a missing key succeeds on S3: only a HEAD says whether it existed.
         if self.stat(key) is None:
             return False
         full = self._full(key)
         try:
-            obstore.delete(self.store, full)
+            self._request("delete", full, lambda: obstore.delete(self.store, full))
         except FileNotFoundError:
             return False
         except BaseError as exc:
@@ -388,6 +484,8 @@ def os_error(exc: BaseError, key: str, action: str) -> OSError:
         cause = code.group(1)
     elif status:
         cause = f"HTTP {status.group(1)} {status.group(2).strip()}"
+    elif transient := describe_cause(exc):
+        cause = transient
     elif "connect" in text.lower() or "dns" in text.lower():
         cause = "the endpoint is unreachable"
     else:
