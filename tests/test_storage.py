@@ -425,3 +425,35 @@ def test_s3_replace_if_is_a_compare_and_swap(
     with pytest.raises(FileExistsError):
         storage.replace_if("lock", b"d", etag)  # stale: another writer got there first
     assert storage.read_bytes("lock") == b"c"
+
+
+def test_s3_signed_urls_fetch_the_objects_and_chunks_stream_them(
+    s3_server: SeaweedS3, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import urllib.request
+    from datetime import timedelta
+
+    s3_env(monkeypatch, s3_server)
+    storage = s3_storage(s3_server)
+    objects = {"a/one two.webp": b"first", "a/plus+hash#.webp": b"second" * 1000}
+    for key, data in objects.items():
+        storage.write_atomic(key, data)
+    urls = storage.signed_urls(list(objects), timedelta(minutes=5))
+    for url, data in zip(urls, objects.values(), strict=True):
+        assert url.startswith(f"{s3_server.endpoint}/") and "X-Amz-Expires=300" in url
+        with urllib.request.urlopen(url, timeout=30) as response:  # no credentials of its own
+            assert response.read() == data
+    big = bytes(range(256)) * 9000
+    storage.write_atomic("big.bin", big)
+    chunks = list(storage.iter_chunks("big.bin", chunk_size=1 << 20))
+    assert b"".join(chunks) == big and len(chunks) >= 2
+    with pytest.raises(FileNotFoundError):
+        list(storage.iter_chunks("missing.bin"))
+
+
+def test_only_cloud_stores_sign(tmp_path: Path) -> None:
+    from datetime import timedelta
+
+    local = storage_for(parse_location(str(tmp_path)))
+    with pytest.raises(UsageError, match="only s3://, gs:// and az://"):
+        local.signed_urls(["a.webp"], timedelta(minutes=1))
