@@ -457,3 +457,18 @@ def test_only_cloud_stores_sign(tmp_path: Path) -> None:
     local = storage_for(parse_location(str(tmp_path)))
     with pytest.raises(UsageError, match="only s3://, gs:// and az://"):
         local.signed_urls(["a.webp"], timedelta(minutes=1))
+
+
+def test_incomplete_credentials_are_a_usage_error_before_any_request(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in list(os.environ):
+        if name.startswith("AWS_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDONLY")  # and no secret
+    options = StoreOptions(endpoint_url="http://127.0.0.1:9", region="us-east-1")
+    with pytest.raises(UsageError) as info:
+        storage_for(parse_location("s3://half-configured/x"), options)
+    message = str(info.value)
+    assert "s3://half-configured/x" in message and "missing SecretAccessKey" in message
+    assert "AKIDONLY" not in message

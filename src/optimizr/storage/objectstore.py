@@ -107,6 +107,23 @@ def storage_for(location: Location, options: StoreOptions | None = None) -> Obje
     client: ClientConfig = {}
     if options.endpoint_url and options.endpoint_url.startswith("http://"):
         client["allow_http"] = True  # S3-compatible servers on a LAN often speak plain HTTP
+    try:
+        store = _make_store(location, options, client, retry)
+    except BaseError as exc:
+        # Raised before any request: the environment's credentials or settings are
+        # incomplete (an access key without its secret). Said, never echoed.
+        missing = _MISSING.search(str(exc))
+        cause = f"missing {missing.group(1)}" if missing else type(exc).__name__
+        raise UsageError(
+            f"{location.url()}: the store cannot be set up from the credentials and "
+            f"options given ({cause})"
+        ) from None
+    return ObjectStorage(store, location, cache_control=options.cache_control)
+
+
+def _make_store(
+    location: Location, options: StoreOptions, client: ClientConfig, retry: RetryConfig
+) -> ObjectStore:
     store: ObjectStore
     if location.scheme == "s3":
         s3: S3Config = {
@@ -129,7 +146,7 @@ def storage_for(location: Location, options: StoreOptions | None = None) -> Obje
         assert location.path is not None
         location.path.mkdir(parents=True, exist_ok=True)
         store = LocalStore(location.path)
-    return ObjectStorage(store, location, cache_control=options.cache_control)
+    return store
 
 
 class ObjectStorage(Storage):
@@ -384,6 +401,7 @@ def _file_stat(meta: ObjectMeta) -> FileStat:
     return FileStat(meta["size"], mtime_ns, etag=meta.get("e_tag"))
 
 
+_MISSING = re.compile(r"\bMissing ?([A-Z][A-Za-z]+)")
 _S3_CODE = re.compile(r"<Code>([A-Za-z]+)</Code>")
 _STATUS = re.compile(r"\b([45]\d\d) ([A-Z][A-Za-z ]+?)(?::|$)", re.MULTILINE)
 _CAUSES = {
