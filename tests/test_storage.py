@@ -511,3 +511,50 @@ def test_replace_if_is_a_compare_and_swap(remote: Remote) -> None:
     with pytest.raises(FileExistsError):
         storage.replace_if("lock", b"d", etag)  # stale: another writer got there first
     assert storage.read_bytes("lock") == b"c"
+
+
+def test_s3_signed_urls_fetch_the_objects_and_chunks_stream_them(
+    s3_server: SeaweedS3, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import urllib.request
+    from datetime import timedelta
+
+    s3_env(monkeypatch, s3_server)
+    storage = s3_storage(s3_server)
+    objects = {"a/one two.webp": b"first", "a/plus+hash#.webp": b"second" * 1000}
+    for key, data in objects.items():
+        storage.write_atomic(key, data)
+    urls = storage.signed_urls(list(objects), timedelta(minutes=5))
+    for url, data in zip(urls, objects.values(), strict=True):
+        assert url.startswith(f"{s3_server.endpoint}/") and "X-Amz-Expires=300" in url
+        with urllib.request.urlopen(url, timeout=30) as response:  # no credentials of its own
+            assert response.read() == data
+    big = bytes(range(256)) * 9000
+    storage.write_atomic("big.bin", big)
+    chunks = list(storage.iter_chunks("big.bin", chunk_size=1 << 20))
+    assert b"".join(chunks) == big and len(chunks) >= 2
+    with pytest.raises(FileNotFoundError):
+        list(storage.iter_chunks("missing.bin"))
+
+
+def test_only_cloud_stores_sign(tmp_path: Path) -> None:
+    from datetime import timedelta
+
+    local = storage_for(parse_location(str(tmp_path)))
+    with pytest.raises(UsageError, match="only s3://, gs:// and az://"):
+        local.signed_urls(["a.webp"], timedelta(minutes=1))
+
+
+def test_incomplete_credentials_are_a_usage_error_before_any_request(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in list(os.environ):
+        if name.startswith("AWS_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDONLY")  # and no secret
+    options = StoreOptions(endpoint_url="http://127.0.0.1:9", region="us-east-1")
+    with pytest.raises(UsageError) as info:
+        storage_for(parse_location("s3://half-configured/x"), options)
+    message = str(info.value)
+    assert "s3://half-configured/x" in message and "missing SecretAccessKey" in message
+    assert "AKIDONLY" not in message

@@ -41,6 +41,7 @@ from optimizr.errors import (
     WriteFailed,
 )
 from optimizr.events import StopToken
+from optimizr.output_urls import UrlsConfig, write_output_urls
 from optimizr.results import Result, RunSummary
 from optimizr.status import StatusReport, read_status
 
@@ -74,6 +75,7 @@ __all__ = [
     "TooLarge",
     "TruncatedImage",
     "UnsupportedImage",
+    "UrlsConfig",
     "UsageError",
     "VerifyFailed",
     "WorkerCrashed",
@@ -85,4 +87,5 @@ __all__ = [
     "encode_webp",
     "parse_size",
     "read_status",
+    "write_output_urls",
 ]

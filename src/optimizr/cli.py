@@ -8,7 +8,8 @@ Exit codes: 0 every file converted or skipped, or failed only as it had failed
 before (known bad: listed, but not new); 1 some file failed for the first time,
 or for another reason than before (with --strict: any file failed); 2 usage
 error (or a damaged manifest); 3 another run holds DEST; 4 the worker processes
-cannot start; 130 interrupted by SIGINT, 143 by SIGTERM.
+cannot start; 130 interrupted by SIGINT, 143 by SIGTERM; 141 ``urls`` stopped because the
+reader of its stdout went away (``| head``).
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from rich.console import Console
@@ -51,6 +52,8 @@ from optimizr.storage.urls import is_url
 
 if TYPE_CHECKING:
     from optimizr.metrics.exporter import MetricsExporter
+
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 
 class _Group(click.Group):
@@ -312,6 +315,112 @@ def status(dest: Path, as_json: bool) -> None:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:
         click.echo(format_status(report))
+
+
+def _store_connection_options(command: _F) -> _F:
+    """How to reach an S3-compatible store, for commands that read a remote DEST.
+
+    Kept apart (and few) on purpose: they join the shared option table with
+    convert's object-storage options."""
+    command = click.option(
+        "--s3-path-style",
+        is_flag=True,
+        help="Path-style S3 requests (host/bucket/key), as SeaweedFS and MinIO want.",
+    )(command)
+    command = click.option("--region", default=None, help="S3 region [AWS_REGION].")(command)
+    return click.option(
+        "--endpoint-url",
+        metavar="URL",
+        default=None,
+        help="S3 endpoint of an S3-compatible service [AWS_ENDPOINT_URL, else AWS].",
+    )(command)
+
+
+@main.command()
+@click.argument("dest", metavar="DEST")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["csv", "jsonl"]),
+    default="csv",
+    show_default=True,
+    help="CSV (source,output,bytes,url) or one JSON object a line.",
+)
+@click.option(
+    "--expires",
+    metavar="DURATION",
+    default=None,
+    help="Validity of pre-signed URLs: 90s, 15m, 12h, 7d (at most 7d) [7d].",
+)
+@click.option(
+    "--base-url",
+    metavar="URL",
+    default=None,
+    help="Public URLs: this base plus each output's key relative to DEST, not signed URLs.",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Write the list to this file (atomically) instead of stdout.",
+)
+@click.option(
+    "--state-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="The local state folder of a remote DEST [under ~/.cache/optimizr, by DEST URL].",
+)
+@_store_connection_options
+def urls(
+    dest: str,
+    fmt: str,
+    expires: str | None,
+    base_url: str | None,
+    output: Path | None,
+    state_dir: Path | None,
+    endpoint_url: str | None,
+    region: str | None,
+    s3_path_style: bool,
+) -> None:
+    """List every converted output in DEST with a URL: pre-signed, public, or file://.
+
+    Reads DEST's manifest (a remote DEST's local one, else its uploaded snapshot);
+    writes one line per output to stdout or --output."""
+    from optimizr.output_urls import UrlsConfig, parse_duration, write_output_urls
+    from optimizr.storage.objectstore import StoreOptions
+
+    try:
+        config = UrlsConfig(
+            dest=dest,
+            format="jsonl" if fmt == "jsonl" else "csv",
+            expires=None if expires is None else parse_duration(expires),
+            base_url=base_url,
+            output=output,
+            state_dir=state_dir,
+            store=StoreOptions(
+                endpoint_url=endpoint_url, region=region, s3_path_style=s3_path_style
+            ),
+        )
+        stats = write_output_urls(config, sys.stdout.buffer)
+    except OptimizrError as exc:
+        print_error(str(exc), json_logs=False)
+        sys.exit(exc.exit_code)
+    except BrokenPipeError:
+        # `optimizr urls ... | head`: the reader has what it wanted. Quietly, and
+        # with stdout pointed away so that the interpreter's final flush stays quiet.
+        with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
+    kind = {"signed": "pre-signed URLs", "base-url": "URLs under --base-url"}.get(
+        stats.url_kind, "file:// URIs"
+    )
+    where = f" to {printable(str(output))}" if output is not None else ""
+    click.echo(
+        f"urls: {stats.outputs:,} outputs of {stats.rows:,} sources ({stats.bytes:,} bytes, "
+        f"{kind}){where}, from {printable(stats.manifest)}",
+        err=True,
+    )
 
 
 def format_status(report: StatusReport) -> str:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -145,6 +145,25 @@ def storage_for(location: Location, options: StoreOptions | None = None) -> Obje
     }
     if options.endpoint_url and options.endpoint_url.startswith("http://"):
         client["allow_http"] = True  # S3-compatible servers on a LAN often speak plain HTTP
+    try:
+        store = _make_store(location, options, client, retry)
+    except BaseError as exc:
+        # Raised before any request: the environment's credentials or settings are
+        # incomplete (an access key without its secret). Said, never echoed.
+        missing = _MISSING.search(str(exc))
+        cause = f"missing {missing.group(1)}" if missing else type(exc).__name__
+        raise UsageError(
+            f"{location.url()}: the store cannot be set up from the credentials and "
+            f"options given ({cause})"
+        ) from None
+    return ObjectStorage(
+        store, location, cache_control=options.cache_control, retry=options.retry_policy()
+    )
+
+
+def _make_store(
+    location: Location, options: StoreOptions, client: ClientConfig, retry: RetryConfig
+) -> ObjectStore:
     store: ObjectStore
     if location.scheme == "s3":
         s3: S3Config = {
@@ -177,9 +196,7 @@ def storage_for(location: Location, options: StoreOptions | None = None) -> Obje
         assert location.path is not None
         location.path.mkdir(parents=True, exist_ok=True)
         store = LocalStore(location.path)
-    return ObjectStorage(
-        store, location, cache_control=options.cache_control, retry=options.retry_policy()
-    )
+    return store
 
 
 def _azure_setup_error(exc: BaseError) -> str:
@@ -309,6 +326,18 @@ class ObjectStorage(Storage):
         }
         return StoredObject(data, _etag(result.meta), metadata)
 
+    def iter_chunks(self, key: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        """``key``'s bytes as a stream of chunks: for objects too large to hold at once
+        (a manifest snapshot of a million rows)."""
+        full = self._full(key)
+        try:
+            for chunk in obstore.get(self.store, full).stream(min_chunk_size=chunk_size):
+                yield bytes(chunk)
+        except FileNotFoundError:
+            raise FileNotFoundError(2, "no such object", full) from None
+        except BaseError as exc:
+            raise os_error(exc, full, "read") from None
+
     def _attributes_for(self, full: str, mtime_ns: int | None) -> Attributes | None:
         if not self._attributes:
             return None
@@ -411,6 +440,22 @@ class ObjectStorage(Storage):
                 raise
             return found.etag
 
+    def signed_urls(self, keys: Sequence[str], expires_in: timedelta) -> list[str]:
+        """Pre-signed GET URLs of ``keys``, valid for ``expires_in``: made locally with
+        the store's credentials (no request), in one call for the whole batch.
+
+        Only S3, GCS and Azure stores can sign; the others raise UsageError. A store
+        that cannot sign (no credentials) raises OSError naming the cause."""
+        if not isinstance(self.store, S3Store | GCSStore | AzureStore):
+            raise UsageError(f"{self.describe()}: only s3://, gs:// and az:// stores sign URLs")
+        if not keys:
+            return []
+        full = [self._full(key) for key in keys]
+        try:
+            return list(obstore.sign(self.store, "GET", full, expires_in))
+        except BaseError as exc:
+            raise os_error(exc, full[0], "sign a URL for") from None
+
     def delete(self, key: str) -> bool:
         # A DELETE of a missing key succeeds on S3: only a HEAD says whether it existed.
         if self.stat(key) is None:
@@ -506,6 +551,7 @@ def _etag(meta: ObjectMeta) -> str | None:
     return f'"{etag}"'
 
 
+_MISSING = re.compile(r"\bMissing ?([A-Z][A-Za-z]+)")
 # S3's and Azure's XML error bodies alike carry <Code>.
 _S3_CODE = re.compile(r"<Code>([A-Za-z]+)</Code>")
 _STATUS = re.compile(r"\b([45]\d\d) ([A-Z][A-Za-z ]+?)(?::|$)", re.MULTILINE)
