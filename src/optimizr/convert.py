@@ -54,6 +54,7 @@ from optimizr.sources import (
 )
 from optimizr.storage.base import STATE_DIR, Storage
 from optimizr.storage.local import LocalStorage
+from optimizr.storage.objectstore import ObjectStorage
 from optimizr.storage.urls import is_url
 from optimizr.transfers import Transfers, default_io_concurrency
 
@@ -68,6 +69,7 @@ def convert_tree(
     executor: Executor | None = None,
     listener: ProgressListener | None = None,
     stop: StopToken | None = None,
+    stores: list[ObjectStorage] | None = None,
 ) -> RunSummary:
     """Convert every image under ``src`` into a mirrored tree of WebP files under ``dest``.
 
@@ -83,10 +85,14 @@ def convert_tree(
     also written to ``DEST/optimizr-summary.json`` (or ``RunConfig.summary_path``) and
     kept in DEST's run history (``DEST/.optimizr/runs/``, see :mod:`optimizr.history`).
     Raises :class:`~optimizr.errors.UsageError` when SRC or DEST cannot be used.
+
+    SRC and DEST may be object-store URLs (``s3://bucket/prefix``...); ``stores``, if
+    given, receives the object stores the run uses (their ``statistics()`` are live:
+    the Prometheus exporter reads them while the run goes).
     """
     given = (src,) if isinstance(src, str | os.PathLike) else tuple(src)
     if any(isinstance(s, str) and is_url(s) for s in (*given, dest)):
-        return _convert_remote(given, dest, options, executor, listener, stop)
+        return _convert_remote(given, dest, options, executor, listener, stop, stores)
     srcs = tuple(Path(s) for s in given)
     dest_path = Path(dest)
     if isinstance(options, RunConfig):
@@ -436,6 +442,7 @@ def _convert_remote(
     executor: Executor | None,
     listener: ProgressListener | None,
     stop: StopToken | None,
+    stores: list[ObjectStorage] | None,
 ) -> RunSummary:
     """A run whose SRC or DEST (or both) is an object store.
 
@@ -445,7 +452,7 @@ def _convert_remote(
     (manifest, run history) lives in a local state root (see dest_state) and its
     snapshot goes up to DEST/.optimizr/ every --checkpoint-interval and at the end."""
     from optimizr.dest_state import Checkpointer, local_state_root, restore
-    from optimizr.storage.objectstore import ObjectStorage, StoreOptions, probe, storage_for
+    from optimizr.storage.objectstore import StoreOptions, probe, storage_for
     from optimizr.storage.urls import parse_location
 
     if len(given) != 1:
@@ -518,6 +525,8 @@ def _convert_remote(
         raise UsageError(f"cannot create the state folder {root}: {exc.strerror or exc}") from None
 
     remote_dest_storage = dest_storage if isinstance(dest_storage, ObjectStorage) else None
+    if stores is not None:
+        stores.extend(s for s in (source, dest_storage) if isinstance(s, ObjectStorage))
     lock: RunLock | None = None
     manifest: Manifest | None = None
     checkpointer: Checkpointer | None = None
