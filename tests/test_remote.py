@@ -430,3 +430,22 @@ def test_the_s3_server_killed_mid_run_and_restarted_loses_and_duplicates_nothing
             assert decode(dest.read_bytes(key)).size == (1600, 1200)
     finally:
         own.stop()
+
+
+def test_status_of_a_remote_dest_from_its_state_or_its_snapshot(
+    cli: Callable[..., Result], server: SeaweedS3, prefix: str, tmp_path: Path
+) -> None:
+    src = store_of(server, url(server, f"{prefix}/in"))
+    upload_sources(src, ["a.jpg", "b.jpg"])
+    where = (url(server, f"{prefix}/in"), url(server, f"{prefix}/out"))
+    assert convert(cli, server, *where, "--state-dir", tmp_path / "a").exit_code == 0
+    for state in ("a", "elsewhere"):  # the local state, then the snapshot in DEST
+        result = cli(
+            "status", where[1], "--json", "--state-dir", tmp_path / state, *s3_flags(server)
+        )
+        assert result.exit_code == 0, result.output
+        doc = json.loads(result.output)
+        assert doc["dest"] == where[1] if state == "elsewhere" else True
+        assert doc["by_status"]["done"] == 2
+    missing = cli("status", url(server, f"{prefix}/none"), *s3_flags(server))
+    assert missing.exit_code == 2 and "no optimizr manifest" in missing.output

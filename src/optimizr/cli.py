@@ -308,22 +308,6 @@ def _print_dry_run(summary: Any) -> None:
         click.echo(line)
 
 
-@main.command()
-@click.argument("dest", type=click.Path(path_type=Path, file_okay=False))
-@click.option("--json", "as_json", is_flag=True, help="Print the status as one JSON document.")
-def status(dest: Path, as_json: bool) -> None:
-    """What DEST's manifest says: counts, failures by reason, bytes saved, lock."""
-    try:
-        report = read_status(dest)
-    except OptimizrError as exc:
-        print_error(str(exc), json_logs=False)
-        sys.exit(exc.exit_code)
-    if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2))
-    else:
-        click.echo(format_status(report))
-
-
 def _store_connection_options(command: _F) -> _F:
     """How to reach an S3-compatible store, for commands that read a remote DEST.
 
@@ -341,6 +325,48 @@ def _store_connection_options(command: _F) -> _F:
         default=None,
         help="S3 endpoint of an S3-compatible service [AWS_ENDPOINT_URL, else AWS].",
     )(command)
+
+
+@main.command()
+@click.argument("dest")
+@click.option("--json", "as_json", is_flag=True, help="Print the status as one JSON document.")
+@click.option(
+    "--state-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="A remote DEST's local state folder (as given to convert).",
+)
+@_store_connection_options
+def status(
+    dest: str,
+    as_json: bool,
+    state_dir: Path | None,
+    endpoint_url: str | None,
+    region: str | None,
+    s3_path_style: bool,
+) -> None:
+    """What DEST's manifest says: counts, failures by reason, bytes saved, lock.
+
+    DEST may be an object-store URL: its local state folder is read, or else the
+    manifest's snapshot in DEST/.optimizr/."""
+    try:
+        if is_url(dest):
+            from optimizr.dest_state import remote_status
+            from optimizr.storage.objectstore import StoreOptions
+
+            options = StoreOptions(
+                endpoint_url=endpoint_url, region=region, s3_path_style=s3_path_style
+            )
+            report = remote_status(dest, state_dir, options)
+        else:
+            report = read_status(Path(dest))
+    except OptimizrError as exc:
+        print_error(str(exc), json_logs=False)
+        sys.exit(exc.exit_code)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        click.echo(format_status(report))
 
 
 @main.command()

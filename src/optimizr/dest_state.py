@@ -13,6 +13,7 @@ machine can resume.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import re
@@ -21,10 +22,15 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from optimizr.atomic import atomic_write
 from optimizr.manifest import MANIFEST_NAME, manifest_path, state_dir
 from optimizr.storage.base import STATE_DIR, Storage
+
+if TYPE_CHECKING:
+    from optimizr.status import StatusReport
+    from optimizr.storage.objectstore import StoreOptions
 
 #: The key, under DEST, of the manifest's snapshot.
 SNAPSHOT_KEY = ".optimizr/manifest.sqlite"
@@ -163,3 +169,33 @@ def _remember(marker: Path, etag: str | None) -> None:
             marker.unlink(missing_ok=True)
         else:
             atomic_write(marker, etag.encode())
+
+
+def remote_status(url: str, state_dir: Path | None, options: StoreOptions) -> StatusReport:
+    """``optimizr status`` of a remote DEST: its local state root's manifest, or else
+    the snapshot in DEST, downloaded to a temporary folder (removed after)."""
+    import tempfile
+
+    from optimizr.errors import UsageError
+    from optimizr.status import read_status
+    from optimizr.storage.objectstore import storage_for
+    from optimizr.storage.urls import parse_location
+
+    location = parse_location(url)
+    root = local_state_root(location.url(), state_dir)
+    if manifest_path(root).exists():
+        return read_status(root)
+    storage = storage_for(location, options)
+    with tempfile.TemporaryDirectory(prefix="optimizr-status-") as tmp:
+        try:
+            storage.write_to_file(SNAPSHOT_KEY, manifest_path(Path(tmp)))
+        except FileNotFoundError:
+            raise UsageError(
+                f"no optimizr manifest for {location.url()}: neither a local one "
+                f"({manifest_path(root)}; see --state-dir) nor a snapshot at "
+                f"{location.url()}/{SNAPSHOT_KEY}"
+            ) from None
+        except OSError as exc:
+            raise UsageError(f"cannot read {location.url()}/{SNAPSHOT_KEY}: {exc}") from None
+        report = read_status(Path(tmp))
+    return dataclasses.replace(report, dest=location.url())

@@ -171,6 +171,18 @@ class Storage(ABC):
         self.write_atomic(key, path.read_bytes())
         return None
 
+    def write_to_file(self, key: str, path: Path) -> None:
+        """Copy ``key`` into the file ``path``, whole or not at all (streamed where it can)."""
+        from optimizr.atomic import atomic_open
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_open(path) as out:
+            for chunk in self.iter_chunks(key):
+                out.write(chunk)
+
+    def iter_chunks(self, key: str) -> Iterator[bytes]:
+        yield self.read_bytes(key)
+
     def copy_in(
         self, key: str, source: Storage, source_key: str, *, mtime_ns: int | None = None
     ) -> int:
