@@ -311,6 +311,9 @@ def test_a_run_killed_with_sigkill_resumes_elsewhere_without_redoing_committed_w
         process.wait()
     present = {k for k in keys(dest) if k.endswith(".webp")}
     assert 3 <= len(present) < len(names)
+    # The killed run's lease would expire after its ttl (tests/test_lease.py shows the
+    # takeover); here the wait is cut short by removing the abandoned lock.
+    assert dest.delete(".optimizr/lock")
     # Another machine: no state of its own, only DEST's snapshot (taken at the start).
     config = RunConfig(
         src=where_src,
@@ -449,3 +452,25 @@ def test_status_of_a_remote_dest_from_its_state_or_its_snapshot(
         assert doc["by_status"]["done"] == 2
     missing = cli("status", url(server, f"{prefix}/none"), *s3_flags(server))
     assert missing.exit_code == 2 and "no optimizr manifest" in missing.output
+
+
+def test_a_second_machine_is_refused_while_a_run_holds_the_dest_lease(
+    cli: Callable[..., Result], server: SeaweedS3, prefix: str, tmp_path: Path
+) -> None:
+    from optimizr.storage.lease import RemoteLease
+
+    src = store_of(server, url(server, f"{prefix}/in"))
+    upload_sources(src, ["a.jpg"])
+    where = (url(server, f"{prefix}/in"), url(server, f"{prefix}/out"))
+    holder = RemoteLease(store_of(server, where[1]), ttl=60.0)
+    holder.acquire()
+    try:
+        refused = cli("convert", *where, *s3_flags(server), "--state-dir", tmp_path / "b")
+        assert refused.exit_code == 3, refused.output
+        assert "pid" in refused.output
+    finally:
+        holder.release()
+    # Released: the next run takes the lock, converts, and gives it back.
+    done = convert(cli, server, *where, "--state-dir", tmp_path / "b")
+    assert summary_of(done)["files"]["converted"] == 1  # type: ignore[index]
+    assert "lock" not in store_of(server, where[1]).list_files(".optimizr")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import sqlite3
 import time
 from collections.abc import Sequence
@@ -452,6 +453,7 @@ def _convert_remote(
     (manifest, run history) lives in a local state root (see dest_state) and its
     snapshot goes up to DEST/.optimizr/ every --checkpoint-interval and at the end."""
     from optimizr.dest_state import Checkpointer, local_state_root, restore
+    from optimizr.storage.lease import RemoteLease
     from optimizr.storage.objectstore import StoreOptions, probe, storage_for
     from optimizr.storage.urls import parse_location
 
@@ -540,7 +542,22 @@ def _convert_remote(
             lock.acquire()
         except OSError as exc:
             raise UsageError(f"cannot use {root}: {exc.strerror or exc}") from None
+    lease: RemoteLease | None = None
+    stop = stop or StopToken()
     try:
+        if lock is not None and remote_dest_storage is not None:
+            # One run per DEST across machines: the lease on DEST/.optimizr/lock. Lost
+            # (taken over, or not renewable in time), the run stops as on SIGTERM.
+            lease = RemoteLease(
+                remote_dest_storage, on_lost=lambda _why: stop.request(signal.SIGTERM)
+            )
+            try:
+                lease.acquire()
+            except OSError as exc:
+                lease = None
+                raise UsageError(
+                    f"cannot take the lock of {dest_loc.url()}: {exc.strerror or exc}"
+                ) from None
         if lock is not None:
             if remote_dest_storage is not None and not config.rebuild_manifest:
                 try:
@@ -594,8 +611,12 @@ def _convert_remote(
             own.close()
         if manifest is not None:
             manifest.close()
+        if lease is not None:
+            lease.release()
         if lock is not None:
             lock.release()
+    if lease is not None and lease.lost is not None:
+        summary.warnings.append(f"the lock of {dest_loc.url()} was lost: {lease.lost}")
     return summary
 
 
