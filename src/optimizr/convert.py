@@ -17,6 +17,7 @@ import signal
 import sqlite3
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -493,8 +494,9 @@ def _convert_remote(
         dest_storage = LocalStorage(root)
     else:
         remote_dest = storage_for(dest_loc, store)
-        if not config.dry_run:
-            probe(remote_dest, write=True)
+        # Listed here; written first by the lease on its lock (a real write, so a DEST
+        # that cannot be written is told then, before any work), one request each.
+        probe(remote_dest, write=False)
         dest_storage = remote_dest
         root = local_state_root(dest_loc.url(), config.state_dir)
     prune: tuple[str, ...] = ()
@@ -556,7 +558,7 @@ def _convert_remote(
             except OSError as exc:
                 lease = None
                 raise UsageError(
-                    f"cannot take the lock of {dest_loc.url()}: {exc.strerror or exc}"
+                    f"{dest_loc.url()} cannot be written: {exc.strerror or exc}"
                 ) from None
         if lock is not None:
             if remote_dest_storage is not None and not config.rebuild_manifest:
@@ -576,8 +578,7 @@ def _convert_remote(
                 # still leaves DEST knowing a run started (and when).
                 manifest.flush()
                 checkpointer = Checkpointer(remote_dest_storage, root, config.checkpoint_interval)
-                checkpointer.upload()
-                checkpointer.start()
+                checkpointer.start()  # its first upload at once, on its own thread
         own = OwnOutputs(layout, manifest, dest_storage)
         summary = _execute(
             config, layout, dest_storage, manifest, own, executor, listener, stop, remote=True
@@ -636,11 +637,18 @@ def _upload_state(summary: RunSummary, dest: Storage, root: Path, config: RunCon
     failed = state_dir(root) / FAILED_LIST_NAME
     if failed.exists():
         puts.append((f"{STATE_DIR}/{FAILED_LIST_NAME}", failed))
-    for key, what in puts:
+
+    def put(key: str, what: bytes | Path) -> str | None:
         try:
             if isinstance(what, Path):
                 dest.write_from_file(key, what)
             else:
                 dest.write_atomic(key, what)
         except OSError as exc:
-            summary.warnings.append(f"could not upload {key}: {exc.strerror or exc}")
+            return f"could not upload {key}: {exc.strerror or exc}"
+        return None
+
+    # At once: each is a request's latency that would add to the run's end.
+    with ThreadPoolExecutor(len(puts) or 1) as pool:
+        problems = list(pool.map(lambda item: put(*item), puts))
+    summary.warnings.extend(problem for problem in problems if problem is not None)

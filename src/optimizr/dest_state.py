@@ -129,6 +129,9 @@ class Checkpointer:
         return self
 
     def _loop(self) -> None:
+        # The first at once: a run killed before the first interval still leaves DEST
+        # knowing that a run started, and when (what recovery adopts from).
+        self.upload()
         while not self._stop.wait(self.interval):
             self.upload()
 

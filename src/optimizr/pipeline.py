@@ -368,8 +368,11 @@ class Pipeline:
             # Only a run that did not finish (killed, crashed) can have left
             # temporaries behind: after a clean one, skip walking all of DEST.
             self.dest.remove_stale_temporaries()
-        if not self.config.dry_run:
+        if not self.config.dry_run and not self.source.listing_is_remote:
             # A dry run walks unthrottled (nothing waits for a worker): no count needed.
+            # Nor over an object store, where it would LIST every key a second time:
+            # one LIST page per 1,000 keys is what a run costs there, and the total
+            # is known once the walk ends.
             self.counter = TreeCounter(
                 self.source,
                 self._walk_options(),

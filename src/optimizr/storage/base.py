@@ -131,6 +131,9 @@ class Storage(ABC):
     #: that no listing named evidence that its source may be gone (a list of
     #: sources, --files-from, names some files and proves nothing about the rest).
     complete_walk: ClassVar[bool] = True
+    #: Does a listing cost requests to a service (an object store)? Then the tree is
+    #: listed once, by the walk: no count pass ahead of it listing it all again.
+    listing_is_remote: ClassVar[bool] = False
 
     @abstractmethod
     def walk(self, options: WalkOptions) -> Iterator[DirectoryListing]:

@@ -216,6 +216,8 @@ class ObjectStorage(Storage):
     """The keys under ``location.prefix`` of one bucket; this storage's keys are
     relative to that prefix, as a LocalStorage's are to its folder."""
 
+    listing_is_remote = True
+
     def __init__(
         self,
         store: ObjectStore,
