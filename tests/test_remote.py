@@ -474,3 +474,32 @@ def test_a_second_machine_is_refused_while_a_run_holds_the_dest_lease(
     done = convert(cli, server, *where, "--state-dir", tmp_path / "b")
     assert summary_of(done)["files"]["converted"] == 1  # type: ignore[index]
     assert "lock" not in store_of(server, where[1]).list_files(".optimizr")
+
+
+def test_sources_above_spool_above_go_through_a_spool_file_that_is_removed(
+    server: SeaweedS3, prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tempfile
+
+    spool_parent = tmp_path / "tmp"
+    spool_parent.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spool_parent))
+    where_src, where_dest = url(server, f"{prefix}/in"), url(server, f"{prefix}/out")
+    src = store_of(server, where_src)
+    small = upload_sources(src, ["small.jpg"], width=32, height=32)
+    big = {"big.jpg": jpeg_bytes(800, 600, seed=5)}
+    src.write_atomic("big.jpg", big["big.jpg"])
+    threshold = (len(small["small.jpg"]) + len(big["big.jpg"])) // 2
+    config = RunConfig(
+        src=where_src,
+        dest=where_dest,
+        endpoint_url=server.endpoint,
+        s3_path_style=True,
+        spool_above=threshold,
+    )
+    summary = convert_tree(where_src, where_dest, config)
+    assert summary.converted == 2
+    assert summary.storage["transfers"]["spooled"] == 1  # the big one only
+    dest = store_of(server, where_dest)
+    assert decode(dest.read_bytes("big.webp")).size == (800, 600)
+    assert list(spool_parent.iterdir()) == []  # the spool folder went with the run

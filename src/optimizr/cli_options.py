@@ -226,6 +226,10 @@ OPTIONS: tuple[Opt, ...] = (
     Opt(("--cache-control",), "cache_control", "run",
         "Cache-Control header set on every output written to an object store.",
         None, str, metavar="VALUE"),
+    Opt(("--spool-above",), "spool_above", "run",
+        "Sources on an object store larger than this are fetched into a temporary file "
+        "rather than memory (0: all).",
+        "64M", str, metavar="SIZE", parse=lambda text: parse_size(str(text))),
     Opt(("--state-dir",), "state_dir", "run",
         "Where a remote DEST's manifest is kept on this machine "
         "[~/.cache/optimizr/dests/<DEST>].",

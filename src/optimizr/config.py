@@ -170,6 +170,9 @@ class RunConfig:
     state_dir: Path | None = None
     #: Seconds between uploads of the manifest's snapshot to a remote DEST.
     checkpoint_interval: float = 60.0
+    #: A source on an object store larger than this is fetched into a spool file
+    #: (read by the worker as a local file would be) instead of into memory.
+    spool_above: int = 64 << 20
 
     @property
     def remote(self) -> bool:
@@ -207,6 +210,8 @@ class RunConfig:
             raise UsageError(
                 f"--io-concurrency must be 0 (auto) or more, not {self.io_concurrency}"
             )
+        if self.spool_above < 0:
+            raise UsageError(f"--spool-above must not be negative, not {self.spool_above}")
         if self.checkpoint_interval <= 0:
             raise UsageError(
                 f"--checkpoint-interval must be positive, not {self.checkpoint_interval}"

@@ -21,6 +21,7 @@ graceful stop (no new work, in-flight images finish) and a second time for an ab
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import os
@@ -29,6 +30,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from optimizr.budget import Header, MemoryBudget, estimate_peak_bytes
@@ -206,6 +208,8 @@ class _InFlight:
     etag_read: str | None = None
     #: Bytes of the fetched source held in the budget until the image is committed.
     held: int = 0
+    #: A source too large to hold in memory, fetched into this file instead.
+    spool: Path | None = None
 
 
 @dataclass
@@ -494,26 +498,44 @@ class Pipeline:
 
     def _release(self, *, flight_of: Job) -> None:
         flight = self._in_flight.pop(flight_of.id, None)
-        if flight is not None and flight.held and self.transfers is not None:
+        if flight is not None:
+            self._done_with(flight)
+
+    def _done_with(self, flight: _InFlight) -> None:
+        """The fetched source is no longer needed: its bytes leave the budget, its
+        spool file goes."""
+        if flight.held and self.transfers is not None:
             self.transfers.free(flight.held)
+            flight.held = 0
+        if flight.spool is not None:
+            with contextlib.suppress(FileNotFoundError):
+                flight.spool.unlink()
+            flight.spool = None
 
     def _fetch(self, flight: _InFlight) -> None:
-        """Fetch ``flight``'s source on an I/O thread; ``_fetched`` takes it from there."""
+        """Fetch ``flight``'s source on an I/O thread; ``_fetched`` takes it from there.
+
+        Into memory, held in the budget; or, above --spool-above, into a file of the
+        run's spool folder that the worker reads (streaming, like a local source),
+        so an object larger than the budget converts as it would from a disk."""
         assert self.transfers is not None
         key, size = flight.entry.key, flight.entry.size
-        flight.held = size
-        self.transfers.hold(size)
+        fetch: Callable[[], StoredObject]
+        if size > self.config.spool_above:
+            spool = flight.spool = self.transfers.spool_path()
+            fetch = partial(self.source.read_to_file, key, spool)
+        else:
+            flight.held = size
+            self.transfers.hold(size)
+            fetch = partial(self.source.read_object, key)
         self._fetching += 1
-        self.transfers.submit(
-            flight, self.transfers.timed("fetch", size, lambda: self.source.read_object(key))
-        )
+        self.transfers.submit(flight, self.transfers.timed("fetch", size, fetch))
 
     def _fetched(self, flight: _InFlight, future: Future[StoredObject]) -> None:
         try:
             stored = future.result()
         except OSError as exc:
-            if self.transfers is not None:
-                self.transfers.free(flight.held)
+            self._done_with(flight)
             unreadable = SourceUnreadable(exc.strerror or str(exc))
             self._record(
                 _failure(flight.entry.key, unreadable),
@@ -524,15 +546,16 @@ class Pipeline:
                 plan=flight.plan,
             )
             return
-        if len(stored.data) != flight.held and self.transfers is not None:
+        if flight.spool is None and len(stored.data) != flight.held and self.transfers:
             # Replaced by a bigger or smaller object since the listing: hold what is held.
             self.transfers.hold(len(stored.data) - flight.held)
             flight.held = len(stored.data)
         flight.etag_read = stored.etag
-        job = self._prepared(flight, stored.data, stored.metadata)
-        if job is None and self.transfers is not None:
-            self.transfers.free(flight.held)
-        elif job is not None:
+        source: str | bytes = stored.data if flight.spool is None else str(flight.spool)
+        job = self._prepared(flight, source, stored.metadata)
+        if job is None:
+            self._done_with(flight)
+        else:
             self._ready.append(job)
 
     def _may_forget(self) -> bool:
@@ -982,8 +1005,7 @@ class Pipeline:
 
     def _commit(self, outcome: Outcome) -> None:
         flight = self._in_flight.pop(outcome.job.id)
-        if flight.held and self.transfers is not None:
-            self.transfers.free(flight.held)  # the source's bytes are done with
+        self._done_with(flight)  # the source's bytes (or spool file) are done with
         entry, key, out_key, plan = flight.entry, flight.entry.key, flight.out_key, flight.plan
         record = self._recorder(flight, outcome.warnings)
         if outcome.error is not None or outcome.encoded is None:

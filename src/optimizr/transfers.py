@@ -21,11 +21,14 @@ an output until it is uploaded) are held in the run's MemoryBudget.
 from __future__ import annotations
 
 import queue
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from optimizr.budget import MemoryBudget
@@ -55,6 +58,8 @@ class TransferStatistics:
     peak_in_flight: int = 0
     #: Times the pipeline had a file to fetch but every slot (or the budget) was taken.
     waited: int = 0
+    #: Sources fetched into a spool file rather than memory (--spool-above).
+    spooled: int = 0
 
     def to_dict(self, concurrency: int) -> dict[str, Any]:
         return {
@@ -67,6 +72,7 @@ class TransferStatistics:
             "upload_seconds": round(self.upload_seconds, 3),
             "peak_in_flight": self.peak_in_flight,
             "waited": self.waited,
+            "spooled": self.spooled,
         }
 
 
@@ -83,6 +89,8 @@ class Transfers:
         self._in_flight = 0
         self._held = 0
         self._lock = threading.Lock()
+        self._spool_dir: Path | None = None
+        self._spooled = 0
 
     @property
     def in_flight(self) -> int:
@@ -112,6 +120,15 @@ class Transfers:
         self._held -= size
         if self.budget is not None:
             self.budget.free(size)
+
+    def spool_path(self) -> Path:
+        """A new file name in the run's spool folder (made on first use, removed by
+        ``close`` with whatever is left in it)."""
+        if self._spool_dir is None:
+            self._spool_dir = Path(tempfile.mkdtemp(prefix="optimizr-spool-"))
+        self._spooled += 1
+        self.stats.spooled += 1
+        return self._spool_dir / f"source-{self._spooled}"
 
     def submit(self, tag: object, fn: Callable[[], Any]) -> None:
         """Run ``fn`` on an I/O thread; ``collect`` hands back (tag, future) once done."""
@@ -165,3 +182,5 @@ class Transfers:
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self.wakeup.close()
+        if self._spool_dir is not None:
+            shutil.rmtree(self._spool_dir, ignore_errors=True)

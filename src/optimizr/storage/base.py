@@ -174,6 +174,13 @@ class Storage(ABC):
         self.write_atomic(key, path.read_bytes())
         return None
 
+    def read_to_file(self, key: str, path: Path) -> StoredObject:
+        """Fetch ``key`` into the file ``path`` (a private spool file: written in
+        place); what the store said of it, with no bytes in ``data``."""
+        stored = self.read_object(key)
+        path.write_bytes(stored.data)
+        return StoredObject(b"", stored.etag, stored.metadata)
+
     def write_to_file(self, key: str, path: Path) -> None:
         """Copy ``key`` into the file ``path``, whole or not at all (streamed where it can)."""
         from optimizr.atomic import atomic_open
