@@ -20,7 +20,7 @@ import pytest
 from click.testing import Result
 
 from conftest import age, decode, photo_array, save_jpeg
-from optimizr.config import RunConfig
+from optimizr.config import EncodeOptions, RunConfig
 from optimizr.convert import convert_tree
 from optimizr.executors.base import Job, Outcome, Wakeup
 from optimizr.executors.inline import InlineExecutor
@@ -503,3 +503,30 @@ def test_sources_above_spool_above_go_through_a_spool_file_that_is_removed(
     dest = store_of(server, where_dest)
     assert decode(dest.read_bytes("big.webp")).size == (800, 600)
     assert list(spool_parent.iterdir()) == []  # the spool folder went with the run
+
+
+def test_source_user_metadata_reaches_the_output_only_with_metadata_all(
+    server: SeaweedS3, prefix: str
+) -> None:
+    where_src = url(server, f"{prefix}/in")
+    src = store_of(server, where_src)
+    obstore.put(
+        src.store,
+        src._full("tagged.jpg"),
+        jpeg_bytes(),
+        attributes={"Content-Type": "image/jpeg", "photographer": "ada"},
+    )
+    for level, expected in (("icc", None), ("all", "ada")):
+        where_dest = url(server, f"{prefix}/{level}")
+        config = RunConfig(
+            src=where_src,
+            dest=where_dest,
+            endpoint_url=server.endpoint,
+            s3_path_style=True,
+            encode=EncodeOptions(metadata=level),
+        )
+        assert convert_tree(where_src, where_dest, config).converted == 1
+        dest = store_of(server, where_dest)
+        out = obstore.get(dest.store, dest._full("tagged.webp")).attributes
+        assert out.get("photographer") == expected
+        assert out["Content-Type"] == "image/webp"  # the source's type never travels

@@ -215,7 +215,7 @@ OPTIONS: tuple[Opt, ...] = (
     Opt(("--region",), "region", "run",
         "Region of the bucket [AWS_REGION / AWS_DEFAULT_REGION].", None, str),
     Opt(("--profile",), "profile", "run",
-        "Shared AWS profile (refused for now: see the README; use AWS_* variables).",
+        "Shared AWS profile of static keys in ~/.aws/credentials or config [AWS_PROFILE].",
         None, str),
     Opt(("--s3-path-style/--no-s3-path-style",), "s3_path_style", "run",
         "Path-style S3 requests (host/bucket/key), as most S3-compatible servers want.",

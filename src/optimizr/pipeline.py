@@ -210,6 +210,8 @@ class _InFlight:
     held: int = 0
     #: A source too large to hold in memory, fetched into this file instead.
     spool: Path | None = None
+    #: The source object's user metadata (copied onto the output with --metadata all).
+    metadata: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclass
@@ -550,7 +552,7 @@ class Pipeline:
             # Replaced by a bigger or smaller object since the listing: hold what is held.
             self.transfers.hold(len(stored.data) - flight.held)
             flight.held = len(stored.data)
-        flight.etag_read = stored.etag
+        flight.etag_read, flight.metadata = stored.etag, stored.metadata
         source: str | bytes = stored.data if flight.spool is None else str(flight.spool)
         job = self._prepared(flight, source, stored.metadata)
         if job is None:
@@ -700,6 +702,7 @@ class Pipeline:
                 record(_failure(entry.key, unreadable), attempts=attempts)
                 return None
             source, metadata, flight.etag_read = stored.data, stored.metadata, stored.etag
+            flight.metadata = metadata
         return self._prepared(flight, source, metadata)
 
     def _prepared(
@@ -1132,6 +1135,8 @@ class Pipeline:
         upload = _Upload(flight, outcome.encoded, outcome.warnings, size, more_bytes, overwriting)
         self.transfers.hold(size)
         mtime_ns = flight.entry.mtime_ns if self.config.preserve_mtime else None
+        # The source's user metadata travels only when all metadata is kept.
+        metadata = flight.metadata if self.config.encode.metadata == "all" else None
 
         def put() -> _Uploaded:
             # On the I/O thread: storage calls only, nothing of the manifest or summary.
@@ -1143,7 +1148,11 @@ class Pipeline:
             for target, data in writes:
                 try:
                     self.dest.write_atomic(
-                        target, data, mtime_ns=mtime_ns, if_absent=target in absent
+                        target,
+                        data,
+                        mtime_ns=mtime_ns,
+                        if_absent=target in absent,
+                        metadata=metadata,
                     )
                 except FileExistsError:
                     return _Uploaded(written=tuple(done), exists=target)

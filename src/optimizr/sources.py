@@ -26,7 +26,7 @@ import re
 import sqlite3
 import stat as stat_mod
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -208,7 +208,13 @@ class _SourceOnly(Storage):
     """A storage that only ever serves sources: what writes would do is refused."""
 
     def write_atomic(
-        self, key: str, data: bytes, *, mtime_ns: int | None = None, if_absent: bool = False
+        self,
+        key: str,
+        data: bytes,
+        *,
+        mtime_ns: int | None = None,
+        if_absent: bool = False,
+        metadata: Mapping[str, str] | None = None,
     ) -> None:
         raise OSError(errno.EROFS, "a SRC is never written", key)
 

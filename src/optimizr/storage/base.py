@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import ClassVar
@@ -156,14 +156,23 @@ class Storage(ABC):
 
     @abstractmethod
     def write_atomic(
-        self, key: str, data: bytes, *, mtime_ns: int | None = None, if_absent: bool = False
+        self,
+        key: str,
+        data: bytes,
+        *,
+        mtime_ns: int | None = None,
+        if_absent: bool = False,
+        metadata: Mapping[str, str] | None = None,
     ) -> None:
         """Replace ``key`` with ``data`` so no reader ever sees a partial object;
         ``mtime_ns``: the modification time it carries (--preserve-mtime).
 
         ``if_absent``: raise FileExistsError instead if ``key`` exists when the write
         lands, decided by the store itself (a hard link, an If-None-Match PUT), so
-        that of two writers racing on one key exactly one wins."""
+        that of two writers racing on one key exactly one wins.
+
+        ``metadata``: user metadata for the object (--metadata all copies a source's);
+        a filesystem has nowhere to keep it and ignores it."""
 
     def read_object(self, key: str) -> StoredObject:
         """``key``'s bytes with what the store knows of them (ETag, user metadata)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat as stat_mod
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from optimizr.atomic import atomic_open, atomic_write, fsync_dir, is_temp_name
@@ -67,7 +67,13 @@ class LocalStorage(Storage):
         return self.path_of(key).read_bytes()
 
     def write_atomic(
-        self, key: str, data: bytes, *, mtime_ns: int | None = None, if_absent: bool = False
+        self,
+        key: str,
+        data: bytes,
+        *,
+        mtime_ns: int | None = None,
+        if_absent: bool = False,
+        metadata: Mapping[str, str] | None = None,
     ) -> None:
         atomic_write(self.path_of(key), data, mtime_ns=mtime_ns, exclusive=if_absent)
 

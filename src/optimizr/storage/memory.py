@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import PurePosixPath
 
 from optimizr.storage.base import (
@@ -53,7 +53,13 @@ class MemoryStorage(Storage):
             raise FileNotFoundError(key) from None
 
     def write_atomic(
-        self, key: str, data: bytes, *, mtime_ns: int | None = None, if_absent: bool = False
+        self,
+        key: str,
+        data: bytes,
+        *,
+        mtime_ns: int | None = None,
+        if_absent: bool = False,
+        metadata: Mapping[str, str] | None = None,
     ) -> None:
         with self._lock:
             if if_absent and key in self.objects:

@@ -22,9 +22,10 @@ returns. Differences from a folder, and why:
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import secrets
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -42,6 +43,7 @@ from obstore.exceptions import (
 from obstore.store import AzureStore, GCSStore, LocalStore, MemoryStore, S3Store
 
 from optimizr.errors import UsageError
+from optimizr.storage.aws_profiles import Profile, profile_to_use, read_profile
 from optimizr.storage.base import (
     DEST_FOLDER,
     OUTPUT_METADATA,
@@ -76,6 +78,10 @@ MTIME_METADATA = "optimizr-mtime-ns"
 #: so there the two are stored with '_' and read back under the names above.
 _AZURE_METADATA = {name: name.replace("-", "_") for name in (MTIME_METADATA, OUTPUT_METADATA)}
 _FROM_AZURE_METADATA = {stored: name for name, stored in _AZURE_METADATA.items()}
+#: obstore's attributes that are HTTP headers of the object, not user metadata.
+_HTTP_ATTRIBUTES = frozenset(
+    ("Content-Disposition", "Content-Encoding", "Content-Language", "Content-Type", "Cache-Control")
+)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -87,11 +93,8 @@ class StoreOptions:
     ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_REGION``,
     ``AWS_ENDPOINT_URL``, ``GOOGLE_SERVICE_ACCOUNT``, ``AZURE_STORAGE_ACCOUNT_NAME``...).
 
-    ``profile``: obstore 0.12 does not read ``~/.aws/credentials`` or
-    ``~/.aws/config`` by profile name (only the environment, web identity and
-    instance metadata). A profile is therefore refused with a UsageError that says
-    so, rather than silently ignored; reading profiles needs boto3 and is left for
-    a later change.
+    ``profile``: a shared AWS profile of static keys (see aws_profiles), for S3;
+    without it AWS_PROFILE is read when the environment holds no keys.
     """
 
     endpoint_url: str | None = None
@@ -130,11 +133,18 @@ class StoreOptions:
 def storage_for(location: Location, options: StoreOptions | None = None) -> ObjectStorage:
     """An :class:`ObjectStorage` over ``location``, built from obstore's store for its scheme."""
     options = options or StoreOptions()
-    if options.profile is not None:
-        raise UsageError(
-            f"--profile {options.profile}: shared AWS profiles are not read yet (obstore "
-            "0.12 does not read ~/.aws files); set AWS_ACCESS_KEY_ID and "
-            "AWS_SECRET_ACCESS_KEY (or AWS_SESSION_TOKEN) instead"
+    profile: Profile | None = None
+    if location.scheme == "s3":
+        name = profile_to_use(options.profile)
+        profile = read_profile(name) if name is not None else None
+    elif options.profile is not None:
+        raise UsageError(f"--profile names an AWS profile: {location.url()} is not on S3")
+    if profile is not None:
+        # The profile's region and endpoint are defaults; the options still win.
+        options = dataclasses.replace(
+            options,
+            region=options.region or profile.region,
+            endpoint_url=options.endpoint_url or profile.endpoint_url,
         )
     # Every retry is ours (RequestRunner), so that each one is counted and the same
     # policy covers every kind of failure; obstore would retry some of them unseen.
@@ -146,7 +156,7 @@ def storage_for(location: Location, options: StoreOptions | None = None) -> Obje
     if options.endpoint_url and options.endpoint_url.startswith("http://"):
         client["allow_http"] = True  # S3-compatible servers on a LAN often speak plain HTTP
     try:
-        store = _make_store(location, options, client, retry)
+        store = _make_store(location, options, client, retry, profile)
     except BaseError as exc:
         # Raised before any request: the environment's credentials or settings are
         # incomplete (an access key without its secret). Said, never echoed.
@@ -162,7 +172,11 @@ def storage_for(location: Location, options: StoreOptions | None = None) -> Obje
 
 
 def _make_store(
-    location: Location, options: StoreOptions, client: ClientConfig, retry: RetryConfig
+    location: Location,
+    options: StoreOptions,
+    client: ClientConfig,
+    retry: RetryConfig,
+    profile: Profile | None = None,
 ) -> ObjectStore:
     store: ObjectStore
     if location.scheme == "s3":
@@ -171,6 +185,11 @@ def _make_store(
             # Compare-and-swap by ETag (If-Match), which the lease on DEST's lock needs.
             "conditional_put": "etag",
         }
+        if profile is not None:
+            s3["access_key_id"] = profile.access_key_id
+            s3["secret_access_key"] = profile.secret_access_key
+            if profile.session_token:
+                s3["session_token"] = profile.session_token
         if options.endpoint_url:
             s3["endpoint"] = options.endpoint_url
         if options.region:
@@ -361,10 +380,17 @@ class ObjectStorage(Storage):
         except BaseError as exc:
             raise os_error(exc, full, "read") from None
 
-    def _attributes_for(self, full: str, mtime_ns: int | None) -> Attributes | None:
+    def _attributes_for(
+        self, full: str, mtime_ns: int | None, metadata: Mapping[str, str] | None = None
+    ) -> Attributes | None:
         if not self._attributes:
             return None
         attributes: Attributes = {}
+        for name, value in (metadata or {}).items():
+            # A source's own user metadata (--metadata all): never its HTTP attributes
+            # (its type is not the output's) nor optimizr's marks, set below.
+            if name not in _HTTP_ATTRIBUTES and name not in _AZURE_METADATA:
+                attributes[self._metadata_name(name) if self._azure else name] = value
         if full.endswith(".webp") and f"{STATE_DIR}/" not in full:
             from optimizr import __version__
 
@@ -377,10 +403,18 @@ class ObjectStorage(Storage):
         return attributes or None
 
     def _metadata_name(self, name: str) -> str:
-        return _AZURE_METADATA[name] if self._azure else name
+        if not self._azure:
+            return name
+        return _AZURE_METADATA.get(name, name.replace("-", "_"))
 
     def write_atomic(
-        self, key: str, data: bytes, *, mtime_ns: int | None = None, if_absent: bool = False
+        self,
+        key: str,
+        data: bytes,
+        *,
+        mtime_ns: int | None = None,
+        if_absent: bool = False,
+        metadata: Mapping[str, str] | None = None,
     ) -> None:
         full = self._full(key)
         try:
@@ -389,7 +423,7 @@ class ObjectStorage(Storage):
                 full,
                 data,
                 "create" if if_absent else None,
-                self._attributes_for(full, mtime_ns),
+                self._attributes_for(full, mtime_ns, metadata),
             )
         except (AlreadyExistsError, PreconditionError):
             # Some stores answer a lost If-None-Match race with 412 rather than 409.
@@ -402,7 +436,7 @@ class ObjectStorage(Storage):
         # rows is hundreds of MB and need not be in memory.
         full = self._full(key)
         try:
-            return obstore.put(self.store, full, path)["e_tag"]
+            return self._request("put", full, lambda: obstore.put(self.store, full, path))["e_tag"]
         except BaseError as exc:
             raise os_error(exc, full, "write") from None
 
