@@ -187,7 +187,7 @@ def remote_status(url: str, state_dir: Path | None, options: StoreOptions) -> St
     location = parse_location(url)
     root = local_state_root(location.url(), state_dir)
     if manifest_path(root).exists():
-        return read_status(root)
+        return dataclasses.replace(read_status(root), dest=location.url())
     storage = storage_for(location, options)
     with tempfile.TemporaryDirectory(prefix="optimizr-status-") as tmp:
         try:
