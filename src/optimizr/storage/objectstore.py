@@ -78,6 +78,8 @@ MTIME_METADATA = "optimizr-mtime-ns"
 #: so there the two are stored with '_' and read back under the names above.
 _AZURE_METADATA = {name: name.replace("-", "_") for name in (MTIME_METADATA, OUTPUT_METADATA)}
 _FROM_AZURE_METADATA = {stored: name for name, stored in _AZURE_METADATA.items()}
+#: The part size of a file's multipart upload (S3's smallest part but the last).
+_PART_BYTES = 5 << 20
 #: obstore's attributes that are HTTP headers of the object, not user metadata.
 _HTTP_ATTRIBUTES = frozenset(
     ("Content-Disposition", "Content-Encoding", "Content-Language", "Content-Type", "Cache-Control")
@@ -436,7 +438,20 @@ class ObjectStorage(Storage):
         # rows is hundreds of MB and need not be in memory.
         full = self._full(key)
         try:
-            return self._request("put", full, lambda: obstore.put(self.store, full, path))["e_tag"]
+            return self._request(
+                "put",
+                full,
+                # Parts of 5 MiB, two at a time: the memory it takes is bounded (10 MiB),
+                # not the file's size, which grows with the manifest (~200 B a row).
+                lambda: obstore.put(
+                    self.store,
+                    full,
+                    path,
+                    use_multipart=path.stat().st_size > _PART_BYTES,
+                    chunk_size=_PART_BYTES,
+                    max_concurrency=2,
+                ),
+            )["e_tag"]
         except BaseError as exc:
             raise os_error(exc, full, "write") from None
 
