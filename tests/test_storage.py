@@ -307,9 +307,15 @@ def test_location_url_is_canonical() -> None:
     assert parse_location("gs://bucket").url() == "gs://bucket"
 
 
-def test_profile_is_refused_with_the_reason() -> None:
-    with pytest.raises(UsageError, match="profiles are not read"):
+def test_a_profile_that_is_nowhere_or_not_for_s3_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    with pytest.raises(UsageError, match="'prod' is in neither"):
         storage_for(parse_location("s3://bucket/x"), StoreOptions(profile="prod"))
+    with pytest.raises(UsageError, match="is not on S3"):
+        storage_for(parse_location("gs://bucket/x"), StoreOptions(profile="prod"))
 
 
 def test_object_storage_over_obstore_local_store(tmp_path: Path) -> None:
