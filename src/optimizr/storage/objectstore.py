@@ -441,7 +441,7 @@ class ObjectStorage(Storage):
             return self._request(
                 "put",
                 full,
-                # Parts of 5 MiB, two at a time: the memory it takes is bounded (10 MiB),
+                # Parts of 5 MiB, one at a time: the memory it takes is bounded (~10 MiB),
                 # not the file's size, which grows with the manifest (~200 B a row).
                 lambda: obstore.put(
                     self.store,
@@ -449,7 +449,7 @@ class ObjectStorage(Storage):
                     path,
                     use_multipart=path.stat().st_size > _PART_BYTES,
                     chunk_size=_PART_BYTES,
-                    max_concurrency=2,
+                    max_concurrency=1,
                 ),
             )["e_tag"]
         except BaseError as exc:
