@@ -72,6 +72,19 @@ def free_ports(count: int) -> list[int]:
             s.close()
 
 
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    """Stop a server this module started, by its PID: SIGTERM, then SIGKILL once
+    STOP_TIMEOUT has passed (its data is a throwaway temp folder)."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(STOP_TIMEOUT)
+
+
 @dataclass
 class SeaweedS3:
     endpoint: str
@@ -83,14 +96,7 @@ class SeaweedS3:
     log: Path
 
     def stop(self) -> None:
-        if self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(STOP_TIMEOUT)
+        stop_process(self.process)
 
 
 def start_seaweed(weed: str, workdir: Path) -> SeaweedS3:
@@ -252,14 +258,7 @@ class AzuriteBlob:
     log: Path
 
     def stop(self) -> None:
-        if self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(STOP_TIMEOUT)
+        stop_process(self.process)
 
 
 def start_azurite(binary: str, workdir: Path) -> AzuriteBlob:

@@ -309,7 +309,8 @@ def _print_dry_run(summary: Any) -> None:
 
 
 def _store_connection_options(command: _F) -> _F:
-    """How to reach an S3-compatible store, for commands that read a remote DEST.
+    """How to reach an S3-compatible store, and where its local state is, for the
+    commands that read a remote DEST (status, urls).
 
     Kept apart (and few) on purpose: they join the shared option table with
     convert's object-storage options."""
@@ -319,6 +320,13 @@ def _store_connection_options(command: _F) -> _F:
         help="Path-style S3 requests (host/bucket/key), as SeaweedFS and MinIO want.",
     )(command)
     command = click.option("--region", default=None, help="S3 region [AWS_REGION].")(command)
+    command = click.option(
+        "--state-dir",
+        type=click.Path(path_type=Path, file_okay=False),
+        default=None,
+        help="The local state folder of a remote DEST, as given to convert "
+        "[under ~/.cache/optimizr, by DEST URL].",
+    )(command)
     return click.option(
         "--endpoint-url",
         metavar="URL",
@@ -330,12 +338,6 @@ def _store_connection_options(command: _F) -> _F:
 @main.command()
 @click.argument("dest")
 @click.option("--json", "as_json", is_flag=True, help="Print the status as one JSON document.")
-@click.option(
-    "--state-dir",
-    type=click.Path(path_type=Path, file_okay=False),
-    default=None,
-    help="A remote DEST's local state folder (as given to convert).",
-)
 @_store_connection_options
 def status(
     dest: str,
@@ -397,12 +399,6 @@ def status(
     type=click.Path(path_type=Path, dir_okay=False),
     default=None,
     help="Write the list to this file (atomically) instead of stdout.",
-)
-@click.option(
-    "--state-dir",
-    type=click.Path(path_type=Path, file_okay=False),
-    default=None,
-    help="The local state folder of a remote DEST [under ~/.cache/optimizr, by DEST URL].",
 )
 @_store_connection_options
 def urls(

@@ -18,6 +18,7 @@ import hashlib
 import os
 import re
 import sqlite3
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -25,12 +26,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from optimizr.atomic import atomic_write
+from optimizr.errors import UsageError
 from optimizr.manifest import MANIFEST_NAME, manifest_path, state_dir
 from optimizr.storage.base import STATE_DIR, Storage
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
     from optimizr.status import StatusReport
     from optimizr.storage.objectstore import StoreOptions
+    from optimizr.storage.urls import Location
 
 #: The key, under DEST, of the manifest's snapshot.
 SNAPSHOT_KEY = ".optimizr/manifest.sqlite"
@@ -181,31 +186,45 @@ def _remember(marker: Path, etag: str | None) -> None:
             atomic_write(marker, etag.encode())
 
 
-def remote_status(url: str, state_dir: Path | None, options: StoreOptions) -> StatusReport:
-    """``optimizr status`` of a remote DEST: its local state root's manifest, or else
-    the snapshot in DEST, downloaded to a temporary folder (removed after)."""
-    import tempfile
+@contextlib.contextmanager
+def remote_manifest_root(
+    location: Location, state_dir: Path | None, storage: Callable[[], Storage]
+) -> Iterator[tuple[Path, bool]]:
+    """For a reader of a remote DEST's manifest (status, urls): the folder whose
+    ``.optimizr/manifest.sqlite`` it is, and whether that is a downloaded snapshot.
 
-    from optimizr.errors import UsageError
+    The local state root if it has one; else DEST's snapshot, streamed into a
+    temporary folder (removed when the block ends; a download cut short is never
+    opened as a manifest that lists fewer outputs). ``storage`` is called only then:
+    a reader of the local state needs neither credentials nor the network."""
+    root = local_state_root(location.url(), state_dir)
+    if manifest_path(root).exists():
+        yield root, False
+        return
+    where = f"{location.url()}/{SNAPSHOT_KEY}"
+    with tempfile.TemporaryDirectory(prefix="optimizr-snapshot-") as tmp:
+        try:
+            storage().write_to_file(SNAPSHOT_KEY, manifest_path(Path(tmp)))
+        except FileNotFoundError:
+            raise UsageError(
+                f"no optimizr manifest for {location.url()}: neither a local one "
+                f"({manifest_path(root)}; see --state-dir) nor a snapshot at {where}"
+            ) from None
+        except OSError as exc:
+            raise UsageError(f"cannot download {where}: {exc.strerror or exc}") from None
+        yield Path(tmp), True
+
+
+def remote_status(url: str, state_dir: Path | None, options: StoreOptions) -> StatusReport:
+    """``optimizr status`` of a remote DEST (see remote_manifest_root), shown by its URL."""
     from optimizr.status import read_status
     from optimizr.storage.objectstore import storage_for
     from optimizr.storage.urls import parse_location
 
     location = parse_location(url)
-    root = local_state_root(location.url(), state_dir)
-    if manifest_path(root).exists():
-        return dataclasses.replace(read_status(root), dest=location.url())
-    storage = storage_for(location, options)
-    with tempfile.TemporaryDirectory(prefix="optimizr-status-") as tmp:
-        try:
-            storage.write_to_file(SNAPSHOT_KEY, manifest_path(Path(tmp)))
-        except FileNotFoundError:
-            raise UsageError(
-                f"no optimizr manifest for {location.url()}: neither a local one "
-                f"({manifest_path(root)}; see --state-dir) nor a snapshot at "
-                f"{location.url()}/{SNAPSHOT_KEY}"
-            ) from None
-        except OSError as exc:
-            raise UsageError(f"cannot read {location.url()}/{SNAPSHOT_KEY}: {exc}") from None
-        report = read_status(Path(tmp))
+    with remote_manifest_root(location, state_dir, lambda: storage_for(location, options)) as (
+        root,
+        _,
+    ):
+        report = read_status(root)
     return dataclasses.replace(report, dest=location.url())

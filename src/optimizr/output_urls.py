@@ -31,7 +31,6 @@ import io
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -41,7 +40,7 @@ from typing import BinaryIO, Literal, Protocol
 from urllib.parse import urlsplit
 
 from optimizr.atomic import atomic_open
-from optimizr.dest_state import SNAPSHOT_KEY, local_state_root
+from optimizr.dest_state import SNAPSHOT_KEY, remote_manifest_root
 from optimizr.errors import UsageError
 from optimizr.filenames import name_fields, printable, valid_unicode
 from optimizr.manifest import Manifest, Row, manifest_path
@@ -385,27 +384,5 @@ def _manifest_root(config: UrlsConfig, store: _Store | None) -> Iterator[tuple[P
             )
         yield location.path, False
         return
-    root = local_state_root(location.url(), config.state_dir)
-    if manifest_path(root).exists():
-        yield root, False
-        return
-    with tempfile.TemporaryDirectory(prefix="optimizr-urls-") as tmp:
-        _download_snapshot(store.get(), Path(tmp), root)
-        yield Path(tmp), True
-
-
-def _download_snapshot(storage: ObjectStorage, into: Path, root: Path) -> None:
-    where = f"{storage.describe()}/{SNAPSHOT_KEY}"
-    try:
-        # Streamed to a temporary name and renamed when complete: a download cut
-        # short is never opened as a manifest that lists fewer outputs.
-        with atomic_open(manifest_path(into)) as fh:
-            for chunk in storage.iter_chunks(SNAPSHOT_KEY):
-                fh.write(chunk)
-    except FileNotFoundError:
-        raise UsageError(
-            f"no optimizr manifest for {storage.describe()}: neither a local one "
-            f"({manifest_path(root)}; see --state-dir) nor a snapshot at {where}"
-        ) from None
-    except OSError as exc:
-        raise UsageError(f"cannot download {where}: {exc.strerror or exc}") from None
+    with remote_manifest_root(location, config.state_dir, store.get) as found:
+        yield found
