@@ -10,7 +10,6 @@ in the calling process, with no manifest.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -120,27 +119,10 @@ def convert_tree(
         # Read-only: a dry run reports what the manifest would let a real run skip.
         manifest = Manifest.open_readonly(dest_path) if dest_path.is_dir() else None
     else:
-        lock = RunLock(state_dir(dest_path))
-        try:
-            lock.acquire()
-        except OSError as exc:
-            raise UsageError(f"cannot use DEST {dest_path}: {exc.strerror or exc}") from None
+        lock = _take_lock(dest_path, f"DEST {dest_path}")
     try:
         if lock is not None:
-            try:
-                manifest = (
-                    Manifest.rebuild(dest_path)
-                    if config.rebuild_manifest
-                    else Manifest.open(dest_path)
-                )
-            except OSError as exc:
-                raise UsageError(
-                    f"cannot create the manifest in {state_dir(dest_path)}: {exc.strerror or exc}"
-                ) from None
-            try:
-                manifest.begin_run(config, options_fingerprint(config))
-            except sqlite3.OperationalError:
-                pass  # a full disk: the rows themselves are retried as the run goes
+            manifest = _open_manifest(dest_path, config)
         dest_storage = LocalStorage(layout.dest_root)
         if not layout.one_file:
             own = OwnOutputs(layout, manifest, dest_storage)
@@ -167,6 +149,34 @@ def convert_tree(
         if lock is not None:
             lock.release()
     return summary
+
+
+def _take_lock(root: Path, what: str) -> RunLock:
+    """The lock of ``root``'s state folder (one run at a time on this machine)."""
+    lock = RunLock(state_dir(root))
+    try:
+        lock.acquire()
+    except OSError as exc:
+        raise UsageError(f"cannot use {what}: {exc.strerror or exc}") from None
+    return lock
+
+
+def _open_manifest(root: Path, config: RunConfig, *, restored: bool = False) -> Manifest:
+    """``root``'s manifest (rebuilt with --rebuild-manifest), with this run begun in it.
+
+    ``restored``: it came down from a remote DEST's snapshot (see Manifest.restored)."""
+    try:
+        manifest = Manifest.rebuild(root) if config.rebuild_manifest else Manifest.open(root)
+    except OSError as exc:
+        raise UsageError(
+            f"cannot create the manifest in {state_dir(root)}: {exc.strerror or exc}"
+        ) from None
+    manifest.restored = restored
+    try:
+        manifest.begin_run(config, options_fingerprint(config))
+    except sqlite3.OperationalError:
+        pass  # a full disk: the rows themselves are retried as the run goes
+    return manifest
 
 
 def _finish_manifest(summary: RunSummary, manifest: Manifest, dest: Path) -> None:
@@ -539,11 +549,7 @@ def _convert_remote(
     if config.dry_run:
         manifest = Manifest.open_readonly(root)
     else:
-        lock = RunLock(state_dir(root))
-        try:
-            lock.acquire()
-        except OSError as exc:
-            raise UsageError(f"cannot use {root}: {exc.strerror or exc}") from None
+        lock = _take_lock(root, f"the state folder {root}")
     lease: RemoteLease | None = None
     stop = stop or StopToken()
     try:
@@ -569,10 +575,7 @@ def _convert_remote(
                         f"cannot read the manifest snapshot in {dest_loc.url()}: "
                         f"{exc.strerror or exc}"
                     ) from None
-            manifest = Manifest.rebuild(root) if config.rebuild_manifest else Manifest.open(root)
-            manifest.restored = restored
-            with contextlib.suppress(sqlite3.OperationalError):
-                manifest.begin_run(config, options_fingerprint(config))
+            manifest = _open_manifest(root, config, restored=restored)
             if remote_dest_storage is not None:
                 # The first snapshot at once: a run killed before the first interval
                 # still leaves DEST knowing a run started (and when).

@@ -100,7 +100,7 @@ def restore(dest: Storage, root: Path) -> bool:
     # Streamed into a file beside it first (a manifest of a million rows is hundreds
     # of MB): the local one is set aside only once the snapshot is whole on disk.
     download = local.with_name(f".{MANIFEST_NAME}.download")
-    dest.write_to_file(SNAPSHOT_KEY, download)
+    dest.read_to_file(SNAPSHOT_KEY, download)
     if local.exists():
         aside = local.with_name(f"{MANIFEST_NAME}.replaced-{int(time.time())}")
         # With its WAL: the copy kept aside is the whole of what it said.
@@ -204,7 +204,7 @@ def remote_manifest_root(
     where = f"{location.url()}/{SNAPSHOT_KEY}"
     with tempfile.TemporaryDirectory(prefix="optimizr-snapshot-") as tmp:
         try:
-            storage().write_to_file(SNAPSHOT_KEY, manifest_path(Path(tmp)))
+            storage().read_to_file(SNAPSHOT_KEY, manifest_path(Path(tmp)))
         except FileNotFoundError:
             raise UsageError(
                 f"no optimizr manifest for {location.url()}: neither a local one "

@@ -539,14 +539,7 @@ class Pipeline:
         except OSError as exc:
             self._done_with(flight)
             unreadable = SourceUnreadable(exc.strerror or str(exc))
-            self._record(
-                _failure(flight.entry.key, unreadable),
-                entry=flight.entry,
-                checked_ns=flight.checked_ns,
-                attempts=flight.attempts,
-                known=flight.known,
-                plan=flight.plan,
-            )
+            self._recorder(flight, ())(_failure(flight.entry.key, unreadable))
             return
         if flight.spool is None and len(stored.data) != flight.held and self.transfers:
             # Replaced by a bigger or smaller object since the listing: hold what is held.

@@ -96,10 +96,6 @@ class Transfers:
     def in_flight(self) -> int:
         return self._in_flight
 
-    @property
-    def held_bytes(self) -> int:
-        return self._held
-
     def has_room(self, size: int) -> bool:
         """May another transfer of ``size`` bytes start now? A free thread and, with a
         budget, the bytes free in it; with nothing in flight it may always start

@@ -184,20 +184,14 @@ class Storage(ABC):
         return None
 
     def read_to_file(self, key: str, path: Path) -> StoredObject:
-        """Fetch ``key`` into the file ``path`` (a private spool file: written in
-        place); what the store said of it, with no bytes in ``data``."""
+        """Copy ``key`` into the file ``path``, whole or not at all (streamed where the
+        backend can: a spooled source, a manifest snapshot); what the store said of
+        it, with no bytes in ``data``."""
+        from optimizr.atomic import atomic_write
+
         stored = self.read_object(key)
-        path.write_bytes(stored.data)
+        atomic_write(path, stored.data)
         return StoredObject(b"", stored.etag, stored.metadata)
-
-    def write_to_file(self, key: str, path: Path) -> None:
-        """Copy ``key`` into the file ``path``, whole or not at all (streamed where it can)."""
-        from optimizr.atomic import atomic_open
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_open(path) as out:
-            for chunk in self.iter_chunks(key):
-                out.write(chunk)
 
     def iter_chunks(self, key: str) -> Iterator[bytes]:
         yield self.read_bytes(key)

@@ -42,6 +42,7 @@ from obstore.exceptions import (
 )
 from obstore.store import AzureStore, GCSStore, LocalStore, MemoryStore, S3Store
 
+from optimizr.atomic import atomic_open
 from optimizr.errors import UsageError
 from optimizr.storage.aws_profiles import Profile, profile_to_use, read_profile
 from optimizr.storage.base import (
@@ -352,15 +353,16 @@ class ObjectStorage(Storage):
         }
 
     def read_to_file(self, key: str, path: Path) -> StoredObject:
-        # Streamed: a source above --spool-above never sits in memory whole. One
-        # attempt writes the file from its start, so a retried GET leaves no mix.
+        # Streamed: a source above --spool-above, or a snapshot, never sits in memory
+        # whole. Each attempt writes a temporary of its own, renamed once complete,
+        # so a retried GET leaves no mix and a failed one leaves nothing.
         full = self._full(key)
 
         def get() -> StoredObject:
             result = obstore.get(self.store, full)
-            with open(path, "wb") as out:
+            with atomic_open(path) as out:
                 for chunk in result.stream(min_chunk_size=1 << 20):
-                    out.write(chunk)
+                    out.write(bytes(chunk))
             return StoredObject(b"", _etag(result.meta), self._user_metadata(result))
 
         try:
