@@ -137,8 +137,9 @@ def test_version_names_the_libraries() -> None:
     assert result.exit_code == 0
     lines = result.stdout.splitlines()
     assert lines[0].startswith("optimizr ")
-    assert [line.split()[0] for line in lines[1:]] == ["libvips", "libwebp", "Python"]
+    assert [line.split()[0] for line in lines[1:]] == ["libvips", "libwebp", "Python", "encoder:"]
     assert f"{sys.version_info.major}.{sys.version_info.minor}" in lines[3]
+    assert lines[4].startswith(("encoder: libwebp ", "encoder: libvips webpsave (slower: "))
 
 
 def test_quiet_shows_only_failures(tmp_path: Path) -> None:

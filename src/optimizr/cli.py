@@ -44,12 +44,14 @@ from optimizr.convert import convert_tree
 from optimizr.errors import OptimizrError, UsageError
 from optimizr.events import Listeners, ProgressListener, StopToken
 from optimizr.filenames import json_safe, printable
+from optimizr.libwebp import encoder_info
 from optimizr.lock import describe_holder
 from optimizr.metrics.logs import LogListener, configure_logging
 from optimizr.metrics.progress import TerminalProgress, deletion_lines, summary_table
 from optimizr.status import StatusReport, read_status
 from optimizr.storage.objectstore import ObjectStorage
 from optimizr.storage.urls import is_url
+from optimizr.versions import tool_versions
 
 if TYPE_CHECKING:
     from optimizr.metrics.exporter import MetricsExporter
@@ -107,13 +109,13 @@ def _wants_json(argv: Sequence[str]) -> bool:
 def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
     if not value or ctx.resilient_parsing:
         return
-    from optimizr.convert import tool_versions
 
     tool = tool_versions()
     click.echo(f"optimizr {__version__}")
     click.echo(f"libvips {tool['libvips']} (pyvips {tool['pyvips']})")
-    click.echo(f"libwebp {tool['libwebp']}")
+    click.echo(f"libwebp {tool['libwebp']} ({tool['libwebp_origin']})")
     click.echo(f"Python {tool['python']}")
+    click.echo(encoder_info().describe())
     ctx.exit(0)
 
 
@@ -218,6 +220,7 @@ def _convert(logger: logging.Logger, config: RunConfig, console: ConsoleOptions,
                 labels=run_labels(config),
                 # Read at each scrape: the stores convert_tree builds, as it builds them.
                 storage_statistics=lambda: [store.statistics() for store in stores],
+                build_info=tool_versions(config.encode.encoder),
             )
             listener = Listeners(progress, log, exporter)
 

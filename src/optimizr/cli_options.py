@@ -130,6 +130,10 @@ OPTIONS: tuple[Opt, ...] = (
     Opt(("--pages",), "pages", "encode",
         "Multi-page TIFF: the first page (with a warning), or all (name.p2.webp, ...).",
         "first", click.Choice(["first", "all"])),
+    Opt(("--encoder",), "encoder", "encode",
+        "libwebp (optimizr's binding of Pillow's -O3 build), libvips (webpsave, slower), "
+        "or auto: libwebp when it loads. Same bytes either way.",
+        "auto", click.Choice(["auto", "libwebp", "libvips"])),
     # -- what the run does with outputs and sources (RunConfig)
     Opt(("--if-larger",), "if_larger", "run",
         "When the WebP is bigger than the source: skip or write.",

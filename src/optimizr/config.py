@@ -28,6 +28,7 @@ NameMode = Literal["replace", "append", "auto"]
 IfExists = Literal["skip", "overwrite"]
 Preset = Literal["default", "picture", "photo", "drawing", "icon", "text"]
 Pages = Literal["first", "all"]
+Encoder = Literal["auto", "libwebp", "libvips"]
 
 PRESETS: tuple[str, ...] = ("default", "picture", "photo", "drawing", "icon", "text")
 
@@ -55,6 +56,10 @@ class EncodeOptions:
     #: A multi-page TIFF: its first page (with a warning), or every page as its own
     #: output (``scan.webp``, ``scan.p2.webp``, ...).
     pages: Pages = "first"
+    #: Who encodes: libwebp through optimizr's binding (Pillow's -O3 build), libvips'
+    #: webpsave (pyvips-binary's -Os build, ~1.24x the CPU), or auto: the binding
+    #: when it loads. Both write the same bytes, so it is not in the fingerprint.
+    encoder: Encoder = "auto"
 
     def __post_init__(self) -> None:
         _check_range("--quality", self.quality, 0, 100)
@@ -73,6 +78,8 @@ class EncodeOptions:
             raise UsageError(f"--metadata must be none, icc or all, not {self.metadata!r}")
         if self.oversize not in ("fail", "fit"):
             raise UsageError(f"--oversize must be fail or fit, not {self.oversize!r}")
+        if self.encoder not in ("auto", "libwebp", "libvips"):
+            raise UsageError(f"--encoder must be auto, libwebp or libvips, not {self.encoder!r}")
         if self.pages not in ("first", "all"):
             raise UsageError(f"--pages must be first or all, not {self.pages!r}")
 

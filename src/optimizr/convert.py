@@ -11,6 +11,7 @@ in the calling process, with no manifest.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sqlite3
@@ -58,8 +59,12 @@ from optimizr.storage.local import LocalStorage
 from optimizr.storage.objectstore import ObjectStorage
 from optimizr.storage.urls import is_url
 from optimizr.transfers import Transfers, default_io_concurrency
+from optimizr.versions import check_encoder, tool_versions
 
 PathArg = str | os.PathLike[str]
+
+
+_log = logging.getLogger("optimizr")
 
 
 def convert_tree(
@@ -224,6 +229,10 @@ def _execute(
     remote: bool = False,
 ) -> RunSummary:
     own_executor = executor is None
+    encoder = check_encoder(config.encode)
+    if encoder.fallback and config.encode.encoder == "auto":
+        # Said once, at the start; the summary's tool.encoder says it too.
+        _log.warning("%s", encoder.describe())
     if executor is not None:
         workers = executor.workers
     else:
@@ -343,7 +352,7 @@ def _execute(
         # Share of the workers' time spent holding an image.
         "utilisation": round(stats.busy_seconds / (stats.workers * wall), 4) if wall > 0 else 0.0,
     }
-    summary.tool = tool_versions()
+    summary.tool = tool_versions(config.encode.encoder)
     if transfers is not None:
         summary.storage["transfers"] = transfers.stats.to_dict(transfers.concurrency)
     for role, storage in (("src", layout.source), ("dest", dest)):
@@ -351,30 +360,6 @@ def _execute(
         if callable(statistics):
             summary.storage[role] = statistics().to_dict()
     return summary
-
-
-def tool_versions() -> dict[str, str]:
-    import platform
-    from importlib import metadata
-
-    import pyvips
-
-    from optimizr import __version__
-
-    try:
-        binary = metadata.version("pyvips-binary")
-    except metadata.PackageNotFoundError:
-        binary = "none (system libvips)"
-    return {
-        "name": "optimizr",
-        "version": __version__,
-        "python": platform.python_version(),
-        "pyvips": metadata.version("pyvips"),
-        "libvips": f"{pyvips.version(0)}.{pyvips.version(1)}.{pyvips.version(2)}",
-        # libvips links libwebp statically and exports neither its symbols nor
-        # its version; the wheel that bundles it is the most precise fact there is.
-        "libwebp": f"bundled with pyvips-binary {binary}",
-    }
 
 
 def _summary_json(doc: dict[str, Any]) -> bytes:

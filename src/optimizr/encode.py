@@ -40,7 +40,11 @@ from optimizr.errors import (
     TruncatedImage,
     UnsupportedImage,
 )
+from optimizr.libwebp import LibWebP
+from optimizr.libwebp import load as load_libwebp
 from optimizr.sniff import HEAD_SIZE, Sniffed, sniff_bytes, sniff_file
+from optimizr.webp_writer import Phases, oriented_size, orients_in_planes
+from optimizr.webp_writer import encode as libwebp_encode
 
 Source = str | bytes
 
@@ -71,6 +75,11 @@ class ImageFacts:
     read_seconds: float = 0.0
     decode_seconds: float = 0.0
     encode_seconds: float = 0.0
+    #: With libwebp's own binding (not libvips' webpsave), the decoded strips'
+    #: import into libwebp's picture (rotation included) and the mux of
+    #: metadata and container, which are otherwise inside decode and encode.
+    import_seconds: float = 0.0
+    mux_seconds: float = 0.0
     #: Pages in the file (a multi-page TIFF); ``frames`` counts animation frames.
     pages: int = 1
     #: What the conversion did that the user should know of, one line each
@@ -149,13 +158,13 @@ def encode_webp(source: Source, options: EncodeOptions) -> Encoded:
         raise error from None
     has_alpha = webp_has_alpha(webp)
     icc_kept = options.metadata != "none" and image.get_typeof("icc-profile-data") != 0
-    page_height = _page_height(image)
+    width_out, height_out = oriented_size(image.width, _page_height(image), loaded.orientation)
     facts = ImageFacts(
         format="apng" if sniffed.animated_png else sniffed.format,
         width_in=loaded.width,
         height_in=loaded.height,
-        width_out=image.width,
-        height_out=page_height,
+        width_out=width_out,
+        height_out=height_out,
         frames=loaded.frames,
         bytes_in=bytes_in,
         bytes_out=len(webp),
@@ -168,6 +177,8 @@ def encode_webp(source: Source, options: EncodeOptions) -> Encoded:
         read_seconds=round(clock.read, 6),
         decode_seconds=round(clock.decode, 6),
         encode_seconds=round(clock.encode, 6),
+        import_seconds=round(clock.import_, 6),
+        mux_seconds=round(clock.mux, 6),
         pages=loaded.pages,
         warnings=tuple(warnings),
     )
@@ -185,8 +196,10 @@ class _PhaseClock:
 
     def __init__(self, started: float) -> None:
         self.started = started
-        self.read = self.decode = self.encode = 0.0
+        self.read = self.decode = self.encode = self.import_ = self.mux = 0.0
         self._built = self._pixels = 0.0
+        #: Filled by the libwebp binding, which times its own steps.
+        self.phases: Phases | None = None
 
     def built(self, decoded_already: bool) -> None:
         self._built = time.perf_counter()
@@ -205,6 +218,13 @@ class _PhaseClock:
 
     def saved(self) -> None:
         end = time.perf_counter()
+        if self.phases is not None:
+            phases, self.phases = self.phases, None
+            self.decode += phases.decode
+            self.import_ += phases.import_
+            self.encode += phases.encode
+            self.mux += phases.mux
+            return
         pixels = self._pixels or end
         self.decode += pixels - self._built
         self.encode = end - pixels
@@ -224,7 +244,7 @@ def _convert(
     loaded = dataclasses.replace(loaded, converted_to_srgb=converted)
     if clock is not None:
         clock.built(decoded_already=sniffed.format == "bmp" or sniffed.animated_png)
-    webp = _save(image, options, clock)
+    webp = _save(image, options, clock, loaded.orientation)
     if clock is not None:
         clock.saved()
     return loaded, image, webp
@@ -264,6 +284,8 @@ class _Loaded:
     converted_to_srgb: bool = False
     #: Pages in the file: a multi-page TIFF (each page its own image, unlike frames).
     pages: int = 1
+    #: The EXIF orientation the encoder still has to apply (1: the image is upright).
+    orientation: int = 1
 
 
 def _load(
@@ -301,13 +323,22 @@ def _load(
 
     if target is None:
         # Flips and rotations read the rows out of order, which a sequential
-        # (streaming) decode cannot do; only those images are fully decoded first.
-        access = "sequential" if orientation == 1 else "random"
+        # (streaming) decode cannot do. The libwebp binding rotates the stored
+        # rows into its picture instead (webp_writer); other images to rotate
+        # are fully decoded first.
+        rotate_in_planes = frames == 1 and rotates_in_encoder(
+            width, page_height, orientation, options
+        )
+        access = "sequential" if orientation == 1 or rotate_in_planes else "random"
         image = (
             _open(source, fail_on, n=-1, access=access)
             if all_frames
             else _open(source, fail_on, access=access, **on_page)
         )
+        if rotate_in_planes:
+            return _Loaded(
+                image, width, page_height, frames, False, pages=pages, orientation=orientation
+            )
         if orientation != 1 and frames == 1:
             image = image.autorot()
         return _Loaded(image, width, page_height, frames, False, pages=pages)
@@ -328,6 +359,21 @@ def _load(
             open_vips_source(source), t_w, option_string=loader_options, height=t_h, size="down"
         )
     return _Loaded(image, width, page_height, frames, True, pages=pages)
+
+
+def encoder_for(options: EncodeOptions) -> LibWebP | None:
+    """libwebp's binding, unless --encoder libvips or it cannot be loaded here."""
+    return None if options.encoder == "libvips" else load_libwebp()
+
+
+def rotates_in_encoder(width: int, height: int, orientation: int, options: EncodeOptions) -> bool:
+    """Will a photo to rotate by ``orientation`` stream, rotated in libwebp's picture,
+    rather than be decoded whole? (The memory estimate asks the same.)"""
+    return (
+        orientation != 1
+        and encoder_for(options) is not None
+        and orients_in_planes(width, height, orientation, options)
+    )
 
 
 def _png_cut_short(source: Source) -> bool:
@@ -482,7 +528,34 @@ def _fit_to_webp(image: Any, options: EncodeOptions) -> Any:
 _WEBP_MAX_LOOP = 65535
 
 
-def _save(image: Any, options: EncodeOptions, clock: _PhaseClock | None = None) -> bytes:
+def _save(
+    image: Any, options: EncodeOptions, clock: _PhaseClock | None = None, orientation: int = 1
+) -> bytes:
+    if _pages(image) > 1 and image.get_typeof("loop") and int(image.get("loop")) > _WEBP_MAX_LOOP:
+        # WebP stores 16 bits of loop count; libvips writes anything larger
+        # as 0, which means "forever". A finite animation must stay finite.
+        image = image.copy()
+        image.set_type(pyvips.GValue.gint_type, "loop", _WEBP_MAX_LOOP)
+    lib = encoder_for(options)
+    if lib is not None:
+        phases = Phases()
+        data = libwebp_encode(
+            lib,
+            image,
+            options,
+            orientation=orientation,
+            page_height=_page_height(image),
+            phases=phases,
+        )
+        if clock is not None:
+            clock.phases = phases
+        return data
+    assert orientation == 1, "only the libwebp binding rotates in the encoder"
+    return _webpsave(image, options, clock)
+
+
+def _webpsave(image: Any, options: EncodeOptions, clock: _PhaseClock | None) -> bytes:
+    """libvips' own WebP save: the fallback where libwebp's binding cannot load."""
     keep = {
         "none": pyvips.enums.ForeignKeep.NONE,
         "icc": pyvips.enums.ForeignKeep.ICC,
@@ -503,11 +576,6 @@ def _save(image: Any, options: EncodeOptions, clock: _PhaseClock | None = None) 
         kwargs["lossless"] = True
     if _pages(image) > 1:
         kwargs["page_height"] = _page_height(image)
-        if image.get_typeof("loop") and int(image.get("loop")) > _WEBP_MAX_LOOP:
-            # WebP stores 16 bits of loop count; libvips writes anything larger
-            # as 0, which means "forever". A finite animation must stay finite.
-            image = image.copy()
-            image.set_type(pyvips.GValue.gint_type, "loop", _WEBP_MAX_LOOP)
     if clock is not None:
         clock.watch(image)
     data: bytes = image.webpsave_buffer(**kwargs)

@@ -196,7 +196,9 @@ class RunSummary:
     sizes_in: LogHistogram = field(default_factory=lambda: LogHistogram(10, 1e11, 10))
     sizes_out: LogHistogram = field(default_factory=lambda: LogHistogram(10, 1e11, 10))
     phases: dict[str, float] = field(
-        default_factory=lambda: dict.fromkeys(("read", "decode", "encode", "write"), 0.0)
+        default_factory=lambda: dict.fromkeys(
+            ("read", "decode", "import", "encode", "mux", "write"), 0.0
+        )
     )
     largest_savings: TopN = field(default_factory=TopN)
     #: Outputs written at least as large as their source (only --if-larger write
@@ -259,6 +261,8 @@ class RunSummary:
                 self.phases["read"] += facts.read_seconds
                 self.phases["decode"] += facts.decode_seconds
                 self.phases["encode"] += facts.encode_seconds
+                self.phases["import"] += facts.import_seconds
+                self.phases["mux"] += facts.mux_seconds
             self.timeline.sample(self.finished, self.bytes_in, self.bytes_out)
             return
         if result.reason == DRY_RUN:
@@ -364,7 +368,7 @@ class RunSummary:
             "latency_seconds": self.latency.summary(),
             "phases_seconds": {
                 phase: round(self.phases[phase], 3)
-                for phase in ("read", "decode", "encode", "write")
+                for phase in ("read", "decode", "import", "encode", "mux", "write")
             },
             "throughput": {
                 "files_per_second": per_second(self.finished),

@@ -106,6 +106,10 @@ def main() -> None:
     trim_heap = keep_heap_compact()
     configure_libvips(threads)
     from optimizr.executors.codec_messages import CodecMessages
+    from optimizr.libwebp import load as load_libwebp
+
+    # Loaded (or found missing) before "ready", not inside the first image's time.
+    load_libwebp()
 
     conn = Connection(fd)
     with CodecMessages() as messages:

@@ -32,6 +32,7 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Histogram,
+    Info,
     generate_latest,
 )
 from prometheus_client.core import (
@@ -318,6 +319,7 @@ class MetricsExporter:
         clock: Callable[[], float] = time.monotonic,
         labels: Mapping[str, str] | None = None,
         storage_statistics: Callable[[], Sequence[StorageStatistics]] | None = None,
+        build_info: Mapping[str, str] | None = None,
     ) -> None:
         self.stall_timeout = stall_timeout
         self.clock = clock
@@ -344,6 +346,14 @@ class MetricsExporter:
             buckets=SECONDS_BUCKETS,
             registry=self.registry,
         )
+        if build_info:
+            # optimizr_build_info{version=...,libvips=...,encoder=...,libwebp=...} 1: the
+            # figures of two runs compare only when these match.
+            Info(
+                "optimizr_build",
+                "Versions of optimizr and its libraries, and the WebP encoder in use.",
+                registry=self.registry,
+            ).info(dict(build_info))
         self.registry.register(_SnapshotCollector(self))
         self.registry.register(_StorageCollector(self))
         self._snapshot: Callable[[], RunSnapshot] | None = None
