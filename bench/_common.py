@@ -429,6 +429,25 @@ def machine_lines() -> list[str]:
     ]
 
 
+def pyvips_binary_component(marker: str) -> str | None:
+    """The first text in pyvips-binary's libvips that starts with ``marker`` (the
+    libraries it links statically print their versions so, e.g. "mozjpeg version")."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("pyvips")
+    if spec is None or spec.origin is None:
+        return None
+    site = Path(spec.origin).parent.parent
+    encoded = marker.encode()
+    for library in sorted(site.glob("pyvips_binary.libs/libvips*.so*")):
+        data = library.read_bytes()
+        start = data.find(encoded)
+        if start >= 0:
+            end = data.find(b"\0", start)
+            return data[start:end].decode(errors="replace")
+    return None
+
+
 def libvips_version() -> str:
     import pyvips
 
