@@ -117,9 +117,10 @@ bench-corpus: $(STAMP)
 	@test -f $(BENCH_DATA)/corpus.done || { \
 	  $(BIN)/python bench/make_corpus.py $(BENCH_DATA)/corpus && touch $(BENCH_DATA)/corpus.done; }
 
+# big-2: the big corpus with its rotated JPEGs and PNGs (an older one gets them added).
 bench-big-corpus: $(STAMP)
-	@test -f $(BENCH_DATA)/big.done || { \
-	  $(BIN)/python bench/make_corpus.py $(BENCH_DATA)/big --big && touch $(BENCH_DATA)/big.done; }
+	@test -f $(BENCH_DATA)/big-2.done || { \
+	  $(BIN)/python bench/make_corpus.py $(BENCH_DATA)/big --big && touch $(BENCH_DATA)/big-2.done; }
 
 bench-compare: $(STAMP) bench-peers bench-corpus
 	$(BIN)/python bench/compare.py $(BENCH_DATA)/corpus --rounds $(BENCH_ROUNDS) --workers $(BENCH_WORKERS)
