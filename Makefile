@@ -102,7 +102,7 @@ BENCH_DATA := bench/.data
 BENCH_ROUNDS ?= 3
 BENCH_WORKERS ?= 2
 
-.PHONY: bench bench-peers bench-corpus bench-big-corpus bench-compare bench-scaling bench-memory bench-calibrate bench-resume bench-encoder
+.PHONY: bench bench-peers bench-corpus bench-big-corpus bench-compare bench-scaling bench-memory bench-calibrate bench-resume bench-encoder bench-decode
 
 bench: $(STAMP) bench-peers bench-corpus
 	$(BIN)/python bench/compare.py $(BENCH_DATA)/corpus --rounds $(BENCH_ROUNDS) --workers $(BENCH_WORKERS)
@@ -117,9 +117,10 @@ bench-corpus: $(STAMP)
 	@test -f $(BENCH_DATA)/corpus.done || { \
 	  $(BIN)/python bench/make_corpus.py $(BENCH_DATA)/corpus && touch $(BENCH_DATA)/corpus.done; }
 
+# big-2: the big corpus with its rotated JPEGs and PNGs (an older one gets them added).
 bench-big-corpus: $(STAMP)
-	@test -f $(BENCH_DATA)/big.done || { \
-	  $(BIN)/python bench/make_corpus.py $(BENCH_DATA)/big --big && touch $(BENCH_DATA)/big.done; }
+	@test -f $(BENCH_DATA)/big-2.done || { \
+	  $(BIN)/python bench/make_corpus.py $(BENCH_DATA)/big --big && touch $(BENCH_DATA)/big-2.done; }
 
 bench-compare: $(STAMP) bench-peers bench-corpus
 	$(BIN)/python bench/compare.py $(BENCH_DATA)/corpus --rounds $(BENCH_ROUNDS) --workers $(BENCH_WORKERS)
@@ -132,6 +133,9 @@ bench-memory: $(STAMP) bench-big-corpus
 
 bench-calibrate: $(STAMP)
 	$(BIN)/python bench/calibrate_memory.py
+
+bench-decode: $(STAMP) bench-corpus
+	$(BIN)/python bench/decode_speed.py
 
 bench-encoder: $(STAMP) bench-peers bench-corpus
 	$(BIN)/python bench/encoder_speed.py $$(ls $(BENCH_DATA)/corpus/*.jpg | awk 'NR % 10 == 1')

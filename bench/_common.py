@@ -390,6 +390,86 @@ def find_sharp() -> Peer | None:
     return Peer(node, {}, version)
 
 
+@dataclass(frozen=True)
+class EncoderInfo:
+    """Which WebP encoder a tool ran: its name, the libwebp version and where that came from."""
+
+    name: str
+    libwebp: str
+    origin: str
+
+    def label(self) -> str:
+        return f"{self.name}, libwebp {self.libwebp or '?'}"
+
+    def describe(self) -> str:
+        return f"{self.label()}, from {self.origin or '?'}"
+
+
+def optimizr_encoder(summary: Mapping[str, Any] | None) -> EncoderInfo:
+    """optimizr's encoder as its run reported it: the summary's ``encoder`` block
+    (name, libwebp_version, origin) when it has one, else ``tool.libwebp``, else
+    the lines of ``optimizr --version`` that name the encoder or libwebp."""
+    block = (summary or {}).get("encoder")
+    if isinstance(block, Mapping) and block.get("name"):
+        return EncoderInfo(
+            str(block["name"]),
+            str(block.get("libwebp_version") or ""),
+            str(block.get("origin") or ""),
+        )
+    tool = (summary or {}).get("tool")
+    if isinstance(tool, Mapping) and tool.get("libwebp"):
+        return EncoderInfo(
+            "libvips webpsave (summary has no encoder block)", "", str(tool["libwebp"])
+        )
+    lines = _output([*optimizr_command(), "--version"], {}).splitlines()
+    said = [line.strip() for line in lines if "libwebp" in line or "encoder" in line]
+    return EncoderInfo("as `optimizr --version` says", "", "; ".join(said) or "unknown")
+
+
+def cwebp_encoder(peer: Peer) -> EncoderInfo:
+    """cwebp prints its libwebp's version; the package it came from is asked of dpkg
+    (installed with apt-get) or read from the .deb that install_peers.sh unpacked."""
+    version = peer.version.splitlines()[0] if peer.version else ""
+    path = Path(peer.executable)
+    if path.is_relative_to(PEERS_DIR):
+        debs = sorted((PEERS_DIR / "debs").glob("webp_*.deb"))
+        package = debs[0].name.split("_")[1] if debs else "?"
+        return EncoderInfo("cwebp", version, f"Debian package webp {package}, unpacked in {path}")
+    owner = _output(["dpkg", "-S", str(path.resolve())], {}).split(":")[0].strip()
+    if not owner:
+        return EncoderInfo("cwebp", version, f"{path} (no Debian package owns it)")
+    package = _output(["dpkg-query", "-W", "-f", "${Version}", owner], {}).strip()
+    libwebp = _output(["dpkg-query", "-W", "-f", "${Version}", "libwebp7"], {}).strip()
+    shared = f", shared libwebp7 {libwebp}" if libwebp else ""
+    return EncoderInfo("cwebp", version, f"Debian package {owner} {package} ({path}{shared})")
+
+
+def sharp_encoder() -> EncoderInfo | None:
+    node = shutil.which("node")
+    if node is None:
+        return None
+    try:
+        info = json.loads(_output([node, str(BENCH_DIR / "sharp_convert.mjs"), "--version"], {}))
+    except ValueError:
+        return None
+    origin = f"sharp {info['sharp']} prebuilt binaries (sharp-libvips {info['libvips']})"
+    return EncoderInfo("sharp (libvips webpsave)", str(info["libwebp"]), origin)
+
+
+def pillow_encoder() -> EncoderInfo | None:
+    code = (
+        "import glob, os, PIL; from PIL import features; "
+        "libs = glob.glob(os.path.join(os.path.dirname(PIL.__file__), '..', 'pillow.libs', "
+        "'libwebp-*.so*')); "
+        "print(PIL.__version__, features.version('webp'), "
+        "os.path.realpath(libs[0]) if libs else 'Pillow build')"
+    )
+    parts = _output([str(venv_python()), "-c", code], {}).split(maxsplit=2)
+    if len(parts) != 3:
+        return None
+    return EncoderInfo(f"Pillow {parts[0]} WebP plugin", parts[1], parts[2])
+
+
 def pillow_version() -> str | None:
     text = _output([str(venv_python()), "-c", "import PIL; print(PIL.__version__)"], {})
     return text.strip() or None
@@ -427,6 +507,25 @@ def machine_lines() -> list[str]:
         f"machine: {platform.machine()}, nproc {usable} (of {os.cpu_count()}), {model}, "
         f"{memory / 2**30:.1f} GiB RAM, load average {load}",
     ]
+
+
+def pyvips_binary_component(marker: str) -> str | None:
+    """The first text in pyvips-binary's libvips that starts with ``marker`` (the
+    libraries it links statically print their versions so, e.g. "mozjpeg version")."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("pyvips")
+    if spec is None or spec.origin is None:
+        return None
+    site = Path(spec.origin).parent.parent
+    encoded = marker.encode()
+    for library in sorted(site.glob("pyvips_binary.libs/libvips*.so*")):
+        data = library.read_bytes()
+        start = data.find(encoded)
+        if start >= 0:
+            end = data.find(b"\0", start)
+            return data[start:end].decode(errors="replace")
+    return None
 
 
 def libvips_version() -> str:

@@ -17,10 +17,18 @@ Measured for each run, from outside the tool:
   output    bytes written under the destination folder
 
 Prints per tool the medians over the rounds (wall, CPU, peak RSS), output
-bytes, MB/s (input bytes / wall) and megapixels/s; then optimizr's median wall
-over the fastest peer's, and optimizr's own figures from its summary.json
-(cpu.efficiency, cpu.orchestration_share, executor.tail_seconds) next to
-the external measurements of the same runs.
+bytes, MB/s (input bytes / wall) and megapixels/s, and which encoder it ran:
+its name, libwebp version and origin (optimizr: each run's summary.json
+``encoder`` block, else its ``tool.libwebp``, else ``optimizr --version``;
+cwebp: ``cwebp -version`` and the Debian package that owns it; sharp: its
+``sharp.versions``; Pillow: ``features.version("webp")`` and the library file).
+Then optimizr's median wall over each peer's, with issue 12's targets (<= 1.00x
+cwebp, ambition 0.95x; <= 0.88x sharp); optimizr's own figures from its
+summary.json (cpu.efficiency, target >= 0.95, cpu.orchestration_share,
+executor.tail_seconds) next to the external measurements of the same runs; and
+where optimizr's time goes: every phase of the summary's ``phases_seconds``
+(summed over images), and orchestration = the workers' wall (workers x run
+wall) minus the phases that run in the workers.
 """
 
 from __future__ import annotations
@@ -40,9 +48,11 @@ from _common import (
     MB,
     MIB,
     CorpusStats,
+    EncoderInfo,
     Peer,
     Run,
     corpus_stats,
+    cwebp_encoder,
     describe_corpus,
     find_cwebp,
     find_sharp,
@@ -53,10 +63,13 @@ from _common import (
     median,
     optimizr_command,
     optimizr_convert,
+    optimizr_encoder,
+    pillow_encoder,
     pillow_version,
     print_table,
     read_json,
     run_measured,
+    sharp_encoder,
     tree_bytes,
     venv_python,
     warm_cache,
@@ -92,6 +105,14 @@ class Tool:
     runs: list[Run] = field(default_factory=list)
     outputs: list[tuple[int, int]] = field(default_factory=list)  # (files, bytes) per run
     summaries: list[dict[str, Any]] = field(default_factory=list)
+    #: The encoder a peer always runs; optimizr's is read from each run's summary.
+    encoder: EncoderInfo | None = None
+    encoders: list[EncoderInfo] = field(default_factory=list)  # per run
+
+    def encoders_used(self) -> list[EncoderInfo]:
+        """The distinct encoders of the runs (more than one: a fallback in some run)."""
+        seen = list(dict.fromkeys(self.encoders))
+        return seen or ([self.encoder] if self.encoder else [])
 
 
 def optimizr_tool(s: Settings) -> Tool:
@@ -114,7 +135,7 @@ def cwebp_tool(s: Settings, peer: Peer) -> Tool:
         for folder in sorted({p.parent for p in list_images(s.src)}):
             (dest / folder.relative_to(s.src)).mkdir(parents=True, exist_ok=True)
 
-    return Tool("cwebp", command, dict(peer.env), prepare)
+    return Tool("cwebp", command, dict(peer.env), prepare, encoder=cwebp_encoder(peer))
 
 
 def sharp_tool(s: Settings, peer: Peer) -> Tool:
@@ -124,7 +145,7 @@ def sharp_tool(s: Settings, peer: Peer) -> Tool:
         args = [str(s.src), str(dest), str(s.workers), str(s.quality), str(s.effort)]
         return [peer.executable, script, *args]
 
-    return Tool("sharp", command, dict(peer.env))
+    return Tool("sharp", command, dict(peer.env), encoder=sharp_encoder())
 
 
 def pillow_tool(s: Settings) -> Tool:
@@ -134,7 +155,7 @@ def pillow_tool(s: Settings) -> Tool:
         args = ["-j", str(s.workers), "-q", str(s.quality), "--method", str(s.effort)]
         return [str(venv_python()), script, str(s.src), str(dest), *args]
 
-    return Tool("pillow_pool", command)
+    return Tool("pillow_pool", command, encoder=pillow_encoder())
 
 
 def discover_tools(s: Settings) -> list[Tool]:
@@ -174,10 +195,15 @@ def run_once(tool: Tool, work: Path, label: str) -> Run:
     data = read_json(summary)
     if data is not None:
         tool.summaries.append(data)
+    if tool.name == "optimizr":
+        tool.encoders.append(optimizr_encoder(data))
+    elif tool.encoder is not None:
+        tool.encoders.append(tool.encoder)
+    encoder = tool.encoders[-1].label() if tool.encoders else "encoder unknown"
     status = "" if run.returncode == 0 else f"  EXIT {run.returncode}: {run.stderr_tail[-300:]!r}"
     print(
         f"  {label} {tool.name:<12} wall {run.wall_seconds:7.2f} s  CPU {run.cpu_seconds:7.2f} s"
-        f"  peak {run.peak_bytes / MIB:7.0f} MiB  files {tool.outputs[-1][0]}{status}",
+        f"  peak {run.peak_bytes / MIB:7.0f} MiB  files {tool.outputs[-1][0]}  [{encoder}]{status}",
         flush=True,
     )
     return run
@@ -198,6 +224,7 @@ def result_rows(tools: list[Tool], stats: CorpusStats) -> list[list[object]]:
         rows.append(
             [
                 tool.name,
+                " + ".join(e.label() for e in tool.encoders_used()) or "?",
                 len(tool.runs),
                 wall,
                 median(r.cpu_seconds for r in tool.runs),
@@ -220,6 +247,7 @@ def print_results(tools: list[Tool], stats: CorpusStats, settings: Settings) -> 
     )
     headers = [
         "tool",
+        "encoder",
         "runs",
         "wall s",
         "CPU s",
@@ -231,23 +259,40 @@ def print_results(tools: list[Tool], stats: CorpusStats, settings: Settings) -> 
         "MP/s",
     ]
     print_table(headers, result_rows(tools, stats))
-    print_ratio(tools)
+    print("encoders (libwebp version and where it came from):")
+    for tool in tools:
+        for encoder in tool.encoders_used() or [None]:
+            print(f"  {tool.name:<12} {encoder.describe() if encoder else 'unknown'}")
+    print_ratios(tools)
     print_cpu_check(tools)
     print_optimizr_summary(tools[0])
+    print_phases(tools[0], stats)
 
 
-def print_ratio(tools: list[Tool]) -> None:
+#: Issue 12's targets for optimizr's median wall over each peer's: (target, ambition).
+TARGETS = {"cwebp": (1.00, 0.95), "sharp": (0.88, None)}
+
+
+def print_ratios(tools: list[Tool]) -> None:
     optimizr, peers = tools[0], tools[1:]
     if not peers:
         print("\nno peer installed: no ratio")
         return
-    fastest = min(peers, key=lambda t: median(r.wall_seconds for r in t.runs))
     ours = median(r.wall_seconds for r in optimizr.runs)
-    theirs = median(r.wall_seconds for r in fastest.runs)
-    print(
-        f"\noptimizr median wall / fastest peer ({fastest.name}) median wall: "
-        f"{ours:.2f} / {theirs:.2f} s = {ours / theirs:.3f}  (target <= 0.90)"
-    )
+    print("\noptimizr median wall / peer median wall:")
+    for peer in peers:
+        theirs = median(r.wall_seconds for r in peer.runs)
+        ratio = ours / theirs
+        line = f"  / {peer.name:<12} {ours:7.2f} / {theirs:7.2f} s = {ratio:.3f}"
+        target, ambition = TARGETS.get(peer.name, (None, None))
+        if target is not None:
+            line += f"  target <= {target:.2f}x: {'met' if ratio <= target else 'NOT MET'}"
+        if ambition is not None:
+            line += f"; ambition <= {ambition:.2f}x: {'met' if ratio <= ambition else 'not yet'}"
+        print(line)
+    for name in TARGETS:
+        if name not in {p.name for p in peers}:
+            print(f"  / {name:<12} not installed: its target cannot be checked")
 
 
 def print_cpu_check(tools: list[Tool]) -> None:
@@ -298,6 +343,60 @@ def print_optimizr_summary(tool: Tool) -> None:
         f"{outside / MIB:.0f} MiB ({(peak - outside) / outside:+.1%}); "
         f"budget {figure('memory', 'budget_bytes') / MIB:.0f} MiB"
     )
+
+
+def print_phases(tool: Tool, stats: CorpusStats) -> None:
+    """Where optimizr's time goes: the summary's per-image phase totals (``phases_seconds``,
+    whatever phases it has), and orchestration = the workers' wall (workers x run wall)
+    minus the phases that run in the workers, split into time inside jobs but outside
+    the phases (executor.busy_seconds - phases: IPC, set-up) and idle workers."""
+    summaries = [s for s in tool.summaries if isinstance(s.get("phases_seconds"), dict)]
+    if not summaries:
+        print("\noptimizr's summary has no phases_seconds: no phase table")
+        return
+    names = list(dict.fromkeys(name for s in summaries for name in s["phases_seconds"]))
+    #: Written by the parent (pipeline), overlapping the workers: not a worker phase.
+    parent = {"write"}
+
+    def per_round(value: Callable[[dict[str, Any]], float]) -> float:
+        return median(value(s) for s in summaries)
+
+    def phase(s: dict[str, Any], name: str) -> float:
+        return float(s["phases_seconds"].get(name) or 0.0)
+
+    def in_workers(s: dict[str, Any]) -> float:
+        return sum(phase(s, n) for n in names if n not in parent)
+
+    def workers_wall(s: dict[str, Any]) -> float:
+        workers = s.get("executor", {}).get("workers") or s.get("workers") or 0
+        return float(workers) * float(s.get("cpu", {}).get("wall_seconds") or 0.0)
+
+    def busy(s: dict[str, Any]) -> float:
+        return float(s.get("executor", {}).get("busy_seconds") or 0.0)
+
+    total = per_round(workers_wall)
+    rows: list[list[object]] = []
+
+    def row(label: str, seconds: float) -> None:
+        share = f"{seconds / total:.1%}" if total else "-"
+        rows.append([label, seconds, share, 1000 * seconds / stats.megapixels])
+
+    for name in names:
+        if name not in parent:
+            row(name, per_round(lambda s, n=name: phase(s, n)))
+    row("= per-image phases", per_round(in_workers))
+    row(
+        "orchestration = workers' wall - phases",
+        per_round(lambda s: workers_wall(s) - in_workers(s)),
+    )
+    row("  in jobs, outside the phases", per_round(lambda s: busy(s) - in_workers(s)))
+    row("  workers idle (start, tail, waits)", per_round(lambda s: workers_wall(s) - busy(s)))
+    row("workers' wall (workers x wall)", total)
+    for name in names:
+        if name in parent:
+            row(f"{name} (parent, overlaps the workers)", per_round(lambda s, n=name: phase(s, n)))
+    print("\nwhere optimizr's time goes (summary.json, median over rounds):")
+    print_table(["phase", "seconds", "of workers' wall", "ms per MP"], rows)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

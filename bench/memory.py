@@ -1,20 +1,27 @@
 """Does optimizr's --max-memory hold, and does memory stay flat over long runs?
 
-1. Budgets. For each of --budgets (default 1G,512M,400M) runs
-   ``optimizr convert BIG DEST --max-memory B -j 2`` over the big corpus (at
-   least 100 images of 12-60 MP, built by ``make_corpus.py --big`` if
-   missing) and reports the peak RSS of the whole process tree measured from
-   outside (the launched process plus all descendants, VmRSS summed from
-   /proc every 20 ms) against the budget, next to optimizr's own
+1. Budgets. For each of --budgets (default 512M,400M,300M) runs
+   ``optimizr convert BIG DEST --max-memory B -j 2`` over the big corpus (100
+   JPEGs of 12-60 MP plus rotated JPEGs, RGBA and 16-bit PNGs, built by
+   ``make_corpus.py --big`` if missing) and reports the peak RSS of the whole
+   process tree measured from outside (the launched process plus all
+   descendants, VmRSS summed from /proc every 20 ms) against the budget (issue
+   12: it must stay under, and no image may be refused), next to optimizr's own
    summary.json figures: memory.peak_rss_bytes, files converted, refused as
    "too large", admissions that waited.
-2. Trend. At --trend-budget (512M) runs over --trend-base (100) and
+2. Alone. Images of the big corpus converted one each in a fresh process set up
+   like a worker (``calibrate_memory.py --measure``: the growth of VmHWM):
+   bytes per output pixel and the estimate of ``optimizr.budget``, for lossy
+   (--alone-lossy JPEGs spread over the sizes, and the PNGs), lossless
+   (--alone-lossless of them, with ``--lossless``) and every rotated photo
+   (EXIF orientation 5-8).
+3. Trend. At --trend-budget (512M) runs over --trend-base (100) and
    --trend-images (1,000) images -- hard links cycling over the corpus, so no
    extra disk -- and prints the ratio of the two peaks (target: within 10%),
    and the slope of a straight line fitted to the sampled tree RSS against
    images done (counted in DEST every 0.5 s) after the first 10% of the run,
    in MB per 100 images: a positive slope is memory building up.
-3. Scale. A plain two-process Pillow pool (bench/pillow_pool.py) over the same
+4. Scale. A plain two-process Pillow pool (bench/pillow_pool.py) over the same
    images, with no budget, for comparison.
 
 Sizes are binary: 512M = 512 MiB. The full run converts about 1,300 big
@@ -34,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import calibrate_memory
 import make_corpus
 from _common import (
     BENCH_DIR,
@@ -43,11 +51,13 @@ from _common import (
     corpus_stats,
     describe_corpus,
     fresh_dir,
+    image_megapixels,
     libvips_version,
     linear_slope,
     list_images,
     machine_lines,
     measure_optimizr,
+    median,
     optimizr_command,
     print_table,
     run_measured,
@@ -131,7 +141,7 @@ def budget_row(outcome: Outcome) -> list[object]:
     peak = run.peak_bytes
     files = outcome.summary.get("files", {})
     failed_by = files.get("failed_by_reason", {})
-    own_peak = outcome.figure("memory", "peak_rss_bytes")
+    own_peak = outcome.figure("memory", "peak_rss_bytes") or outcome.figure("memory", "peak_bytes")
     budget = outcome.budget
     return [
         outcome.label,
@@ -162,12 +172,124 @@ def print_budget_table(outcomes: list[Outcome]) -> None:
         "summary peak",
         "summary vs measured",
         "converted",
-        "too large",
+        "refused (too large)",
         "other failed",
         "waited",
         "wall s",
     ]
     print_table(headers, [budget_row(o) for o in outcomes])
+    for outcome in outcomes:
+        if outcome.budget is None:
+            continue
+        files = outcome.summary.get("files", {})
+        refused = files.get("failed_by_reason", {}).get("too large", 0) if files else None
+        under = outcome.run.peak_bytes <= outcome.budget
+        print(
+            f"  {outcome.label}: refused {'?' if refused is None else refused} (target 0), "
+            f"peak {'under' if under else 'OVER'} the budget (target: under): "
+            f"{'met' if under and refused == 0 else 'NOT MET'}"
+        )
+
+
+@dataclass(frozen=True)
+class Alone:
+    """One image converted alone in a fresh worker-like process."""
+
+    path: Path
+    mode: str
+    out_pixels: int
+    growth: int  # VmHWM during the conversion - VmRSS just before
+    estimate: int
+
+    @property
+    def per_pixel(self) -> float:
+        return self.growth / self.out_pixels
+
+    @property
+    def group(self) -> str:
+        """The mode and the format: a PNG's cost per pixel is not a JPEG's."""
+        return f"{self.mode} {'PNG' if self.path.suffix.lower() == '.png' else 'JPEG'}"
+
+
+def orientation(path: Path) -> int:
+    import pyvips
+
+    image = pyvips.Image.new_from_file(str(path))
+    return int(image.get("orientation")) if image.get_typeof("orientation") else 1
+
+
+def spread(items: list[Path], count: int) -> list[Path]:
+    """``count`` of ``items`` (sorted by size) evenly apart, smallest and largest included."""
+    if count <= 0 or not items:
+        return []
+    if count >= len(items):
+        return items
+    if count == 1:
+        return [items[-1]]
+    step = (len(items) - 1) / (count - 1)
+    return [items[round(i * step)] for i in range(count)]
+
+
+def measure_alone(corpus: Path, lossy: int, lossless: int) -> list[Alone]:
+    """Lossy and lossless on JPEGs spread over the sizes, lossy on every PNG, and
+    every rotated photo: each in a fresh process, as calibrate_memory.py measures."""
+    files = list_images(corpus)
+    upright = sorted(
+        (p for p in files if p.suffix.lower() in (".jpg", ".jpeg") and orientation(p) == 1),
+        key=image_megapixels,
+    )
+    chosen = spread(upright, lossy)
+    jobs = [(p, "lossy") for p in chosen]
+    jobs += [(p, "lossy") for p in files if p.suffix.lower() == ".png"]
+    jobs += [(p, "lossless") for p in spread(chosen, lossless)]
+    jobs += [(p, "rotated") for p in files if p.suffix.lower() != ".png" and orientation(p) >= 5]
+    if not jobs:
+        return []
+    print(f"\nalone: {len(jobs)} conversions, each in a fresh process", flush=True)
+    results = []
+    for path, mode in jobs:
+        got = calibrate_memory.convert_fresh(path, mode)
+        result = Alone(
+            path,
+            mode,
+            got["width_out"] * got["height_out"],
+            got["high_water"] - got["resident_before"],
+            calibrate_memory.estimate(path, mode),
+        )
+        print(
+            f"  {path.name:<44} {mode:<9} +{result.growth / MIB:6.0f} MiB  "
+            f"{result.per_pixel:5.2f} B/px  estimate {result.estimate / MIB:6.0f} MiB",
+            flush=True,
+        )
+        results.append(result)
+    return results
+
+
+def print_alone(results: list[Alone]) -> None:
+    print("\nalone: peak growth of a fresh worker-like process per image (VmHWM)")
+    rows = [
+        [
+            r.path.name,
+            r.mode,
+            r.out_pixels / 1e6,
+            round(r.growth / MIB),
+            f"{r.per_pixel:.2f}",
+            round(r.estimate / MIB),
+            f"{r.growth / r.estimate:.2f}" if r.estimate else "-",
+        ]
+        for r in results
+    ]
+    headers = ["image", "mode", "out MP", "growth MiB", "B/out px", "estimate MiB", "growth/est"]
+    print_table(headers, rows)
+    for group in dict.fromkeys(r.group for r in results):
+        members = [r for r in results if r.group == group]
+        per_pixel = [r.per_pixel for r in members]
+        worst = max(members, key=lambda r: r.growth / r.estimate if r.estimate else 0)
+        print(
+            f"  {group:<13} {len(members)} images: {min(per_pixel):.2f}-{max(per_pixel):.2f} "
+            f"B per output pixel (median {median(per_pixel):.2f}); worst peak/estimate "
+            f"{worst.growth / worst.estimate:.2f} ({worst.path.name})"
+        )
 
 
 def images_done_at(progress: list[tuple[float, float]], when: float) -> float:
@@ -271,7 +393,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--corpus", type=Path, default=DATA_DIR / "big", help="big images (bench/.data/big)"
     )
-    parser.add_argument("--budgets", default="1G,512M,400M", help="--max-memory values")
+    parser.add_argument("--budgets", default="512M,400M,300M", help="--max-memory values")
+    parser.add_argument(
+        "--alone-lossy", type=int, default=6, help="JPEGs converted alone, lossy (6; 0: none)"
+    )
+    parser.add_argument(
+        "--alone-lossless", type=int, default=3, help="of them also with --lossless (3)"
+    )
     parser.add_argument("--workers", type=int, default=2, help="workers asked for (2)")
     parser.add_argument("--trend-budget", type=parse_size, default=parse_size("512M"))
     parser.add_argument("--trend-base", type=int, default=100, help="images of the short run")
@@ -300,10 +428,13 @@ def main(argv: list[str] | None = None) -> int:
         ]
         if not args.no_pillow:
             outcomes.append(run_pillow(corpus, work, args.workers))
+        alone = measure_alone(corpus, args.alone_lossy, args.alone_lossless)
         trend = run_trend(corpus, work, args) if args.trend_images else None
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print_budget_table(outcomes)
+    if alone:
+        print_alone(alone)
     if trend is not None:
         print_trend(*trend)
     return 0
