@@ -2,15 +2,14 @@
 
 Real worker processes, with a fault-injecting job (``grow-MIB`` / ``hold-MIB`` in
 ``executors/worker.py``) whose memory grows far past its estimate, as a PNG with
-alpha did in issue 12 (estimated at 160 MiB, measured at 306 MiB). The budgets
-are sized from the test process's own resident size: it is the parent whose
-memory the ceiling includes.
+alpha did in issue 12 (estimated at 160 MiB, measured at 306 MiB). The parent is
+this test process, which the ceiling counts as the parent's baseline and what
+it grows by meanwhile.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,11 +18,10 @@ import pytest
 
 from conftest import manifest_rows, photo_array, save_jpeg
 from optimizr import EncodeOptions, RunConfig, convert_tree
-from optimizr.budget import MemoryBudget
+from optimizr.budget import PARENT_BASELINE, MemoryBudget, ceiling_margin
 from optimizr.errors import OverMemoryBudget
 from optimizr.executors import Job, Outcome, ProcessExecutor
 from optimizr.executors.base import Wakeup
-from optimizr.metrics.memory import rss_of
 
 MB = 1 << 20
 #: More than an idle worker's resident size (49 MB measured), so that what the
@@ -31,15 +29,16 @@ MB = 1 << 20
 WORKER = 64 * MB
 
 
+def total_for(capacity: int, workers: int = 2) -> int:
+    """The --max-memory that leaves ``capacity`` for images beside idle workers."""
+    fixed = PARENT_BASELINE + workers * WORKER + capacity
+    return fixed + ceiling_margin(fixed)
+
+
 def budget_for(capacity: int, workers: int = 2) -> MemoryBudget:
-    """A budget that leaves ``capacity`` for images beside this process as it is now."""
-    parent = rss_of(os.getpid()) + 16 * MB
-    return MemoryBudget(
-        parent + workers * WORKER + capacity,
-        workers,
-        parent_baseline=parent,
-        worker_baseline=WORKER,
-    )
+    budget = MemoryBudget(total_for(capacity, workers), workers, worker_baseline=WORKER)
+    assert budget.capacity == capacity
+    return budget
 
 
 def job(path: Path, cost: int, id: int) -> Job:
@@ -153,8 +152,8 @@ def test_a_run_reports_what_the_ceiling_did_and_loses_nothing(
     for i in range(4):
         save_jpeg(src / f"a{i}.jpg", photo_array(160, 120, seed=i))
     monkeypatch.setenv("OPTIMIZR_TEST_FAULTS", "grow-600:a2.jpg")
-    # What this process and two idle workers use, and 120 MiB for images.
-    max_memory = rss_of(os.getpid()) + 2 * WORKER + 120 * MB
+    # What the parent and two idle workers use, and 120 MiB for images.
+    max_memory = total_for(120 * MB)
     config = RunConfig(src=src, dest=dest, workers=2, max_memory=max_memory)
     summary = convert_tree(src, dest, config)
     assert summary.found == summary.finished == 4 and summary.converted == 3

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 
 from optimizr.config import EncodeOptions
 from optimizr.errors import OverMemoryBudget, TooLarge
+from optimizr.metrics.memory import rss_of
 
 if TYPE_CHECKING:
     from optimizr.executors.base import Job
@@ -107,20 +108,27 @@ def estimate_peak_bytes(header: Header, options: EncodeOptions) -> int:
     return int(need * SAFETY)
 
 
-#: Sampling interval of a running job's resident size (the executor's poll loop).
-SAMPLE_INTERVAL = 0.02
+#: Sampling interval of the running jobs' resident sizes near the ceiling (the
+#: executor's poll loop), and the longest one, far below it.
+SAMPLE_INTERVAL = 0.005
+SAMPLE_INTERVAL_MAX = 0.25
+#: Twice the fastest a conversion was measured to grow (see ceiling_margin): the
+#: time the tree needs at this pace to reach the ceiling is how long the next
+#: sample may wait.
+GROWTH_RATE = 4 << 30
 
 
 def ceiling_margin(total: int) -> int:
     """Room kept below --max-memory for what may grow between two samples.
 
-    A JPEG decodes at ~100 MP/s on this machine (3 B/px: 300 MB/s) and a PNG at
-    a third of that; libwebp fills its YUV picture at ~1 GB/s, in strips of a
-    few MB. 16 MiB is ~50 ms of the fastest of them, more than twice the
-    sampling interval; a large budget keeps 1/32 of itself (a machine with more
-    memory converts bigger images, whose phases grow faster).
+    Sampled every 5 ms, a worker converting a 5120x2880 RGBA PNG grew by up to
+    11 MiB in 5 ms, 22 MiB in 10 ms and 35 MiB in 20 ms (~2 GiB/s while libwebp
+    fills its picture); a 6 MP JPEG by 11 MiB in 20 ms. Near the ceiling the
+    tree is sampled every 5 ms: 32 MiB is three such intervals at that pace,
+    with room for the parent to be scheduled late. A large budget keeps 1/32 of
+    itself (a bigger machine converts bigger images, two workers may grow at once).
     """
-    return max(16 << 20, total // 32)
+    return max(32 << 20, total // 32)
 
 
 @dataclass(frozen=True)
@@ -169,8 +177,8 @@ class MemoryBudget:
     """Admission control, and a ceiling on what admitted jobs really use.
 
     ``total`` is the user's --max-memory; ``capacity`` what is left for images
-    once the parent and the workers' own baselines are paid for. A job is
-    admitted on its estimate; once it runs, its executor measures its worker
+    once the parent's and the workers' own baselines and the ceiling's margin
+    are paid for. A job is admitted on its estimate; once it runs, its executor measures its worker
     and reports (:meth:`observe`), and the job is charged the larger of its
     estimate and what it was measured to use, so a job that outgrows its
     estimate holds back further admissions at once. When the measured process
@@ -179,6 +187,10 @@ class MemoryBudget:
     what it was seen to need as its estimate, or, when it already runs alone,
     to fail as too large. The policy is all here; an executor only measures and
     stops (see ``executors/base.py``).
+
+    The parent is counted as its baseline and what it grows by during the run:
+    what a library caller's process held before (a notebook's data, a test
+    runner) beyond the baseline is the caller's, not the run's.
     """
 
     def __init__(
@@ -186,12 +198,13 @@ class MemoryBudget:
         total: int,
         workers: int,
         *,
-        parent_baseline: int = PARENT_BASELINE,
         worker_baseline: int = WORKER_BASELINE,
     ) -> None:
         self.total = total
-        self.capacity = max(0, total - parent_baseline - workers * worker_baseline)
         self.margin = ceiling_margin(total)
+        self.capacity = max(0, total - self.margin - PARENT_BASELINE - workers * worker_baseline)
+        #: What this process held before the run beyond the parent's baseline.
+        self.caller_bytes = max(0, rss_of(os.getpid()) - PARENT_BASELINE)
         #: Charges of the jobs running and bytes held for transfers.
         self.in_use = 0
         self.peak_in_use = 0
@@ -203,6 +216,7 @@ class MemoryBudget:
         self.retried_alone = 0
         self.too_large_alone = 0
         self.peak_measured = 0
+        self._last_measured = 0
         #: Bytes of transfer buffers held now (see hold), and at most.
         self.io_bytes = 0
         self.peak_io_bytes = 0
@@ -297,14 +311,17 @@ class MemoryBudget:
         worker's idle size (job id -> bytes), and the resident size of the whole
         process tree. Charges follow the growth; the answer is the job to stop now,
         if the tree is within the margin of the ceiling."""
+        tree = max(0, tree - self.caller_bytes)
         with self._lock:
             self.peak_measured = max(self.peak_measured, tree)
+            self._last_measured = tree
             for job_id, grown in growth.items():
                 charge = self._charges.get(job_id)
                 if charge is None:
                     continue
                 charge.peak = max(charge.peak, grown)
-                if charge.peak > charge.job.cost and not charge.over:
+                # A job run again alone was counted when it was stopped: one image, once.
+                if charge.peak > charge.job.cost and not charge.over and not charge.job.alone:
                     charge.over = True
                     self.over_estimate += 1
                 amount = max(charge.job.cost, charge.peak)
@@ -323,13 +340,18 @@ class MemoryBudget:
             retry = dataclasses.replace(worst.job, cost=worst.peak + self.margin, alone=True)
             return Stop(worst.job, worst.peak, retry=retry)
 
+    def sample_interval(self) -> float:
+        """How soon the running jobs must be measured again: every 5 ms near the
+        ceiling, less often far below it (a sample costs the parent ~0.1 ms)."""
+        headroom = self.total - self.margin - self._last_measured
+        return min(SAMPLE_INTERVAL_MAX, max(SAMPLE_INTERVAL, headroom / GROWTH_RATE))
+
     def _too_large(self, charge: _Charge, tree: int) -> TooLarge:
         mib = 2**20
         return OverMemoryBudget(
             f"grew to {charge.peak / mib:,.0f} MiB while converting alone (estimated "
-            f"{charge.job.cost / mib:,.0f} MiB), and the process tree to {tree / mib:,.0f} MiB: "
-            f"more than --max-memory {self.total / mib:,.0f} MiB allows, less "
-            f"{self.margin / mib:,.0f} MiB kept for sampling; "
+            f"{charge.job.cost / mib:,.0f} MiB), the process tree to {tree / mib:,.0f} MiB, "
+            f"within {self.margin / mib:,.0f} MiB of --max-memory {self.total / mib:,.0f} MiB; "
             "raise --max-memory or use --max-width/--max-height"
         )
 

@@ -8,7 +8,7 @@ in completion order.
 An executor given a :class:`~optimizr.budget.MemoryBudget` leaves the memory
 policy to it and supplies only the mechanism: it starts the job that
 ``budget.admit(window)`` hands it and calls ``budget.release(job)`` when that job
-is over; while jobs run it measures, every ``budget.SAMPLE_INTERVAL`` or so, each
+is over; while jobs run it measures, every ``budget.sample_interval()``, each
 busy worker's resident size above its size when it took the job, and the whole
 tree's, and passes them to ``budget.observe``; a :class:`~optimizr.budget.Stop`
 it answers is carried out by stopping that job (its worker is killed and

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from optimizr.budget import SAMPLE_INTERVAL, MemoryBudget, Stop
+from optimizr.budget import MemoryBudget, Stop
 from optimizr.errors import ImageError, WorkerCrashed, WorkerStartFailed
 from optimizr.executors.base import (
     Executor,
@@ -131,10 +131,11 @@ class ProcessExecutor(Executor):
     to become ready, and ``max_start_failures`` how many may die in a row before
     they are ready, before the pool gives up with WorkerStartFailed.
 
-    With a budget, every busy worker's resident size is read from /proc every
-    ``sample_interval`` seconds in the loop that waits for answers (no thread of
-    its own) and handed to the budget, which decides; a job it stops is killed
-    with its worker, as a hung one is, and goes back to the window or fails.
+    With a budget, every busy worker's resident size is read from /proc in the
+    loop that waits for answers (no thread of its own), as often as the budget
+    asks (every 5 ms near its ceiling), and handed to the budget, which
+    decides; a job it stops is killed with its worker, as a hung one is, and
+    goes back to the window or fails.
     """
 
     def __init__(
@@ -150,7 +151,6 @@ class ProcessExecutor(Executor):
         start_timeout: float = 60.0,
         max_start_failures: int = 3,
         python: Sequence[str] | None = None,
-        sample_interval: float = SAMPLE_INTERVAL,
     ) -> None:
         self.workers = max(1, workers)
         self.threads_per_worker = max(1, threads_per_worker)
@@ -162,7 +162,6 @@ class ProcessExecutor(Executor):
         self.start_timeout = start_timeout
         self.max_start_failures = max(1, max_start_failures)
         self.python = tuple(python) if python else (sys.executable,)
-        self.sample_interval = sample_interval
         self._next_sample = 0.0
         #: Jobs the budget stopped, to go back into the window.
         self._requeued: list[Job] = []
@@ -342,8 +341,9 @@ class ProcessExecutor(Executor):
             if outcome is not None:
                 yield outcome
         if watching and time.monotonic() >= self._next_sample:
-            self._next_sample = time.monotonic() + self.sample_interval
             outcome = self._watch()
+            assert self.budget is not None
+            self._next_sample = time.monotonic() + self.budget.sample_interval()
             if outcome is not None:
                 yield outcome
 
