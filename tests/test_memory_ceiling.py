@@ -168,4 +168,4 @@ def test_a_run_reports_what_the_ceiling_did_and_loses_nothing(
     assert memory["too_large_alone"] == 1 and memory["jobs_over_estimate"] == 1
     assert 0 < memory["peak_measured_bytes"] < memory["budget_bytes"] == max_memory
     [finding] = [f for f in doc["analysis"] if "more memory than estimated" in f["finding"]]
-    assert "did not fit even alone" in finding["finding"]
+    assert "neared --max-memory even alone" in finding["finding"]

@@ -332,15 +332,15 @@ def _ceiling(doc: dict[str, Any]) -> Finding | None:
     over, held, retried, failed = (int(_num(memory, key)) for key in keys)
     if not over and not retried and not failed:
         return None
-    parts = [f"{over} image(s) used more memory than estimated"]
+    parts = [f"{over} image(s) used more memory than estimated"] if over else []
     if held:
         parts.append(f"{held} image(s) waited for them to finish")
     if retried:
         parts.append(f"{retried} image(s) were stopped near --max-memory and converted again alone")
     if failed:
-        parts.append(f"{failed} image(s) did not fit even alone: failed as too large")
+        parts.append(f"{failed} image(s) neared --max-memory even alone: failed as too large")
     return {
-        "rule": "any image's worker measured growing past the image's memory estimate",
+        "rule": "any image measured growing past its memory estimate, or stopped near --max-memory",
         "finding": "; ".join(parts),
         "figures": {
             **{key: int(_num(memory, key)) for key in keys},
