@@ -369,8 +369,7 @@ class ProcessExecutor(Executor):
         self._stopped += 1
         if stop.retry is not None:
             logger.info(
-                "%s: stopped at %d MiB, over its estimate of %d MiB, near --max-memory; "
-                "it runs again alone",
+                "%s: stopped at %d MiB (estimated %d MiB) near --max-memory; it runs again alone",
                 job.key,
                 stop.peak >> 20,
                 job.cost >> 20,
