@@ -14,6 +14,7 @@ from optimizr.budget import (
     WORKER_BASELINE,
     Header,
     MemoryBudget,
+    ceiling_margin,
     estimate_peak_bytes,
 )
 from optimizr.events import StopToken
@@ -21,6 +22,8 @@ from optimizr.executors import Job, ProcessExecutor
 from optimizr.results import Result
 
 MB = 1 << 20
+#: The ceiling's margin below 1 GiB, which the capacity for images leaves free too.
+MARGIN = 32 * MB
 
 
 def test_estimate_follows_size_mode_and_orientation() -> None:
@@ -43,22 +46,39 @@ def test_estimate_follows_size_mode_and_orientation() -> None:
 
 def test_budget_takes_baselines_off_the_top() -> None:
     budget = MemoryBudget(1024 * MB, workers=2)
-    assert budget.capacity == 1024 * MB - PARENT_BASELINE - 2 * WORKER_BASELINE
+    margin = ceiling_margin(1024 * MB)
+    assert budget.capacity == 1024 * MB - margin - PARENT_BASELINE - 2 * WORKER_BASELINE
+
+
+def job(cost: int, id: int = 0) -> Job:
+    return Job(id, f"j{id}", "unused", EncodeOptions(), cost)
 
 
 def test_budget_admits_while_it_fits_and_reserves_for_the_waiting() -> None:
-    budget = MemoryBudget(PARENT_BASELINE + WORKER_BASELINE + 100 * MB, workers=1)
+    budget = MemoryBudget(PARENT_BASELINE + WORKER_BASELINE + 100 * MB + MARGIN, workers=1)
     assert budget.capacity == 100 * MB
-    assert budget.try_acquire(60 * MB)
-    assert not budget.try_acquire(50 * MB)
-    assert budget.try_acquire(30 * MB)
+    big, small = job(60 * MB, 1), job(30 * MB, 3)
+    assert budget.try_acquire(big)
+    assert not budget.try_acquire(job(50 * MB, 2))
+    assert budget.try_acquire(small)
     # 10 MB are free, but a 90 MB job is waiting: a 5 MB job must leave room for it.
-    assert not budget.try_acquire(5 * MB, reserve=90 * MB)
-    budget.release(60 * MB)
-    budget.release(30 * MB)
+    assert not budget.try_acquire(job(5 * MB, 4), reserve=90 * MB)
+    budget.release(big)
+    budget.release(small)
     assert budget.in_use == 0 and budget.statistics().peak_in_use == 90 * MB
-    budget.force_acquire(500 * MB)
+    budget.force_acquire(job(500 * MB, 5))
     assert budget.statistics().ran_alone == 1
+
+
+def test_a_job_waiting_counts_once_however_often_it_is_refused() -> None:
+    budget = MemoryBudget(PARENT_BASELINE + WORKER_BASELINE + 100 * MB + MARGIN, workers=1)
+    running, waiting = job(80 * MB, 1), job(50 * MB, 2)
+    assert budget.admit([running]) is running
+    for _ in range(50):  # the executor asks at every turn of its loop
+        assert budget.admit([waiting]) is None
+    assert budget.statistics().waited == 1
+    budget.release(running)
+    assert budget.admit([waiting]) is waiting and budget.statistics().waited == 1
 
 
 class RecordingBudget(MemoryBudget):
@@ -69,13 +89,13 @@ class RecordingBudget(MemoryBudget):
         self.running = 0
         self.max_running = 0
 
-    def _take(self, need: int) -> None:
-        super()._take(need)
+    def _take(self, job: Job) -> None:
+        super()._take(job)
         self.running += 1
         self.max_running = max(self.max_running, self.running)
 
-    def release(self, need: int) -> None:
-        super().release(need)
+    def release(self, job: Job) -> None:
+        super().release(job)
         self.running -= 1
 
 
@@ -92,7 +112,7 @@ def images(tmp_path: Path) -> list[Path]:
 
 
 def test_jobs_that_do_not_fit_together_never_run_together(images: list[Path]) -> None:
-    budget = RecordingBudget(PARENT_BASELINE + 2 * WORKER_BASELINE + 100 * MB, workers=2)
+    budget = RecordingBudget(PARENT_BASELINE + 2 * WORKER_BASELINE + 100 * MB + MARGIN, workers=2)
     with ProcessExecutor(2, budget=budget) as executor:
         outcomes = list(executor.imap_unordered(jobs_for(images, [60 * MB] * 6)))
     assert len(outcomes) == 6 and all(o.error is None for o in outcomes)
@@ -101,7 +121,7 @@ def test_jobs_that_do_not_fit_together_never_run_together(images: list[Path]) ->
 
 
 def test_jobs_that_fit_together_use_every_worker(images: list[Path]) -> None:
-    budget = RecordingBudget(PARENT_BASELINE + 2 * WORKER_BASELINE + 100 * MB, workers=2)
+    budget = RecordingBudget(PARENT_BASELINE + 2 * WORKER_BASELINE + 100 * MB + MARGIN, workers=2)
     with ProcessExecutor(2, budget=budget) as executor:
         outcomes = list(executor.imap_unordered(jobs_for(images, [40 * MB] * 6)))
     assert len(outcomes) == 6
@@ -109,7 +129,7 @@ def test_jobs_that_fit_together_use_every_worker(images: list[Path]) -> None:
 
 
 def test_a_job_bigger_than_what_is_free_runs_alone(images: list[Path]) -> None:
-    budget = RecordingBudget(PARENT_BASELINE + 2 * WORKER_BASELINE + 100 * MB, workers=2)
+    budget = RecordingBudget(PARENT_BASELINE + 2 * WORKER_BASELINE + 100 * MB + MARGIN, workers=2)
     costs = [10 * MB, 10 * MB, 150 * MB, 10 * MB, 10 * MB, 10 * MB]
     with ProcessExecutor(2, budget=budget, lookahead=2) as executor:
         outcomes = list(executor.imap_unordered(jobs_for(images, costs)))

@@ -28,12 +28,20 @@ estimate adds 10% on top and a fixed 8 MB per image.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from optimizr.config import EncodeOptions
+from optimizr.errors import OverMemoryBudget, TooLarge
+from optimizr.metrics.memory import rss_of
+
+if TYPE_CHECKING:
+    from optimizr.executors.base import Job
 
 BYTES_PER_PIXEL_LOSSY = 9.8
 BYTES_PER_PIXEL_SHARP_YUV = 17.2
@@ -100,6 +108,40 @@ def estimate_peak_bytes(header: Header, options: EncodeOptions) -> int:
     return int(need * SAFETY)
 
 
+#: Sampling interval of the running jobs' resident sizes near the ceiling (the
+#: executor's poll loop), and the longest one, far below it.
+SAMPLE_INTERVAL = 0.005
+SAMPLE_INTERVAL_MAX = 0.25
+#: Twice the fastest a conversion was measured to grow (see ceiling_margin): the
+#: time the tree needs at this pace to reach the ceiling is how long the next
+#: sample may wait.
+GROWTH_RATE = 4 << 30
+
+
+def ceiling_margin(total: int) -> int:
+    """Room kept below --max-memory for what may grow between two samples.
+
+    Sampled every 5 ms, a worker converting a 5120x2880 RGBA PNG grew by up to
+    11 MiB in 5 ms, 22 MiB in 10 ms and 35 MiB in 20 ms (~2 GiB/s while libwebp
+    fills its picture); a 6 MP JPEG by 11 MiB in 20 ms. Near the ceiling the
+    tree is sampled every 5 ms: 32 MiB is three such intervals at that pace,
+    with room for the parent to be scheduled late. A large budget keeps 1/32 of
+    itself (a bigger machine converts bigger images, two workers may grow at once).
+    """
+    return max(32 << 20, total // 32)
+
+
+@dataclass(frozen=True)
+class Stop:
+    """A job the budget stops: run it again alone as ``retry``, or fail it with ``error``."""
+
+    job: Job
+    #: Measured peak growth of its worker above its idle size.
+    peak: int
+    retry: Job | None = None
+    error: TooLarge | None = None
+
+
 @dataclass(frozen=True)
 class BudgetStatistics:
     capacity: int
@@ -109,63 +151,216 @@ class BudgetStatistics:
     admitted: int
     waited: int
     ran_alone: int
+    #: Jobs whose measured growth went past their estimate.
+    over_estimate: int = 0
+    #: Jobs whose admission a measured overrun held back (they fit on estimates alone).
+    held: int = 0
+    #: Jobs stopped because the tree neared the ceiling, to run again alone.
+    retried_alone: int = 0
+    #: Jobs that neared the ceiling while running alone: failed as too large.
+    too_large_alone: int = 0
+    #: Peak resident size of the process tree, as measured for the ceiling.
+    peak_measured: int = 0
+    margin: int = 0
+
+
+@dataclass
+class _Charge:
+    job: Job
+    #: What the job counts for in the budget: max(estimate, peak measured growth).
+    amount: int
+    peak: int = 0
+    over: bool = False
 
 
 class MemoryBudget:
-    """Admission control: images start only while their estimates fit.
+    """Admission control, and a ceiling on what admitted jobs really use.
 
     ``total`` is the user's --max-memory; ``capacity`` what is left for images
-    once the parent and the workers' own baselines are paid for.
+    once the parent's and the workers' own baselines and the ceiling's margin
+    are paid for. A job is admitted on its estimate; once it runs, its executor measures its worker
+    and reports (:meth:`observe`), and the job is charged the larger of its
+    estimate and what it was measured to use, so a job that outgrows its
+    estimate holds back further admissions at once. When the measured process
+    tree comes within :func:`ceiling_margin` of ``total``, :meth:`observe` names
+    the job to stop: the one most over its estimate, to run again alone with
+    what it was seen to need as its estimate, or, when it already runs alone,
+    to fail as too large. The policy is all here; an executor only measures and
+    stops (see ``executors/base.py``).
+
+    The parent is counted as its baseline and what it grows by during the run:
+    what a library caller's process held before (a notebook's data, a test
+    runner) beyond the baseline is the caller's, not the run's.
     """
 
-    def __init__(self, total: int, workers: int) -> None:
+    def __init__(
+        self,
+        total: int,
+        workers: int,
+        *,
+        worker_baseline: int = WORKER_BASELINE,
+    ) -> None:
         self.total = total
-        self.capacity = max(0, total - PARENT_BASELINE - workers * WORKER_BASELINE)
+        self.margin = ceiling_margin(total)
+        self.capacity = max(0, total - self.margin - PARENT_BASELINE - workers * worker_baseline)
+        #: What this process held before the run beyond the parent's baseline.
+        self.caller_bytes = max(0, rss_of(os.getpid()) - PARENT_BASELINE)
+        #: Charges of the jobs running and bytes held for transfers.
         self.in_use = 0
         self.peak_in_use = 0
         self.admitted = 0
         self.waited = 0
         self.ran_alone = 0
+        self.over_estimate = 0
+        self.held = 0
+        self.retried_alone = 0
+        self.too_large_alone = 0
+        self.peak_measured = 0
+        self._last_measured = 0
         #: Bytes of transfer buffers held now (see hold), and at most.
         self.io_bytes = 0
         self.peak_io_bytes = 0
-        self._running = 0
+        #: The estimates alone of what ``in_use`` charges (to tell a hold by an overrun).
+        self._estimated = 0
+        self._charges: dict[int, _Charge] = {}
+        # Jobs refused at least once and not admitted since: each counts once.
+        self._waiting: set[int] = set()
+        self._holding: set[int] = set()
+        self._alone: int | None = None  # the id of a job that must run by itself
         self._lock = threading.Lock()
 
     def fits_alone(self, need: int) -> bool:
         return need <= self.capacity
 
-    def try_acquire(self, need: int, *, reserve: int = 0) -> bool:
-        """Take ``need`` if it fits, leaving ``reserve`` free for a job waiting ahead."""
+    def admit(self, window: list[Job]) -> Job | None:
+        """Take from ``window`` (head first: the job that waits longest for memory)
+        the job to start now, charged to the budget; None: none may start yet.
+
+        The head goes if it fits, or alone when nothing runs; smaller ones may go
+        only if they leave room for it, or it could wait behind them for ever. A
+        job to run alone waits, and holds back everything behind it, until
+        nothing runs."""
+        head = window[0]
+        running = bool(self._charges)
+        if head.alone:
+            with self._lock:
+                if running:
+                    self._refused(head, held=False)
+                    return None
+                self._take(head)
+            return window.pop(0)
+        if self.try_acquire(head):
+            return window.pop(0)
+        if not running:
+            self.force_acquire(head)  # bigger than what is free: it runs alone
+            return window.pop(0)
+        for index, job in enumerate(window[1:], start=1):
+            if self.try_acquire(job, reserve=head.cost):
+                return window.pop(index)
+        return None
+
+    def try_acquire(self, job: Job, *, reserve: int = 0) -> bool:
+        """Charge ``job`` if it fits, leaving ``reserve`` free for a job waiting ahead."""
         with self._lock:
-            if self.in_use + need + reserve > self.capacity:
-                self.waited += 1
+            need = job.cost + reserve
+            if self._alone is not None or job.alone or self.in_use + need > self.capacity:
+                # On estimates alone it would fit: a job outgrowing its own holds it back.
+                held = self._alone is None and self._estimated + need <= self.capacity
+                self._refused(job, held=held and not job.alone)
                 return False
-            self._take(need)
+            self._take(job)
             return True
 
-    def force_acquire(self, need: int) -> None:
+    def force_acquire(self, job: Job) -> None:
         """Admit a job bigger than what is free, when nothing else runs: it runs alone."""
         with self._lock:
             self.ran_alone += 1
-            self._take(need)
+            self._take(job)
 
-    def _take(self, need: int) -> None:
-        self.in_use += need
-        self._running += 1
+    def _refused(self, job: Job, *, held: bool) -> None:
+        if job.id not in self._waiting:
+            self._waiting.add(job.id)
+            self.waited += 1
+        if held and job.id not in self._holding:
+            self._holding.add(job.id)
+            self.held += 1
+
+    def _take(self, job: Job) -> None:
+        self._waiting.discard(job.id)
+        self._holding.discard(job.id)
+        self._charges[job.id] = _Charge(job, job.cost)
+        if job.alone:
+            self._alone = job.id
+        self.in_use += job.cost
+        self._estimated += job.cost
         self.admitted += 1
         self.peak_in_use = max(self.peak_in_use, self.in_use)
 
-    def release(self, need: int) -> None:
+    def release(self, job: Job) -> None:
         with self._lock:
-            self.in_use -= need
-            self._running -= 1
+            charge = self._charges.pop(job.id, None)
+            if charge is None:
+                return
+            self.in_use -= charge.amount
+            self._estimated -= charge.job.cost
+            if self._alone == job.id:
+                self._alone = None
+
+    def observe(self, growth: Mapping[int, int], tree: int) -> Stop | None:
+        """What the executor measured just now: each running job's growth above its
+        worker's idle size (job id -> bytes), and the resident size of the whole
+        process tree. Charges follow the growth; the answer is the job to stop now,
+        if the tree is within the margin of the ceiling."""
+        tree = max(0, tree - self.caller_bytes)
+        with self._lock:
+            self.peak_measured = max(self.peak_measured, tree)
+            self._last_measured = tree
+            for job_id, grown in growth.items():
+                charge = self._charges.get(job_id)
+                if charge is None:
+                    continue
+                charge.peak = max(charge.peak, grown)
+                # A job run again alone was counted when it was stopped: one image, once.
+                if charge.peak > charge.job.cost and not charge.over and not charge.job.alone:
+                    charge.over = True
+                    self.over_estimate += 1
+                amount = max(charge.job.cost, charge.peak)
+                self.in_use += amount - charge.amount
+                charge.amount = amount
+            self.peak_in_use = max(self.peak_in_use, self.in_use)
+            running = [self._charges[i] for i in growth if i in self._charges]
+            if tree + self.margin <= self.total or not running:
+                return None
+            # The one most over its estimate goes (the largest, when none is over).
+            worst = max(running, key=lambda c: (c.peak - c.job.cost, c.peak))
+            if len(running) == 1:
+                self.too_large_alone += 1
+                return Stop(worst.job, worst.peak, error=self._too_large(worst, tree))
+            self.retried_alone += 1
+            retry = dataclasses.replace(worst.job, cost=worst.peak + self.margin, alone=True)
+            return Stop(worst.job, worst.peak, retry=retry)
+
+    def sample_interval(self) -> float:
+        """How soon the running jobs must be measured again: every 5 ms near the
+        ceiling, less often far below it (a sample costs the parent ~0.1 ms)."""
+        headroom = self.total - self.margin - self._last_measured
+        return min(SAMPLE_INTERVAL_MAX, max(SAMPLE_INTERVAL, headroom / GROWTH_RATE))
+
+    def _too_large(self, charge: _Charge, tree: int) -> TooLarge:
+        mib = 2**20
+        return OverMemoryBudget(
+            f"grew to {charge.peak / mib:,.0f} MiB while converting alone (estimated "
+            f"{charge.job.cost / mib:,.0f} MiB), the process tree to {tree / mib:,.0f} MiB, "
+            f"within {self.margin / mib:,.0f} MiB of --max-memory {self.total / mib:,.0f} MiB; "
+            "raise --max-memory or use --max-width/--max-height"
+        )
 
     def hold(self, size: int) -> None:
         """Count ``size`` bytes of buffers (fetched sources, outputs to upload) as in
         use: they delay the admission of images like an image's own memory does."""
         with self._lock:
             self.in_use += size
+            self._estimated += size
             self.io_bytes += size
             self.peak_in_use = max(self.peak_in_use, self.in_use)
             self.peak_io_bytes = max(self.peak_io_bytes, self.io_bytes)
@@ -173,6 +368,7 @@ class MemoryBudget:
     def free(self, size: int) -> None:
         with self._lock:
             self.in_use -= size
+            self._estimated -= size
             self.io_bytes -= size
 
     def statistics(self) -> BudgetStatistics:
@@ -184,6 +380,12 @@ class MemoryBudget:
             self.admitted,
             self.waited,
             self.ran_alone,
+            self.over_estimate,
+            self.held,
+            self.retried_alone,
+            self.too_large_alone,
+            self.peak_measured,
+            self.margin,
         )
 
 

@@ -306,6 +306,13 @@ def _execute(
         "peak_estimated_in_flight_bytes": budget_stats.peak_in_use,
         "admissions_waited": budget_stats.waited,
         "ran_alone": budget_stats.ran_alone,
+        # The ceiling: what the executor measured while images converted, and did.
+        "peak_measured_bytes": budget_stats.peak_measured,
+        "ceiling_margin_bytes": budget_stats.margin,
+        "jobs_over_estimate": budget_stats.over_estimate,
+        "held_admissions": budget_stats.held,
+        "stopped_and_retried_alone": budget_stats.retried_alone,
+        "too_large_alone": budget_stats.too_large_alone,
         "peak_transfer_bytes": budget.peak_io_bytes,
         "samples": memory.samples,
         "timeline": [list(point) for point in memory.timeline],

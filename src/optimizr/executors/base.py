@@ -4,6 +4,17 @@ The local process pool is the first implementation, an in-process one serves
 library callers and tests, and a Dask one comes later. All of them pull jobs
 lazily from an iterator (so the walk never runs far ahead) and yield outcomes
 in completion order.
+
+An executor given a :class:`~optimizr.budget.MemoryBudget` leaves the memory
+policy to it and supplies only the mechanism: it starts the job that
+``budget.admit(window)`` hands it and calls ``budget.release(job)`` when that job
+is over; while jobs run it measures, every ``budget.sample_interval()``, each
+busy worker's resident size above its size when it took the job, and the whole
+tree's, and passes them to ``budget.observe``; a :class:`~optimizr.budget.Stop`
+it answers is carried out by stopping that job (its worker is killed and
+replaced) and either putting ``stop.retry`` back among the jobs to start or
+yielding the job's outcome with ``stop.error``. A stopped job has no result, so
+nothing of it is ever written.
 """
 
 from __future__ import annotations
@@ -32,6 +43,9 @@ class Job:
     cost: int = 0
     #: Decode the WebP before handing it back (--verify).
     verify: bool = False
+    #: Run with no other job beside it: it was stopped once for outgrowing its
+    #: estimate among others (see MemoryBudget.observe).
+    alone: bool = False
 
 
 class Wakeup:
@@ -105,6 +119,8 @@ class ExecutorStatistics:
     running: int = 0
     #: Worker processes alive and ready for work (in-process executors count as one).
     alive: int = 0
+    #: Jobs stopped because the memory budget said so (run again alone, or failed).
+    stopped: int = 0
 
 
 class Executor(ABC):

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from optimizr.budget import MemoryBudget
+from optimizr.budget import MemoryBudget, Stop
 from optimizr.errors import ImageError, WorkerCrashed, WorkerStartFailed
 from optimizr.executors.base import (
     Executor,
@@ -56,6 +56,7 @@ from optimizr.executors.base import (
     first_job,
 )
 from optimizr.executors.codec_messages import last_line, tidy
+from optimizr.metrics.memory import rss_of
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +114,8 @@ class _Worker:
     job: Job | None = None
     started: float = 0.0
     tasks_done: int = 0
+    #: Resident size of the process when it was handed its job: its idle size.
+    baseline: int = 0
 
 
 class ProcessExecutor(Executor):
@@ -127,6 +130,12 @@ class ProcessExecutor(Executor):
     one, ``sys.executable``); ``start_timeout`` bounds how long a worker may take
     to become ready, and ``max_start_failures`` how many may die in a row before
     they are ready, before the pool gives up with WorkerStartFailed.
+
+    With a budget, every busy worker's resident size is read from /proc in the
+    loop that waits for answers (no thread of its own), as often as the budget
+    asks (every 5 ms near its ceiling), and handed to the budget, which
+    decides; a job it stops is killed with its worker, as a hung one is, and
+    goes back to the window or fails.
     """
 
     def __init__(
@@ -153,6 +162,10 @@ class ProcessExecutor(Executor):
         self.start_timeout = start_timeout
         self.max_start_failures = max(1, max_start_failures)
         self.python = tuple(python) if python else (sys.executable,)
+        self._next_sample = 0.0
+        #: Jobs the budget stopped, to go back into the window.
+        self._requeued: list[Job] = []
+        self._stopped = 0
         self._pool: list[_Worker] = []
         self._stopping = False
         self._aborted = False
@@ -266,6 +279,7 @@ class ProcessExecutor(Executor):
             tuple(w.process.pid for w in pool),
             running=sum(1 for w in pool if w.job is not None),
             alive=sum(1 for w in pool if w.ready and w.process.returncode is None),
+            stopped=self._stopped,
         )
 
     # -- the loop ----------------------------------------------------------------
@@ -283,7 +297,10 @@ class ProcessExecutor(Executor):
             wakeup: Wakeup | None = None
             if self._stopping:
                 window.clear()
+                self._requeued.clear()
             else:
+                window.extend(self._requeued)
+                self._requeued.clear()
                 while not exhausted and len(window) < self.lookahead:
                     job = next(pending, None)
                     if job is None:
@@ -307,7 +324,11 @@ class ProcessExecutor(Executor):
         now = time.monotonic()
         deadlines = [w.started + self.timeout for w in self._pool if w.job is not None]
         deadlines += [w.spawned + self.start_timeout for w in self._pool if not w.ready]
-        # Wake at least every quarter second so a stop request is seen promptly.
+        # Wake at least every quarter second so a stop request is seen promptly,
+        # and at each sample of the busy workers' memory.
+        watching = self.budget is not None and any(w.job is not None for w in self._pool)
+        if watching:
+            deadlines.append(self._next_sample)
         wake = min([now + 0.25, *deadlines])
         # Every worker is watched: the busy for answers, the starting for "ready",
         # the idle for an early death, so no job is ever handed to a dead one.
@@ -319,48 +340,69 @@ class ProcessExecutor(Executor):
             outcome = self._collect(worker, ready)
             if outcome is not None:
                 yield outcome
+        if watching and time.monotonic() >= self._next_sample:
+            outcome = self._watch()
+            assert self.budget is not None
+            self._next_sample = time.monotonic() + self.budget.sample_interval()
+            if outcome is not None:
+                yield outcome
+
+    def _watch(self) -> Outcome | None:
+        """Measure the busy workers and the tree for the budget, and carry out its
+        verdict: a stopped job goes back to the window to run alone, or fails."""
+        assert self.budget is not None
+        sizes = {w.name: rss_of(w.process.pid) for w in self._pool}
+        busy = {w.job.id: w for w in self._pool if w.job is not None}
+        growth = {job_id: max(0, sizes[w.name] - w.baseline) for job_id, w in busy.items()}
+        tree = rss_of(os.getpid()) + sum(sizes.values())
+        stop = self.budget.observe(growth, tree)
+        if stop is None:
+            return None
+        return self._stop(busy[stop.job.id], stop)
+
+    def _stop(self, worker: _Worker, stop: Stop) -> Outcome | None:
+        job = worker.job
+        assert job is not None
+        self._finish(worker)
+        text = worker.output.take()
+        self._replace(worker, kill=True)
+        self._stopped += 1
+        if stop.retry is not None:
+            logger.info(
+                "%s: stopped at %d MiB (estimated %d MiB) near --max-memory; it runs again alone",
+                job.key,
+                stop.peak >> 20,
+                job.cost >> 20,
+            )
+            self._requeued.append(stop.retry)  # what it printed will be printed again
+            return None
+        return Outcome(job, None, stop.error, worker.name, tidy([text]))
 
     def _dispatch(self, window: list[Job]) -> None:
-        """Give idle workers the largest jobs of the window that the budget admits."""
-        window.sort(key=lambda job: job.cost, reverse=True)
+        """Give idle workers the largest jobs of the window that the budget admits
+        (a job to run alone first: it waits for the others to finish)."""
+        window.sort(key=_priority, reverse=True)
         while window:
             idle = next((w for w in self._pool if w.ready and w.job is None), None)
             if idle is None:
                 return
-            job = self._admit(window)
+            job = window.pop(0) if self.budget is None else self.budget.admit(window)
             if job is None:
                 return
+            idle.baseline = rss_of(idle.process.pid)
             try:
                 idle.conn.send(job)
             except OSError:
                 # Died while idle: the job goes back to the window, untouched.
                 if self.budget is not None:
-                    self.budget.release(job.cost)
+                    self.budget.release(job)
                 window.append(job)
-                window.sort(key=lambda job: job.cost, reverse=True)
+                window.sort(key=_priority, reverse=True)
                 self._died(idle)
                 continue
             idle.job, idle.started = job, time.monotonic()
             self._started += 1
             self._last_dispatch = idle.started
-
-    def _admit(self, window: list[Job]) -> Job | None:
-        if self.budget is None:
-            return window.pop(0)
-        running = any(w.job is not None for w in self._pool)
-        head = window[0]
-        if self.budget.try_acquire(head.cost):
-            return window.pop(0)
-        if not running:
-            # Bigger than what is free with nothing running: it runs alone.
-            self.budget.force_acquire(head.cost)
-            return window.pop(0)
-        # The largest job waits for memory; smaller ones may go only if they
-        # leave room for it, or it could wait behind them for ever.
-        for index, job in enumerate(window[1:], start=1):
-            if self.budget.try_acquire(job.cost, reserve=head.cost):
-                return window.pop(index)
-        return None
 
     def _collect(self, worker: _Worker, ready: Sequence[object]) -> Outcome | None:
         if worker.conn in ready:
@@ -461,7 +503,7 @@ class ProcessExecutor(Executor):
 
     def _finish(self, worker: _Worker) -> None:
         if self.budget is not None and worker.job is not None:
-            self.budget.release(worker.job.cost)
+            self.budget.release(worker.job)
         now = time.monotonic()
         self._busy_seconds += now - worker.started
         self._last_done = now
@@ -478,6 +520,10 @@ class ProcessExecutor(Executor):
         """Output of a worker that belongs to no image (start-up, idle, exit): logged."""
         for line in tidy([text]):
             logger.warning("%s: %s", worker.name, line)
+
+
+def _priority(job: Job) -> tuple[bool, int]:
+    return job.alone, job.cost
 
 
 def _kill(process: subprocess.Popen[bytes]) -> None:

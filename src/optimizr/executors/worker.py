@@ -30,9 +30,11 @@ if TYPE_CHECKING:
 #: vanishes before it is read), modify (the source is rewritten after it was
 #: converted), corrupt (the WebP is cut short), resize (a valid WebP of the
 #: wrong size), stderr (a message written straight to fd 2), raise (the worker
-#: dies of a Python exception); and the start-up faults of ``_startup_fault``. It exists so the
-#: fault tests exercise real processes and real files; nothing sets it outside
-#: the test suite.
+#: dies of a Python exception), grow-MIB (the worker's memory grows by MIB MiB,
+#: 1 MiB per 20 ms as a decoder's would, before it converts), hold-MIB (the same,
+#: held until a file SOURCE.release appears); and the start-up faults of
+#: ``_startup_fault``. It exists so the fault tests exercise real processes and
+#: real files; nothing sets it outside the test suite.
 FAULT_ENV = "OPTIMIZR_TEST_FAULTS"
 
 
@@ -223,9 +225,28 @@ def _startup_fault(faults: list[tuple[str, str]]) -> None:
                 time.sleep(3600)
 
 
+#: The pace of an injected growth: 50 MiB/s, slower than a real decode (the
+#: ceiling's margin covers those), so that a test's tree never outruns a sample.
+_GROW_STEP, _GROW_PAUSE = 1 << 20, 0.02
+
+
+def _grow(mib: int, until: str | None) -> None:
+    """Use ``mib`` MiB more, touched page by page, then (once ``until`` exists) free it."""
+    held = []
+    for _ in range(mib):
+        held.append(b"\1" * _GROW_STEP)  # written, so resident: not calloc's untouched pages
+        time.sleep(_GROW_PAUSE)
+    while until is not None and not os.path.exists(until):
+        time.sleep(_GROW_PAUSE)
+    del held
+
+
 def _maybe_fault(faults: list[tuple[str, str]], key: str, source: str | bytes) -> None:
     for kind, name in faults:
-        if key.endswith(name):
+        if key.endswith(name) and kind.startswith(("grow-", "hold-")):
+            held = kind.startswith("hold-") and isinstance(source, str)
+            _grow(int(kind.partition("-")[2]), f"{source!s}.release" if held else None)
+        elif key.endswith(name):
             if kind == "delete" and isinstance(source, str):
                 os.unlink(source)
             elif kind == "crash":

@@ -329,6 +329,30 @@ def _memory(doc: dict[str, Any]) -> Finding | None:
     }
 
 
+def _ceiling(doc: dict[str, Any]) -> Finding | None:
+    memory = doc.get("memory") or {}
+    keys = ("jobs_over_estimate", "held_admissions", "stopped_and_retried_alone", "too_large_alone")
+    over, held, retried, failed = (int(_num(memory, key)) for key in keys)
+    if not over and not retried and not failed:
+        return None
+    parts = [f"{over} image(s) used more memory than estimated"] if over else []
+    if held:
+        parts.append(f"{held} image(s) waited for them to finish")
+    if retried:
+        parts.append(f"{retried} image(s) were stopped near --max-memory and converted again alone")
+    if failed:
+        parts.append(f"{failed} image(s) neared --max-memory even alone: failed as too large")
+    return {
+        "rule": "any image measured growing past its memory estimate, or stopped near --max-memory",
+        "finding": "; ".join(parts),
+        "figures": {
+            **{key: int(_num(memory, key)) for key in keys},
+            "peak_measured_bytes": int(_num(memory, "peak_measured_bytes")),
+            "budget_bytes": int(_num(memory, "budget_bytes")),
+        },
+    }
+
+
 def _crashes(doc: dict[str, Any]) -> Finding | None:
     executor = doc.get("executor") or {}
     crashed, timed_out = executor.get("crashed", 0), executor.get("timed_out", 0)
@@ -385,6 +409,7 @@ _RULES: tuple[Callable[[dict[str, Any]], Finding | None], ...] = (
     _orchestration,
     _tail,
     _memory,
+    _ceiling,
     _crashes,
     _saving,
     _written_larger,

@@ -150,7 +150,7 @@ class _SnapshotCollector:
             ("optimizr_workers_alive", "Worker processes alive now.", snapshot.workers_alive),
             ("optimizr_memory_budget_bytes", "The memory budget (--max-memory).",
              snapshot.budget_total),
-            ("optimizr_memory_budget_in_use_bytes", "Estimated bytes of the images in flight.",
+            ("optimizr_memory_budget_in_use_bytes", "Bytes the images in flight are charged.",
              snapshot.budget_in_use),
             ("optimizr_draining", "1 after a stop was asked for (SIGINT, SIGTERM).",
              snapshot.draining or self.exporter.draining),
