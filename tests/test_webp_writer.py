@@ -117,6 +117,24 @@ def test_the_whole_config_is_exposed() -> None:
     assert config.sns_strength == 80
     near = webp_writer.make_config(lib, EncodeOptions(near_lossless=40))
     assert (near.lossless, near.near_lossless) == (1, 40)
+    sized = webp_writer.make_config(lib, EncodeOptions(), target_size=5000, pass_=6, exact=1)
+    assert (sized.target_size, sized.pass_, sized.exact) == (5000, 6, 1)
+    with pytest.raises(ValueError, match="no field"):
+        webp_writer.make_config(lib, EncodeOptions(), bogus=1)
+
+
+def test_libwebps_own_rate_control_is_reachable() -> None:
+    """target_size and pass, which webpsave's options cannot reach from optimizr's,
+    go straight to libwebp: the file lands near the size asked for."""
+    lib = libwebp.load()
+    assert lib is not None
+    image = pyvips.Image.new_from_array(photo_array(400, 300, seed=9), interpretation="srgb")
+    options = EncodeOptions(quality=95)
+    free = webp_writer.encode(lib, image, options)
+    config = webp_writer.make_config(lib, options, target_size=len(free) // 3, pass_=6)
+    sized = webp_writer.encode(lib, image, options, config=config)
+    assert len(sized) < len(free) // 2
+    assert abs(len(sized) - len(free) // 3) < len(free) // 6
 
 
 # -- synthetic sources: strips, odd sizes, alpha, grey, 16-bit, CMYK, orientation

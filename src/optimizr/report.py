@@ -227,6 +227,9 @@ def _header(summary: Mapping[str, Any]) -> str:
     ]
     if version:
         meta.append(esc(version))
+    if tool.get("encoder"):
+        # Two runs' speeds compare only with the same encoder behind them.
+        meta.append(f"encoder {esc(tool.get('encoder'))}, libwebp {esc(tool.get('libwebp'))}")
     lines = [
         "<header>",
         "<h1>optimizr report</h1>",

@@ -114,8 +114,12 @@ def saveable(image: Any) -> Any:
     return image
 
 
-def make_config(lib: LibWebP, options: EncodeOptions) -> WebPConfig:
-    """The WebPConfig webpsave builds from the same options."""
+def make_config(lib: LibWebP, options: EncodeOptions, **overrides: int | float) -> WebPConfig:
+    """The WebPConfig webpsave builds from the same options.
+
+    ``overrides`` set any other field of libwebp's config by its name
+    (``target_size=200_000, pass_=6``), before it is validated: the knobs
+    webpsave does not offer, for callers that search over them."""
     config = WebPConfig()
     near_lossless = options.near_lossless is not None
     lossless = options.lossless and not near_lossless
@@ -142,6 +146,11 @@ def make_config(lib: LibWebP, options: EncodeOptions) -> WebPConfig:
         config.near_lossless = int(quality)
     if options.smart_subsample:
         config.use_sharp_yuv = 1
+    fields = {name for name, _ in WebPConfig._fields_}
+    for name, value in overrides.items():
+        if name not in fields:
+            raise ValueError(f"WebPConfig has no field {name!r}")
+        setattr(config, name, value)
     if not lib.WebPValidateConfig(byref(config)):
         raise EncodeFailed("libwebp: invalid configuration")
     return config
@@ -565,15 +574,17 @@ def encode(
     orientation: int = 1,
     page_height: int | None = None,
     phases: Phases | None = None,
+    config: WebPConfig | None = None,
 ) -> bytes:
     """WebP bytes of ``image`` (libvips, lazy), as webpsave would write them.
 
     ``orientation``: the EXIF orientation still to apply (see
     :func:`orients_in_planes`); ``page_height``: the frame height of an
-    animation stored as a strip of frames."""
+    animation stored as a strip of frames; ``config``: libwebp's settings, when
+    not :func:`make_config`'s for ``options``."""
     phases = phases if phases is not None else Phases()
     image = saveable(image)
-    config = make_config(lib, options)
+    config = config if config is not None else make_config(lib, options)
     started = time.perf_counter()
     # Read before any pixel is: a sequential JPEG load attaches some blobs (the XMP
     # of an Ultra HDR photo) only once decoding starts, and webpsave never sees them.
