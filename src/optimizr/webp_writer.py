@@ -146,7 +146,7 @@ def make_config(lib: LibWebP, options: EncodeOptions, **overrides: int | float) 
         config.near_lossless = int(quality)
     if options.smart_subsample:
         config.use_sharp_yuv = 1
-    fields = {name for name, _ in WebPConfig._fields_}
+    fields = {spec[0] for spec in WebPConfig._fields_}
     for name, value in overrides.items():
         if name not in fields:
             raise ValueError(f"WebPConfig has no field {name!r}")
