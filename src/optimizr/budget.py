@@ -54,23 +54,25 @@ SAFETY = 1.10
 
 #: Resident size of an idle worker once it says ready (Python, optimizr, pyvips and
 #: libvips, numpy, which webp_writer imports, and Pillow's libwebp), measured
-#: 65-67 MiB (x86-64, pyvips-binary 8.18.7, libwebp 1.6.0). Only the figure until
+#: 62-67 MiB (x86-64, pyvips-binary 8.18.7, libwebp 1.6.0). Only the figure until
 #: a worker is measured: the pool measures each one when it says ready and
 #: whenever it takes a job (see MemoryBudget.worker_measured).
 WORKER_BASELINE = 66 << 20
-#: Resident size of the parent at a run's start (Python, optimizr, its walk, the
-#: pool, progress): measured 69-70 MiB from the command line. The budget measures
-#: its own process when it is made; this is the least the parent is counted as.
-PARENT_BASELINE = 70 << 20
+#: The least the parent is counted as at a run's start: a command-line parent
+#: (Python, optimizr, the pool, progress) measures 65-70 MiB there, and the
+#: budget measures its own process when it is made; this floor only keeps a
+#: parent measured early or small from being counted as less than it will be.
+PARENT_BASELINE = 64 << 20
 #: What the parent may grow by during a run (the manifest's pages, results, the
-#: WebP bytes it holds until written), on top of its size at the start: measured
-#: +1.7 MiB over a run of 300 files (70.2 MiB at the start, at most 71.9 MiB), and
-#: +N MiB over big photos. The ceiling measures the parent anyway; this is what
-#: admissions leave free for it.
+#: WebP bytes it holds until they are written), on top of its size at the start:
+#: measured +1.7 MiB over 300 small files (70.2 MiB at the start, 71.9 MiB at
+#: most) and +5.7 MiB over four 36-56 MP photos (65.2 MiB, 70.9 MiB at most).
+#: The ceiling measures the parent as it is anyway; this is what admissions
+#: leave free for it.
 PARENT_GROWTH = 8 << 20
 #: A process that holds more than this when the run starts is a library caller's
 #: (a notebook's data, a test runner: 80-200 MiB under pytest): what it holds
-#: beyond is the caller's, not the run's (a command-line parent measures 70 MiB).
+#: beyond is the caller's, not the run's.
 PARENT_OWN_MAX = 96 << 20
 
 

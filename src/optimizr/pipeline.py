@@ -802,11 +802,12 @@ class Pipeline:
         if self.budget.fits_alone(cost):
             return None
         budget = self.budget
+        # Rounded apart (need up, room down): never "134 MiB, more than ... (134 MiB)".
+        need, room = -(-cost // 2**20), budget.alone_capacity // 2**20
         return OverMemoryBudget(
-            f"{header.width}x{header.height} needs about {cost / 2**20:,.0f} MiB to "
-            f"convert, more than --max-memory {budget.total / 2**20:,.0f} MiB "
-            f"leaves for one image even converting alone ({budget.alone_capacity / 2**20:,.0f} "
-            "MiB); raise --max-memory or use --max-width/--max-height"
+            f"{header.width}x{header.height} needs about {need:,} MiB to convert, more "
+            f"than --max-memory {budget.total / 2**20:,.0f} MiB leaves for one image even "
+            f"converting alone ({room:,} MiB); raise --max-memory or use --max-width/--max-height"
         )
 
     def _settled(
