@@ -33,6 +33,7 @@ MODES = {
     "lossless": EncodeOptions(lossless=True, effort=1),
     "near-lossless": EncodeOptions(near_lossless=60, effort=1),
     "sharp-yuv": EncodeOptions(smart_subsample=True),
+    "shrink-on-load": EncodeOptions(max_width=700, metadata="all"),
 }
 
 
@@ -303,11 +304,11 @@ def _files(corpus: Path, *folders: str) -> list[Path]:
 
 CORPUS_CASES = {
     # folder(s): modes run on every file there
-    "photos": ("lossy", "metadata-all"),
-    "orientation": ("lossy", "metadata-all"),
-    "color": ("lossy", "metadata-all", "metadata-none"),
+    "photos": ("lossy", "metadata-all", "shrink-on-load"),
+    "orientation": ("lossy", "metadata-all", "shrink-on-load"),
+    "color": ("lossy", "metadata-all", "metadata-none", "shrink-on-load"),
     "png": ("lossy", "lossless", "near-lossless", "sharp-yuv"),
-    "other/gif": ("lossy", "lossless"),
+    "other/gif": ("lossy", "lossless", "shrink-on-load"),
     "other/webp": ("lossy", "metadata-all"),
     "other/apng": ("lossy", "lossless"),
     "other/bmp": ("lossy",),
