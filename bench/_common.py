@@ -407,7 +407,8 @@ class EncoderInfo:
 
 def optimizr_encoder(summary: Mapping[str, Any] | None) -> EncoderInfo:
     """optimizr's encoder as its run reported it: the summary's ``encoder`` block
-    (name, libwebp_version, origin) when it has one, else ``tool.libwebp``, else
+    (name, libwebp_version, origin) when it has one, else ``tool.encoder`` (with
+    ``tool.libwebp`` and ``tool.libwebp_origin``), else ``tool.libwebp``, else
     the lines of ``optimizr --version`` that name the encoder or libwebp."""
     block = (summary or {}).get("encoder")
     if isinstance(block, Mapping) and block.get("name"):
@@ -417,6 +418,13 @@ def optimizr_encoder(summary: Mapping[str, Any] | None) -> EncoderInfo:
             str(block.get("origin") or ""),
         )
     tool = (summary or {}).get("tool")
+    if isinstance(tool, Mapping) and tool.get("encoder"):
+        # The summary's tool: encoder, libwebp (its version), libwebp_origin.
+        return EncoderInfo(
+            str(tool["encoder"]),
+            str(tool.get("libwebp") or ""),
+            str(tool.get("libwebp_origin") or ""),
+        )
     if isinstance(tool, Mapping) and tool.get("libwebp"):
         return EncoderInfo(
             "libvips webpsave (summary has no encoder block)", "", str(tool["libwebp"])

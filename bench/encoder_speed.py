@@ -6,6 +6,8 @@ alternately, ``--reps`` times each, in one process with ``VIPS_CONCURRENCY=1``, 
 - libvips' ``webpsave``: the libwebp statically linked into pyvips-binary, which
   optimizr uses;
 - Pillow's WebP plugin (Pillow's bundled libwebp);
+- optimizr's own binding of Pillow's libwebp (``optimizr.webp_writer``, strips),
+  what optimizr runs unless it falls back to ``webpsave``;
 - the libwebp of the ``webp`` wheel from PyPI (a cffi binding), when
   ``make bench-peers`` could put it in ``bench/.peers/python``: called directly
   (``WebPPictureImportRGB`` + ``WebPEncode``), which is what ``webpsave`` does inside.
@@ -40,6 +42,9 @@ import pyvips  # noqa: E402
 from PIL import Image, features  # noqa: E402
 
 from _common import PEERS_DIR, Peer, find_cwebp  # noqa: E402
+from optimizr import libwebp as optimizr_libwebp  # noqa: E402
+from optimizr import webp_writer  # noqa: E402
+from optimizr.config import EncodeOptions  # noqa: E402
 
 WHEEL_DIR = PEERS_DIR / "python"
 
@@ -126,6 +131,11 @@ def measure(path: Path, reps: int, quality: int, effort: int, binding: Any | Non
         "libvips": lambda: len(vips_image.webpsave_buffer(Q=quality, effort=effort, keep="none")),
         "Pillow": pillow,
     }
+    lib = optimizr_libwebp.load()
+    if lib is not None:
+        # optimizr's own binding (Pillow's libwebp, fed in strips): what optimizr runs.
+        options = EncodeOptions(quality=quality, effort=effort, metadata="none")
+        encoders["optimizr"] = lambda: len(webp_writer.encode(lib, vips_image, options))
     if binding is not None:
         encoders["wheel"] = wheel_encoder(binding, rgb, width, height, quality, effort)
     cpu: dict[str, list[float]] = {name: [] for name in encoders}
@@ -179,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     print("  ".join(h.rjust(w) for h, w in zip(headers, widths, strict=True)))
     for line in table:
         print("  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)))
-    print("bytes: libvips / Pillow / wheel; identical or nearly so means identical work")
+    print(f"bytes: {' / '.join(rows[0].cpu)}; identical or nearly so means identical work")
     return 0
 
 

@@ -131,3 +131,19 @@ def test_samples_can_add_photos_of_assorted_sizes(tmp_path: Path) -> None:
     assert len(extra) == 3
     widths = {decode(p).size[0] for p in extra}
     assert len(widths) == 3 and min(widths) >= 800
+
+
+def test_a_worker_imports_only_what_converting_needs() -> None:
+    """A worker process imports optimizr.executors.worker (and so the package): not
+    the run's machinery (object stores, SQLite, the pipeline) nor numpy, which only a
+    rotated photo needs. Each is 10-15 MB of resident memory in every worker."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, optimizr.executors.worker, optimizr.encode, optimizr.verify;"
+        "print(' '.join(sorted(m for m in ('obstore', 'sqlite3', 'numpy', 'optimizr.convert',"
+        " 'optimizr.pipeline', 'optimizr.executors.local', 'rich', 'plotly') if m in sys.modules)))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == ""

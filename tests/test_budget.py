@@ -43,7 +43,9 @@ def test_estimate_follows_size_mode_and_orientation() -> None:
         big, lossy
     )
     shrunk = estimate_peak_bytes(big, EncodeOptions(max_width=800))
-    assert shrunk < estimate_peak_bytes(big, lossy) / 3
+    assert shrunk < estimate_peak_bytes(big, lossy) * 0.7
+    alpha = Header("png", 4000, 3000, 4)
+    assert estimate_peak_bytes(alpha, lossy) > 5 * estimate_peak_bytes(big, lossy)
     rotated = Header("jpeg", 4000, 3000, 3, orientation=6)
     assert estimate_peak_bytes(rotated, lossy) > estimate_peak_bytes(big, lossy)
     animated = Header("gif", 400, 400, 4, frames=40)
@@ -147,6 +149,11 @@ class RecordingBudget(MemoryBudget):
     def release(self, job: Job) -> None:
         super().release(job)
         self.running -= 1
+
+    def worker_measured(self, worker: str, resident: int) -> None:
+        # Workers counted at the constant, whatever they measure (29-66 MiB,
+        # depending on what they import): these tests are about admission.
+        super().worker_measured(worker, WORKER_BASELINE)
 
 
 def jobs_for(paths: list[Path], costs: list[int]) -> list[Job]:

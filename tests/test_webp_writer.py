@@ -33,6 +33,7 @@ MODES = {
     "lossless": EncodeOptions(lossless=True, effort=1),
     "near-lossless": EncodeOptions(near_lossless=60, effort=1),
     "sharp-yuv": EncodeOptions(smart_subsample=True),
+    "shrink-on-load": EncodeOptions(max_width=700, metadata="all"),
 }
 
 
@@ -225,8 +226,10 @@ def test_cmyk_source() -> None:
 
 @pytest.mark.usefixtures("small_strips")
 @pytest.mark.parametrize("orientation", range(1, 9))
-@pytest.mark.parametrize(("width", "height"), [(64, 48), (63, 48), (64, 47), (33, 21)])
-@pytest.mark.parametrize("mode", ["lossy", "lossless", "metadata-all"])
+@pytest.mark.parametrize(
+    ("width", "height"), [(64, 48), (63, 48), (64, 47), (33, 21), (1, 9), (9, 1), (3, 3)]
+)
+@pytest.mark.parametrize("mode", ["lossy", "lossless", "metadata-all", "sharp-yuv"])
 def test_every_orientation_odd_and_even(
     orientation: int, width: int, height: int, mode: str
 ) -> None:
@@ -236,16 +239,14 @@ def test_every_orientation_odd_and_even(
     assert (ours.facts.width_out, ours.facts.height_out) == expected
 
 
-@pytest.mark.parametrize(
-    ("width", "height", "orientation", "streams"),
-    [(64, 48, 6, True), (64, 47, 6, False), (63, 48, 8, False), (63, 47, 5, True)],
-)
-def test_rotated_photos_stream_unless_their_size_forbids_it(
-    monkeypatch: pytest.MonkeyPatch, width: int, height: int, orientation: int, streams: bool
+@pytest.mark.parametrize(("width", "height"), [(64, 48), (64, 47), (63, 48), (63, 47)])
+@pytest.mark.parametrize("orientation", [3, 5, 6, 8])
+def test_rotated_photos_stream_whatever_their_sides(
+    monkeypatch: pytest.MonkeyPatch, width: int, height: int, orientation: int
 ) -> None:
-    """A phone photo (orientation 6, even sides) is read sequentially and rotated in
-    libwebp's planes; only odd sides that would move the 2x2 chroma blocks are
-    decoded whole first (lossy: YUV 4:2:0)."""
+    """A photo to rotate is read sequentially and rotated in libwebp's planes (odd
+    sides included: the first row or column is then a block of its own); only
+    libvips' webpsave needs it decoded whole first."""
     import optimizr.encode as encode_module
 
     accesses: list[str] = []
@@ -258,11 +259,13 @@ def test_rotated_photos_stream_unless_their_size_forbids_it(
 
     monkeypatch.setattr(encode_module, "_open", spy)
     jpeg = _oriented_jpeg(width, height, orientation)
-    encode_webp(jpeg, EncodeOptions(encoder="libwebp"))
-    assert accesses == ["sequential" if streams else "random"]
-    accesses.clear()
-    encode_webp(jpeg, EncodeOptions(encoder="libwebp", lossless=True))
-    assert accesses == ["sequential"]  # ARGB: every orientation is exact in place
+    for options in (
+        EncodeOptions(encoder="libwebp"),
+        EncodeOptions(encoder="libwebp", lossless=True),
+    ):
+        accesses.clear()
+        encode_webp(jpeg, options)
+        assert accesses == ["sequential"]
     accesses.clear()
     encode_webp(jpeg, EncodeOptions(encoder="libvips"))
     assert accesses == ["random"]
@@ -303,11 +306,11 @@ def _files(corpus: Path, *folders: str) -> list[Path]:
 
 CORPUS_CASES = {
     # folder(s): modes run on every file there
-    "photos": ("lossy", "metadata-all"),
-    "orientation": ("lossy", "metadata-all"),
-    "color": ("lossy", "metadata-all", "metadata-none"),
+    "photos": ("lossy", "metadata-all", "shrink-on-load"),
+    "orientation": ("lossy", "metadata-all", "shrink-on-load"),
+    "color": ("lossy", "metadata-all", "metadata-none", "shrink-on-load"),
     "png": ("lossy", "lossless", "near-lossless", "sharp-yuv"),
-    "other/gif": ("lossy", "lossless"),
+    "other/gif": ("lossy", "lossless", "shrink-on-load"),
     "other/webp": ("lossy", "metadata-all"),
     "other/apng": ("lossy", "lossless"),
     "other/bmp": ("lossy",),

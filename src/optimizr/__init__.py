@@ -11,9 +11,9 @@ Per-image problems never raise; they come back in the :class:`Result` or
 :class:`RunSummary`. Errors that stop a run are :class:`OptimizrError` subclasses.
 """
 
+from typing import TYPE_CHECKING
+
 from optimizr.config import EncodeOptions, RunConfig, parse_size
-from optimizr.convert import convert_file, convert_tree
-from optimizr.encode import Encoded, ImageFacts, encode_webp
 from optimizr.errors import (
     CorruptImage,
     DestBusy,
@@ -40,10 +40,44 @@ from optimizr.errors import (
     WorkerStartFailed,
     WriteFailed,
 )
-from optimizr.events import StopToken
-from optimizr.output_urls import UrlsConfig, write_output_urls
-from optimizr.results import Result, RunSummary
-from optimizr.status import StatusReport, read_status
+
+if TYPE_CHECKING:
+    from optimizr.convert import convert_file, convert_tree
+    from optimizr.encode import Encoded, ImageFacts, encode_webp
+    from optimizr.events import StopToken
+    from optimizr.output_urls import UrlsConfig, write_output_urls
+    from optimizr.results import Result, RunSummary
+    from optimizr.status import StatusReport, read_status
+
+# Imported on first use (PEP 562): a worker process imports optimizr.executors.worker,
+# and with it this package, and must not pay for the run's machinery (object
+# stores, SQLite, the pipeline): an idle worker is 54 MB resident with them.
+_LAZY = {
+    "convert_file": "optimizr.convert",
+    "convert_tree": "optimizr.convert",
+    "Encoded": "optimizr.encode",
+    "ImageFacts": "optimizr.encode",
+    "encode_webp": "optimizr.encode",
+    "StopToken": "optimizr.events",
+    "UrlsConfig": "optimizr.output_urls",
+    "write_output_urls": "optimizr.output_urls",
+    "Result": "optimizr.results",
+    "RunSummary": "optimizr.results",
+    "StatusReport": "optimizr.status",
+    "read_status": "optimizr.status",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'optimizr' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __version__ = "0.1.0"
 

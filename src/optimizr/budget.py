@@ -4,26 +4,38 @@ Every image's peak need is estimated from its header alone, before any pixel
 is decoded, and an image is admitted only while the estimates of those in
 flight fit the budget. The budget is a ceiling on the resident memory of the
 whole process tree, so the fixed cost of the parent and of every worker
-(busy or idle) is taken off the top before any image is admitted.
+(busy or idle) is taken off the top before any image is admitted; while an
+image converts, what its worker really grows to is watched (MemoryBudget.observe).
 
 The figures below were measured on this project's machine (x86-64, libvips
-8.18.7 from pyvips-binary, one libvips thread per worker) by
-``bench/calibrate_memory.py``, which converts synthetic photos of 2-32 MP in a
-fresh process each and reads the growth of its peak resident size (VmHWM):
+8.18.7 from pyvips-binary, libwebp 1.6.0 from Pillow 13 through optimizr's
+binding, one libvips thread per worker, the worker's malloc settings) by
+``bench/calibrate_memory.py``: three real photos (iPhone 6, Galaxy S7, Olympus
+E-P3) scaled to 8, 24, 40 and 60 MP, each converted in a fresh process whose
+peak resident growth (VmHWM) is read. Each constant is an envelope over every
+measurement of its mode (the fit's slope is lower), so no calibration image
+exceeds its estimate:
 
-=====================================  ===========================================
-what                                   measured
-=====================================  ===========================================
-lossy, sequential decode               9.0-9.8 bytes per output pixel + ~5 MB
-lossy with ``--smart-subsample``       16.7-17.2 bytes per output pixel
-lossless / near-lossless               32-43 bytes per output pixel + ~22 MB
-rotated by EXIF (random-access decode) 12.1 bytes per output pixel (3 more per input pixel)
-shrunk on load (``--max-width``)       1.6-2.0 bytes per *input* pixel + ~12 MB
-=====================================  ===========================================
+=====================================  =========================  =============
+mode (bytes per output pixel + fixed)  measured (fit; range)      estimate
+=====================================  =========================  =============
+lossy (JPEG, 16-bit PNG, GIF frames)   2.25/px + 9 MB; 2.1-4.5    2.7/px + 16 MB
+lossy, image with alpha                26.2/px + 16 MB; 26.3-28.2 26.5/px + 16 MB
+``--smart-subsample``                  12.8/px + 6 MB; 12.8-13.4  13.0/px + 8 MB
+lossless, near-lossless                16.4/px + 56 MB; 7.1-29.6  23.5/px + 60 MB
+rotated by EXIF (rotated in planes)    as lossy                   + 16 MB (numpy)
+shrunk on load (``--max-width``)       14-30 MB, any input size   + 8 MB + 0.3/in px
+=====================================  =========================  =============
 
-libvips holds the decoded RGB image and libwebp its own YUV picture and
-analysis buffers, which is why lossy needs three times the RGB size. The
-estimate adds 10% on top and a fixed 8 MB per image.
+The binding never holds the decoded image whole: libwebp's picture (YUV 4:2:0,
+1.5 bytes per pixel; ARGB, 4, for lossless and sharp YUV) is the main cost, with
+libwebp's own analysis and token buffers. An alpha plane is compressed by
+libwebp's lossless coder (hash chains, backward references: ~24 bytes per
+pixel), which is why images with alpha cost ten times as much. With libvips'
+webpsave (the fallback) the earlier figures stand (it copies each frame whole
+first): 9.8 bytes per pixel lossy, 17.2 sharp YUV, 43 lossless, plus the whole
+decoded image for a rotation. The estimate adds 5% on top (the ceiling catches
+what it still misses).
 """
 
 from __future__ import annotations
@@ -43,21 +55,36 @@ from optimizr.metrics.memory import rss_of
 if TYPE_CHECKING:
     from optimizr.executors.base import Job
 
-BYTES_PER_PIXEL_LOSSY = 9.8
-BYTES_PER_PIXEL_SHARP_YUV = 17.2
-BYTES_PER_PIXEL_LOSSLESS = 43.0
+# The libwebp binding, fed in strips (see the table above).
+BYTES_PER_PIXEL_LOSSY = 2.7
+BYTES_PER_PIXEL_ALPHA_LOSSY = 26.5
+BYTES_PER_PIXEL_SHARP_YUV = 13.0
+BYTES_PER_PIXEL_LOSSLESS = 23.5
+FIXED_PER_IMAGE = 16 << 20
+FIXED_LOSSLESS = 60 << 20
+FIXED_ROTATED = 16 << 20
+FIXED_SHRINK = 8 << 20
+BYTES_PER_INPUT_PIXEL_SHRINK = 0.3
+# libvips' webpsave, the fallback (measured before the binding existed).
+WEBPSAVE_BYTES_PER_PIXEL_LOSSY = 9.8
+WEBPSAVE_BYTES_PER_PIXEL_SHARP_YUV = 17.2
+WEBPSAVE_BYTES_PER_PIXEL_LOSSLESS = 43.0
+WEBPSAVE_BYTES_PER_INPUT_PIXEL_SHRINK = 2.0
+WEBPSAVE_FIXED_PER_IMAGE = 8 << 20
+WEBPSAVE_FIXED_LOSSLESS = 22 << 20
+#: A whole decoded image, per input pixel of 3 bands (BMP and APNG are decoded
+#: in memory; webpsave decodes a photo to rotate whole).
 BYTES_PER_PIXEL_RANDOM_ACCESS = 3.0
-BYTES_PER_INPUT_PIXEL_SHRINK = 2.0
-FIXED_PER_IMAGE = 8 << 20
-FIXED_LOSSLESS = 22 << 20
-SAFETY = 1.10
+SAFETY = 1.05
 
-#: Resident size of an idle worker once it says ready (Python, optimizr, pyvips and
-#: libvips, numpy, which webp_writer imports, and Pillow's libwebp), measured
-#: 62-67 MiB (x86-64, pyvips-binary 8.18.7, libwebp 1.6.0). Only the figure until
-#: a worker is measured: the pool measures each one when it says ready and
-#: whenever it takes a job (see MemoryBudget.worker_measured).
-WORKER_BASELINE = 66 << 20
+#: Resident size of an idle worker once it says ready (Python, pyvips and libvips,
+#: the encoder and Pillow's libwebp; not the run's machinery nor numpy, imported on
+#: first use), measured 29-32 MiB (x86-64, pyvips-binary 8.18.7, libwebp 1.6.0; it
+#: was 62-67 MiB when a worker imported all of optimizr), and a little to spare. Only
+#: the figure until a worker is measured: the pool measures each one when it says
+#: ready and whenever it takes a job (see MemoryBudget.worker_measured). A worker
+#: that has converted a rotated photo holds numpy too (+14 MiB), measured then.
+WORKER_BASELINE = 36 << 20
 #: The least the parent is counted as at a run's start: a command-line parent
 #: (Python, optimizr, the pool, progress) measures 65-70 MiB there, and the
 #: budget measures its own process when it is made; this floor only keeps a
@@ -105,6 +132,10 @@ def output_size(header: Header, options: EncodeOptions) -> tuple[int, int]:
 
 def estimate_peak_bytes(header: Header, options: EncodeOptions) -> int:
     """Peak resident memory one conversion adds to its worker, from the header alone."""
+    from optimizr.encode import encoder_for, rotates_in_encoder
+
+    if encoder_for(options) is None:
+        return _webpsave_estimate(header, options)
     out_w, out_h = output_size(header, options)
     out_pixels = out_w * out_h * header.frames
     fixed = FIXED_PER_IMAGE
@@ -112,14 +143,42 @@ def estimate_peak_bytes(header: Header, options: EncodeOptions) -> int:
         per_pixel, fixed = BYTES_PER_PIXEL_LOSSLESS, FIXED_LOSSLESS
     elif options.smart_subsample:
         per_pixel = BYTES_PER_PIXEL_SHARP_YUV
+    elif header.bands in (2, 4):
+        per_pixel = BYTES_PER_PIXEL_ALPHA_LOSSY
     else:
         per_pixel = BYTES_PER_PIXEL_LOSSY
     need = fixed + per_pixel * out_pixels
     if out_pixels < header.pixels:
-        # Shrinking still streams every input row through the decoder and resampler.
-        need += BYTES_PER_INPUT_PIXEL_SHRINK * header.pixels
+        # Shrunk on load: the decoder and resampler stream; the small result is
+        # rendered whole before it is encoded.
+        need += FIXED_SHRINK + BYTES_PER_INPUT_PIXEL_SHRINK * header.pixels
+    elif header.orientation != 1:
+        if rotates_in_encoder(header.width, header.height, header.orientation, options):
+            need += FIXED_ROTATED
+        else:
+            need += BYTES_PER_PIXEL_RANDOM_ACCESS * header.bands / 3 * header.pixels
+    if header.format in ("bmp", "apng"):
+        need += BYTES_PER_PIXEL_RANDOM_ACCESS * header.bands / 3 * header.pixels
+    return int(need * SAFETY)
+
+
+def _webpsave_estimate(header: Header, options: EncodeOptions) -> int:
+    """The estimate for libvips' webpsave, which copies each frame whole first."""
+    out_w, out_h = output_size(header, options)
+    out_pixels = out_w * out_h * header.frames
+    fixed = WEBPSAVE_FIXED_PER_IMAGE
+    if options.lossless or options.near_lossless is not None:
+        per_pixel, fixed = WEBPSAVE_BYTES_PER_PIXEL_LOSSLESS, WEBPSAVE_FIXED_LOSSLESS
+    elif options.smart_subsample:
+        per_pixel = WEBPSAVE_BYTES_PER_PIXEL_SHARP_YUV
+    elif header.bands in (2, 4):
+        per_pixel = BYTES_PER_PIXEL_ALPHA_LOSSY + 3.0  # and the frame copy
+    else:
+        per_pixel = WEBPSAVE_BYTES_PER_PIXEL_LOSSY
+    need = fixed + per_pixel * out_pixels
+    if out_pixels < header.pixels:
+        need += WEBPSAVE_BYTES_PER_INPUT_PIXEL_SHRINK * header.pixels
     if header.orientation != 1 or header.format in ("bmp", "apng"):
-        # Rotations need the whole decoded image; BMP and APNG are decoded in memory.
         need += BYTES_PER_PIXEL_RANDOM_ACCESS * header.bands / 3 * header.pixels
     return int(need * SAFETY)
 
