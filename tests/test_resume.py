@@ -350,9 +350,9 @@ def test_memory_budget_refusal_is_decided_again_under_the_current_max_memory(
         assert summary.known_failed == 0  # decided from the header, not replayed
         return refused.message
 
-    assert "--max-memory 200 MiB" in refused_under(200 * MB)
+    assert "--max-memory 120 MiB" in refused_under(120 * MB)
     # The same budget refuses it again, quoting the budget of this run...
-    assert "--max-memory 150 MiB" in refused_under(150 * MB)
+    assert "--max-memory 100 MiB" in refused_under(100 * MB)
     assert manifest_rows(dest)["huge.jpg"]["attempts"] == 0  # the image was never tried
     # ...and raising it, as the message advises, converts it: no --retry-failed needed.
     raised = convert_tree(src, dest, RunConfig(src=src, dest=dest, workers=1, max_memory=2 << 30))
@@ -411,10 +411,10 @@ def test_bomb_over_max_pixels_is_told_about_max_pixels_not_max_memory(tmp_path: 
     src, dest = tmp_path / "src", tmp_path / "dest"
     src.mkdir()
     (src / "bomb_png_65536x65536.png").write_bytes(png_header_only(65536, 65536))
-    # Under --max-pixels, but more than 1 GiB to convert: that one is the budget's call.
+    # Under --max-pixels, but more than 300 MiB to convert: that one is the budget's call.
     (src / "wide_png_12000x9000.png").write_bytes(png_header_only(12000, 9000))
     age(src)
-    config = RunConfig(src=src, dest=dest, workers=1, max_memory=1 << 30)
+    config = RunConfig(src=src, dest=dest, workers=1, max_memory=300 * MB)
     summary = convert_tree(src, dest, config)
     assert summary.converted == 0
     by_key = {r.key: r for r in summary.not_converted}

@@ -77,12 +77,30 @@ WEBPSAVE_FIXED_LOSSLESS = 22 << 20
 BYTES_PER_PIXEL_RANDOM_ACCESS = 3.0
 SAFETY = 1.05
 
-#: Resident size of an idle worker (Python + pyvips + optimizr), measured: 31 MB.
-WORKER_BASELINE = 35 << 20
-#: Resident size of the parent (walk, pool, progress, RSS sampler: 37-45 MB,
-#: measured), and 12 MB to spare: the figure once included multiprocessing's
-#: resource-tracker process, which workers started with subprocess no longer need.
-PARENT_BASELINE = 60 << 20
+#: Resident size of an idle worker once it says ready (Python, pyvips and libvips,
+#: the encoder and Pillow's libwebp; not the run's machinery nor numpy, imported on
+#: first use), measured 29-32 MiB (x86-64, pyvips-binary 8.18.7, libwebp 1.6.0; it
+#: was 62-67 MiB when a worker imported all of optimizr), and a little to spare. Only
+#: the figure until a worker is measured: the pool measures each one when it says
+#: ready and whenever it takes a job (see MemoryBudget.worker_measured). A worker
+#: that has converted a rotated photo holds numpy too (+14 MiB), measured then.
+WORKER_BASELINE = 36 << 20
+#: The least the parent is counted as at a run's start: a command-line parent
+#: (Python, optimizr, the pool, progress) measures 65-70 MiB there, and the
+#: budget measures its own process when it is made; this floor only keeps a
+#: parent measured early or small from being counted as less than it will be.
+PARENT_BASELINE = 64 << 20
+#: What the parent may grow by during a run (the manifest's pages, results, the
+#: WebP bytes it holds until they are written), on top of its size at the start:
+#: measured +1.7 MiB over 300 small files (70.2 MiB at the start, 71.9 MiB at
+#: most) and +5.7 MiB over four 36-56 MP photos (65.2 MiB, 70.9 MiB at most).
+#: The ceiling measures the parent as it is anyway; this is what admissions
+#: leave free for it.
+PARENT_GROWTH = 8 << 20
+#: A process that holds more than this when the run starts is a library caller's
+#: (a notebook's data, a test runner: 80-200 MiB under pytest): what it holds
+#: beyond is the caller's, not the run's.
+PARENT_OWN_MAX = 96 << 20
 
 
 @dataclass(frozen=True)
@@ -219,6 +237,12 @@ class BudgetStatistics:
     #: Peak resident size of the process tree, as measured for the ceiling.
     peak_measured: int = 0
     margin: int = 0
+    #: What one image may use when its worker is the only one alive.
+    alone_capacity: int = 0
+    #: The parent's resident size at the run's start as counted (see PARENT_OWN_MAX).
+    parent_baseline: int = 0
+    #: The largest idle worker measured (WORKER_BASELINE until one is).
+    worker_baseline: int = 0
 
 
 @dataclass
@@ -235,7 +259,18 @@ class MemoryBudget:
 
     ``total`` is the user's --max-memory; ``capacity`` what is left for images
     once the parent's and the workers' own baselines and the ceiling's margin
-    are paid for. A job is admitted on its estimate; once it runs, its executor measures its worker
+    are paid for. Those baselines are measured: the parent's resident size when
+    the budget is made (the run's start), plus an allowance for its growth, and
+    each worker's once it is ready (:meth:`worker_measured`).
+
+    A job whose estimate does not fit ``capacity`` but fits ``alone_capacity``,
+    what is left when its own worker is the only one alive, runs **alone**: it
+    waits until nothing runs, and is handed to the executor with ``alone`` set,
+    which retires the idle workers while it runs (their baselines are then free)
+    and starts them again after (see ``executors/base.py``). Only an image that
+    cannot fit even so is refused from its header (:meth:`fits_alone`).
+
+    A job is admitted on its estimate; once it runs, its executor measures its worker
     and reports (:meth:`observe`), and the job is charged the larger of its
     estimate and what it was measured to use, so a job that outgrows its
     estimate holds back further admissions at once. When the measured process
@@ -245,9 +280,12 @@ class MemoryBudget:
     to fail as too large. The policy is all here; an executor only measures and
     stops (see ``executors/base.py``).
 
-    The parent is counted as its baseline and what it grows by during the run:
-    what a library caller's process held before (a notebook's data, a test
-    runner) beyond the baseline is the caller's, not the run's.
+    The parent is counted as its size at the start and what it grows by during
+    the run: what a library caller's process held before (a notebook's data, a
+    test runner) beyond :data:`PARENT_OWN_MAX` is the caller's, not the run's.
+    ``worker_baseline`` is the figure of a worker not measured yet, and
+    ``parent_resident`` the parent's size at the start when the caller measured
+    it (tests: a figure of their own; default: measured now).
     """
 
     def __init__(
@@ -256,12 +294,25 @@ class MemoryBudget:
         workers: int,
         *,
         worker_baseline: int = WORKER_BASELINE,
+        parent_resident: int | None = None,
     ) -> None:
         self.total = total
+        self.workers = max(1, workers)
         self.margin = ceiling_margin(total)
-        self.capacity = max(0, total - self.margin - PARENT_BASELINE - workers * worker_baseline)
-        #: What this process held before the run beyond the parent's baseline.
-        self.caller_bytes = max(0, rss_of(os.getpid()) - PARENT_BASELINE)
+        resident = rss_of(os.getpid())
+        own = min(resident if parent_resident is None else parent_resident, PARENT_OWN_MAX)
+        #: The parent's resident size at the run's start, as counted.
+        self.parent_baseline = own
+        #: What the capacity leaves for the parent: no less than PARENT_BASELINE
+        #: (it grows as the run goes), and its allowance for growth.
+        self.parent_charge = max(PARENT_BASELINE, own) + PARENT_GROWTH
+        #: What this process held before the run that is not the run's.
+        self.caller_bytes = max(0, resident - own)
+        #: Idle resident size of each live worker measured (name -> bytes); one
+        #: not measured yet counts as the largest measured so far in the run.
+        self._worker_sizes: dict[str, int] = {}
+        self._largest_worker = 0
+        self._worker_baseline = worker_baseline
         #: Charges of the jobs running and bytes held for transfers.
         self.in_use = 0
         self.peak_in_use = 0
@@ -286,8 +337,43 @@ class MemoryBudget:
         self._alone: int | None = None  # the id of a job that must run by itself
         self._lock = threading.Lock()
 
+    def _capacity_with(self, workers: int) -> int:
+        """What is left for images beside ``workers`` live workers (the largest measured)."""
+        sizes = sorted(self._worker_sizes.values(), reverse=True)[:workers]
+        fixed = self.parent_charge + sum(sizes) + (workers - len(sizes)) * self._worker_assumed
+        return max(0, self.total - self.margin - fixed)
+
+    @property
+    def capacity(self) -> int:
+        """What images may use: beside every worker, or beside its own alone while
+        a job runs alone (the others are retired meanwhile)."""
+        return self._capacity_with(1 if self._alone is not None else self.workers)
+
+    @property
+    def alone_capacity(self) -> int:
+        """What one image may use when its worker is the only one alive."""
+        return self._capacity_with(1)
+
     def fits_alone(self, need: int) -> bool:
-        return need <= self.capacity
+        """Could an image needing ``need`` run at all: alone, the other workers retired."""
+        return need <= self.alone_capacity
+
+    def worker_measured(self, worker: str, resident: int) -> None:
+        """An idle worker's resident size, measured by the executor when it became
+        ready and when it takes a job: the capacity counts it from now on."""
+        with self._lock:
+            self._worker_sizes[worker] = resident
+            self._largest_worker = max(self._largest_worker, resident)
+
+    @property
+    def _worker_assumed(self) -> int:
+        # The figure given until a worker is measured; then the largest measured.
+        return self._largest_worker or self._worker_baseline
+
+    def worker_gone(self, worker: str) -> None:
+        """A worker exited (retired, replaced): its baseline is no longer paid."""
+        with self._lock:
+            self._worker_sizes.pop(worker, None)
 
     def admit(self, window: list[Job]) -> Job | None:
         """Take from ``window`` (head first: the job that waits longest for memory)
@@ -295,17 +381,23 @@ class MemoryBudget:
 
         The head goes if it fits, or alone when nothing runs; smaller ones may go
         only if they leave room for it, or it could wait behind them for ever. A
-        job to run alone waits, and holds back everything behind it, until
-        nothing runs."""
+        job to run alone (stopped once beside others, or too big to fit beside
+        the other workers' baselines) waits, and holds back everything behind
+        it, until nothing runs; it is handed out with ``alone`` set, for the
+        executor to retire the other workers while it runs."""
         head = window[0]
         running = bool(self._charges)
-        if head.alone:
+        if head.alone or head.cost > self._capacity_with(self.workers):
             with self._lock:
                 if running:
                     self._refused(head, held=False)
                     return None
+                window.pop(0)
+                if not head.alone:
+                    self.ran_alone += 1
+                    head = dataclasses.replace(head, alone=True)
                 self._take(head)
-            return window.pop(0)
+            return head
         if self.try_acquire(head):
             return window.pop(0)
         if not running:
@@ -443,6 +535,9 @@ class MemoryBudget:
             self.too_large_alone,
             self.peak_measured,
             self.margin,
+            self.alone_capacity,
+            self.parent_baseline,
+            self._worker_assumed,
         )
 
 

@@ -306,6 +306,11 @@ def _execute(
         "peak_estimated_in_flight_bytes": budget_stats.peak_in_use,
         "admissions_waited": budget_stats.waited,
         "ran_alone": budget_stats.ran_alone,
+        # Of the images run alone, those whose pool retired its other workers meanwhile.
+        "ran_with_workers_retired": stats.alone_runs,
+        "budget_alone_bytes": budget_stats.alone_capacity,
+        "parent_baseline_bytes": budget_stats.parent_baseline,
+        "worker_baseline_bytes": budget_stats.worker_baseline,
         # The ceiling: what the executor measured while images converted, and did.
         "peak_measured_bytes": budget_stats.peak_measured,
         "ceiling_margin_bytes": budget_stats.margin,

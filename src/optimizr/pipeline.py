@@ -796,14 +796,18 @@ class Pipeline:
                 check_webp_limit(header.width, header.height, options)
         except TooLarge as exc:
             return exc
+        # Refused only if it cannot fit even alone: beside its own worker's
+        # baseline, the others retired (an image bigger than what the other
+        # workers leave free runs that way).
         if self.budget.fits_alone(cost):
             return None
         budget = self.budget
+        # Rounded apart (need up, room down): never "134 MiB, more than ... (134 MiB)".
+        need, room = -(-cost // 2**20), budget.alone_capacity // 2**20
         return OverMemoryBudget(
-            f"{header.width}x{header.height} needs about {cost / 2**20:,.0f} MiB to "
-            f"convert, more than --max-memory {budget.total / 2**20:,.0f} MiB "
-            f"leaves for one image ({budget.capacity / 2**20:,.0f} MiB); "
-            "raise --max-memory or use --max-width/--max-height"
+            f"{header.width}x{header.height} needs about {need:,} MiB to convert, more "
+            f"than --max-memory {budget.total / 2**20:,.0f} MiB leaves for one image even "
+            f"converting alone ({room:,} MiB); raise --max-memory or use --max-width/--max-height"
         )
 
     def _settled(

@@ -15,6 +15,18 @@ it answers is carried out by stopping that job (its worker is killed and
 replaced) and either putting ``stop.retry`` back among the jobs to start or
 yielding the job's outcome with ``stop.error``. A stopped job has no result, so
 nothing of it is ever written.
+
+It also tells the budget what its workers cost: ``budget.worker_measured(name,
+bytes)`` with a worker's resident size once it is ready to take work (and, if it
+can, whenever it takes a job), and ``budget.worker_gone(name)`` once it has
+exited. A job the budget hands out with ``alone`` set must run with its worker
+the only one alive, because the budget counted only that worker's baseline for
+it: the executor stops every other worker (and tells the budget each is gone)
+before it sends the job, and, when the job is over, starts them again through
+its normal start-up path (a worker gets work only once it is ready). The budget
+admits such a job only when nothing else runs, and nothing beside it until it
+is released. A Dask executor does the same by retiring the other workers of
+its cluster (or running the job on a worker of its own) and scaling back after.
 """
 
 from __future__ import annotations
@@ -43,8 +55,9 @@ class Job:
     cost: int = 0
     #: Decode the WebP before handing it back (--verify).
     verify: bool = False
-    #: Run with no other job beside it: it was stopped once for outgrowing its
-    #: estimate among others (see MemoryBudget.observe).
+    #: Run with no other job, and no other worker, beside it: it was stopped once
+    #: for outgrowing its estimate among others (MemoryBudget.observe), or it fits
+    #: only in what the other workers' baselines leave free (MemoryBudget.admit).
     alone: bool = False
 
 
@@ -121,6 +134,11 @@ class ExecutorStatistics:
     alive: int = 0
     #: Jobs stopped because the memory budget said so (run again alone, or failed).
     stopped: int = 0
+    #: Jobs run ``alone``: with every other worker retired while they ran.
+    alone_runs: int = 0
+    #: Workers retired for those jobs, and started again after them.
+    workers_retired: int = 0
+    workers_restored: int = 0
 
 
 class Executor(ABC):

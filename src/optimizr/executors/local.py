@@ -135,7 +135,15 @@ class ProcessExecutor(Executor):
     loop that waits for answers (no thread of its own), as often as the budget
     asks (every 5 ms near its ceiling), and handed to the budget, which
     decides; a job it stops is killed with its worker, as a hung one is, and
-    goes back to the window or fails.
+    goes back to the window or fails. Each worker's idle size is measured when
+    it says ready and when it takes a job, for the budget's capacity.
+
+    A job the budget hands out ``alone`` runs with its worker the only one
+    alive: the others (idle, since an alone job waits until nothing runs) are
+    asked to exit, or killed while still starting, before it is sent; once it
+    is over, and no other job to run alone follows at once, the pool is
+    topped up again with new workers, each given work after its ready
+    handshake as at the start.
     """
 
     def __init__(
@@ -175,6 +183,8 @@ class ProcessExecutor(Executor):
         self._started = self._completed = self._crashed = self._timed_out = self._restarts = 0
         self._last_dispatch = self._last_done = 0.0
         self._busy_seconds = 0.0
+        #: Jobs run with the other workers retired; workers retired and started again for them.
+        self._alone_runs = self._retired_for_alone = self._restored = 0
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -237,6 +247,8 @@ class ProcessExecutor(Executor):
         worker.conn.close()
         self._log_output(worker, worker.output.take())
         worker.output.close()
+        if self.budget is not None:
+            self.budget.worker_gone(worker.name)
 
     def close(self) -> None:
         # Ask every idle worker to leave first, so that they all exit at once.
@@ -280,6 +292,9 @@ class ProcessExecutor(Executor):
             running=sum(1 for w in pool if w.job is not None),
             alive=sum(1 for w in pool if w.ready and w.process.returncode is None),
             stopped=self._stopped,
+            alone_runs=self._alone_runs,
+            workers_retired=self._retired_for_alone,
+            workers_restored=self._restored,
         )
 
     # -- the loop ----------------------------------------------------------------
@@ -311,6 +326,8 @@ class ProcessExecutor(Executor):
                     else:
                         window.append(job)
                 self._dispatch(window)
+                if window or not exhausted:  # no worker is started for a run that is over
+                    self._restore()
             busy = any(w.job is not None for w in self._pool)
             if not busy and not window and (exhausted or self._stopping):
                 return
@@ -389,7 +406,11 @@ class ProcessExecutor(Executor):
             job = window.pop(0) if self.budget is None else self.budget.admit(window)
             if job is None:
                 return
+            if job.alone:
+                self._retire_others(idle)
             idle.baseline = rss_of(idle.process.pid)
+            if self.budget is not None:
+                self.budget.worker_measured(idle.name, idle.baseline)
             try:
                 idle.conn.send(job)
             except OSError:
@@ -403,6 +424,37 @@ class ProcessExecutor(Executor):
             idle.job, idle.started = job, time.monotonic()
             self._started += 1
             self._last_dispatch = idle.started
+
+    def _retire_others(self, keep: _Worker) -> None:
+        """Before an alone job goes to ``keep``: every other worker exits first (all
+        asked at once, then waited for), so its memory is free before the job grows."""
+        # The budget admits an alone job only when nothing runs: all others are idle.
+        others = [w for w in self._pool if w is not keep and w.job is None]
+        asked: set[str] = set()
+        for worker in others:
+            if worker.ready and worker.job is None:
+                try:
+                    worker.conn.send(None)
+                    asked.add(worker.name)
+                except OSError:
+                    pass
+        for worker in others:
+            self._retire(worker, kill=worker.name not in asked, asked=worker.name in asked)
+            self._pool.remove(worker)
+        if self.workers > 1:  # with one worker there is none to retire
+            self._alone_runs += 1
+        self._retired_for_alone += len(others)
+
+    def _restore(self) -> None:
+        """After an alone job: start the workers retired for it again (they get work
+        once ready); not while another job runs alone, nor once the run stops."""
+        if self._stopping or len(self._pool) >= self.workers:
+            return
+        if any(w.job is not None and w.job.alone for w in self._pool):
+            return
+        while len(self._pool) < self.workers:
+            self._pool.append(self._spawn())
+            self._restored += 1
 
     def _collect(self, worker: _Worker, ready: Sequence[object]) -> Outcome | None:
         if worker.conn in ready:
@@ -431,6 +483,8 @@ class ProcessExecutor(Executor):
             if message[0] == "ready":
                 worker.ready = True
                 self._failed_starts = 0
+                if self.budget is not None:
+                    self.budget.worker_measured(worker.name, rss_of(worker.process.pid))
                 self._log_output(worker, worker.output.take())
                 return None
             _kill(worker.process)
