@@ -10,6 +10,7 @@ import pytest
 from conftest import photo_array, save_jpeg
 from optimizr import EncodeOptions, RunConfig, convert_tree
 from optimizr.budget import (
+    LEAST_SHARE,
     PARENT_BASELINE,
     PARENT_GROWTH,
     PARENT_OWN_MAX,
@@ -86,7 +87,11 @@ def test_a_job_that_fits_only_alone_is_admitted_alone_when_nothing_runs() -> Non
     budget = budget_of(PARENT + 2 * WORKER_BASELINE + 100 * MB + MARGIN, workers=2)
     assert budget.capacity == 100 * MB
     big = job(100 * MB + WORKER_BASELINE, 2)
-    assert budget.fits_alone(big.cost) and not budget.fits_alone(big.cost + 1)
+    alone = budget.alone_capacity
+    assert alone == big.cost
+    # Refused only when even the least share of its estimate could not fit alone.
+    most = int(alone / LEAST_SHARE)
+    assert budget.fits_alone(most) and not budget.fits_alone(most + 2)
     small = job(10 * MB, 1)
     assert budget.admit([small]) is small
     window = [big, job(5 * MB, 3)]
@@ -214,14 +219,15 @@ def test_image_over_the_whole_budget_is_refused_with_a_reason(tmp_path: Path) ->
     src, dest = tmp_path / "src", tmp_path / "dest"
     save_jpeg(src / "small.jpg", photo_array(200, 150))
     save_jpeg(src / "huge.jpg", photo_array(4000, 3000, seed=1), quality=50)
-    # What this process and one worker leave for an image lies halfway between
-    # the two estimates (the parent's figure is this test runner's, measured).
+    # What this process and one worker leave for an image lies halfway between the
+    # small image's estimate and the least share of its estimate the huge one could
+    # need (the parent's figure is this test runner's, measured).
     small, huge = (
         estimate_peak_bytes(Header("jpeg", w, h, 3), EncodeOptions())
         for w, h in ((200, 150), (4000, 3000))
     )
     base = 1 << 30
-    max_memory = base + (small + huge) // 2 - MemoryBudget(base, 1).capacity
+    max_memory = base + (small + int(huge * LEAST_SHARE)) // 2 - MemoryBudget(base, 1).capacity
     config = RunConfig(src=src, dest=dest, workers=1, max_memory=max_memory)
     summary = convert_tree(src, dest, config)
     assert summary.converted == 1
