@@ -252,14 +252,7 @@ class ProcessExecutor(Executor):
 
     def close(self) -> None:
         # Ask every idle worker to leave first, so that they all exit at once.
-        asked: set[str] = set()
-        for worker in self._pool:
-            if worker.ready and worker.job is None:
-                try:
-                    worker.conn.send(None)
-                    asked.add(worker.name)
-                except OSError:
-                    pass
+        asked = _ask_to_leave(self._pool)
         for worker in self._pool:
             self._retire(worker, kill=worker.job is not None, asked=worker.name in asked)
         self._pool.clear()
@@ -430,14 +423,7 @@ class ProcessExecutor(Executor):
         asked at once, then waited for), so its memory is free before the job grows."""
         # The budget admits an alone job only when nothing runs: all others are idle.
         others = [w for w in self._pool if w is not keep and w.job is None]
-        asked: set[str] = set()
-        for worker in others:
-            if worker.ready and worker.job is None:
-                try:
-                    worker.conn.send(None)
-                    asked.add(worker.name)
-                except OSError:
-                    pass
+        asked = _ask_to_leave(others)
         for worker in others:
             self._retire(worker, kill=worker.name not in asked, asked=worker.name in asked)
             self._pool.remove(worker)
@@ -578,6 +564,19 @@ class ProcessExecutor(Executor):
 
 def _priority(job: Job) -> tuple[bool, int]:
     return job.alone, job.cost
+
+
+def _ask_to_leave(workers: Iterable[_Worker]) -> set[str]:
+    """Send each ready, idle worker the request to exit; the names of those asked."""
+    asked: set[str] = set()
+    for worker in workers:
+        if worker.ready and worker.job is None:
+            try:
+                worker.conn.send(None)
+                asked.add(worker.name)
+            except OSError:
+                pass
+    return asked
 
 
 def _kill(process: subprocess.Popen[bytes]) -> None:
