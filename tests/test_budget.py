@@ -15,6 +15,7 @@ from optimizr.budget import (
     PARENT_GROWTH,
     PARENT_OWN_MAX,
     WORKER_BASELINE,
+    WORKER_GROWTH_SLACK,
     Header,
     MemoryBudget,
     ceiling_margin,
@@ -77,10 +78,31 @@ def test_budget_counts_the_baselines_it_measured() -> None:
     assert budget.capacity == before + 40 * MB
     budget.worker_measured("w2", WORKER_BASELINE + 10 * MB)
     assert budget.capacity == before + 20 * MB - 10 * MB
-    assert budget.alone_capacity == before + WORKER_BASELINE - 10 * MB
     assert budget.statistics().worker_baseline == WORKER_BASELINE + 10 * MB
     budget.worker_gone("w2")  # its replacement counts as the largest seen until measured
     assert budget.capacity == before + 20 * MB - 10 * MB
+
+
+def test_the_room_alone_is_counted_beside_a_fresh_worker_not_a_grown_one() -> None:
+    budget = budget_of(1024 * MB, 2)
+    beside_two = budget.capacity
+    # Until one says ready, a fresh worker is the constant.
+    assert budget.alone_capacity == beside_two + WORKER_BASELINE
+    budget.worker_measured("w1", 30 * MB, fresh=True)
+    budget.worker_measured("w2", 31 * MB, fresh=True)
+    fresh_alone = budget.alone_capacity
+    assert fresh_alone == budget.total - budget.margin - budget.parent_charge - 31 * MB
+    # Both grew as a run went on (numpy, the heap of earlier images): beside each
+    # other there is less room, but a job alone gets a fresh worker, so not alone.
+    budget.worker_measured("w1", 47 * MB)
+    budget.worker_measured("w2", 50 * MB)
+    assert budget.capacity == fresh_alone + 31 * MB - (47 + 50) * MB
+    assert budget.alone_capacity == fresh_alone
+    assert budget.statistics().fresh_worker == 31 * MB
+    # Which worker an alone job must not be given as it is.
+    assert budget.worker_outgrown(50 * MB) and budget.worker_outgrown(36 * MB)
+    assert not budget.worker_outgrown(31 * MB + WORKER_GROWTH_SLACK)
+    assert not budget.worker_outgrown(29 * MB)
 
 
 def test_a_job_that_fits_only_alone_is_admitted_alone_when_nothing_runs() -> None:
@@ -155,10 +177,10 @@ class RecordingBudget(MemoryBudget):
         super().release(job)
         self.running -= 1
 
-    def worker_measured(self, worker: str, resident: int) -> None:
+    def worker_measured(self, worker: str, resident: int, *, fresh: bool = False) -> None:
         # Workers counted at the constant, whatever they measure (29-66 MiB,
         # depending on what they import): these tests are about admission.
-        super().worker_measured(worker, WORKER_BASELINE)
+        super().worker_measured(worker, WORKER_BASELINE, fresh=fresh)
 
 
 def jobs_for(paths: list[Path], costs: list[int]) -> list[Job]:

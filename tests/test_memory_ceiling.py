@@ -9,6 +9,7 @@ it grows by meanwhile.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -50,8 +51,8 @@ class PinnedBudget(MemoryBudget):
     what it imports): admission then leaves exactly the capacity a test asks for,
     while the ceiling still reads the real tree."""
 
-    def worker_measured(self, worker: str, resident: int) -> None:
-        super().worker_measured(worker, WORKER)
+    def worker_measured(self, worker: str, resident: int, *, fresh: bool = False) -> None:
+        super().worker_measured(worker, WORKER, fresh=fresh)
 
 
 def budget_for(capacity: int, workers: int = 2) -> MemoryBudget:
@@ -293,3 +294,38 @@ def test_a_job_that_fits_only_alone_runs_with_the_other_workers_retired(
     assert budget.in_use == 0
     # The ceiling held without stopping anything: the tree stayed under the budget.
     assert 0 < stats.peak_measured < budget.total - budget.margin
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("kept", [40, 0])
+def test_a_job_to_run_alone_gets_a_fresh_worker_when_its_own_has_grown(
+    photos: list[Path], monkeypatch: pytest.MonkeyPatch, kept: int
+) -> None:
+    first, big = photos[0], photos[1]
+    # The first image leaves its worker 40 MiB bigger, as numpy's import and the
+    # heap of earlier images did over a long run (45-50 MiB against 29-32 fresh).
+    monkeypatch.setenv("OPTIMIZR_TEST_FAULTS", f"keep-{kept}:{first.name}")
+    budget = MemoryBudget(1 << 30, 1)
+    wakeup = Wakeup()
+
+    def jobs() -> Iterator[Job | Wakeup]:
+        yield job(first, 5 * MB, 1)
+        yield from until(lambda: executor.statistics().completed == 1, wakeup, "the first done")
+        yield dataclasses.replace(job(big, 5 * MB, 2), alone=True)
+
+    with ProcessExecutor(1, budget=budget) as executor:
+        outcomes = list(executor.imap_unordered(jobs()))
+        stats = executor.statistics()
+    wakeup.close()
+    assert [o.error for o in outcomes] == [None, None]
+    fresh = budget.statistics().fresh_worker
+    assert 20 * MB < fresh < 60 * MB  # measured when ready, not after the first image
+    # The room alone counts a fresh worker; a grown one is replaced before the job.
+    assert budget.alone_capacity == budget.total - budget.margin - budget.parent_charge - fresh
+    first_worker, alone_worker = (o.worker for o in outcomes)
+    if kept:
+        assert stats.workers_refreshed == 1 and alone_worker != first_worker
+    else:
+        assert stats.workers_refreshed == 0 and alone_worker == first_worker
+    assert (stats.crashed, stats.stopped, stats.alive) == (0, 0, 1)
+    assert budget.in_use == 0

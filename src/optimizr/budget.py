@@ -91,6 +91,14 @@ LEAST_SHARE = 0.75
 #: ready and whenever it takes a job (see MemoryBudget.worker_measured). A worker
 #: that has converted a rotated photo holds numpy too (+14 MiB), measured then.
 WORKER_BASELINE = 36 << 20
+#: How much an idle worker may have grown past a fresh one's size (numpy, heap
+#: left by earlier images) before a job to run alone gets a fresh worker instead:
+#: the room alone is counted beside a fresh worker. Over a whole run of the big
+#: corpus idle workers grew from 29-32 MiB to 45-50 MiB, and the room alone
+#: shrank with them from 160 to 132 MiB, refusing 59 MP photos that fit a fresh
+#: worker (issue 12). A worker starts in 0.3-0.5 s; an image run alone takes
+#: seconds.
+WORKER_GROWTH_SLACK = 4 << 20
 #: The least the parent is counted as at a run's start: a command-line parent
 #: (Python, optimizr, the pool, progress) measures 65-70 MiB there, and the
 #: budget measures its own process when it is made; this floor only keeps a
@@ -249,6 +257,9 @@ class BudgetStatistics:
     parent_baseline: int = 0
     #: The largest idle worker measured (WORKER_BASELINE until one is).
     worker_baseline: int = 0
+    #: The largest fresh worker measured when it said ready: what a job run alone
+    #: is counted beside (WORKER_BASELINE until one is).
+    fresh_worker: int = 0
 
 
 @dataclass
@@ -318,6 +329,8 @@ class MemoryBudget:
         #: not measured yet counts as the largest measured so far in the run.
         self._worker_sizes: dict[str, int] = {}
         self._largest_worker = 0
+        #: The largest size of a worker measured when it said ready, before any job.
+        self._fresh_worker = 0
         self._worker_baseline = worker_baseline
         #: Charges of the jobs running and bytes held for transfers.
         self.in_use = 0
@@ -357,8 +370,19 @@ class MemoryBudget:
 
     @property
     def alone_capacity(self) -> int:
-        """What one image may use when its worker is the only one alive."""
-        return self._capacity_with(1)
+        """What one image may use when its worker is the only one alive: a fresh
+        worker, since one grown past it is replaced first (:meth:`worker_outgrown`)."""
+        return max(0, self.total - self.margin - self.parent_charge - self.fresh_worker)
+
+    @property
+    def fresh_worker(self) -> int:
+        """A fresh worker's size: the largest measured when ready, the figure before."""
+        return self._fresh_worker or self._worker_baseline
+
+    def worker_outgrown(self, resident: int) -> bool:
+        """Has an idle worker of ``resident`` bytes grown so far past a fresh one that
+        a job to run alone must get a fresh worker, as :attr:`alone_capacity` counts?"""
+        return resident > self.fresh_worker + WORKER_GROWTH_SLACK
 
     def fits_alone(self, need: int) -> bool:
         """Could an image estimated at ``need`` run at all: alone, the other workers
@@ -366,12 +390,14 @@ class MemoryBudget:
         (LEAST_SHARE)? Refusing on the whole estimate would refuse images that fit."""
         return need * LEAST_SHARE <= self.alone_capacity
 
-    def worker_measured(self, worker: str, resident: int) -> None:
+    def worker_measured(self, worker: str, resident: int, *, fresh: bool = False) -> None:
         """An idle worker's resident size, measured by the executor when it became
-        ready and when it takes a job: the capacity counts it from now on."""
+        ready (``fresh``) and when it takes a job: the capacity counts it from now on."""
         with self._lock:
             self._worker_sizes[worker] = resident
             self._largest_worker = max(self._largest_worker, resident)
+            if fresh:
+                self._fresh_worker = max(self._fresh_worker, resident)
 
     @property
     def _worker_assumed(self) -> int:
@@ -546,6 +572,7 @@ class MemoryBudget:
             self.alone_capacity,
             self.parent_baseline,
             self._worker_assumed,
+            self.fresh_worker,
         )
 
 

@@ -308,9 +308,11 @@ def _execute(
         "ran_alone": budget_stats.ran_alone,
         # Of the images run alone, those whose pool retired its other workers meanwhile.
         "ran_with_workers_retired": stats.alone_runs,
+        "workers_refreshed_for_alone": stats.workers_refreshed,
         "budget_alone_bytes": budget_stats.alone_capacity,
         "parent_baseline_bytes": budget_stats.parent_baseline,
         "worker_baseline_bytes": budget_stats.worker_baseline,
+        "fresh_worker_bytes": budget_stats.fresh_worker,
         # The ceiling: what the executor measured while images converted, and did.
         "peak_measured_bytes": budget_stats.peak_measured,
         "ceiling_margin_bytes": budget_stats.margin,

@@ -17,12 +17,14 @@ yielding the job's outcome with ``stop.error``. A stopped job has no result, so
 nothing of it is ever written.
 
 It also tells the budget what its workers cost: ``budget.worker_measured(name,
-bytes)`` with a worker's resident size once it is ready to take work (and, if it
-can, whenever it takes a job), and ``budget.worker_gone(name)`` once it has
-exited. A job the budget hands out with ``alone`` set must run with its worker
-the only one alive, because the budget counted only that worker's baseline for
-it: the executor stops every other worker (and tells the budget each is gone)
-before it sends the job, and, when the job is over, starts them again through
+bytes, fresh=True)`` with a worker's resident size once it is ready to take work
+(and, if it can, ``fresh=False`` whenever it takes a job), and
+``budget.worker_gone(name)`` once it has exited. A job the budget hands out with
+``alone`` set must run with its worker the only one alive, and a fresh one,
+because the budget counted only a fresh worker's baseline for it: the executor
+stops every other worker (and tells the budget each is gone) before it sends
+the job, replaces its own worker first when ``budget.worker_outgrown`` says it
+grew (numpy, the heap of earlier images), and, when the job is over, starts them again through
 its normal start-up path (a worker gets work only once it is ready). The budget
 admits such a job only when nothing else runs, and nothing beside it until it
 is released. A Dask executor does the same by retiring the other workers of
@@ -139,6 +141,8 @@ class ExecutorStatistics:
     #: Workers retired for those jobs, and started again after them.
     workers_retired: int = 0
     workers_restored: int = 0
+    #: Workers replaced by a fresh one before such a job, having grown since they started.
+    workers_refreshed: int = 0
 
 
 class Executor(ABC):

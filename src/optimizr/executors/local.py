@@ -185,6 +185,8 @@ class ProcessExecutor(Executor):
         self._busy_seconds = 0.0
         #: Jobs run with the other workers retired; workers retired and started again for them.
         self._alone_runs = self._retired_for_alone = self._restored = 0
+        #: Workers replaced by a fresh one before an alone job, having grown.
+        self._refreshed_for_alone = 0
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -287,6 +289,7 @@ class ProcessExecutor(Executor):
             stopped=self._stopped,
             alone_runs=self._alone_runs,
             workers_retired=self._retired_for_alone,
+            workers_refreshed=self._refreshed_for_alone,
             workers_restored=self._restored,
         )
 
@@ -401,6 +404,12 @@ class ProcessExecutor(Executor):
                 return
             if job.alone:
                 self._retire_others(idle)
+                fresh = self._fresh_for_alone(idle)
+                if fresh is None:  # the run stops meanwhile: dropped, as the window is
+                    if self.budget is not None:
+                        self.budget.release(job)
+                    return
+                idle = fresh
             idle.baseline = rss_of(idle.process.pid)
             if self.budget is not None:
                 self.budget.worker_measured(idle.name, idle.baseline)
@@ -430,6 +439,24 @@ class ProcessExecutor(Executor):
         if self.workers > 1:  # with one worker there is none to retire
             self._alone_runs += 1
         self._retired_for_alone += len(others)
+
+    def _fresh_for_alone(self, worker: _Worker) -> _Worker | None:
+        """The worker an alone job goes to: ``worker``, or a fresh one in its place
+        when it has grown past a fresh worker's size (numpy, the heap of earlier
+        images), since the budget counts a job alone beside a fresh worker. None:
+        the run is stopping. Nothing runs meanwhile (an alone job is admitted only
+        then), so no outcome can come while the fresh one starts."""
+        if self.budget is None or not self.budget.worker_outgrown(rss_of(worker.process.pid)):
+            return worker
+        self._replace(worker)
+        self._refreshed_for_alone += 1
+        while not self._stopping:
+            ready = next((w for w in self._pool if w.ready and w.job is None), None)
+            if ready is not None:
+                return ready
+            for outcome in self._poll():
+                raise AssertionError(f"an outcome while no job ran: {outcome.job.key}")
+        return None
 
     def _restore(self) -> None:
         """After an alone job: start the workers retired for it again (they get work
@@ -470,7 +497,8 @@ class ProcessExecutor(Executor):
                 worker.ready = True
                 self._failed_starts = 0
                 if self.budget is not None:
-                    self.budget.worker_measured(worker.name, rss_of(worker.process.pid))
+                    size = rss_of(worker.process.pid)
+                    self.budget.worker_measured(worker.name, size, fresh=True)
                 self._log_output(worker, worker.output.take())
                 return None
             _kill(worker.process)

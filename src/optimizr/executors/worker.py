@@ -32,7 +32,8 @@ if TYPE_CHECKING:
 #: wrong size), stderr (a message written straight to fd 2), raise (the worker
 #: dies of a Python exception), grow-MIB (the worker's memory grows by MIB MiB,
 #: 1 MiB per 20 ms as a decoder's would, before it converts), hold-MIB (the same,
-#: held until a file SOURCE.release appears); and the start-up faults of
+#: held until a file SOURCE.release appears), keep-MIB (the worker keeps MIB MiB
+#: after the image, as numpy's import or a fragmented heap would); and the start-up faults of
 #: ``_startup_fault``. It exists so the fault tests exercise real processes and
 #: real files; nothing sets it outside the test suite.
 FAULT_ENV = "OPTIMIZR_TEST_FAULTS"
@@ -246,9 +247,15 @@ def _grow(mib: int, until: str | None) -> None:
     del held
 
 
+#: What a ``keep-MIB`` fault keeps for the worker's life.
+_KEPT: list[bytes] = []
+
+
 def _maybe_fault(faults: list[tuple[str, str]], key: str, source: str | bytes) -> None:
     for kind, name in faults:
-        if key.endswith(name) and kind.startswith(("grow-", "hold-")):
+        if key.endswith(name) and kind.startswith("keep-"):
+            _KEPT.extend(b"\1" * _GROW_STEP for _ in range(int(kind.partition("-")[2])))
+        elif key.endswith(name) and kind.startswith(("grow-", "hold-")):
             held = kind.startswith("hold-") and isinstance(source, str)
             _grow(int(kind.partition("-")[2]), f"{source!s}.release" if held else None)
         elif key.endswith(name):
