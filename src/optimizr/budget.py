@@ -171,9 +171,18 @@ def estimate_peak_bytes(header: Header, options: EncodeOptions) -> int:
             need += FIXED_ROTATED
         else:
             need += BYTES_PER_PIXEL_RANDOM_ACCESS * header.bands / 3 * header.pixels
-    if header.format in ("bmp", "apng"):
-        need += BYTES_PER_PIXEL_RANDOM_ACCESS * header.bands / 3 * header.pixels
+    need += _held_by_decoder(header)
     return int(need * SAFETY)
+
+
+def _held_by_decoder(header: Header) -> float:
+    """What a decoder that holds the whole image holds beside the pipeline."""
+    from optimizr.decoders import decoder_for
+
+    decoder = decoder_for(header.format)
+    if decoder is None:
+        return 0.0
+    return decoder.held_per_band_pixel * header.bands * header.pixels
 
 
 def _webpsave_estimate(header: Header, options: EncodeOptions) -> int:
@@ -192,8 +201,9 @@ def _webpsave_estimate(header: Header, options: EncodeOptions) -> int:
     need = fixed + per_pixel * out_pixels
     if out_pixels < header.pixels:
         need += WEBPSAVE_BYTES_PER_INPUT_PIXEL_SHRINK * header.pixels
-    if header.orientation != 1 or header.format in ("bmp", "apng"):
+    if header.orientation != 1:
         need += BYTES_PER_PIXEL_RANDOM_ACCESS * header.bands / 3 * header.pixels
+    need += _held_by_decoder(header)
     return int(need * SAFETY)
 
 

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 from rich.console import Console
 
-from optimizr import __version__
+from optimizr import __version__, decoders
 from optimizr.cli_options import (
     CONFIG_NAME,
     ConsoleOptions,
@@ -116,6 +116,10 @@ def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> 
     click.echo(f"libwebp {tool['libwebp']} ({tool['libwebp_origin']})")
     click.echo(f"Python {tool['python']}")
     click.echo(encoder_info().describe())
+    click.echo("formats:")
+    for kind, entry in decoders.support().items():
+        said = f"{entry['library']} {entry.get('version', '')}".rstrip()
+        click.echo(f"  {kind:<6} {said if entry['available'] else entry['reason']}")
     ctx.exit(0)
 
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import pyvips
 
+from optimizr import decoders
 from optimizr.config import WEBP_MAX_DIMENSION, EncodeOptions
 from optimizr.errors import (
     CorruptImage,
@@ -149,7 +150,7 @@ def encode_webp(source: Source, options: EncodeOptions) -> Encoded:
                 f"multi-page: {loaded.pages} pages, only the first was converted "
                 "(--pages all converts each)"
             )
-    except OSError as exc:  # the BMP and APNG decoders read the file themselves
+    except OSError as exc:  # in-memory decoders read the file themselves
         raise SourceUnreadable(exc.strerror or str(exc)) from None
     except pyvips.Error as exc:
         error = _classify_vips_error(exc, sniffed.format)
@@ -160,7 +161,7 @@ def encode_webp(source: Source, options: EncodeOptions) -> Encoded:
     icc_kept = options.metadata != "none" and image.get_typeof("icc-profile-data") != 0
     width_out, height_out = oriented_size(image.width, _page_height(image), loaded.orientation)
     facts = ImageFacts(
-        format="apng" if sniffed.animated_png else sniffed.format,
+        format=sniffed.kind,
         width_in=loaded.width,
         height_in=loaded.height,
         width_out=width_out,
@@ -203,7 +204,7 @@ class _PhaseClock:
 
     def built(self, decoded_already: bool) -> None:
         self._built = time.perf_counter()
-        if decoded_already:  # our own BMP/APNG decoders finish before the save
+        if decoded_already:  # in-memory decoders finish before the save
             self.decode = self._built - self.started
         else:
             self.read = self._built - self.started
@@ -243,7 +244,7 @@ def _convert(
     image = _fit_to_webp(image, options)
     loaded = dataclasses.replace(loaded, converted_to_srgb=converted)
     if clock is not None:
-        clock.built(decoded_already=sniffed.format == "bmp" or sniffed.animated_png)
+        clock.built(decoded_already=decoders.module_for(sniffed.kind) is not None)
     if loaded.resized and encoder_for(options) is not None:
         # Strips pulled from a shrinking pipeline (thumbnail: shrink-on-load, then
         # resample) cost libvips ~12 bytes per input pixel, against ~1 for its own
@@ -273,13 +274,6 @@ def _sniff(source: Source) -> tuple[Sniffed, int]:
         raise SourceUnreadable(exc.strerror or str(exc)) from None
 
 
-def _read_all(source: Source) -> bytes:
-    if isinstance(source, bytes):
-        return source
-    with open(source, "rb") as fh:
-        return fh.read()
-
-
 @dataclass(frozen=True)
 class _Loaded:
     image: Any
@@ -300,16 +294,10 @@ def _load(
     """Decode ``page`` (of a multi-page file), oriented and (if asked) shrunk."""
     fmt = sniffed.format
     assert fmt is not None
-    if fmt == "bmp":
-        from optimizr.decoders.bmp import decode_bmp
-
-        image = decode_bmp(_read_all(source), max_pixels=options.max_pixels)
-        resized = _resize_in_memory(image, options)
-        return _Loaded(resized, image.width, image.height, 1, resized is not image)
-    if sniffed.animated_png:
-        from optimizr.decoders.apng import decode_apng
-
-        image = decode_apng(_read_all(source), max_pixels=options.max_pixels)
+    in_memory = decoders.module_for(sniffed.kind)
+    if in_memory is not None:
+        # A decoder of the table that holds the whole image (see optimizr.decoders).
+        image = in_memory.decode(source, options)
         resized = _resize_in_memory(image, options)
         return _Loaded(
             resized, image.width, _page_height(image), _pages(image), resized is not image

@@ -991,7 +991,7 @@ class Pipeline:
             return self._keep_as_is(already_webp(entry.key), entry, plan)
         if self._kept_in_the_way(out_key, plan):
             return self._output_exists(entry.key, out_key)
-        kind = "apng" if sniffed.animated_png else sniffed.format
+        kind = sniffed.kind
         return Result(
             entry.key,
             "skipped",

@@ -1,14 +1,16 @@
 """Read an image's header in the parent, to estimate its memory need before it starts.
 
-Only the header is read (libvips opens images lazily; BMP and APNG have their
-own header parsers). A file whose header cannot be read gets no estimate
-here: the worker will meet the same problem and report it properly.
+Only the header is read (libvips opens images lazily; the in-memory decoders
+of ``optimizr.decoders`` have their own header readers). A file whose header
+cannot be read gets no estimate here: the worker will meet the same problem
+and report it properly.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from optimizr import decoders
 from optimizr.budget import Header
 from optimizr.sniff import Sniffed, sniff_bytes, sniff_file
 
@@ -29,28 +31,13 @@ def probe(source: str | bytes) -> Header | None:
         return None
 
 
-def _read(source: str | bytes, limit: int | None = None) -> bytes:
-    if isinstance(source, bytes):
-        return source if limit is None else source[:limit]
-    with open(source, "rb") as fh:
-        return fh.read() if limit is None else fh.read(limit)
-
-
 def _header(source: str | bytes, sniffed: Sniffed) -> Header | None:
     fmt = sniffed.format
     assert fmt is not None
-    if fmt == "bmp":
-        from optimizr.decoders.bmp import read_bmp_header
-
-        bmp = read_bmp_header(_read(source, 4096))
-        return Header("bmp", bmp.width, bmp.height, 4 if bmp.has_alpha else 3)
-    if sniffed.animated_png:
-        from optimizr.decoders.apng import read_apng_info
-
-        info = read_apng_info(_read(source))
-        if info is None:
-            return None
-        return Header("apng", info.width, info.height, 4, info.num_frames)
+    in_memory = decoders.module_for(sniffed.kind)
+    if in_memory is not None:  # a decoder of the table's own header reader
+        header: Header | None = in_memory.header(source)
+        return header
     import pyvips
 
     from optimizr.encode import open_vips_source

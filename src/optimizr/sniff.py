@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from pathlib import PurePath
 from typing import BinaryIO
 
-#: Formats optimizr converts (when the engine has the codec; see ``engine.py``).
-SUPPORTED = frozenset({"jpeg", "png", "gif", "webp", "tiff", "bmp", "avif", "heic"})
+from optimizr.decoders import TABLE
+
+#: Formats optimizr converts: those of the decoder table (``optimizr.decoders``).
+SUPPORTED = frozenset(TABLE)
 
 #: Names that say "I am an image": a file so named that is not one is a failure.
 IMAGE_SUFFIXES = frozenset(
@@ -43,6 +45,12 @@ class Sniffed:
     @property
     def is_image(self) -> bool:
         return self.format is not None
+
+    @property
+    def kind(self) -> str:
+        """The format as the decoder table names it ("apng" for an animated PNG)."""
+        assert self.format is not None
+        return "apng" if self.animated_png else self.format
 
 
 def sniff_head(head: bytes) -> Sniffed:

@@ -23,6 +23,9 @@ import numpy as np
 import numpy.typing as npt
 import pyvips
 
+from optimizr.budget import Header
+from optimizr.config import EncodeOptions
+from optimizr.decoders.source import read_source
 from optimizr.errors import (
     CorruptImage,
     ImageError,
@@ -339,3 +342,16 @@ def decode_apng(data: bytes, *, max_pixels: int) -> pyvips.Image:
     if icc:
         image.set_type(pyvips.GValue.blob_type, "icc-profile-data", icc)
     return image
+
+
+def header(source: str | bytes) -> Header | None:
+    """The decoder table's header reader (``optimizr.decoders``)."""
+    info = read_apng_info(read_source(source))
+    if info is None:
+        return None
+    return Header("apng", info.width, info.height, 4, info.num_frames)
+
+
+def decode(source: str | bytes, options: EncodeOptions) -> pyvips.Image:
+    """The decoder table's decoder (``optimizr.decoders``)."""
+    return decode_apng(read_source(source), max_pixels=options.max_pixels)

@@ -25,6 +25,9 @@ import numpy as np
 import numpy.typing as npt
 import pyvips
 
+from optimizr.budget import Header
+from optimizr.config import EncodeOptions
+from optimizr.decoders.source import read_source
 from optimizr.errors import (
     CorruptImage,
     ImageError,
@@ -382,3 +385,14 @@ def _decode_rle(data: bytes, layout: _Layout) -> U8:
     alpha = flat.reshape(h, w)
     rgb = np.where(alpha[:, :, None] == 0, np.uint8(0), rgb)
     return np.concatenate([rgb, alpha[:, :, None]], axis=2)
+
+
+def header(source: str | bytes) -> Header:
+    """The decoder table's header reader (``optimizr.decoders``)."""
+    bmp = read_bmp_header(read_source(source, 4096))
+    return Header("bmp", bmp.width, bmp.height, 4 if bmp.has_alpha else 3)
+
+
+def decode(source: str | bytes, options: EncodeOptions) -> pyvips.Image:
+    """The decoder table's decoder (``optimizr.decoders``)."""
+    return decode_bmp(read_source(source), max_pixels=options.max_pixels)
