@@ -195,6 +195,20 @@ def convert(paths: tuple[str, ...], config_file: Path | None, **params: Any) -> 
         sys.exit(_convert(logger, config, console, dest))
 
 
+def _say_missing_decoders(logger: logging.Logger, err: Console, json_logs: bool) -> None:
+    """One line per format whose optional decoder is missing, once at start (STYLE 9):
+    its files are then skipped as unsupported, each with the same short reason."""
+    for kind, entry in decoders.support().items():
+        if entry["available"]:
+            continue
+        line = f"{entry['unsupported']}: {kind} files are skipped as unsupported"
+        if json_logs:
+            fields = {"format": kind, "reason": entry["reason"]}
+            logger.warning("%s", line, extra={"event": "decoder_missing", "fields": fields})
+        else:
+            err.print(f"optimizr: warning: {line}", markup=False)
+
+
 def _convert(logger: logging.Logger, config: RunConfig, console: ConsoleOptions, dest: str) -> int:
     """The body of ``convert``; returns the exit code."""
     err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -243,6 +257,7 @@ def _convert(logger: logging.Logger, config: RunConfig, console: ConsoleOptions,
                         url,
                         extra={"event": "metrics", "fields": {"url": url}},
                     )
+                _say_missing_decoders(logger, err, json_logs)
                 summary = convert_tree(
                     config.src, dest, config, listener=listener, stop=stop, stores=stores
                 )

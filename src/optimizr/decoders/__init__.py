@@ -62,7 +62,12 @@ TABLE: Mapping[str, Decoder] = {
     "webp": _VIPS,
     "tiff": _VIPS,
     "avif": _VIPS,
-    "heic": _VIPS,
+    # pyvips-binary's libheif has no HEVC decoder. Held: libheif's RGB plane (2 bytes
+    # a sample at 10/12 bits) and libde265's frames; measured (calibrate_memory.py
+    # --measure) 2400x1600 lossy: 54 MB 8-bit, 71 MB 10-bit, 84 MB RGBA.
+    "heic": Decoder(
+        "pillow-heif", "optimizr.decoders.heif", requires="pillow-heif", held_per_band_pixel=3.0
+    ),
     "bmp": Decoder("optimizr", "optimizr.decoders.bmp", held_per_band_pixel=1.0),
     "apng": Decoder("optimizr", "optimizr.decoders.apng", held_per_band_pixel=1.0),
 }
@@ -78,7 +83,16 @@ def module_for(kind: str) -> ModuleType | None:
     decoder = TABLE.get(kind)
     if decoder is None or decoder.module is None:
         return None
-    return importlib.import_module(decoder.module)
+    try:
+        return importlib.import_module(decoder.module)
+    except ImportError:
+        if decoder.requires is None:
+            raise
+        # An optional decoder missing: each such file is skipped with this one line
+        # (the run said it once at start, from support()), not a traceback per file.
+        from optimizr.errors import UnsupportedImage
+
+        raise UnsupportedImage(f"{kind}: {decoder.requires} is not installed") from None
 
 
 @cache
@@ -109,6 +123,7 @@ def support() -> dict[str, dict[str, Any]]:
         except (ImportError, metadata.PackageNotFoundError) as exc:
             entry["available"] = False
             entry["reason"] = f"{decoder.requires or decoder.library} is not installed ({exc})"
+            entry["unsupported"] = f"{kind}: {decoder.requires or decoder.library} is not installed"
         table[kind] = entry
     return table
 
