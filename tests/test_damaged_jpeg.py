@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import pyvips
 from click.testing import CliRunner, Result
+from PIL import Image, ImageCms
 
 from conftest import decode, photo_array
 from optimizr import manifest
@@ -39,13 +40,11 @@ STRICT = EncodeOptions(strict_decode=True)
 PHOTO_MEAN, PHOTO_P99 = 9.0, 48.0
 
 
-def restart_jpeg() -> bytes:
-    """A 256x256 JPEG with a restart marker after every MCU: 255 markers."""
-    from PIL import Image
-
+def restart_jpeg(width: int = 256, height: int = 256, **kwargs: object) -> bytes:
+    """A JPEG with a restart marker after every MCU: 255 markers at 256x256."""
     out = io.BytesIO()
-    Image.fromarray(photo_array(256, 256, seed=3)).save(
-        out, "JPEG", quality=90, restart_marker_blocks=1
+    Image.fromarray(photo_array(width, height, seed=3)).save(
+        out, "JPEG", quality=90, restart_marker_blocks=1, **kwargs
     )
     return out.getvalue()
 
@@ -98,6 +97,20 @@ def test_the_fallback_keeps_shrink_on_load(tmp_path: Path) -> None:
     assert (encoded.facts.width_out, encoded.facts.height_out) == (100, 100)
     assert encoded.facts.resized
     assert encoded.facts.warnings[0].startswith("converted with damage: 255 ")
+
+
+def test_the_fallback_applies_orientation_and_keeps_the_profile() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to show
+    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    original = restart_jpeg(256, 128, exif=exif.tobytes(), icc_profile=profile)
+    encoded = encode_webp(damaged(original, 127), EncodeOptions())
+    assert encoded.facts.warnings[0].startswith("converted with damage: 127 ")
+    assert (encoded.facts.width_out, encoded.facts.height_out) == (128, 256)
+    assert encoded.facts.icc_kept
+    upright = np.asarray(decode(original).convert("RGB").transpose(Image.Transpose.ROTATE_270))
+    mean, p99 = differences(encoded.webp, upright.astype(np.int16))
+    assert mean < PHOTO_MEAN and p99 < PHOTO_P99, (mean, p99)
 
 
 def test_a_few_warnings_are_decoded_by_libvips_itself(monkeypatch: pytest.MonkeyPatch) -> None:
