@@ -103,8 +103,9 @@ _NO_SIGNATURE_FORMATS = {".tga": "tga", ".icb": "tga", ".vda": "tga", ".pcx": "p
 # How strict each decoder is. libjpeg reports recoverable damage inside the
 # entropy-coded data (a bad restart marker, say) as a warning and decodes the
 # rest; such files are common from cameras and every viewer shows them, so for
-# JPEG and GIF only a truncated file fails. (libvips still gives up on a file
-# after 100 such warnings, whatever fail_on says.) libpng reports CRC mismatches on
+# JPEG and GIF only a truncated file fails. (libvips still gives up on a JPEG
+# after 100 such warnings, whatever fail_on says: decoders/damaged_jpeg.py then
+# decodes it without that limit.) libpng reports CRC mismatches on
 # critical chunks as errors, and those files must fail, not decode to garbage.
 _FAIL_ON = {"jpeg": "truncated", "gif": "truncated"}
 
