@@ -107,12 +107,6 @@ NOT_CONVERTIBLE: dict[str, tuple[str, str, str]] = {
     "other/misc/basic-test.qoi": ("skipped", "unsupported", "QOI is not converted"),
     "other/misc/rgba-correct.ppm": ("skipped", "unsupported", "PNM is not converted"),
     "other/misc/targa.tga": ("skipped", "unsupported", "TGA is not converted (name only)"),
-    "photos/olympus-u1020_3648x2736.jpg": (
-        "failed",
-        "corrupt",
-        "bad restart markers: libvips' JPEG loader gives up after 100 libjpeg 'Corrupt JPEG "
-        "data' warnings whatever fail_on says (Pillow decodes it)",
-    ),
 }
 
 #: Every file in broken/ that must fail, with the reason category it must fail with.

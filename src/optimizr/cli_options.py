@@ -130,6 +130,9 @@ OPTIONS: tuple[Opt, ...] = (
     Opt(("--pages",), "pages", "encode",
         "Multi-page TIFF: the first page (with a warning), or all (name.p2.webp, ...).",
         "first", click.Choice(["first", "all"])),
+    Opt(("--strict-decode",), "strict_decode", "encode",
+        "Fail a JPEG with damaged compressed data (libjpeg's corrupt-data warnings) "
+        "instead of converting it with the damage recorded.", False, is_flag=True),
     Opt(("--encoder",), "encoder", "encode",
         "libwebp (optimizr's binding of Pillow's -O3 build), libvips (webpsave, slower), "
         "or auto: libwebp when it loads. Same bytes either way.",

@@ -60,6 +60,9 @@ class EncodeOptions:
     #: webpsave (pyvips-binary's -Os build, ~1.24x the CPU), or auto: the binding
     #: when it loads. Both write the same bytes, so it is not in the fingerprint.
     encoder: Encoder = "auto"
+    #: A JPEG with damaged compressed data (libjpeg's corrupt-data warnings) fails
+    #: rather than converts with the damage recorded (issue 13).
+    strict_decode: bool = False
 
     def __post_init__(self) -> None:
         _check_range("--quality", self.quality, 0, 100)

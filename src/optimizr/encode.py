@@ -29,6 +29,7 @@ import pyvips
 
 from optimizr import decoders
 from optimizr.config import WEBP_MAX_DIMENSION, EncodeOptions
+from optimizr.decoders import damaged_jpeg
 from optimizr.errors import (
     CorruptImage,
     EncodeFailed,
@@ -102,8 +103,9 @@ _NO_SIGNATURE_FORMATS = {".tga": "tga", ".icb": "tga", ".vda": "tga", ".pcx": "p
 # How strict each decoder is. libjpeg reports recoverable damage inside the
 # entropy-coded data (a bad restart marker, say) as a warning and decodes the
 # rest; such files are common from cameras and every viewer shows them, so for
-# JPEG and GIF only a truncated file fails. (libvips still gives up on a file
-# after 100 such warnings, whatever fail_on says.) libpng reports CRC mismatches on
+# JPEG and GIF only a truncated file fails. (libvips still gives up on a JPEG
+# after 100 such warnings, whatever fail_on says: decoders/damaged_jpeg.py then
+# decodes it without that limit.) libpng reports CRC mismatches on
 # critical chunks as errors, and those files must fail, not decode to garbage.
 _FAIL_ON = {"jpeg": "truncated", "gif": "truncated"}
 
@@ -136,27 +138,26 @@ def encode_webp(source: Source, options: EncodeOptions) -> Encoded:
     pyvips.vips_lib.vips_error_clear()
     clock = _PhaseClock(started)
     fail_on = _FAIL_ON.get(sniffed.format)
+    if options.strict_decode and sniffed.format == "jpeg":
+        fail_on = "warning"  # any corrupt-data warning fails the image
+    damage: list[str] | None = None
     try:
-        loaded, image, webp = _convert(source, sniffed, options, fail_on, clock)
-        more_pages: list[bytes] = []
-        warnings: list[str] = []
-        if loaded.pages > 1 and options.pages == "all":
-            more_pages.extend(
-                _convert(source, sniffed, options, fail_on, None, page)[2]
-                for page in range(1, loaded.pages)
-            )
-        elif loaded.pages > 1:
-            warnings.append(
-                f"multi-page: {loaded.pages} pages, only the first was converted "
-                "(--pages all converts each)"
-            )
+        loaded, image, webp, more_pages, warnings = _convert_all(
+            source, sniffed, options, fail_on, clock
+        )
     except OSError as exc:  # in-memory decoders read the file themselves
         raise SourceUnreadable(exc.strerror or str(exc)) from None
     except pyvips.Error as exc:
-        error = _classify_vips_error(exc, sniffed.format)
-        if sniffed.format == "png" and isinstance(error, CorruptImage) and _png_cut_short(source):
-            error = TruncatedImage("png: the file ends before its IEND chunk")
-        raise error from None
+        if sniffed.format == "jpeg":
+            damage = damaged_jpeg.corrupt_data_warnings(str(exc.detail or ""))
+        if damage is None:
+            raise _image_error(exc, sniffed.format, source) from None
+    if damage is not None:
+        # Out of the except clause: the traceback that held the failed attempt's
+        # image is gone, so its memory is freed before the second decode.
+        loaded, image, webp, more_pages, warnings = _convert_damaged(
+            source, sniffed, options, clock, damage
+        )
     has_alpha = webp_has_alpha(webp)
     icc_kept = options.metadata != "none" and image.get_typeof("icc-profile-data") != 0
     width_out, height_out = oriented_size(image.width, _page_height(image), loaded.orientation)
@@ -184,6 +185,65 @@ def encode_webp(source: Source, options: EncodeOptions) -> Encoded:
         warnings=tuple(warnings),
     )
     return Encoded(webp, facts, tuple(more_pages))
+
+
+def _convert_all(
+    source: Source,
+    sniffed: Sniffed,
+    options: EncodeOptions,
+    fail_on: str | None,
+    clock: _PhaseClock | None,
+    unlimited: bool = False,
+) -> tuple[_Loaded, Any, bytes, list[bytes], list[str]]:
+    """The first page (and with --pages all the others), and the warnings."""
+    loaded, image, webp = _convert(source, sniffed, options, fail_on, clock, unlimited=unlimited)
+    more_pages: list[bytes] = []
+    warnings: list[str] = []
+    if loaded.pages > 1 and options.pages == "all":
+        more_pages.extend(
+            _convert(source, sniffed, options, fail_on, None, page)[2]
+            for page in range(1, loaded.pages)
+        )
+    elif loaded.pages > 1:
+        warnings.append(
+            f"multi-page: {loaded.pages} pages, only the first was converted "
+            "(--pages all converts each)"
+        )
+    return loaded, image, webp, more_pages, warnings
+
+
+def _convert_damaged(
+    source: Source,
+    sniffed: Sniffed,
+    options: EncodeOptions,
+    clock: _PhaseClock | None,
+    damage: list[str],
+) -> tuple[_Loaded, Any, bytes, list[bytes], list[str]]:
+    """A JPEG libvips refused for libjpeg's corrupt-data warnings alone (issue 13):
+    converted past its 100-warning limit, the damage recorded on the image, or
+    with --strict-decode refused, naming it. A truncated file still fails as one."""
+    fail_on = _FAIL_ON["jpeg"]
+    try:
+        count = damaged_jpeg.count_warnings(lambda **kwargs: _open(source, fail_on, **kwargs))
+        what = damaged_jpeg.describe(count, damage)
+        if options.strict_decode:
+            raise CorruptImage(f"jpeg: damaged compressed data, {what}; --strict-decode refuses it")
+        loaded, image, webp, more_pages, warnings = _convert_all(
+            source, sniffed, options, fail_on, clock, unlimited=True
+        )
+    except OSError as exc:
+        raise SourceUnreadable(exc.strerror or str(exc)) from None
+    except pyvips.Error as exc:
+        raise _image_error(exc, "jpeg", source) from None
+    warnings.append(f"{damaged_jpeg.DAMAGE_WARNING}: {what}")
+    return loaded, image, webp, more_pages, warnings
+
+
+def _image_error(exc: pyvips.Error, fmt: str, source: Source) -> ImageError:
+    error = _classify_vips_error(exc, fmt)
+    if fmt == "png" and isinstance(error, CorruptImage) and _png_cut_short(source):
+        error = TruncatedImage("png: the file ends before its IEND chunk")
+    return error
 
 
 class _PhaseClock:
@@ -238,8 +298,9 @@ def _convert(
     fail_on: str | None,
     clock: _PhaseClock | None,
     page: int = 0,
+    unlimited: bool = False,
 ) -> tuple[_Loaded, Any, bytes]:
-    loaded = _load(source, sniffed, options, fail_on or "error", page)
+    loaded = _load(source, sniffed, options, fail_on or "error", page, unlimited)
     image, converted = _prepare_colour(loaded.image, options)
     image = _fit_to_webp(image, options)
     loaded = dataclasses.replace(loaded, converted_to_srgb=converted)
@@ -289,9 +350,16 @@ class _Loaded:
 
 
 def _load(
-    source: Source, sniffed: Sniffed, options: EncodeOptions, fail_on: str, page: int = 0
+    source: Source,
+    sniffed: Sniffed,
+    options: EncodeOptions,
+    fail_on: str,
+    page: int = 0,
+    unlimited: bool = False,
 ) -> _Loaded:
-    """Decode ``page`` (of a multi-page file), oriented and (if asked) shrunk."""
+    """Decode ``page`` (of a multi-page file), oriented and (if asked) shrunk.
+
+    ``unlimited``: past libvips' limit of 100 libjpeg warnings (a damaged JPEG)."""
     fmt = sniffed.format
     assert fmt is not None
     in_memory = decoders.module_for(sniffed.kind)
@@ -306,6 +374,8 @@ def _load(
     all_frames = fmt in _ANIMATED_LOADERS
     paged = fmt in _PAGED_LOADERS
     on_page: dict[str, Any] = {"page": page} if paged else {}
+    if unlimited:
+        on_page["unlimited"] = True
     header = _open(source, fail_on, n=-1) if all_frames else _open(source, fail_on, **on_page)
     frames = _pages(header) if all_frames else 1
     pages = int(header.get("n-pages")) if paged and header.get_typeof("n-pages") else 1
@@ -343,6 +413,8 @@ def _load(
     t_w, t_h = target
     kwargs: dict[str, Any] = {"height": t_h, "size": "down", "fail_on": fail_on}
     load_options = "n=-1" if all_frames else (f"page={page}" if paged else "")
+    if unlimited:
+        load_options = "unlimited=true"
     if isinstance(source, bytes):
         image = pyvips.Image.thumbnail_buffer(source, t_w, option_string=load_options, **kwargs)
     else:
@@ -639,8 +711,12 @@ def _classify_vips_error(exc: pyvips.Error, fmt: str) -> ImageError:
     if "libpng read error" in lower and fmt == "png":
         return CorruptImage("png: damaged or incomplete image data (libpng read error)")
     if "corrupt jpeg data" in lower:
-        # libvips gives up after 100 libjpeg warnings ("read gave 100 warnings").
-        return CorruptImage(f"jpeg: too much damage in the compressed data ({detail})")
+        if damaged_jpeg.corrupt_data_warnings("\n".join(reasons)) is not None:
+            # libvips gives up after 100 libjpeg warnings ("read gave 100 warnings").
+            return CorruptImage(f"jpeg: too much damage in the compressed data ({detail})")
+        # Damage, then a worse reason (the file ends early): that reason decides,
+        # not the words of a warning ("premature end of data segment").
+        lower = "; ".join(r for r in reasons if "corrupt jpeg data" not in r.lower()).lower()
     if any(hint in lower for hint in _TRUNCATED_HINTS):
         return TruncatedImage(f"{fmt}: {detail}")
     # Decoding is lazy, so a decoder failure often surfaces as "unable to call

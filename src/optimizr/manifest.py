@@ -138,7 +138,7 @@ def manifest_path(dest: Path) -> Path:
 
 
 #: EncodeOptions fields added since the first manifests, with their defaults.
-_ADDED_LATER = {"pages": "first"}
+_ADDED_LATER: dict[str, object] = {"pages": "first", "strict_decode": False}
 
 
 def options_fingerprint(config: RunConfig) -> str:

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+from optimizr.decoders.damaged_jpeg import DAMAGE_WARNING
 from optimizr.encode import ImageFacts
 from optimizr.filenames import json_safe, name_fields
 from optimizr.metrics.stats import LogHistogram, Timeline, TopN
@@ -181,6 +182,8 @@ class RunSummary:
     would_convert_bytes: int = 0
     #: Images converted with a warning, by its kind (the words before its first colon).
     warned_by_kind: Counter[str] = field(default_factory=Counter)
+    #: JPEGs converted despite damaged compressed data (their warning says how much).
+    converted_with_damage: int = 0
     #: Files not converted (failed, or skipped for any reason but "up to date").
     not_converted: list[Result] = field(default_factory=list)
     interrupted: bool = False
@@ -232,6 +235,8 @@ class RunSummary:
         if result.status == "converted":
             for kind in dict.fromkeys(w.partition(":")[0] for w in result.warnings):
                 self.warned_by_kind[kind] += 1
+            if any(w.startswith(DAMAGE_WARNING) for w in result.warnings):
+                self.converted_with_damage += 1
         if result.reason != UP_TO_DATE:
             counts = self.by_format.setdefault(input_format(result), Counter())
             counts[result.status] += 1
@@ -345,6 +350,7 @@ class RunSummary:
                 "would_convert": self.would_convert,
                 "would_convert_bytes": self.would_convert_bytes,
                 "warned_by_kind": dict(sorted(self.warned_by_kind.items())),
+                "converted_with_damage": self.converted_with_damage,
                 "new_failed": self.new_failed,
                 "remaining": self.remaining,
                 "walk_complete": self.walk_complete,
