@@ -53,6 +53,9 @@ class Decoder:
 
 
 _VIPS = Decoder(LIBVIPS)
+#: Pillow holds its decoded image (RGB as 4 bytes a pixel) and we copy it into
+#: libvips: see optimizr.decoders.pillow for the measurement.
+_PILLOW = Decoder("Pillow", "optimizr.decoders.pillow", "pillow", held_per_band_pixel=2.5)
 
 #: Format name (as ``sniff`` names it; "apng" for an animated PNG) -> its decoder.
 TABLE: Mapping[str, Decoder] = {
@@ -65,6 +68,9 @@ TABLE: Mapping[str, Decoder] = {
     "heic": _VIPS,
     "bmp": Decoder("optimizr", "optimizr.decoders.bmp", held_per_band_pixel=1.0),
     "apng": Decoder("optimizr", "optimizr.decoders.apng", held_per_band_pixel=1.0),
+    **dict.fromkeys(
+        ("ico", "cur", "tga", "qoi", "pnm", "pcx", "jpeg2000", "psd", "dds", "sgi"), _PILLOW
+    ),
 }
 
 
