@@ -2,10 +2,13 @@
 
 Pillow is a runtime dependency and a well-kept decoder of the formats an old
 image library still holds: ICO/CUR, TGA, QOI, the Netpbm family (PBM, PGM,
-PPM, PAM, PFM), PCX, JPEG 2000, PSD, DDS, SGI. (BMP and APNG stay with our
-own decoders: measured against the corpus and APNG test suites in issue 13,
-Pillow 13 cannot read 4 of the corpus's 16 BMPs nor their V5 ICC profiles, and
-frame by frame it gets APNG's dispose-previous after an OVER blend wrong.)
+PPM, PAM, PFM), PCX, JPEG 2000, PSD, DDS, SGI. BMP and APNG stay with our own
+decoders, by measurement (issue 13): Pillow 13 cannot read 4 of the corpus's
+16 BMPs (2-bit, RLE24, BI_ALPHABITFIELDS, odd bitfields) nor a V5 header's ICC
+profile; its APNG OVER blend interpolates alpha instead of compositing it
+(half-transparent blue over opaque black comes out half transparent, 128
+near-transparent frames fade an opaque canvas to alpha 97), and read frame by
+frame it restores the wrong canvas for dispose-to-previous after OVER.
 Each is opened only with its own plugin (``formats=``): a file sniffed as TGA
 is never read by the PCX plugin.
 
