@@ -23,7 +23,8 @@ Pillow's modes become what the decoder table promises (see
 grey or RGB with alpha when they have transparency, 16-bit grey stays ushort
 (``encode._prepare_colour`` scales it to 8 bits), 32-bit integer and float
 grey are clipped to 16 bits, CMYK stays CMYK for libvips' profile conversion,
-and an EXIF orientation is applied.
+and the image is upright as Pillow gives it: TGA's origin bits are Pillow's
+to apply, and none of these formats carries an EXIF orientation Pillow reads.
 """
 
 from __future__ import annotations
@@ -90,26 +91,14 @@ _INTERPRETATION = {
     "RGBA": "srgb",
     "CMYK": "cmyk",
 }
-#: EXIF orientation (tag 0x0112) -> the transpose that makes the image upright.
-_UPRIGHT = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
-}
-_ORIENTATION_TAG = 0x0112
 
 
 @dataclass(frozen=True)
 class _Layout:
     kind: str
-    width: int  # as stored, before orientation
+    width: int
     height: int
     mode: str  # the target mode, a key of _BANDS
-    orientation: int
 
 
 @contextmanager
@@ -169,7 +158,7 @@ def _target_mode(im: Any) -> str:
     mode = str(im.mode)
     transparent = "transparency" in im.info
     if mode in ("P", "PA"):
-        # A TGA colour map may have alpha (16-bit entries): Pillow's palette is RGBA.
+        # A TGA colour map of 16- or 32-bit entries has alpha: Pillow's palette is RGBA.
         palette_alpha = im.palette is not None and im.palette.mode == "RGBA"
         alpha = mode == "PA" or transparent or palette_alpha
         if _is_grey_palette(im):
@@ -180,35 +169,16 @@ def _target_mode(im: Any) -> str:
     if transparent and mode == "RGB":
         return "RGBA"
     target = _TARGET.get(mode)
-    if target is None:  # LAB and other rarities: Pillow converts them to RGB
+    if target is None:  # rarities: Pillow converts what it can (not LAB: unsupported)
         return "RGBA" if "A" in mode else "RGB"
     return target
-
-
-def _orientation_in_header(im: Any) -> int:
-    # Only what the header already holds: getexif() on a PNG would decode it
-    # to look for an eXIf chunk after the image data.
-    exif = im.info.get("exif")
-    if not exif:
-        return 1
-    try:
-        value = _exif_orientation(exif)
-    except Exception:  # noqa: BLE001 - unreadable EXIF: no orientation to apply
-        return 1
-    return value if value in _UPRIGHT else 1
-
-
-def _exif_orientation(exif: bytes) -> int:
-    parsed = Image.Exif()
-    parsed.load(exif)
-    return int(parsed.get(_ORIENTATION_TAG, 1))
 
 
 def _layout(im: Any, kind: str) -> _Layout:
     # One image per file: ICO/CUR's largest (Pillow's default), PSD's composite
     # (its frames are the layers), DDS's top mipmap.
     width, height = im.size
-    return _Layout(kind, width, height, _target_mode(im), _orientation_in_header(im))
+    return _Layout(kind, width, height, _target_mode(im))
 
 
 def _kind_of(source: str | bytes) -> str:
@@ -233,7 +203,7 @@ def header(source: str | bytes) -> Header:
     kind = _kind_of(source)
     with _opened(source, kind) as im:
         layout = _layout(im, kind)
-    return Header(kind, layout.width, layout.height, _BANDS[layout.mode], 1, layout.orientation)
+    return Header(kind, layout.width, layout.height, _BANDS[layout.mode])
 
 
 def _pixels(frame: Any, mode: str) -> np.ndarray[Any, Any]:
@@ -259,8 +229,7 @@ def decode(source: str | bytes, options: EncodeOptions) -> pyvips.Image:
         layout = _layout(im, kind)
         check_pixels(layout.width, layout.height, 1, options)
         im.load()
-        turn = _UPRIGHT.get(layout.orientation)
-        strip = _pixels(im if turn is None else im.transpose(turn), layout.mode)
+        strip = _pixels(im, layout.mode)
         icc = im.info.get("icc_profile")
     # Pillow's image (RGB at 4 bytes a pixel) is closed and gone before
     # libvips copies the pixels: the peak is Pillow's + ours, not all three.
