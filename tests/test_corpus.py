@@ -70,6 +70,8 @@ GRAPHICS_MEAN, GRAPHICS_P99 = 20.0, 80.0
 #: Below this many pixels a side, lossy WebP cannot be judged per pixel at all (a 1x2 BMP
 #: shares one chroma sample between its two pixels); such files are checked losslessly.
 TINY_SIDE = 10
+#: Lossless-coded graphics formats Pillow decodes for us (optimizr.decoders.pillow).
+PILLOW_GRAPHICS = ("ico", "cur", "qoi", "pnm", "tga", "pcx", "sgi")
 #: Untagged CMYK against Pillow's convert("RGB"). The engines disagree by design: with no
 #: profile libvips applies its built-in CMYK ICC profile (what Photoshop and browsers do),
 #: while Pillow uses the naive formula R = 255 - C - K with no profile at all. Measured
@@ -101,12 +103,6 @@ NOT_CONVERTIBLE: dict[str, tuple[str, str, str]] = {
         "unsupported",
         "old-style JPEG-in-TIFF (compression 6) is not configured in libtiff",
     ),
-    "other/misc/favicon.ico": ("skipped", "unsupported", "ICO is not a format optimizr converts"),
-    "other/misc/image.jp2": ("skipped", "unsupported", "JPEG 2000 is not converted"),
-    "other/misc/sample.psd": ("skipped", "unsupported", "PSD is not converted"),
-    "other/misc/basic-test.qoi": ("skipped", "unsupported", "QOI is not converted"),
-    "other/misc/rgba-correct.ppm": ("skipped", "unsupported", "PNM is not converted"),
-    "other/misc/targa.tga": ("skipped", "unsupported", "TGA is not converted (name only)"),
 }
 
 #: Every file in broken/ that must fail, with the reason category it must fail with.
@@ -631,7 +627,7 @@ def _category(key: str, out: Encoded) -> str:
     if key in CMYK_UNTAGGED:
         return "cmyk-untagged"
     if (
-        out.facts.format in ("png", "apng", "gif", "bmp")
+        out.facts.format in ("png", "apng", "gif", "bmp", *PILLOW_GRAPHICS)
         or max(out.facts.width_out, out.facts.height_out) <= 64
     ):
         return "graphics"  # lossless-coded, or so small that chroma subsampling dominates
@@ -654,7 +650,7 @@ def test_colours_match_reference(file_key: str, convert: Callable[..., Converted
     else:
         ref, _ = _reference_for(key)
         got = webp_pixels(out.webp)
-    if min(ref.size) < TINY_SIDE and out.facts.format in ("png", "gif", "bmp"):
+    if min(ref.size) < TINY_SIDE and out.facts.format in ("png", "gif", "bmp", *PILLOW_GRAPHICS):
         pytest.skip(f"{ref.size}: too small to judge lossy output; checked losslessly")
     category = _category(key, out)
     blur = GRAPHICS_BLUR if category == "graphics" or key in PILLOW_SUBSTITUTE_BLURRED else 0

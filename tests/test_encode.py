@@ -270,19 +270,16 @@ def test_bytes_input_works_like_a_path(make_photo) -> None:
     assert full.webp == encode_webp(str(path), EncodeOptions()).webp
 
 
-def _ico_bytes() -> bytes:
-    return _pillow_bytes(Image.fromarray(photo_array(32, 32)), "ICO")
-
-
 @pytest.mark.parametrize(
     ("name", "make"),
     [
-        ("ico", _ico_bytes),
-        ("psd", lambda: b"8BPS\x00\x01" + b"\x00" * 200),
-        ("qoi", lambda: b"qoif" + struct.pack(">II", 16, 16) + b"\x03\x00" + b"\x00" * 200),
+        ("jpegxl", lambda: b"\xff\x0a" + b"\x00" * 200),
+        ("openexr", lambda: b"v/1\x01" + b"\x00" * 200),
+        ("radiance", lambda: b"#?RADIANCE\n" + b"\x00" * 200),
     ],
 )
 def test_recognised_but_unsupported_formats(tmp_path: Path, name: str, make) -> None:
+    # (ICO, PSD and QOI were examples here until Pillow decoded them: issue 13.)
     path = tmp_path / f"image.{name}"
     path.write_bytes(make())
     with pytest.raises(UnsupportedImage) as info:

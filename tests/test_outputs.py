@@ -413,14 +413,14 @@ def _flat_png(path: Path) -> Path:
 def _mixed_library(src: Path) -> None:
     save_jpeg(src / "site/photo.jpg", photo_array(96, 64, seed=1))
     _flat_png(src / "site/flat.png")
-    (src / "site/favicon.ico").write_bytes(b"\x00\x00\x01\x00" + bytes(40))
+    (src / "site/favicon.jxl").write_bytes(b"\xff\x0a" + bytes(40))  # JPEG XL: not converted
     (src / "site/style.css").write_text("body { margin: 0 }")
     (src / "site/anim.webp").write_bytes(_webp(photo_array(64, 48, seed=3)))
     (src / "site/bad.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(300))
     age(src)
 
 
-COPIES = ["site/anim.webp", "site/favicon.ico", "site/flat.png", "site/style.css"]
+COPIES = ["site/anim.webp", "site/favicon.jxl", "site/flat.png", "site/style.css"]
 
 
 def test_copy_unconverted_makes_dest_a_complete_tree(tmp_path: Path) -> None:
@@ -439,7 +439,7 @@ def test_copy_unconverted_makes_dest_a_complete_tree(tmp_path: Path) -> None:
     rows = manifest_rows(dest)
     assert {k: rows[k]["output"] for k in COPIES} == {k: k for k in COPIES}
     listed = {e["path"]: e for e in summary.to_dict()["not_converted"]}
-    assert listed["site/favicon.ico"]["output"] == "site/favicon.ico"
+    assert listed["site/favicon.jxl"]["output"] == "site/favicon.jxl"
     assert listed["site/bad.jpg"]["output"] is None
 
 
@@ -498,7 +498,7 @@ def test_dry_run_says_what_would_be_copied(tmp_path: Path) -> None:
     _mixed_library(src)
     summary = run(src, dest, copy_unconverted=True, dry_run=True)
     lines = {r.key: r.line() for r in summary.not_converted}
-    assert "would be copied as is" in lines["site/favicon.ico"]
+    assert "would be copied as is" in lines["site/favicon.jxl"]
     assert "would be copied as is" in lines["site/anim.webp"]
     assert not dest.exists()
 
@@ -520,7 +520,7 @@ def _library_then_some_sources_deleted(tmp_path: Path) -> tuple[Path, Path]:
     save_jpeg(src / "a/one.jpg", photo_array(96, 64, seed=1))
     save_jpeg(src / "a/two.jpg", photo_array(96, 64, seed=2))
     save_jpeg(src / "b/three.jpg", photo_array(96, 64, seed=3))
-    (src / "b/icon.ico").write_bytes(b"\x00\x00\x01\x00" + bytes(40))
+    (src / "b/icon.jxl").write_bytes(b"\xff\x0a" + bytes(40))  # JPEG XL: not converted
     age(src)
     run(src, dest, copy_unconverted=True)
     (dest / "a/mine.webp").write_bytes(b"a file optimizr did not write")
@@ -531,7 +531,7 @@ def _library_then_some_sources_deleted(tmp_path: Path) -> tuple[Path, Path]:
     return src, dest
 
 
-GONE = ["a/two.webp", "b/icon.ico", "b/three.webp"]
+GONE = ["a/two.webp", "b/icon.jxl", "b/three.webp"]
 
 
 def test_delete_removes_the_outputs_of_sources_that_are_gone(tmp_path: Path) -> None:
@@ -553,7 +553,7 @@ def test_without_delete_they_stay_and_remain_optimizrs(tmp_path: Path) -> None:
     assert kept.outputs.deleted == 0 and kept.outputs.sources_gone == 3
     assert files(dest) == sorted(["a/mine.webp", "a/one.webp", *GONE])
     rows = manifest_rows(dest)
-    assert {rows[k]["reason"] for k in ("a/two.jpg", "b/three.jpg", "b/icon.ico")} == {
+    assert {rows[k]["reason"] for k in ("a/two.jpg", "b/three.jpg", "b/icon.jxl")} == {
         "source deleted"
     }
     assert read_status(dest).skipped_by_reason == {"source deleted": 3}
@@ -563,7 +563,7 @@ def test_without_delete_they_stay_and_remain_optimizrs(tmp_path: Path) -> None:
     assert back.converted == 1 and back.skipped_by_reason.get("output exists") is None
     # --delete, runs later, still knows the others are optimizr's.
     later = run(src, dest, delete=True, copy_unconverted=True)
-    assert sorted(later.outputs.deleted_paths) == ["b/icon.ico", "b/three.webp"]
+    assert sorted(later.outputs.deleted_paths) == ["b/icon.jxl", "b/three.webp"]
     assert files(dest) == ["a/mine.webp", "a/one.webp", "a/two.webp"]
 
 

@@ -149,7 +149,7 @@ def test_dry_run_writes_nothing_and_says_why(tmp_path: Path) -> None:
     src, dest = tmp_path / "src", tmp_path / "dest"
     tree(src, ["a.jpg"])
     (src / "notes.txt").write_text("hello")
-    (src / "icon.ico").write_bytes(b"\x00\x00\x01\x00" + bytes(40))
+    (src / "icon.jxl").write_bytes(b"\xff\x0a" + bytes(40))
     summary = run(src, dest, dry_run=True)
     assert not dest.exists()
     reasons = {r.key: (r.reason, r.message) for r in summary.not_converted}
@@ -160,7 +160,7 @@ def test_dry_run_writes_nothing_and_says_why(tmp_path: Path) -> None:
         (src / "a.jpg").stat().st_size,
     )
     assert reasons["notes.txt"][0] == "not an image"
-    assert reasons["icon.ico"][0] == "unsupported" and "ico" in reasons["icon.ico"][1]
+    assert reasons["icon.jxl"][0] == "unsupported" and "jpegxl" in reasons["icon.jxl"][1]
 
 
 def test_up_to_date_outputs_are_skipped_then_redone_when_source_changes(tmp_path: Path) -> None:

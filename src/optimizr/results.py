@@ -133,6 +133,11 @@ _EXTENSION_FORMATS = {
     "jpg": "jpeg", "jpeg": "jpeg", "jpe": "jpeg", "jfif": "jpeg", "png": "png",
     "apng": "apng", "gif": "gif", "webp": "webp", "tif": "tiff", "tiff": "tiff",
     "bmp": "bmp", "dib": "bmp", "heic": "heic", "heif": "heic", "avif": "avif",
+    "ico": "ico", "cur": "cur", "tga": "tga", "icb": "tga", "vda": "tga", "vst": "tga",
+    "qoi": "qoi", "ppm": "pnm", "pgm": "pnm", "pbm": "pnm", "pnm": "pnm", "pam": "pnm",
+    "pfm": "pnm", "pcx": "pcx", "jp2": "jpeg2000", "j2k": "jpeg2000", "j2c": "jpeg2000",
+    "jpf": "jpeg2000", "jpx": "jpeg2000", "psd": "psd", "dds": "dds", "sgi": "sgi",
+    "rgb": "sgi", "rgba": "sgi", "bw": "sgi",
 }  # fmt: skip
 
 

@@ -53,6 +53,12 @@ class Decoder:
 
 
 _VIPS = Decoder(LIBVIPS)
+#: Pillow holds its decoded image (RGB as 4 bytes a pixel), which we copy out
+#: and into libvips. Measured (bench/calibrate_memory.py --measure, 9.1 MP TGA,
+#: PPM and QOI, issue 13): an RGB image's peak needs 2.0 bytes per band and
+#: pixel beyond the encoder's estimate (lossy; lossless, grey and RGBA need
+#: less); 2.5 leaves a margin.
+_PILLOW = Decoder("Pillow", "optimizr.decoders.pillow", "pillow", held_per_band_pixel=2.5)
 
 #: Format name (as ``sniff`` names it; "apng" for an animated PNG) -> its decoder.
 TABLE: Mapping[str, Decoder] = {
@@ -70,6 +76,9 @@ TABLE: Mapping[str, Decoder] = {
     ),
     "bmp": Decoder("optimizr", "optimizr.decoders.bmp", held_per_band_pixel=1.0),
     "apng": Decoder("optimizr", "optimizr.decoders.apng", held_per_band_pixel=1.0),
+    **dict.fromkeys(
+        ("ico", "cur", "tga", "qoi", "pnm", "pcx", "jpeg2000", "psd", "dds", "sgi"), _PILLOW
+    ),
 }
 
 
