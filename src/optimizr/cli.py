@@ -119,7 +119,7 @@ def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> 
     click.echo("formats:")
     for kind, entry in decoders.support().items():
         said = f"{entry['library']} {entry.get('version', '')}".rstrip()
-        click.echo(f"  {kind:<6} {said if entry['available'] else entry['reason']}")
+        click.echo(f"  {kind:<9} {said if entry['available'] else entry['reason']}")
     ctx.exit(0)
 
 
