@@ -76,6 +76,12 @@ WEBPSAVE_FIXED_LOSSLESS = 22 << 20
 #: in memory; webpsave decodes a photo to rotate whole).
 BYTES_PER_PIXEL_RANDOM_ACCESS = 3.0
 SAFETY = 1.05
+#: --target-size renders the image whole once, so that each probe encodes the same
+#: pixels without decoding again: a byte per band and output pixel, and the
+#: probes' outputs. Measured (a worker's VmHWM growth, 12 MP JPEGs, one encode or
+#: four): +34 MiB on 12.2 MP RGB, 2.9 bytes per pixel; rotated the same.
+TARGET_SIZE_BYTES_PER_BAND_PIXEL = 1.0
+TARGET_SIZE_FIXED = 2 << 20
 #: The least share of its estimate an image was measured to need (bench-memory's
 #: big corpus, 34 images alone: 0.77-1.11 of the estimate; calibration: 0.58-0.99):
 #: an image is refused from its header only when even this much of its estimate
@@ -171,8 +177,15 @@ def estimate_peak_bytes(header: Header, options: EncodeOptions) -> int:
             need += FIXED_ROTATED
         else:
             need += BYTES_PER_PIXEL_RANDOM_ACCESS * header.bands / 3 * header.pixels
-    need += _held_by_decoder(header)
+    need += _held_by_decoder(header) + _rendered_for_size(header, options, out_pixels)
     return int(need * SAFETY)
+
+
+def _rendered_for_size(header: Header, options: EncodeOptions, out_pixels: int) -> float:
+    """--target-size: the image rendered whole (encode._save_to_size)."""
+    if options.target_size is None:
+        return 0.0
+    return TARGET_SIZE_FIXED + TARGET_SIZE_BYTES_PER_BAND_PIXEL * header.bands * out_pixels
 
 
 def _held_by_decoder(header: Header) -> float:
@@ -203,7 +216,7 @@ def _webpsave_estimate(header: Header, options: EncodeOptions) -> int:
         need += WEBPSAVE_BYTES_PER_INPUT_PIXEL_SHRINK * header.pixels
     if header.orientation != 1:
         need += BYTES_PER_PIXEL_RANDOM_ACCESS * header.bands / 3 * header.pixels
-    need += _held_by_decoder(header)
+    need += _held_by_decoder(header) + _rendered_for_size(header, options, out_pixels)
     return int(need * SAFETY)
 
 

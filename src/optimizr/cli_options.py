@@ -137,6 +137,10 @@ OPTIONS: tuple[Opt, ...] = (
         "libwebp (optimizr's binding of Pillow's -O3 build), libvips (webpsave, slower), "
         "or auto: libwebp when it loads. Same bytes either way.",
         "auto", click.Choice(["auto", "libwebp", "libvips"])),
+    Opt(("--target-size",), "target_size", "encode",
+        "Each output at most SIZE (e.g. 200K, binary units), at the best lossy quality "
+        "that fits, instead of --quality.", None, str, metavar="SIZE",
+        parse=lambda text: parse_size(str(text))),
     # -- what the run does with outputs and sources (RunConfig)
     Opt(("--if-larger",), "if_larger", "run",
         "When the WebP is bigger than the source: skip or write.",

@@ -63,6 +63,9 @@ class EncodeOptions:
     #: A JPEG with damaged compressed data (libjpeg's corrupt-data warnings) fails
     #: rather than converts with the damage recorded (issue 13).
     strict_decode: bool = False
+    #: --target-size: each output at most this many bytes, at the best lossy quality
+    #: that fits (size_target.py); --quality is then only where the search starts.
+    target_size: int | None = None
 
     def __post_init__(self) -> None:
         _check_range("--quality", self.quality, 0, 100)
@@ -85,6 +88,8 @@ class EncodeOptions:
             raise UsageError(f"--encoder must be auto, libwebp or libvips, not {self.encoder!r}")
         if self.pages not in ("first", "all"):
             raise UsageError(f"--pages must be first or all, not {self.pages!r}")
+        if self.target_size is not None:
+            _check_target_size(self)
 
     def shrink_box(self, width: int, height: int) -> tuple[int, int] | None:
         """The box an upright ``width`` x ``height`` image must shrink into, or None
@@ -285,6 +290,17 @@ def parse_metrics_label(text: str) -> tuple[str, str]:
     if not equals or not name:
         raise UsageError(f"--metrics-label takes KEY=VALUE, not {text!r}")
     return name, value
+
+
+def _check_target_size(options: EncodeOptions) -> None:
+    assert options.target_size is not None
+    if options.target_size < 1:
+        raise UsageError(f"--target-size must be positive, not {options.target_size}")
+    # A size target picks a lossy quality; lossless has no quality to trade for bytes.
+    # (--target-score, which picks a quality for a score, excludes it as well.)
+    if options.lossless or options.near_lossless is not None:
+        which = "--lossless" if options.lossless else "--near-lossless"
+        raise UsageError(f"--target-size chooses a lossy quality: it cannot be used with {which}")
 
 
 def _check_range(name: str, value: int, low: int, high: int) -> None:

@@ -44,8 +44,16 @@ from optimizr.errors import (
 )
 from optimizr.libwebp import LibWebP
 from optimizr.libwebp import load as load_libwebp
+from optimizr.size_target import RATE_CONTROL_PASSES, SizeSearch, fit_to_size
 from optimizr.sniff import HEAD_SIZE, Sniffed, sniff_bytes, sniff_file
-from optimizr.webp_writer import Phases, oriented_size, orients_in_planes
+from optimizr.webp_writer import (
+    Phases,
+    make_config,
+    metadata_chunks,
+    oriented_size,
+    orients_in_planes,
+    saveable,
+)
 from optimizr.webp_writer import encode as libwebp_encode
 
 Source = str | bytes
@@ -87,6 +95,11 @@ class ImageFacts:
     #: What the conversion did that the user should know of, one line each
     #: ("multi-page: ..."): the output is right, but not all of the source.
     warnings: tuple[str, ...] = ()
+    #: --target-size: the quality kept (None: libwebp's rate control chose it), the
+    #: encodes of the whole image it took, and whether the output fits the target.
+    target_quality: int | None = None
+    target_encodes: int = 0
+    target_met: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -159,6 +172,9 @@ def encode_webp(source: Source, options: EncodeOptions) -> Encoded:
             source, sniffed, options, clock, damage
         )
     has_alpha = webp_has_alpha(webp)
+    search = clock.size_search
+    if search is not None and not search.met:
+        warnings.append(str(search.warning(len(webp))))
     icc_kept = options.metadata != "none" and image.get_typeof("icc-profile-data") != 0
     width_out, height_out = oriented_size(image.width, _page_height(image), loaded.orientation)
     facts = ImageFacts(
@@ -183,6 +199,9 @@ def encode_webp(source: Source, options: EncodeOptions) -> Encoded:
         mux_seconds=round(clock.mux, 6),
         pages=loaded.pages,
         warnings=tuple(warnings),
+        target_quality=search.quality if search else None,
+        target_encodes=search.encodes if search else 0,
+        target_met=search.met if search else None,
     )
     return Encoded(webp, facts, tuple(more_pages))
 
@@ -261,6 +280,8 @@ class _PhaseClock:
         self._built = self._pixels = 0.0
         #: Filled by the libwebp binding, which times its own steps.
         self.phases: Phases | None = None
+        #: --target-size: how the first page's size target was met.
+        self.size_search: SizeSearch | None = None
 
     def built(self, decoded_already: bool) -> None:
         self._built = time.perf_counter()
@@ -602,6 +623,8 @@ def _save(
         # as 0, which means "forever". A finite animation must stay finite.
         image = image.copy()
         image.set_type(pyvips.GValue.gint_type, "loop", _WEBP_MAX_LOOP)
+    if options.target_size is not None:
+        return _save_to_size(image, options, clock, orientation)
     lib = encoder_for(options)
     if lib is not None:
         phases = Phases()
@@ -618,6 +641,61 @@ def _save(
         return data
     assert orientation == 1, "only the libwebp binding rotates in the encoder"
     return _webpsave(image, options, clock)
+
+
+def _save_to_size(
+    image: Any, options: EncodeOptions, clock: _PhaseClock | None, orientation: int
+) -> bytes:
+    """--target-size: the best quality that fits (size_target.py), each probe
+    encoding the same pixels, decoded once (budget.TARGET_SIZE_BYTES_PER_PIXEL)."""
+    assert options.target_size is not None
+    phases = Phases()
+    started = time.perf_counter()
+    image = image.copy_memory()  # a no-op for an image rendered already (shrunk)
+    phases.decode += time.perf_counter() - started
+    lib, page_height = encoder_for(options), _page_height(image)
+    fixed = dataclasses.replace(options, target_size=None)
+
+    def at_quality(quality: int) -> bytes:
+        probe = dataclasses.replace(fixed, quality=quality)
+        if lib is None:
+            assert orientation == 1, "only the libwebp binding rotates in the encoder"
+            started = time.perf_counter()
+            data = _webpsave(image, probe, None)
+            phases.encode += time.perf_counter() - started
+            return data
+        return libwebp_encode(
+            lib, image, probe, orientation=orientation, page_height=page_height, phases=phases
+        )
+
+    def rate_controlled() -> bytes:
+        assert lib is not None and options.target_size is not None
+        # libwebp aims at the VP8 bitstream: the container and metadata come on top.
+        overhead = 12 + 8 + sum(8 + len(p) + len(p) % 2 for _, p in chunks) + 18 * bool(chunks)
+        config = make_config(
+            lib,
+            fixed,
+            target_size=max(1, options.target_size - overhead),
+            pass_=RATE_CONTROL_PASSES,
+        )
+        return libwebp_encode(
+            lib, image, fixed, orientation=orientation, phases=phases, config=config
+        )
+
+    # libwebp's animation encoder has no rate control for a whole animation (its
+    # target_size would apply to each frame): animations are searched by quality.
+    still = page_height == image.height
+    chunks = metadata_chunks(saveable(image), options, orientation) if lib and still else []
+    data, search = fit_to_size(
+        options.target_size,
+        at_quality,
+        rate_controlled if lib is not None and still else None,
+        options.quality,
+    )
+    if clock is not None:
+        clock.phases = phases
+        clock.size_search = search
+    return data
 
 
 def _webpsave(image: Any, options: EncodeOptions, clock: _PhaseClock | None) -> bytes:

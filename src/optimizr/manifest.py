@@ -138,7 +138,11 @@ def manifest_path(dest: Path) -> Path:
 
 
 #: EncodeOptions fields added since the first manifests, with their defaults.
-_ADDED_LATER: dict[str, object] = {"pages": "first", "strict_decode": False}
+_ADDED_LATER: dict[str, object] = {
+    "pages": "first",
+    "strict_decode": False,
+    "target_size": None,
+}
 
 
 def options_fingerprint(config: RunConfig) -> str:
@@ -149,7 +153,7 @@ def options_fingerprint(config: RunConfig) -> str:
     for name, default in _ADDED_LATER.items():
         # An option added after manifests existed counts only when it is set:
         # otherwise upgrading optimizr would make every done file look stale.
-        if encode.get(name) == default:
+        if name in encode and encode[name] == default:  # (None is a default too)
             del encode[name]
     shaping = {
         "generation": ENCODER_GENERATION,

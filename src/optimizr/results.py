@@ -189,6 +189,9 @@ class RunSummary:
     warned_by_kind: Counter[str] = field(default_factory=Counter)
     #: JPEGs converted despite damaged compressed data (their warning says how much).
     converted_with_damage: int = 0
+    #: --target-size: images that met it, that could not (kept at their smallest,
+    #: with a warning), and the encodes of whole images it took.
+    target_size: Counter[str] = field(default_factory=Counter)
     #: Files not converted (failed, or skipped for any reason but "up to date").
     not_converted: list[Result] = field(default_factory=list)
     interrupted: bool = False
@@ -242,6 +245,12 @@ class RunSummary:
                 self.warned_by_kind[kind] += 1
             if any(w.startswith(DAMAGE_WARNING) for w in result.warnings):
                 self.converted_with_damage += 1
+        if result.facts is not None and result.facts.target_met is not None:
+            # Converted ones: an unreachable target's smallest output that is larger
+            # than its source is skipped as "larger than source", without facts.
+            self.target_size["met" if result.facts.target_met else "unreachable"] += 1
+            self.target_size["encodes"] += result.facts.target_encodes
+            self.target_size["rate_controlled"] += result.facts.target_quality is None
         if result.reason != UP_TO_DATE:
             counts = self.by_format.setdefault(input_format(result), Counter())
             counts[result.status] += 1
@@ -356,6 +365,10 @@ class RunSummary:
                 "would_convert_bytes": self.would_convert_bytes,
                 "warned_by_kind": dict(sorted(self.warned_by_kind.items())),
                 "converted_with_damage": self.converted_with_damage,
+                "target_size": {
+                    key: self.target_size[key]
+                    for key in ("met", "unreachable", "encodes", "rate_controlled")
+                },
                 "new_failed": self.new_failed,
                 "remaining": self.remaining,
                 "walk_complete": self.walk_complete,
