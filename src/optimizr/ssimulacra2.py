@@ -190,26 +190,41 @@ class _RecursiveGaussian:
         steps = length + n - 1
         return padded[:steps] + padded[2 * n : 2 * n + steps]
 
-    def vertical(self, x: Floats) -> Floats:
-        """Along axis 0 of (L, M): libjxl's VerticalStrip, one FMA step per row."""
+    def vertical(self, x: Floats, chunk: int = 32) -> Floats:
+        """Along axis 0 of (L, M): libjxl's VerticalStrip, one FMA step per row.
+
+        MulAdd(n2, sum, NegMulSub(d1, y[n-1], y[n-2])): the inner part rounded
+        to float32, then the fused add of n2 * sum rounded again. The state is
+        kept in float64 holding float32 values, so every step is same-type
+        numpy operations over all columns of all planes.
+        """
         n = self.radius
         sums = self._pair_sums(x)
-        steps = sums.shape[0]
-        n2s = np.multiply(sums[:, None, :], self.n2, dtype=np.float64)
-        y = np.zeros((steps + 2, 3, x.shape[1]), dtype=np.float32)
-        neg_d1 = self.neg_d1
-        inner = np.empty((3, x.shape[1]), dtype=np.float64)
-        inner32 = np.empty((3, x.shape[1]), dtype=np.float32)
-        for i in range(steps):
-            # MulAdd(n2, sum, NegMulSub(d1, y[n-1], y[n-2])): two roundings.
-            np.multiply(y[i + 1], neg_d1, out=inner)
-            np.subtract(inner, y[i], out=inner)
-            np.copyto(inner32, inner, casting="same_kind")
-            np.add(n2s[i], inner32, out=inner)
-            np.copyto(y[i + 2], inner, casting="same_kind")
-        out = y[n + 1 :]
-        summed: Floats = out[:, 0] + (out[:, 1] + out[:, 2])
-        return summed
+        steps, cols = sums.shape
+        out: Floats = np.empty((steps, cols), dtype=np.float32)
+        prev = np.zeros((3, cols))
+        prev2 = np.zeros((3, cols))
+        acc = np.empty((3, cols))
+        acc32 = np.empty((3, cols), dtype=np.float32)
+        n2s = np.empty((chunk, 3, cols))
+        ys = np.empty((chunk, 3, cols), dtype=np.float32)
+        for start in range(0, steps, chunk):
+            stop = min(steps, start + chunk)
+            np.multiply(sums[start:stop, None, :], self.n2, out=n2s[: stop - start])
+            for i in range(stop - start):
+                np.multiply(prev, self.neg_d1, out=acc)
+                acc -= prev2
+                np.copyto(acc32, acc, casting="same_kind")
+                np.copyto(acc, acc32)
+                acc += n2s[i]
+                np.copyto(ys[i], acc, casting="same_kind")
+                prev2, prev = prev, prev2
+                np.copyto(prev, ys[i])
+            done = ys[: stop - start]
+            # Add(y1, Add(y3, y5)), as the tool sums its resonators.
+            np.add(done[:, 1], done[:, 2], out=out[start:stop])
+            out[start:stop] += done[:, 0]
+        return out[n - 1 :]
 
     def horizontal(self, x: Floats) -> Floats:
         """Along axis 0 of (L, M): libjxl's FastGaussian1D, in blocks of four steps."""
@@ -237,16 +252,41 @@ class _RecursiveGaussian:
             single(n)
             n += 1
         shifted = self.mul_in_shifted
-        while n < length - n_r + 1 - 3:
-            base = n + n_r - 1
-            o = np.multiply(sums[base], shifted[0], dtype=np.float32)
-            for q in (1, 2, 3):
-                o = _fma(sums[base + q], shifted[q], o)
-            o = _fma(prev2, self.mul_prev2, o)
-            o = _fma(prev, self.mul_prev, o)
-            prev2, prev = o[2], o[3]
-            out[n : n + 4] = o[:, 0] + (o[:, 1] + o[:, 2])
-            n += 4
+        if n < length - n_r + 1 - 3:
+            # The state in float64 holding float32 values; same-type operations
+            # into preallocated buffers, one rounding per FMA as in libjxl.
+            sums64 = sums.astype(np.float64)
+            first32 = shifted[0].astype(np.float32)
+            acc = np.empty((4, 3, cols))
+            acc32 = np.empty((4, 3, cols), dtype=np.float32)
+            term = np.empty((4, 3, cols))
+            before = prev.astype(np.float64)
+            before2 = prev2.astype(np.float64)
+            while n < length - n_r + 1 - 3:
+                base = n + n_r - 1
+                np.multiply(sums[base], first32, out=acc32)
+                np.copyto(acc, acc32)
+                for q in (1, 2, 3):
+                    # Input q reaches lanes q..3 only (the others add 0).
+                    part = term[q:]
+                    np.multiply(shifted[q][q:], sums64[base + q], out=part)
+                    part += acc[q:]
+                    np.copyto(acc32[q:], part, casting="same_kind")
+                    np.copyto(acc[q:], acc32[q:])
+                np.multiply(self.mul_prev2, before2, out=term)
+                term += acc
+                np.copyto(acc32, term, casting="same_kind")
+                np.copyto(acc, acc32)
+                np.multiply(self.mul_prev, before, out=term)
+                term += acc
+                np.copyto(acc32, term, casting="same_kind")
+                np.copyto(before2, acc32[2])
+                np.copyto(before, acc32[3])
+                rows = out[n : n + 4]
+                np.add(acc32[:, 1], acc32[:, 2], out=rows)
+                rows += acc32[:, 0]
+                n += 4
+            prev, prev2 = before.astype(np.float32), before2.astype(np.float32)
         while n < length:
             single(n)
             n += 1
@@ -339,11 +379,28 @@ def _cube_root_and_add(x: Floats, add: np.float32) -> Floats:
 
 def _to_xyb(linear: Floats) -> Floats:
     """Linear sRGB -> XYB moved into 0..1, in libjxl's float32 operations
-    (enc_xyb.cc LinearRGBToXYB, then ssimulacra2's MakePositiveXYB)."""
-    red, green, blue = linear[..., 0], linear[..., 1], linear[..., 2]
+    (enc_xyb.cc LinearRGBToXYB, then ssimulacra2's MakePositiveXYB).
+
+    Done in bands of rows: the forty-odd elementwise passes then run on
+    temporaries that stay in the CPU cache.
+    """
+    out = np.empty_like(linear)
+    height, width = linear.shape[:2]
+    band = max(1, _BAND_PIXELS // width)
+    for top in range(0, height, band):
+        out[top : top + band] = _xyb_band(linear[top : top + band])
+    return out
+
+
+def _xyb_band(linear: Floats) -> Floats:
     mixed = []
     for row in _OPSIN:
-        m = _fma(red, row[0], _fma(green, row[1], _fma(blue, row[2], _OPSIN_BIAS)))
+        # MulAdd(m0, r, MulAdd(m1, g, MulAdd(m2, b, bias))), clamped at 0.
+        m = _fma(
+            linear[..., 0],
+            row[0],
+            _fma(linear[..., 1], row[1], _fma(linear[..., 2], row[2], _OPSIN_BIAS)),
+        )
         np.maximum(m, _F(0.0), out=m)
         mixed.append(_cube_root_and_add(m, _NEG_BIAS_CBRT))
     lum, med, short = mixed
@@ -356,30 +413,38 @@ def _to_xyb(linear: Floats) -> Floats:
     return out
 
 
+# Pixels per band of the elementwise colour conversion (a few hundred KB of temporaries).
+_BAND_PIXELS = 65536
+
+
 _GAUSSIAN = _RecursiveGaussian(_SIGMA)
 
 
 class _Scale:
     """The original's side of one scale: XYB, its local mean and variance, its edges."""
 
-    __slots__ = ("detail", "mu", "variance", "xyb")
+    __slots__ = ("edge", "mu", "variance", "xyb")
 
     def __init__(self, xyb: Floats) -> None:
         self.xyb = xyb
         blurred = _GAUSSIAN.blur(np.concatenate([xyb, xyb * xyb], axis=2))
-        self.mu = blurred[..., :3]
+        self.mu = np.ascontiguousarray(blurred[..., :3])
         self.variance = blurred[..., 3:] - self.mu * self.mu
-        # 1 + |x - mu| in double, as the tool's edge map takes it.
-        self.detail = np.abs(xyb - self.mu).astype(np.float64) + 1.0
+        self.edge = np.abs(xyb - self.mu)
 
 
-def _norms(error: npt.NDArray[np.float64]) -> tuple[npt.NDArray[np.float64], ...]:
-    """Per-channel 1-norm and 4-norm (means over the pixels) of a non-negative map."""
-    pixels = error.shape[0] * error.shape[1]
-    flat = error.reshape(pixels, 3)
-    one = flat.sum(axis=0) / pixels
-    squared = flat * flat
-    four = np.sqrt(np.sqrt((squared * squared).sum(axis=0) / pixels))
+def _pooled(maps: npt.NDArray[np.float64]) -> tuple[npt.NDArray[np.float64], ...]:
+    """1-norms and 4-norms (means over the pixels) of (H, W, K) non-negative maps.
+
+    A matrix-vector product with ones sums the K columns in one pass over memory
+    (numpy's reduction along the pixel axis of an (N, K) array is several times slower).
+    """
+    flat = maps.reshape(-1, maps.shape[-1])
+    ones = np.ones(flat.shape[0])
+    one = (ones @ flat) / flat.shape[0]
+    np.multiply(flat, flat, out=flat)
+    np.multiply(flat, flat, out=flat)
+    four = np.sqrt(np.sqrt((ones @ flat) / flat.shape[0]))
     return one, four
 
 
@@ -410,20 +475,37 @@ class _Pyramid:
             xyb = _to_xyb(linear)
             blurred = _GAUSSIAN.blur(np.concatenate([xyb, xyb * xyb, ref.xyb * xyb], axis=2))
             mu = blurred[..., :3]
-            # SSIM without its luminance denominator (see the tool's SSIMMap),
-            # float32 in the tool's order, 1 - SSIM' in double.
-            diff = ref.mu - mu
-            num_m = one - diff * diff
-            num_s = _F(2.0) * (blurred[..., 6:] - ref.mu * mu) + c2
-            denom_s = (ref.variance + (blurred[..., 3:6] - mu * mu)) + c2
-            error = 1.0 - ((num_m * num_s) / denom_s).astype(np.float64)
+            maps = np.empty((*xyb.shape[:2], 9))
+            # SSIM without its luminance denominator (the tool's SSIMMap), in
+            # float32 in the tool's order; 1 - SSIM' in double, clamped at 0.
+            num_m = ref.mu - mu
+            num_m *= num_m
+            np.subtract(one, num_m, out=num_m)
+            num_s = blurred[..., 6:] - ref.mu * mu
+            num_s *= _F(2.0)
+            num_s += c2
+            denom_s = blurred[..., 3:6] - mu * mu
+            denom_s += ref.variance
+            denom_s += c2
+            num_m *= num_s
+            num_m /= denom_s
+            error = maps[..., 0:3]
+            np.subtract(1.0, num_m, out=error, dtype=np.float64)
             np.maximum(error, 0.0, out=error)
-            values[:, index, 0, 0], values[:, index, 1, 0] = _norms(error)
-            # > 0: edges the original lacks (ringing, banding, blocking);
-            # < 0: edges the distorted image lost (blurring, smearing).
-            ratio = (np.abs(xyb - mu).astype(np.float64) + 1.0) / ref.detail - 1.0
-            values[:, index, 0, 1], values[:, index, 1, 1] = _norms(np.maximum(ratio, 0.0))
-            values[:, index, 0, 2], values[:, index, 1, 2] = _norms(np.maximum(-ratio, 0.0))
+            # Edge ratio in double: > 0 where the distorted image has edges the
+            # original lacks (ringing, banding, blocking), < 0 where it lost
+            # them (blurring, smearing).
+            ratio = np.abs(xyb - mu).astype(np.float64)
+            ratio += 1.0
+            ratio /= np.add(ref.edge, 1.0, dtype=np.float64)
+            ratio -= 1.0
+            artifact, lost = maps[..., 3:6], maps[..., 6:9]
+            np.maximum(ratio, 0.0, out=artifact)
+            np.subtract(artifact, ratio, out=lost)
+            ones, fours = _pooled(maps)
+            for k in range(3):
+                values[:, index, 0, k] = ones[3 * k : 3 * k + 3]
+                values[:, index, 1, k] = fours[3 * k : 3 * k + 3]
         return _final_score(values.reshape(-1))
 
 
