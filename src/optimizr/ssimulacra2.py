@@ -182,13 +182,16 @@ class _RecursiveGaussian:
         ]
 
     def _pair_sums(self, x: Floats) -> Floats:
-        """x[n-N-1] + x[n+N-1] for n = -N+1 .. L-1 (zero outside), float32."""
+        """x[n-N-1] + x[n+N-1] for n = -N+1 .. L-1 (zero outside), float32; row n+N-1."""
         n = self.radius
         length = x.shape[0]
-        padded = np.zeros((length + 3 * n, *x.shape[1:]), dtype=np.float32)
-        padded[2 * n : 2 * n + length] = x
         steps = length + n - 1
-        return padded[:steps] + padded[2 * n : 2 * n + steps]
+        sums = np.empty((steps, *x.shape[1:]), dtype=np.float32)
+        sums[:length] = x  # x[n+N-1], inside for every row < L
+        sums[length:] = 0.0
+        if steps > 2 * n:
+            sums[2 * n :] += x[: steps - 2 * n]  # x[n-N-1]
+        return sums
 
     def vertical(self, x: Floats, chunk: int = 32) -> Floats:
         """Along axis 0 of (L, M): libjxl's VerticalStrip, one FMA step per row.
@@ -255,7 +258,7 @@ class _RecursiveGaussian:
         if n < length - n_r + 1 - 3:
             # The state in float64 holding float32 values; same-type operations
             # into preallocated buffers, one rounding per FMA as in libjxl.
-            sums64 = sums.astype(np.float64)
+            inputs = np.empty((4, cols))
             first32 = shifted[0].astype(np.float32)
             acc = np.empty((4, 3, cols))
             acc32 = np.empty((4, 3, cols), dtype=np.float32)
@@ -266,10 +269,11 @@ class _RecursiveGaussian:
                 base = n + n_r - 1
                 np.multiply(sums[base], first32, out=acc32)
                 np.copyto(acc, acc32)
+                np.copyto(inputs, sums[base : base + 4])
                 for q in (1, 2, 3):
                     # Input q reaches lanes q..3 only (the others add 0).
                     part = term[q:]
-                    np.multiply(shifted[q][q:], sums64[base + q], out=part)
+                    np.multiply(shifted[q][q:], inputs[q], out=part)
                     part += acc[q:]
                     np.copyto(acc32[q:], part, casting="same_kind")
                     np.copyto(acc[q:], acc32[q:])
@@ -420,26 +424,108 @@ _BAND_PIXELS = 65536
 _GAUSSIAN = _RecursiveGaussian(_SIGMA)
 
 
+def _scale_count(height: int, width: int) -> int:
+    """How many scales the tool computes: it checks the size of the previous
+    scale before halving, so the last one can be under 8 px (ssimulacra2.cc)."""
+    count = 0
+    for index in range(_SCALES):
+        if height < MIN_SIDE or width < MIN_SIDE:
+            break
+        if index:
+            height, width = (height + 1) // 2, (width + 1) // 2
+        count += 1
+    return count
+
+
+def _weighted_channels(scales: int) -> list[tuple[list[int], list[int]]]:
+    """Per scale, the channels whose maps carry a weight: (any map, the SSIM map).
+
+    A third of the 108 weights are exactly zero (at 1:1, X and B have no SSIM
+    weight), so their blurs and maps are skipped: the score is the same number,
+    those terms being multiplied by 0. With fewer than six scales the tool takes
+    the weights in sequence (_final_score), hence the index formula.
+    """
+    used = []
+    for scale in range(scales):
+
+        def weights(channel: int, kind: int, scale: int = scale) -> npt.NDArray[np.float64]:
+            first = (channel * scales + scale) * 6 + kind
+            return _WEIGHTS[[first, first + 3]]  # 1-norm and 4-norm
+
+        ssim = [c for c in range(3) if weights(c, 0).any()]
+        edges = [c for c in range(3) if weights(c, 1).any() or weights(c, 2).any()]
+        used.append((sorted(set(ssim) | set(edges)), ssim))
+    return used
+
+
 class _Scale:
-    """The original's side of one scale: XYB, its local mean and variance, its edges."""
+    """The original's side of one scale: XYB, local means and variances, edges,
+    for the channels that carry a weight at this scale."""
 
-    __slots__ = ("edge", "mu", "variance", "xyb")
+    __slots__ = ("edge", "means", "mu", "mu_ssim", "ssim", "ssim_at", "variance", "xyb", "xyb_ssim")
 
-    def __init__(self, xyb: Floats) -> None:
-        self.xyb = xyb
-        blurred = _GAUSSIAN.blur(np.concatenate([xyb, xyb * xyb], axis=2))
-        self.mu = np.ascontiguousarray(blurred[..., :3])
-        self.variance = blurred[..., 3:] - self.mu * self.mu
-        self.edge = np.abs(xyb - self.mu)
+    def __init__(self, xyb: Floats, means: list[int], ssim: list[int]) -> None:
+        self.means, self.ssim = means, ssim
+        self.ssim_at = [means.index(c) for c in ssim]  # SSIM channels among the means
+        self.xyb = xyb[..., means]
+        self.xyb_ssim = xyb[..., ssim]
+        blurred = _GAUSSIAN.blur(np.concatenate([self.xyb, self.xyb_ssim**2], axis=2))
+        k = len(means)
+        self.mu = np.ascontiguousarray(blurred[..., :k])
+        self.mu_ssim = self.mu[..., self.ssim_at]
+        self.variance = blurred[..., k:] - self.mu_ssim * self.mu_ssim
+        self.edge = np.abs(self.xyb - self.mu) + _F(1.0)
+
+    def errors(self, xyb: Floats) -> tuple[Floats, list[int], list[int]]:
+        """(H, W, |ssim| + 2 |means|) error maps of a distorted image's XYB at this scale:
+        1 - SSIM', then ringing, then blurring."""
+        one, c2 = _F(1.0), _F(_C2)
+        means, ssim = xyb[..., self.means], xyb[..., self.ssim]
+        k, s = len(self.means), len(self.ssim)
+        blurred = _GAUSSIAN.blur(np.concatenate([means, ssim * ssim, self.xyb_ssim * ssim], axis=2))
+        mu = blurred[..., :k]
+        maps = np.empty((*xyb.shape[:2], s + 2 * k), dtype=np.float32)
+        if s:
+            # SSIM without its luminance denominator (the tool's SSIMMap), in
+            # float32 in the tool's order. The tool takes 1 - SSIM' in double;
+            # in float32 it is the same number (exact for SSIM' in 0.5..2).
+            mu1, mu2 = self.mu_ssim, mu[..., self.ssim_at]
+            num_m = mu1 - mu2
+            num_m *= num_m
+            np.subtract(one, num_m, out=num_m)
+            num_s = blurred[..., k + s :] - mu1 * mu2
+            num_s *= _F(2.0)
+            num_s += c2
+            denom_s = blurred[..., k : k + s] - mu2 * mu2
+            denom_s += self.variance
+            denom_s += c2
+            num_m *= num_s
+            num_m /= denom_s
+            error = maps[..., :s]
+            np.subtract(one, num_m, out=error)
+            np.maximum(error, _F(0.0), out=error)
+        # Edge ratio (1 + |x2 - mu2|) / (1 + |x1 - mu1|) - 1: > 0 where the
+        # distorted image has edges the original lacks (ringing, banding,
+        # blocking), < 0 where it lost them (blurring, smearing). float32
+        # here, double in the tool: a 1e-7 difference that no map amplifies.
+        ratio = np.abs(means - mu)
+        ratio += one
+        ratio /= self.edge
+        ratio -= one
+        artifact, lost = maps[..., s : s + k], maps[..., s + k :]
+        np.maximum(ratio, _F(0.0), out=artifact)
+        np.subtract(artifact, ratio, out=lost)
+        return maps, self.means, self.ssim
 
 
-def _pooled(maps: npt.NDArray[np.float64]) -> tuple[npt.NDArray[np.float64], ...]:
+def _pooled(maps: Floats) -> tuple[npt.NDArray[np.float64], ...]:
     """1-norms and 4-norms (means over the pixels) of (H, W, K) non-negative maps.
 
-    A matrix-vector product with ones sums the K columns in one pass over memory
-    (numpy's reduction along the pixel axis of an (N, K) array is several times slower).
+    Summed in double, as the tool does, by a matrix-vector product with ones: one
+    pass over memory for all K columns (numpy's reduction along the pixel axis of
+    an (N, K) array accumulates row by row, several times slower).
     """
-    flat = maps.reshape(-1, maps.shape[-1])
+    flat = maps.reshape(-1, maps.shape[-1]).astype(np.float64)
     ones = np.ones(flat.shape[0])
     one = (ones @ flat) / flat.shape[0]
     np.multiply(flat, flat, out=flat)
@@ -454,58 +540,27 @@ class _Pyramid:
     def __init__(self, pixels: npt.NDArray[np.uint8], background: float | None) -> None:
         self.background = background
         self.scales: list[_Scale] = []
+        used = _weighted_channels(_scale_count(*pixels.shape[:2]))
         linear = _to_linear(pixels, background)
-        for index in range(_SCALES):
-            # The tool checks the size of the previous scale before halving, so
-            # the last scale it computes can be under 8 px (ssimulacra2.cc).
-            if linear.shape[0] < MIN_SIDE or linear.shape[1] < MIN_SIDE:
-                break
+        for index, (means, ssim) in enumerate(used):
             if index:
                 linear = _downsample(linear)
-            self.scales.append(_Scale(_to_xyb(linear)))
+            self.scales.append(_Scale(_to_xyb(linear), means, ssim))
 
     def score(self, distorted: npt.NDArray[np.uint8], background: float | None) -> float:
         linear = _to_linear(distorted, background)
         # values[channel, scale, norm, map]: the tool's order of the weights.
         values = np.zeros((3, len(self.scales), 2, 3), dtype=np.float64)
-        one, c2 = _F(1.0), _F(_C2)
         for index, ref in enumerate(self.scales):
             if index:
                 linear = _downsample(linear)
-            xyb = _to_xyb(linear)
-            blurred = _GAUSSIAN.blur(np.concatenate([xyb, xyb * xyb, ref.xyb * xyb], axis=2))
-            mu = blurred[..., :3]
-            maps = np.empty((*xyb.shape[:2], 9))
-            # SSIM without its luminance denominator (the tool's SSIMMap), in
-            # float32 in the tool's order; 1 - SSIM' in double, clamped at 0.
-            num_m = ref.mu - mu
-            num_m *= num_m
-            np.subtract(one, num_m, out=num_m)
-            num_s = blurred[..., 6:] - ref.mu * mu
-            num_s *= _F(2.0)
-            num_s += c2
-            denom_s = blurred[..., 3:6] - mu * mu
-            denom_s += ref.variance
-            denom_s += c2
-            num_m *= num_s
-            num_m /= denom_s
-            error = maps[..., 0:3]
-            np.subtract(1.0, num_m, out=error, dtype=np.float64)
-            np.maximum(error, 0.0, out=error)
-            # Edge ratio in double: > 0 where the distorted image has edges the
-            # original lacks (ringing, banding, blocking), < 0 where it lost
-            # them (blurring, smearing).
-            ratio = np.abs(xyb - mu).astype(np.float64)
-            ratio += 1.0
-            ratio /= np.add(ref.edge, 1.0, dtype=np.float64)
-            ratio -= 1.0
-            artifact, lost = maps[..., 3:6], maps[..., 6:9]
-            np.maximum(ratio, 0.0, out=artifact)
-            np.subtract(artifact, ratio, out=lost)
+            maps, means, ssim = ref.errors(_to_xyb(linear))
             ones, fours = _pooled(maps)
-            for k in range(3):
-                values[:, index, 0, k] = ones[3 * k : 3 * k + 3]
-                values[:, index, 1, k] = fours[3 * k : 3 * k + 3]
+            s, k = len(ssim), len(means)
+            values[ssim, index, 0, 0], values[ssim, index, 1, 0] = ones[:s], fours[:s]
+            ring, blur = slice(s, s + k), slice(s + k, s + 2 * k)
+            values[means, index, 0, 1], values[means, index, 1, 1] = ones[ring], fours[ring]
+            values[means, index, 0, 2], values[means, index, 1, 2] = ones[blur], fours[blur]
         return _final_score(values.reshape(-1))
 
 
