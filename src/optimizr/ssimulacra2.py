@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 import numpy as np
 import numpy.typing as npt
@@ -300,9 +301,26 @@ class _RecursiveGaussian:
         """(H, W, C) planes blurred as the tool does: horizontal pass, then vertical."""
         h, w, c = planes.shape
         rows = np.ascontiguousarray(planes.transpose(1, 0, 2)).reshape(w, h * c)
-        across = self.horizontal(rows).reshape(w, h, c)
+        across = _in_tiles(self.horizontal, rows).reshape(w, h, c)
+        del rows
         down = np.ascontiguousarray(across.transpose(1, 0, 2)).reshape(h, w * c)
-        return self.vertical(down).reshape(h, w, c)
+        del across
+        return _in_tiles(self.vertical, down).reshape(h, w, c)
+
+
+# Columns per tile of a recursive pass: the recursions are independent across
+# columns, so a wide image is done a tile at a time and the pass's own arrays
+# (pair sums, resonator outputs) stay a few tiles' worth, not the whole image.
+_TILE_COLUMNS = 8192
+
+
+def _in_tiles(recursion: Callable[[Floats], Floats], x: Floats) -> Floats:
+    if x.shape[1] <= _TILE_COLUMNS:
+        return recursion(x)
+    out = np.empty_like(x)
+    for start in range(0, x.shape[1], _TILE_COLUMNS):
+        out[:, start : start + _TILE_COLUMNS] = recursion(x[:, start : start + _TILE_COLUMNS])
+    return out
 
 
 def _srgb_to_linear(encoded: Floats) -> Floats:
@@ -458,6 +476,26 @@ def _weighted_channels(scales: int) -> list[tuple[list[int], list[int]]]:
     return used
 
 
+def _channels(channels: list[int]) -> slice | list[int]:
+    """A slice when the channels are consecutive (a view, not a copy)."""
+    if channels and channels == list(range(channels[0], channels[-1] + 1)):
+        return slice(channels[0], channels[-1] + 1)
+    return channels
+
+
+def _stacked(means: Floats, ssim: Floats, ssim_ref: Floats | None = None) -> Floats:
+    """The planes to blur, side by side: x, x^2 of the SSIM channels, and
+    x * x_ref of those when there is a reference to correlate with."""
+    k, s = means.shape[-1], ssim.shape[-1]
+    parts = 2 if ssim_ref is None else 3
+    stack = np.empty((*means.shape[:-1], k + (parts - 1) * s), dtype=np.float32)
+    stack[..., :k] = means
+    np.multiply(ssim, ssim, out=stack[..., k : k + s])
+    if ssim_ref is not None:
+        np.multiply(ssim_ref, ssim, out=stack[..., k + s :])
+    return stack
+
+
 class _Scale:
     """The original's side of one scale: XYB, local means and variances, edges,
     for the channels that carry a weight at this scale."""
@@ -466,10 +504,10 @@ class _Scale:
 
     def __init__(self, xyb: Floats, means: list[int], ssim: list[int]) -> None:
         self.means, self.ssim = means, ssim
-        self.ssim_at = [means.index(c) for c in ssim]  # SSIM channels among the means
-        self.xyb = xyb[..., means]
-        self.xyb_ssim = xyb[..., ssim]
-        blurred = _GAUSSIAN.blur(np.concatenate([self.xyb, self.xyb_ssim**2], axis=2))
+        self.ssim_at = _channels([means.index(c) for c in ssim])  # SSIM channels among the means
+        self.xyb = xyb[..., _channels(means)]
+        self.xyb_ssim = xyb[..., _channels(ssim)]
+        blurred = _GAUSSIAN.blur(_stacked(self.xyb, self.xyb_ssim))
         k = len(means)
         self.mu = np.ascontiguousarray(blurred[..., :k])
         self.mu_ssim = self.mu[..., self.ssim_at]
@@ -480,9 +518,9 @@ class _Scale:
         """(H, W, |ssim| + 2 |means|) error maps of a distorted image's XYB at this scale:
         1 - SSIM', then ringing, then blurring."""
         one, c2 = _F(1.0), _F(_C2)
-        means, ssim = xyb[..., self.means], xyb[..., self.ssim]
+        means, ssim = xyb[..., _channels(self.means)], xyb[..., _channels(self.ssim)]
         k, s = len(self.means), len(self.ssim)
-        blurred = _GAUSSIAN.blur(np.concatenate([means, ssim * ssim, self.xyb_ssim * ssim], axis=2))
+        blurred = _GAUSSIAN.blur(_stacked(means, ssim, self.xyb_ssim))
         mu = blurred[..., :k]
         maps = np.empty((*xyb.shape[:2], s + 2 * k), dtype=np.float32)
         if s:
@@ -521,17 +559,24 @@ class _Scale:
 def _pooled(maps: Floats) -> tuple[npt.NDArray[np.float64], ...]:
     """1-norms and 4-norms (means over the pixels) of (H, W, K) non-negative maps.
 
-    Summed in double, as the tool does, by a matrix-vector product with ones: one
+    Summed in double, as the tool does, by matrix-vector products with ones: one
     pass over memory for all K columns (numpy's reduction along the pixel axis of
-    an (N, K) array accumulates row by row, several times slower).
+    an (N, K) array accumulates row by row, several times slower); in bands, so
+    the double copy stays small.
     """
-    flat = maps.reshape(-1, maps.shape[-1]).astype(np.float64)
-    ones = np.ones(flat.shape[0])
-    one = (ones @ flat) / flat.shape[0]
-    np.multiply(flat, flat, out=flat)
-    np.multiply(flat, flat, out=flat)
-    four = np.sqrt(np.sqrt((ones @ flat) / flat.shape[0]))
-    return one, four
+    flat = maps.reshape(-1, maps.shape[-1])
+    pixels = flat.shape[0]
+    ones = np.ones(min(pixels, _BAND_PIXELS))
+    one = np.zeros(flat.shape[1])
+    four = np.zeros(flat.shape[1])
+    for start in range(0, pixels, _BAND_PIXELS):
+        band = flat[start : start + _BAND_PIXELS].astype(np.float64)
+        weights = ones[: band.shape[0]]
+        one += weights @ band
+        np.multiply(band, band, out=band)
+        np.multiply(band, band, out=band)
+        four += weights @ band
+    return one / pixels, np.sqrt(np.sqrt(four / pixels))
 
 
 class _Pyramid:
