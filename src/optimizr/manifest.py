@@ -138,7 +138,13 @@ def manifest_path(dest: Path) -> Path:
 
 
 #: EncodeOptions fields added since the first manifests, with their defaults.
-_ADDED_LATER: dict[str, object] = {"pages": "first", "strict_decode": False}
+_ADDED_LATER: dict[str, object] = {
+    "pages": "first",
+    "strict_decode": False,
+    "target_score": None,
+    "min_quality": 50,
+    "max_quality": 95,
+}
 
 
 def options_fingerprint(config: RunConfig) -> str:

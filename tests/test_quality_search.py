@@ -1,0 +1,336 @@
+"""--target-score (issue 14): the per-image search over quality, lossless when it wins,
+the guards, and the options that drive it.
+
+The search logic is tested with a scorer computed here (PSNR, monotonic in quality
+like the real metric, on another scale) and with synthetic score curves; the
+end-to-end tests score with the project's SSIMULACRA 2 (optimizr.ssimulacra2).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pyvips
+from PIL import Image
+
+from conftest import photo_array
+from optimizr.config import EncodeOptions
+from optimizr.errors import UsageError
+from optimizr.libwebp import load as load_libwebp
+from optimizr.quality_search import (
+    PROBE_BUDGET,
+    TINY_PIXELS,
+    TOLERANCE,
+    Probe,
+    looks_drawn,
+    search_image,
+    search_lossy,
+    start_quality,
+)
+
+
+def psnr_scorer(reference: np.ndarray) -> Callable[[np.ndarray], float]:
+    """PSNR of the composited RGB, stretched so that the target range of these
+    tests (about 60-90) falls within lossy WebP's reach."""
+    ref = reference.astype(np.float64)
+
+    def score(distorted: np.ndarray) -> float:
+        assert distorted.shape == reference.shape
+        mse = float(np.mean((ref - distorted.astype(np.float64)) ** 2))
+        return 100.0 if mse == 0 else 2.0 * 10 * math.log10(255**2 / mse)
+
+    return score
+
+
+def curve_probe(curve: Callable[[int], float]) -> tuple[Callable[[int], Probe], list[int]]:
+    """A probe whose score is ``curve(q)`` and whose size grows with q."""
+    asked: list[int] = []
+
+    def probe(q: int) -> Probe:
+        asked.append(q)
+        return Probe("lossy", q, b"x" * (100 + 10 * q), curve(q))
+
+    return probe, asked
+
+
+def vips_image(array: np.ndarray) -> pyvips.Image:
+    h, w, bands = array.shape
+    return pyvips.Image.new_from_memory(np.ascontiguousarray(array).tobytes(), w, h, bands, "uchar")
+
+
+def decoded(webp: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(webp)) as im:
+        return np.asarray(im.convert("RGBA" if im.mode == "RGBA" else "RGB"))
+
+
+def smooth_photo(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """A photo without sensor noise: its PSNR then spans lossy WebP's range."""
+    from PIL import ImageFilter
+
+    blurred = Image.fromarray(photo_array(width, height, seed)).filter(ImageFilter.BoxBlur(2))
+    return np.asarray(blurred)
+
+
+def screenshot_array(width: int = 480, height: int = 320) -> np.ndarray:
+    """Flat panels, a few colours, and text-like strokes: a UI screenshot."""
+    img = np.full((height, width, 3), 246, dtype=np.uint8)
+    img[:40] = (40, 44, 52)
+    img[40:, :120] = (230, 232, 236)
+    rng = np.random.default_rng(3)
+    for row in range(60, height - 20, 18):
+        for col in range(140, width - 40, 9):
+            if rng.random() < 0.7:
+                img[row : row + 10, col : col + 6] = (20, 20, 20)
+    img[100:180, 200:400] = (66, 133, 244)
+    return img
+
+
+LIB = load_libwebp()
+needs_libwebp = pytest.mark.skipif(LIB is None, reason="libwebp's binding does not load here")
+
+
+# -- the search over quality, on score curves --------------------------------------------
+
+
+def test_monotonic_curve_lands_in_the_band_within_the_budget() -> None:
+    probe, asked = curve_probe(lambda q: 20 + 0.7 * q)  # 80 at q = 85.7
+    probes, stop = search_lossy(probe, 80.0, 50, 95)
+    passing = [p for p in probes if p.score >= 80]
+    assert passing and len(asked) <= PROBE_BUDGET
+    best = min(passing, key=lambda p: len(p.webp))
+    # The smallest passing quality is 86; the band allows a little above it.
+    assert best.quality is not None and 86 <= best.quality <= 86 + math.ceil(TOLERANCE / 0.7)
+    assert stop in ("band", "bracket")
+
+
+def test_bracket_is_closed_by_regula_falsi() -> None:
+    # Steep then flat: the calibrated start misses, the secant overshoots, the
+    # bracket must close on the exact smallest passing quality.
+    probe, asked = curve_probe(lambda q: 40 + 45 * (1 - math.exp(-(q - 40) / 12)))
+    target = 80.0
+    probes, _ = search_lossy(probe, target, 50, 95)
+    need = min(q for q in range(50, 96) if 40 + 45 * (1 - math.exp(-(q - 40) / 12)) >= target)
+    best = min((p for p in probes if p.score >= target), key=lambda p: len(p.webp))
+    assert best.quality is not None and need <= best.quality <= need + 3
+    assert len(asked) <= PROBE_BUDGET
+    assert len(set(asked)) == len(asked)  # no quality encoded twice
+
+
+def test_budget_is_never_exceeded_on_a_noisy_non_monotonic_curve() -> None:
+    rng = np.random.default_rng(7)
+    bumps = {q: float(rng.normal(0, 2.5)) for q in range(101)}
+    probe, asked = curve_probe(lambda q: 30 + 0.6 * q + bumps[q])
+    probes, _ = search_lossy(probe, 80.0, 50, 95)
+    assert len(asked) <= PROBE_BUDGET
+    # Whatever the curve did, only probes really scored are candidates.
+    for p in probes:
+        assert p.score == 30 + 0.6 * p.quality + bumps[p.quality]  # type: ignore[operator]
+
+
+def test_unreachable_target_stops_at_max_quality() -> None:
+    probe, asked = curve_probe(lambda q: 0.8 * q)  # tops out at 76 at q95
+    probes, stop = search_lossy(probe, 85.0, 50, 95)
+    assert stop == "max-quality" and 95 in asked
+    assert all(p.score < 85 for p in probes)
+
+
+def test_easy_target_stops_at_min_quality() -> None:
+    probe, asked = curve_probe(lambda q: 90 + 0.05 * q)
+    probes, stop = search_lossy(probe, 70.0, 50, 95)
+    assert stop == "min-quality" and asked[-1] == 50
+
+
+def test_a_failing_probe_larger_than_lossless_ends_the_search() -> None:
+    probe, asked = curve_probe(lambda q: 0.8 * q)
+    probes, stop = search_lossy(probe, 85.0, 50, 95, larger_than=500)
+    assert stop == "lossless-smaller" and len(asked) == 1
+
+
+def test_start_is_calibrated_and_rises_with_the_target() -> None:
+    starts = [start_quality(s) for s in (70, 75, 80, 85)]
+    assert starts == sorted(starts) and 50 <= starts[0] and starts[-1] <= 100
+
+
+# -- the search on images (a scorer computed here) ----------------------------------------
+
+
+@needs_libwebp
+@pytest.mark.parametrize("target", [76.0, 80.0, 85.0])
+def test_photo_meets_the_target_and_output_is_verified(target: float) -> None:
+    assert LIB is not None
+    pixels = smooth_photo(256, 192, seed=2)
+    options = EncodeOptions(target_score=target)
+    outcome = search_image(LIB, vips_image(pixels), options, scorer=psnr_scorer)
+    assert outcome.chosen.mode == "lossy" and outcome.probes <= PROBE_BUDGET
+    # The output's score is what a fresh decode of its bytes scores.
+    assert psnr_scorer(pixels)(decoded(outcome.chosen.webp)) == pytest.approx(outcome.chosen.score)
+    assert outcome.chosen.score >= target
+
+
+@needs_libwebp
+def test_screenshot_is_written_lossless_and_a_photo_is_not() -> None:
+    assert LIB is not None
+    options = EncodeOptions(target_score=80.0)
+    shot = search_image(LIB, vips_image(screenshot_array()), options, scorer=psnr_scorer)
+    assert shot.drawn and shot.chosen.mode in ("lossless", "near-lossless")
+    photo = search_image(LIB, vips_image(smooth_photo(256, 192)), options, scorer=psnr_scorer)
+    assert not photo.drawn and photo.chosen.mode == "lossy"
+
+
+@needs_libwebp
+def test_unreachable_target_falls_back_to_lossless_when_smaller_than_the_source() -> None:
+    assert LIB is not None
+    pixels = photo_array(160, 120, seed=4)
+    options = EncodeOptions(target_score=99.0, max_quality=60)
+    outcome = search_image(LIB, vips_image(pixels), options, bytes_in=10**9, scorer=psnr_scorer)
+    assert outcome.chosen.mode == "lossless" and not outcome.unreachable
+    assert np.array_equal(decoded(outcome.chosen.webp), pixels)
+
+
+@needs_libwebp
+def test_unreachable_target_keeps_the_best_lossy_probe_and_says_so() -> None:
+    assert LIB is not None
+    pixels = photo_array(160, 120, seed=4)
+    options = EncodeOptions(target_score=99.0, max_quality=60)
+    outcome = search_image(LIB, vips_image(pixels), options, bytes_in=1000, scorer=psnr_scorer)
+    assert outcome.unreachable and outcome.chosen.mode == "lossy"
+    assert outcome.chosen.quality == 60
+    assert outcome.warning is not None and "below the target" in outcome.warning
+
+
+@needs_libwebp
+def test_tiny_image_is_not_searched() -> None:
+    assert LIB is not None
+    side = int(math.sqrt(TINY_PIXELS)) - 2
+    called: list[int] = []
+
+    def counting(reference: np.ndarray) -> Callable[[np.ndarray], float]:
+        called.append(1)
+        return psnr_scorer(reference)
+
+    options = EncodeOptions(target_score=80.0)
+    outcome = search_image(LIB, vips_image(photo_array(side, side)), options, scorer=counting)
+    assert outcome.stop == "tiny" and outcome.probes == 2 and not called
+
+
+@needs_libwebp
+def test_flat_image_is_one_lossless_encode() -> None:
+    assert LIB is not None
+    flat = np.full((300, 400, 3), (12, 200, 99), dtype=np.uint8)
+    outcome = search_image(
+        LIB, vips_image(flat), EncodeOptions(target_score=85.0), scorer=psnr_scorer
+    )
+    assert outcome.stop == "flat" and outcome.probes == 1 and outcome.chosen.mode == "lossless"
+    assert len(outcome.chosen.webp) < 200
+
+
+@needs_libwebp
+def test_alpha_graphic_is_scored_with_its_alpha() -> None:
+    assert LIB is not None
+    rgba = np.zeros((200, 200, 4), dtype=np.uint8)
+    rgba[..., :3] = photo_array(200, 200, seed=5)
+    yy, xx = np.mgrid[0:200, 0:200]
+    rgba[..., 3] = np.where((yy - 100) ** 2 + (xx - 100) ** 2 < 80**2, 255, 0)
+    seen: list[tuple[int, ...]] = []
+
+    def shape_checking(reference: np.ndarray) -> Callable[[np.ndarray], float]:
+        seen.append(reference.shape)
+        return psnr_scorer(reference)
+
+    outcome = search_image(
+        LIB, vips_image(rgba), EncodeOptions(target_score=70.0), scorer=shape_checking
+    )
+    assert seen == [(200, 200, 4)]
+    assert outcome.drawn  # mostly transparent: lossless candidates were tried
+    assert outcome.chosen.score >= 70.0
+
+
+@needs_libwebp
+def test_animation_is_scored_on_its_worst_frame() -> None:
+    assert LIB is not None
+    frames = [photo_array(96, 64, seed=s) for s in range(3)]
+    frames[1] = np.random.default_rng(1).integers(0, 256, frames[1].shape, dtype=np.uint8)
+    strip = np.concatenate(frames, axis=0)
+    image = vips_image(strip).copy()
+    image.set_type(pyvips.GValue.gint_type, "page-height", 64)
+    per_frame: list[list[float]] = []
+
+    def recording(reference: np.ndarray) -> Callable[[np.ndarray], float]:
+        score = psnr_scorer(reference)
+        mine: list[float] = []
+        per_frame.append(mine)
+
+        def scored(distorted: np.ndarray) -> float:
+            mine.append(score(distorted))
+            return mine[-1]
+
+        return scored
+
+    outcome = search_image(
+        LIB, image, EncodeOptions(target_score=60.0), page_height=64, scorer=recording
+    )
+    assert len(per_frame) == 3
+    # The noise frame scores worst at every probe; the chosen score is its score.
+    assert all(n <= a for n, a in zip(per_frame[1], per_frame[0], strict=True))
+    if outcome.chosen.mode != "lossless":
+        assert min(per_frame[1]) <= outcome.chosen.score <= max(per_frame[1])
+        assert outcome.chosen.score in per_frame[1]
+
+
+def test_photo_does_not_look_drawn_and_a_screenshot_does() -> None:
+    assert not looks_drawn(photo_array(512, 384)).drawn
+    assert looks_drawn(screenshot_array()).drawn
+
+
+# -- options -------------------------------------------------------------------------------
+
+
+def test_quality_levels_are_target_scores(cli: Callable[..., object], tmp_path: Path) -> None:
+    from optimizr.cli_options import build_configs, load_config_file
+
+    base = {
+        opt.field: opt.default for opt in __import__("optimizr.cli_options").cli_options.OPTIONS
+    }
+    run, _ = build_configs(tmp_path, tmp_path / "out", {**base, "quality": "high"})
+    assert run.encode.target_score == 80.0
+    run, _ = build_configs(tmp_path, tmp_path / "out", {**base, "quality": "visually-lossless"})
+    assert run.encode.target_score == 85.0
+    with pytest.raises(UsageError):
+        build_configs(tmp_path, tmp_path / "out", {**base, "quality": "auto", "target_score": 80.0})
+    toml = tmp_path / "optimizr.toml"
+    toml.write_text("target-score = 82.5\nmin-quality = 40\n")
+    assert load_config_file(toml) == {"target_score": 82.5, "min_quality": 40}
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"target_score": 80.0, "lossless": True},
+        {"target_score": 80.0, "encoder": "libvips"},
+        {"target_score": 0.0},
+        {"min_quality": 90, "max_quality": 80},
+    ],
+)
+def test_contradictory_options_are_refused(kwargs: dict[str, object]) -> None:
+    with pytest.raises(UsageError):
+        EncodeOptions(**kwargs)  # type: ignore[arg-type]
+
+
+def test_target_score_changes_the_fingerprint_and_defaults_do_not() -> None:
+    from optimizr.config import RunConfig
+    from optimizr.manifest import options_fingerprint
+
+    plain = RunConfig(src=Path("a"), dest=Path("b"))
+    searched = RunConfig(src=Path("a"), dest=Path("b"), encode=EncodeOptions(target_score=80.0))
+    assert options_fingerprint(plain) != options_fingerprint(searched)
+    # The fingerprint of a default run is what it was before these options existed.
+    assert options_fingerprint(plain) == options_fingerprint(
+        RunConfig(
+            src=Path("a"), dest=Path("b"), encode=EncodeOptions(min_quality=50, max_quality=95)
+        )
+    )
