@@ -42,7 +42,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -121,8 +122,8 @@ class SearchOutcome:
         if not self.unreachable:
             return None
         return (
-            f"target score: {self.chosen.score:.1f} at {self.chosen.label} is below the target "
-            "(the highest lossy quality; lossless would be larger than the source)"
+            f"{UNREACHABLE_WARNING}: {self.chosen.score:.1f} at {self.chosen.label} is below "
+            "the target (the highest lossy quality; lossless would be larger than the source)"
         )
 
 
@@ -439,21 +440,91 @@ def _foreign_profile(image: Any) -> bytes | None:
     return None if _is_srgb_profile(profile) else profile
 
 
-def summarise(values: Sequence[float]) -> dict[str, float]:
-    """Percentiles of a distribution, for summary.json."""
-    ordered = sorted(values)
-    if not ordered:
-        return {}
+#: The warning an image gets when no candidate reached the target.
+UNREACHABLE_WARNING = "target score"
 
-    def at(q: float) -> float:
-        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)
+
+@dataclass
+class SearchTally:
+    """The distributions of a run's searches, for summary.json and the report:
+    counters of rounded values, so that a run of millions of images stays small."""
+
+    images: int = 0
+    lossless: int = 0
+    near_lossless: int = 0
+    unreachable: int = 0
+    qualities: Counter[int] = dataclasses.field(default_factory=Counter)
+    #: Scores to a tenth of a point (tiny images are not scored).
+    scores: Counter[float] = dataclasses.field(default_factory=Counter)
+    probes: Counter[int] = dataclasses.field(default_factory=Counter)
+
+    def add(
+        self,
+        chosen: str | None,
+        quality: int | None,
+        score: float | None,
+        probes: int,
+        warnings: Sequence[str],
+    ) -> None:
+        if chosen is None:
+            return
+        self.images += 1
+        if chosen == "lossless":
+            self.lossless += 1
+        elif chosen.startswith("near-lossless"):
+            self.near_lossless += 1
+        if quality is not None:
+            self.qualities[quality] += 1
+        if score is not None:
+            self.scores[round(score, 1)] += 1
+        self.probes[probes] += 1
+        if any(w.startswith(UNREACHABLE_WARNING + ":") for w in warnings):
+            self.unreachable += 1
+
+    def to_dict(self) -> dict[str, Any]:
+        probes = sum(p * n for p, n in self.probes.items())
+        return {
+            "images": self.images,
+            "lossless": self.lossless,
+            "near_lossless": self.near_lossless,
+            "unreachable": self.unreachable,
+            "chosen_quality": {
+                "counts": [[q, n] for q, n in sorted(self.qualities.items())],
+                "percentiles": percentiles(self.qualities),
+            },
+            "score": {
+                "counts": [[s, n] for s, n in sorted(self.scores.items())],
+                "percentiles": percentiles(self.scores),
+            },
+            "probes": {
+                "counts": [[p, n] for p, n in sorted(self.probes.items())],
+                "mean": round(probes / self.images, 3) if self.images else 0,
+                "percentiles": percentiles(self.probes),
+            },
+        }
+
+
+def percentiles(counts: Mapping[Any, int]) -> dict[str, float]:
+    """min, p10, p50, p90 and max of a distribution given as {value: count}."""
+    total = sum(counts.values())
+    if not total:
+        return {}
+    ordered = sorted(counts.items())
+
+    def at(fraction: float) -> float:
+        rank, seen = min(total - 1, int(fraction * total)), 0
+        for value, count in ordered:
+            seen += count
+            if seen > rank:
+                return float(value)
+        return float(ordered[-1][0])
 
     return {
-        "min": round(ordered[0], 3),
+        "min": float(ordered[0][0]),
         "p10": at(0.1),
         "p50": at(0.5),
         "p90": at(0.9),
-        "max": round(ordered[-1], 3),
+        "max": float(ordered[-1][0]),
     }
 
 
@@ -461,6 +532,7 @@ __all__ = [
     "PROBE_BUDGET",
     "Probe",
     "SearchOutcome",
+    "SearchTally",
     "looks_drawn",
     "search_image",
     "search_lossy",
