@@ -76,6 +76,15 @@ WEBPSAVE_FIXED_LOSSLESS = 22 << 20
 #: in memory; webpsave decodes a photo to rotate whole).
 BYTES_PER_PIXEL_RANDOM_ACCESS = 3.0
 SAFETY = 1.05
+#: --target-score (issue 14): the search holds the image rendered whole, the
+#: metric's reference side (XYB planes, means and variances at six scales, float32)
+#: and one probe's decoded pixels and error maps, on top of the candidate's encode.
+#: Measured by bench/calibrate_memory.py --measure (modes target_score*): 315 and 307
+#: bytes per output pixel of growth at 2 and 6 MP, nearly all the metric's. An
+#: animation's metric planes are held for the frames scored only (at most 8).
+BYTES_PER_PIXEL_SEARCH = 320.0
+#: ... and per pixel of every frame: the rendered strip and one decoded probe.
+BYTES_PER_FRAME_PIXEL_SEARCH = 8.0
 #: The least share of its estimate an image was measured to need (bench-memory's
 #: big corpus, 34 images alone: 0.77-1.11 of the estimate; calibration: 0.58-0.99):
 #: an image is refused from its header only when even this much of its estimate
@@ -172,7 +181,18 @@ def estimate_peak_bytes(header: Header, options: EncodeOptions) -> int:
         else:
             need += BYTES_PER_PIXEL_RANDOM_ACCESS * header.bands / 3 * header.pixels
     need += _held_by_decoder(header)
+    if options.target_score is not None:
+        need += _held_by_search(out_w * out_h, header.frames)
     return int(need * SAFETY)
+
+
+def _held_by_search(frame_pixels: int, frames: int) -> float:
+    from optimizr.quality_search import ANIMATION_FRAMES_SCORED
+
+    scored = min(frames, ANIMATION_FRAMES_SCORED)
+    return BYTES_PER_PIXEL_SEARCH * frame_pixels * scored + (
+        BYTES_PER_FRAME_PIXEL_SEARCH * frame_pixels * frames
+    )
 
 
 def _held_by_decoder(header: Header) -> float:
