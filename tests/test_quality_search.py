@@ -9,17 +9,20 @@ end-to-end tests score with the project's SSIMULACRA 2 (optimizr.ssimulacra2).
 from __future__ import annotations
 
 import io
+import json
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import pyvips
 from PIL import Image
 
-from conftest import photo_array
+from conftest import photo_array, save_png
 from optimizr.config import EncodeOptions
+from optimizr.encode import encode_webp
 from optimizr.errors import UsageError
 from optimizr.libwebp import load as load_libwebp
 from optimizr.quality_search import (
@@ -334,3 +337,90 @@ def test_target_score_changes_the_fingerprint_and_defaults_do_not() -> None:
             src=Path("a"), dest=Path("b"), encode=EncodeOptions(min_quality=50, max_quality=95)
         )
     )
+
+
+# -- end to end, with the project's SSIMULACRA 2 -------------------------------------------
+
+
+def metric_score(reference: np.ndarray, distorted: np.ndarray) -> float:
+    from optimizr import ssimulacra2
+
+    return float(ssimulacra2.score(reference, distorted))
+
+
+@needs_libwebp
+def test_convert_with_a_quality_level_meets_it_and_reports_it(
+    cli: Callable[..., Any], tmp_path: Path
+) -> None:
+    from importlib import resources
+
+    import jsonschema
+
+    src = tmp_path / "src"
+    photo = smooth_photo(320, 240, seed=8)
+    save_png(src / "photo.png", photo)
+    save_png(src / "shot.png", screenshot_array())
+    dest = tmp_path / "dest"
+    result = cli("convert", src, dest, "--quality", "high", "--log-format", "json", "-Q")
+    assert result.exit_code == 0, result.output
+    out = decoded((dest / "photo.webp").read_bytes())
+    assert metric_score(photo, out) >= 80.0
+    assert np.array_equal(decoded((dest / "shot.webp").read_bytes()), screenshot_array())
+    summary = json.loads((dest / "optimizr-summary.json").read_text())
+    schema = json.loads(
+        resources.files("optimizr").joinpath("schemas/summary-2.schema.json").read_text()
+    )
+    jsonschema.Draft202012Validator(schema).validate(summary)
+    search = summary["quality_search"]
+    assert search["images"] == 2 and search["lossless"] + search["near_lossless"] >= 1
+    assert search["score"]["percentiles"]["min"] >= 80.0
+    assert 1 <= search["probes"]["percentiles"]["max"] <= PROBE_BUDGET + 2
+    report = tmp_path / "report.html"
+    assert cli("report", dest, "-o", report).exit_code == 0
+    assert "Quality search" in report.read_text()
+
+
+@needs_libwebp
+def test_target_score_from_the_environment(
+    cli: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = tmp_path / "src"
+    photo = smooth_photo(256, 192, seed=9)
+    save_png(src / "photo.png", photo)
+    monkeypatch.setenv("OPTIMIZR_TARGET_SCORE", "72")
+    result = cli("convert", src, tmp_path / "dest", "-Q")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "dest" / "optimizr-summary.json").read_text())
+    assert summary["options"]["target_score"] == 72.0
+    assert summary["quality_search"]["images"] == 1
+    assert metric_score(photo, decoded((tmp_path / "dest" / "photo.webp").read_bytes())) >= 72.0
+
+
+@needs_libwebp
+@pytest.mark.parametrize("target", [75.0, 85.0])
+def test_corpus_photos_meet_the_target(corpus: Path, target: float) -> None:
+    photos = sorted((corpus / "photos").glob("*.jpg"))[:3]
+    assert photos
+    for path in photos:
+        options = EncodeOptions(target_score=target, max_width=480, max_height=480)
+        out = encode_webp(str(path), options)
+        # The reference: the same source, shrunk alike, written exactly.
+        exact = encode_webp(str(path), EncodeOptions(lossless=True, max_width=480, max_height=480))
+        reference = decoded(exact.webp)
+        facts = out.facts
+        assert facts.probes <= PROBE_BUDGET and facts.chosen is not None
+        if facts.warnings:  # unreachable: flagged, and at --max-quality
+            assert facts.chosen == "q95"
+            continue
+        assert metric_score(reference, decoded(out.webp)) >= target
+        assert facts.score is not None and facts.score >= target
+
+
+@needs_libwebp
+def test_corpus_screenshot_is_lossless_and_photo_lossy(corpus: Path) -> None:
+    # At its own size: a screenshot shrunk is resampled into a photo of text.
+    options = EncodeOptions(target_score=80.0)
+    shot = encode_webp(str(corpus / "png" / "screenshot_lorem-ipsum_rgba.png"), options)
+    assert shot.facts.chosen in ("lossless", "near-lossless 60")
+    photo = encode_webp(str(corpus / "png" / "kodim23_photo.png"), options)
+    assert photo.facts.chosen is not None and photo.facts.chosen.startswith("q")
