@@ -424,3 +424,26 @@ def test_corpus_screenshot_is_lossless_and_photo_lossy(corpus: Path) -> None:
     assert shot.facts.chosen in ("lossless", "near-lossless 60")
     photo = encode_webp(str(corpus / "png" / "kodim23_photo.png"), options)
     assert photo.facts.chosen is not None and photo.facts.chosen.startswith("q")
+
+
+@needs_libwebp
+def test_animated_gif_meets_the_target_on_every_frame(tmp_path: Path) -> None:
+    frames = [Image.fromarray(smooth_photo(128, 96, seed=s)) for s in range(3)]
+    path = tmp_path / "anim.gif"
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    out = encode_webp(str(path), EncodeOptions(target_score=70.0))
+    assert out.facts.frames == 3 and out.facts.chosen is not None
+    assert out.facts.probes <= PROBE_BUDGET + 2
+    source = pyvips.Image.new_from_file(str(path), n=-1).colourspace("srgb")
+    output = pyvips.Image.webpload_buffer(out.webp, n=-1)
+    assert output.height == source.height
+    src_px = np.ndarray(
+        buffer=source.write_to_memory(), dtype=np.uint8, shape=(source.height, 128, source.bands)
+    )
+    out_px = np.ndarray(
+        buffer=output.write_to_memory(), dtype=np.uint8, shape=(output.height, 128, output.bands)
+    )
+    for i in range(3):
+        ref = np.ascontiguousarray(src_px[i * 96 : (i + 1) * 96, :, :3])
+        dist = np.ascontiguousarray(out_px[i * 96 : (i + 1) * 96, :, :3])
+        assert metric_score(ref, dist) >= 70.0

@@ -29,7 +29,7 @@ that meets the target is kept. The lossy search stops as soon as a failing
 probe is already larger than the lossless file (passing ones would be larger).
 
 Guards: a tiny image (fewer than :data:`TINY_PIXELS`) is not searched: the
-metric has nothing to downscale there and the bytes are a container's; it is
+metric's scores are erratic there and the bytes are a container's; it is
 written at ``--max-quality`` or lossless, whichever is smaller. A flat image
 (one colour) is written lossless. A target no quality reaches is met lossless
 when that is smaller than the source, else the image is written at
@@ -65,22 +65,28 @@ Scorer = Callable[["np.ndarray"], ScoreFn]
 PROBE_BUDGET = 6
 #: A score in [S, S + TOLERANCE] ends the search: closer costs more probes than it saves.
 TOLERANCE = 1.0
-#: Smaller images are not searched (see the module docstring).
-TINY_PIXELS = 32 * 32
+#: Smaller images are not searched (see the module docstring). Measured on a corpus
+#: photo cut to 16-96 px squares: under 64 px a side the score jumps about between
+#: qualities (at 32 and 48 px: 16, 26, 45, 48 for q50, q75, q90, q95; the coarsest of
+#: the metric's six scales are a pixel or two) and q95 costs 0.1-0.9 KB more than q50;
+#: from 64 px on it rises with quality as on large photos.
+TINY_PIXELS = 64 * 64
 #: Frames of an animation scored per probe (the worst of them is its score).
 ANIMATION_FRAMES_SCORED = 8
 #: The near-lossless level tried for drawn images (libwebp: 100 off, 0 most).
 NEAR_LOSSLESS_LEVEL = 60
 
-#: (SSIMULACRA 2 score, the mean quality that reaches it) on the corpus photos at
-#: effort 4, measured by ``bench/quality.py --calibrate``; interpolated between.
+#: (SSIMULACRA 2 score, the mean lowest quality that reaches it) on corpus photos shrunk
+#: to 1024 px, effort 4, measured by ``bench/quality.py --calibrate`` (6 photos; 90 is
+#: reached by 3 of them, at q96.7 on average); interpolated between, extrapolated out.
 START_QUALITY: tuple[tuple[float, float], ...] = (
-    (60.0, 50.0),
-    (70.0, 68.0),
-    (75.0, 76.0),
-    (80.0, 84.0),
-    (85.0, 91.0),
-    (90.0, 97.0),
+    (60.0, 52.5),
+    (65.0, 57.8),
+    (70.0, 71.0),
+    (75.0, 80.2),
+    (80.0, 85.8),
+    (85.0, 92.2),
+    (90.0, 96.7),
 )
 
 
