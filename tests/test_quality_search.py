@@ -447,3 +447,23 @@ def test_animated_gif_meets_the_target_on_every_frame(tmp_path: Path) -> None:
         ref = np.ascontiguousarray(src_px[i * 96 : (i + 1) * 96, :, :3])
         dist = np.ascontiguousarray(out_px[i * 96 : (i + 1) * 96, :, :3])
         assert metric_score(ref, dist) >= 70.0
+
+
+@needs_libwebp
+@pytest.mark.parametrize("orientation", [3, 6])
+def test_search_scores_the_image_as_displayed(tmp_path: Path, orientation: int) -> None:
+    from PIL import ImageOps
+
+    stored = Image.fromarray(smooth_photo(320, 240, seed=11))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "rotated.jpg"
+    stored.save(path, quality=95, exif=exif.tobytes())
+    with Image.open(path) as im:
+        shown = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+    out = encode_webp(str(path), EncodeOptions(target_score=78.0))
+    pixels = decoded(out.webp)
+    assert pixels.shape == shown.shape
+    assert out.facts.score is not None
+    assert metric_score(shown, pixels) == pytest.approx(out.facts.score, abs=0.01)
+    assert out.facts.score >= 78.0
