@@ -467,3 +467,46 @@ def test_search_scores_the_image_as_displayed(tmp_path: Path, orientation: int) 
     assert out.facts.score is not None
     assert metric_score(shown, pixels) == pytest.approx(out.facts.score, abs=0.01)
     assert out.facts.score >= 78.0
+
+
+@needs_libwebp
+@pytest.mark.parametrize(
+    "name",
+    [
+        "adobergb-a98.jpg",
+        "displayp3.png",
+        "grayscale_gray-gamma22-icc.jpg",
+        "16bit-rgba_watermark.png",
+        "cmyk_orientation6.jpg",
+    ],
+)
+def test_corpus_colour_cases_meet_the_target_or_say_so(corpus: Path, name: str) -> None:
+    path = corpus / "color" / name
+    out = encode_webp(str(path), EncodeOptions(target_score=80.0, max_width=400, max_height=400))
+    facts = out.facts
+    assert facts.chosen is not None and facts.probes <= PROBE_BUDGET + 2
+    if facts.score is not None:
+        assert facts.score >= 80.0 or any(w.startswith("target score:") for w in facts.warnings)
+
+
+@needs_libwebp
+def test_a_kept_wide_gamut_profile_is_scored_in_srgb(corpus: Path) -> None:
+    from PIL import ImageCms
+
+    path = corpus / "color" / "displayp3.png"
+    options = EncodeOptions(target_score=80.0, max_width=400, max_height=400)
+    out = encode_webp(str(path), options)
+    assert out.facts.icc_kept  # the output keeps Display P3: the scoring converts
+    exact = encode_webp(str(path), EncodeOptions(lossless=True, max_width=400, max_height=400))
+    srgb = ImageCms.createProfile("sRGB")
+
+    def to_srgb(webp: bytes) -> np.ndarray:
+        with Image.open(io.BytesIO(webp)) as im:
+            profile = ImageCms.ImageCmsProfile(io.BytesIO(im.info["icc_profile"]))
+            rgb = im.convert("RGB")
+            return np.asarray(ImageCms.profileToProfile(rgb, profile, srgb, renderingIntent=1))
+
+    score = metric_score(to_srgb(exact.webp), to_srgb(out.webp))
+    assert out.facts.score is not None
+    assert score == pytest.approx(out.facts.score, abs=1.0)
+    assert score >= 79.5
