@@ -331,11 +331,14 @@ def test_target_score_changes_the_fingerprint_and_defaults_do_not() -> None:
     plain = RunConfig(src=Path("a"), dest=Path("b"))
     searched = RunConfig(src=Path("a"), dest=Path("b"), encode=EncodeOptions(target_score=80.0))
     assert options_fingerprint(plain) != options_fingerprint(searched)
-    # The fingerprint of a default run is what it was before these options existed.
+    # The search's range shapes nothing without a target: no file is redone for it.
+    ranged = EncodeOptions(min_quality=30, max_quality=90)
     assert options_fingerprint(plain) == options_fingerprint(
-        RunConfig(
-            src=Path("a"), dest=Path("b"), encode=EncodeOptions(min_quality=50, max_quality=95)
-        )
+        RunConfig(src=Path("a"), dest=Path("b"), encode=ranged)
+    )
+    narrower = EncodeOptions(target_score=80.0, max_quality=90)
+    assert options_fingerprint(searched) != options_fingerprint(
+        RunConfig(src=Path("a"), dest=Path("b"), encode=narrower)
     )
 
 

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -276,10 +277,8 @@ def looks_drawn(pixels: np.ndarray) -> Content:
 def _to_numpy(image: Any) -> np.ndarray:
     import numpy as np
 
-    data = image.write_to_memory()
-    return np.ndarray(
-        buffer=data, dtype=np.uint8, shape=(image.height, image.width, image.bands)
-    ).copy()
+    data = image.write_to_memory()  # read-only, as the metric only reads
+    return np.frombuffer(data, dtype=np.uint8).reshape(image.height, image.width, image.bands)
 
 
 def _displayed(image: Any, profile: bytes | None) -> Any:
@@ -349,7 +348,9 @@ def search_image(
     target = options.target_score
     assert target is not None, "search_image needs a target score"
     phases = phases if phases is not None else Phases()
+    started = time.perf_counter()
     rendered = image.copy_memory()  # decoded once; every probe encodes these pixels
+    phases.decode += time.perf_counter() - started
     frame_height = page_height if page_height is not None else rendered.height
     animated = frame_height != rendered.height
     profile = _foreign_profile(rendered)
