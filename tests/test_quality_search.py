@@ -20,7 +20,7 @@ import pytest
 import pyvips
 from PIL import Image
 
-from conftest import photo_array, save_png
+from conftest import photo_array, save_jpeg, save_png
 from optimizr.config import EncodeOptions
 from optimizr.encode import encode_webp
 from optimizr.errors import UsageError
@@ -513,3 +513,19 @@ def test_a_kept_wide_gamut_profile_is_scored_in_srgb(corpus: Path) -> None:
     assert out.facts.score is not None
     assert score == pytest.approx(out.facts.score, abs=1.0)
     assert score >= 79.5
+
+
+@needs_libwebp
+def test_unreachable_target_end_to_end_is_flagged_in_the_summary(
+    cli: Callable[..., Any], tmp_path: Path
+) -> None:
+    src = tmp_path / "src"
+    # A small JPEG: lossless would be larger than it, so the fallback is --max-quality.
+    save_jpeg(src / "p.jpg", photo_array(256, 192, seed=12), quality=70)
+    dest = tmp_path / "dest"
+    result = cli("convert", src, dest, "--target-score", "99", "--if-larger", "write", "-Q")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((dest / "optimizr-summary.json").read_text())
+    assert summary["quality_search"]["unreachable"] == 1
+    assert summary["quality_search"]["chosen_quality"]["counts"] == [[95, 1]]
+    assert summary["files"]["warned_by_kind"] == {"target score": 1}
