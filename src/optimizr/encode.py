@@ -23,7 +23,7 @@ import os
 import struct
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyvips
 
@@ -47,6 +47,9 @@ from optimizr.libwebp import load as load_libwebp
 from optimizr.sniff import HEAD_SIZE, Sniffed, sniff_bytes, sniff_file
 from optimizr.webp_writer import Phases, oriented_size, orients_in_planes
 from optimizr.webp_writer import encode as libwebp_encode
+
+if TYPE_CHECKING:
+    from optimizr.quality_search import SearchOutcome
 
 Source = str | bytes
 
@@ -209,6 +212,11 @@ def _convert_all(
     warnings: list[str] = []
     if loaded.search is not None and loaded.search.warning:
         warnings.append(loaded.search.warning)
+    elif options.target_score is not None and loaded.search is None:
+        warnings.append(
+            f"target score: libwebp's binding does not load here, so no search: "
+            f"encoded at --quality {options.quality}"
+        )
     if loaded.pages > 1 and options.pages == "all":
         more_pages.extend(
             _convert(source, sniffed, options, fail_on, None, page)[2]
@@ -363,8 +371,8 @@ class _Loaded:
     pages: int = 1
     #: The EXIF orientation the encoder still has to apply (1: the image is upright).
     orientation: int = 1
-    #: What --target-score's search chose (quality_search.SearchOutcome).
-    search: Any = None
+    #: What --target-score's search chose.
+    search: SearchOutcome | None = None
 
 
 def _load(
@@ -615,11 +623,7 @@ _WEBP_MAX_LOOP = 65535
 def _save(
     image: Any, options: EncodeOptions, clock: _PhaseClock | None = None, orientation: int = 1
 ) -> bytes:
-    if _pages(image) > 1 and image.get_typeof("loop") and int(image.get("loop")) > _WEBP_MAX_LOOP:
-        # WebP stores 16 bits of loop count; libvips writes anything larger
-        # as 0, which means "forever". A finite animation must stay finite.
-        image = image.copy()
-        image.set_type(pyvips.GValue.gint_type, "loop", _WEBP_MAX_LOOP)
+    image = _with_webp_loop(image)
     lib = encoder_for(options)
     if lib is not None:
         phases = Phases()
@@ -640,7 +644,7 @@ def _save(
 
 def _search(
     image: Any, options: EncodeOptions, clock: _PhaseClock | None, orientation: int, bytes_in: int
-) -> Any:
+) -> SearchOutcome:
     """--target-score: the smallest candidate that meets it (optimizr.quality_search)."""
     from optimizr.quality_search import search_image
 
@@ -661,7 +665,7 @@ def _search(
     return outcome
 
 
-def _search_facts(outcome: Any) -> dict[str, Any]:
+def _search_facts(outcome: SearchOutcome | None) -> dict[str, Any]:
     if outcome is None:
         return {}
     chosen = outcome.chosen
