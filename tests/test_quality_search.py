@@ -529,3 +529,10 @@ def test_unreachable_target_end_to_end_is_flagged_in_the_summary(
     assert summary["quality_search"]["unreachable"] == 1
     assert summary["quality_search"]["chosen_quality"]["counts"] == [[95, 1]]
     assert summary["files"]["warned_by_kind"] == {"target score": 1}
+
+
+def test_an_unknown_quality_level_is_a_usage_error(cli: Callable[..., Any], tmp_path: Path) -> None:
+    (tmp_path / "src").mkdir()
+    result = cli("convert", tmp_path / "src", tmp_path / "dest", "--quality", "best")
+    assert result.exit_code == 2
+    assert "neither a quality 0-100 nor a level (auto, high, visually-lossless)" in result.output

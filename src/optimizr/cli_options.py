@@ -103,7 +103,11 @@ class QualityType(click.ParamType[Any, Any]):
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if isinstance(value, str) and value.strip().lower() in QUALITY_LEVELS:
             return value.strip().lower()
-        return click.IntRange(0, 100).convert(value, param, ctx)
+        try:
+            return click.IntRange(0, 100).convert(value, param, ctx)
+        except click.BadParameter:
+            levels = ", ".join(QUALITY_LEVELS)
+            self.fail(f"{value!r} is neither a quality 0-100 nor a level ({levels})", param, ctx)
 
 
 #: Every option of ``optimizr convert``, in the order ``--help`` lists them.
@@ -112,7 +116,7 @@ OPTIONS: tuple[Opt, ...] = (
     Opt(("--quality", "-q"), "quality", "encode",
         "Lossy quality (libwebp -q), or a level each image is searched for: auto "
         "(--target-score 75), high (80), visually-lossless (85).",
-        80, QualityType()),
+        80, QualityType(), metavar="N|LEVEL"),
     Opt(("--target-score",), "target_score", "encode",
         "Per image the smallest output whose SSIMULACRA 2 score is at least S "
         "(lossy quality searched, or lossless when smaller).",
