@@ -222,6 +222,19 @@ def test_tiny_image_is_not_searched() -> None:
 
 
 @needs_libwebp
+@pytest.mark.parametrize("size", [(5000, 3), (4, 2000)])
+def test_a_strip_too_narrow_for_the_metric_is_tiny(size: tuple[int, int]) -> None:
+    from optimizr import ssimulacra2
+    from optimizr.quality_search import MIN_SIDE
+
+    assert MIN_SIDE == ssimulacra2.MIN_SIDE
+    assert LIB is not None
+    width, height = size
+    out = search_image(LIB, vips_image(photo_array(width, height)), EncodeOptions(target_score=80))
+    assert out.stop == "tiny"
+
+
+@needs_libwebp
 def test_flat_image_is_one_lossless_encode() -> None:
     assert LIB is not None
     flat = np.full((300, 400, 3), (12, 200, 99), dtype=np.uint8)

@@ -28,7 +28,8 @@ meets the target: it is exact) and near-lossless, and the smallest candidate
 that meets the target is kept. The lossy search stops as soon as a failing
 probe is already larger than the lossless file (passing ones would be larger).
 
-Guards: a tiny image (fewer than :data:`TINY_PIXELS`) is not searched: the
+Guards: a tiny image (fewer than :data:`TINY_PIXELS`, or a side under
+:data:`MIN_SIDE`) is not searched: the
 metric's scores are erratic there and the bytes are a container's; it is
 written at ``--max-quality`` or lossless, whichever is smaller. A flat image
 (one colour) is written lossless. A target no quality reaches is met lossless
@@ -72,6 +73,10 @@ TOLERANCE = 1.0
 #: the metric's six scales are a pixel or two) and q95 costs 0.1-0.9 KB more than q50;
 #: from 64 px on it rises with quality as on large photos.
 TINY_PIXELS = 64 * 64
+#: The metric needs this many pixels on either side (its tool refuses fewer): a
+#: narrower image is treated as tiny. ssimulacra2.MIN_SIDE, not imported from it:
+#: that would load numpy into every process that reads results.
+MIN_SIDE = 8
 #: Frames of an animation scored per probe (the worst of them is its score).
 ANIMATION_FRAMES_SCORED = 8
 #: The near-lossless level tried for drawn images (libwebp: 100 off, 0 most).
@@ -319,13 +324,10 @@ def _matched(reference: np.ndarray, distorted: np.ndarray) -> np.ndarray:
 
 def default_scorer() -> Scorer:
     """SSIMULACRA 2.1 of :mod:`optimizr.ssimulacra2`: its reference side built once."""
-    import importlib
-
-    metric = importlib.import_module("optimizr.ssimulacra2")
+    from optimizr import ssimulacra2
 
     def build(pixels: np.ndarray) -> ScoreFn:
-        score: ScoreFn = metric.Reference(pixels).score
-        return score
+        return ssimulacra2.Reference(pixels).score
 
     return build
 
@@ -377,7 +379,8 @@ def search_image(
         return Probe("lossless", None, encoded(dataclasses.replace(fixed, lossless=True)), 100.0)
 
     frame_h, frame_w = reference_pixels.shape[0], reference_pixels.shape[1]
-    if frame_w * (frame_height if animated else frame_h) < TINY_PIXELS:
+    shown_h = frame_height if animated else frame_h
+    if frame_w * shown_h < TINY_PIXELS or min(frame_w, shown_h) < MIN_SIDE:
         lossy = Probe(
             "lossy", options.max_quality, _at(encoded, fixed, options.max_quality), math.nan
         )
