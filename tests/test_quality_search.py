@@ -548,4 +548,5 @@ def test_an_unknown_quality_level_is_a_usage_error(cli: Callable[..., Any], tmp_
     (tmp_path / "src").mkdir()
     result = cli("convert", tmp_path / "src", tmp_path / "dest", "--quality", "best")
     assert result.exit_code == 2
-    assert "neither a quality 0-100 nor a level (auto, high, visually-lossless)" in result.output
+    assert "'best' is not a valid integer" in result.output
+    assert "(or a level: auto, high, visually-lossless)" in result.output

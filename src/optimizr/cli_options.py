@@ -105,9 +105,9 @@ class QualityType(click.ParamType[Any, Any]):
             return value.strip().lower()
         try:
             return click.IntRange(0, 100).convert(value, param, ctx)
-        except click.BadParameter:
+        except click.BadParameter as exc:
             levels = ", ".join(QUALITY_LEVELS)
-            self.fail(f"{value!r} is neither a quality 0-100 nor a level ({levels})", param, ctx)
+            self.fail(f"{exc.message.rstrip('.')} (or a level: {levels})", param, ctx)
 
 
 #: Every option of ``optimizr convert``, in the order ``--help`` lists them.
