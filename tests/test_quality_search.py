@@ -550,3 +550,25 @@ def test_an_unknown_quality_level_is_a_usage_error(cli: Callable[..., Any], tmp_
     assert result.exit_code == 2
     assert "'best' is not a valid integer" in result.output
     assert "(or a level: auto, high, visually-lossless)" in result.output
+
+
+@needs_libwebp
+def test_a_screenshot_smaller_lossless_than_any_lossy_costs_at_most_one_score() -> None:
+    assert LIB is not None
+    calls: list[int] = []
+
+    def counting(reference: np.ndarray) -> Callable[[np.ndarray], float]:
+        score = psnr_scorer(reference)
+
+        def scored(distorted: np.ndarray) -> float:
+            calls.append(1)
+            return score(distorted)
+
+        return scored
+
+    options = EncodeOptions(target_score=80.0)
+    outcome = search_image(LIB, vips_image(screenshot_array()), options, scorer=counting)
+    assert outcome.chosen.mode == "lossless" and outcome.stop == "lossless-smaller"
+    # Lossless, near-lossless (scored only if smaller) and one unscored lossy encode at
+    # --min-quality, which shows that no lossy probe can be smaller.
+    assert len(calls) <= 1 and outcome.probes == 3

@@ -25,8 +25,10 @@ costs a probe or two, never a miss.
 Lossless when it wins: an image that looks drawn (few colours, large flat
 areas, much transparency; :func:`looks_drawn`) is also encoded lossless (always
 meets the target: it is exact) and near-lossless, and the smallest candidate
-that meets the target is kept. The lossy search stops as soon as a failing
-probe is already larger than the lossless file (passing ones would be larger).
+that meets the target is kept. A score costs several encodes, so what cannot win
+is not scored: a near-lossless file no smaller than the lossless one, and any
+lossy probe when even ``--min-quality`` is larger than the lossless file; the
+lossy search stops as soon as a failing probe is larger than it.
 
 Guards: a tiny image (fewer than :data:`TINY_PIXELS`, or a side under
 :data:`MIN_SIDE`) is not searched: the
@@ -410,13 +412,20 @@ def search_image(
     if content.drawn:
         exact = lossless()
         candidates.append(exact)
-        near = dataclasses.replace(fixed, near_lossless=NEAR_LOSSLESS_LEVEL)
-        candidates.append(scored("near-lossless", NEAR_LOSSLESS_LEVEL, encoded(near)))
+        near = encoded(dataclasses.replace(fixed, near_lossless=NEAR_LOSSLESS_LEVEL))
+        if len(near) < len(exact.webp):  # else it cannot win: not worth a score
+            candidates.append(scored("near-lossless", NEAR_LOSSLESS_LEVEL, near))
     passing_bytes = min((len(p.webp) for p in candidates if p.score >= target), default=None)
 
     def lossy_probe(quality: int) -> Probe:
         return scored("lossy", quality, _at(encoded, fixed, quality))
 
+    if passing_bytes is not None and len(_at(encoded, fixed, options.min_quality)) >= passing_bytes:
+        # Even the lowest quality is larger than a candidate that passes: no lossy
+        # probe can win (sizes grow with quality), and an encode costs a fraction
+        # of a score. Screenshots and logos end here, lossless.
+        chosen = min((p for p in candidates if p.score >= target), key=_size)
+        return SearchOutcome(chosen, made, "lossless-smaller", drawn=True)
     probes, stop = search_lossy(
         lossy_probe, target, options.min_quality, options.max_quality, larger_than=passing_bytes
     )
