@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 import numpy as np
 import numpy.typing as npt
@@ -182,34 +183,52 @@ class _RecursiveGaussian:
         ]
 
     def _pair_sums(self, x: Floats) -> Floats:
-        """x[n-N-1] + x[n+N-1] for n = -N+1 .. L-1 (zero outside), float32."""
+        """x[n-N-1] + x[n+N-1] for n = -N+1 .. L-1 (zero outside), float32; row n+N-1."""
         n = self.radius
         length = x.shape[0]
-        padded = np.zeros((length + 3 * n, *x.shape[1:]), dtype=np.float32)
-        padded[2 * n : 2 * n + length] = x
         steps = length + n - 1
-        return padded[:steps] + padded[2 * n : 2 * n + steps]
+        sums = np.empty((steps, *x.shape[1:]), dtype=np.float32)
+        sums[:length] = x  # x[n+N-1], inside for every row < L
+        sums[length:] = 0.0
+        if steps > 2 * n:
+            sums[2 * n :] += x[: steps - 2 * n]  # x[n-N-1]
+        return sums
 
-    def vertical(self, x: Floats) -> Floats:
-        """Along axis 0 of (L, M): libjxl's VerticalStrip, one FMA step per row."""
+    def vertical(self, x: Floats, chunk: int = 32) -> Floats:
+        """Along axis 0 of (L, M): libjxl's VerticalStrip, one FMA step per row.
+
+        MulAdd(n2, sum, NegMulSub(d1, y[n-1], y[n-2])): the inner part rounded
+        to float32, then the fused add of n2 * sum rounded again. The state is
+        kept in float64 holding float32 values, so every step is same-type
+        numpy operations over all columns of all planes.
+        """
         n = self.radius
         sums = self._pair_sums(x)
-        steps = sums.shape[0]
-        n2s = np.multiply(sums[:, None, :], self.n2, dtype=np.float64)
-        y = np.zeros((steps + 2, 3, x.shape[1]), dtype=np.float32)
-        neg_d1 = self.neg_d1
-        inner = np.empty((3, x.shape[1]), dtype=np.float64)
-        inner32 = np.empty((3, x.shape[1]), dtype=np.float32)
-        for i in range(steps):
-            # MulAdd(n2, sum, NegMulSub(d1, y[n-1], y[n-2])): two roundings.
-            np.multiply(y[i + 1], neg_d1, out=inner)
-            np.subtract(inner, y[i], out=inner)
-            np.copyto(inner32, inner, casting="same_kind")
-            np.add(n2s[i], inner32, out=inner)
-            np.copyto(y[i + 2], inner, casting="same_kind")
-        out = y[n + 1 :]
-        summed: Floats = out[:, 0] + (out[:, 1] + out[:, 2])
-        return summed
+        steps, cols = sums.shape
+        out: Floats = np.empty((steps, cols), dtype=np.float32)
+        prev = np.zeros((3, cols))
+        prev2 = np.zeros((3, cols))
+        acc = np.empty((3, cols))
+        acc32 = np.empty((3, cols), dtype=np.float32)
+        n2s = np.empty((chunk, 3, cols))
+        ys = np.empty((chunk, 3, cols), dtype=np.float32)
+        for start in range(0, steps, chunk):
+            stop = min(steps, start + chunk)
+            np.multiply(sums[start:stop, None, :], self.n2, out=n2s[: stop - start])
+            for i in range(stop - start):
+                np.multiply(prev, self.neg_d1, out=acc)
+                acc -= prev2
+                np.copyto(acc32, acc, casting="same_kind")
+                np.copyto(acc, acc32)
+                acc += n2s[i]
+                np.copyto(ys[i], acc, casting="same_kind")
+                prev2, prev = prev, prev2
+                np.copyto(prev, ys[i])
+            done = ys[: stop - start]
+            # Add(y1, Add(y3, y5)), as the tool sums its resonators.
+            np.add(done[:, 1], done[:, 2], out=out[start:stop])
+            out[start:stop] += done[:, 0]
+        return out[n - 1 :]
 
     def horizontal(self, x: Floats) -> Floats:
         """Along axis 0 of (L, M): libjxl's FastGaussian1D, in blocks of four steps."""
@@ -237,16 +256,42 @@ class _RecursiveGaussian:
             single(n)
             n += 1
         shifted = self.mul_in_shifted
-        while n < length - n_r + 1 - 3:
-            base = n + n_r - 1
-            o = np.multiply(sums[base], shifted[0], dtype=np.float32)
-            for q in (1, 2, 3):
-                o = _fma(sums[base + q], shifted[q], o)
-            o = _fma(prev2, self.mul_prev2, o)
-            o = _fma(prev, self.mul_prev, o)
-            prev2, prev = o[2], o[3]
-            out[n : n + 4] = o[:, 0] + (o[:, 1] + o[:, 2])
-            n += 4
+        if n < length - n_r + 1 - 3:
+            # The state in float64 holding float32 values; same-type operations
+            # into preallocated buffers, one rounding per FMA as in libjxl.
+            inputs = np.empty((4, cols))
+            first32 = shifted[0].astype(np.float32)
+            acc = np.empty((4, 3, cols))
+            acc32 = np.empty((4, 3, cols), dtype=np.float32)
+            term = np.empty((4, 3, cols))
+            before = prev.astype(np.float64)
+            before2 = prev2.astype(np.float64)
+            while n < length - n_r + 1 - 3:
+                base = n + n_r - 1
+                np.multiply(sums[base], first32, out=acc32)
+                np.copyto(acc, acc32)
+                np.copyto(inputs, sums[base : base + 4])
+                for q in (1, 2, 3):
+                    # Input q reaches lanes q..3 only (the others add 0).
+                    part = term[q:]
+                    np.multiply(shifted[q][q:], inputs[q], out=part)
+                    part += acc[q:]
+                    np.copyto(acc32[q:], part, casting="same_kind")
+                    np.copyto(acc[q:], acc32[q:])
+                np.multiply(self.mul_prev2, before2, out=term)
+                term += acc
+                np.copyto(acc32, term, casting="same_kind")
+                np.copyto(acc, acc32)
+                np.multiply(self.mul_prev, before, out=term)
+                term += acc
+                np.copyto(acc32, term, casting="same_kind")
+                np.copyto(before2, acc32[2])
+                np.copyto(before, acc32[3])
+                rows = out[n : n + 4]
+                np.add(acc32[:, 1], acc32[:, 2], out=rows)
+                rows += acc32[:, 0]
+                n += 4
+            prev, prev2 = before.astype(np.float32), before2.astype(np.float32)
         while n < length:
             single(n)
             n += 1
@@ -256,9 +301,26 @@ class _RecursiveGaussian:
         """(H, W, C) planes blurred as the tool does: horizontal pass, then vertical."""
         h, w, c = planes.shape
         rows = np.ascontiguousarray(planes.transpose(1, 0, 2)).reshape(w, h * c)
-        across = self.horizontal(rows).reshape(w, h, c)
+        across = _in_tiles(self.horizontal, rows).reshape(w, h, c)
+        del rows
         down = np.ascontiguousarray(across.transpose(1, 0, 2)).reshape(h, w * c)
-        return self.vertical(down).reshape(h, w, c)
+        del across
+        return _in_tiles(self.vertical, down).reshape(h, w, c)
+
+
+# Columns per tile of a recursive pass: the recursions are independent across
+# columns, so a wide image is done a tile at a time and the pass's own arrays
+# (pair sums, resonator outputs) stay a few tiles' worth, not the whole image.
+_TILE_COLUMNS = 8192
+
+
+def _in_tiles(recursion: Callable[[Floats], Floats], x: Floats) -> Floats:
+    if x.shape[1] <= _TILE_COLUMNS:
+        return recursion(x)
+    out = np.empty_like(x)
+    for start in range(0, x.shape[1], _TILE_COLUMNS):
+        out[:, start : start + _TILE_COLUMNS] = recursion(x[:, start : start + _TILE_COLUMNS])
+    return out
 
 
 def _srgb_to_linear(encoded: Floats) -> Floats:
@@ -339,11 +401,28 @@ def _cube_root_and_add(x: Floats, add: np.float32) -> Floats:
 
 def _to_xyb(linear: Floats) -> Floats:
     """Linear sRGB -> XYB moved into 0..1, in libjxl's float32 operations
-    (enc_xyb.cc LinearRGBToXYB, then ssimulacra2's MakePositiveXYB)."""
-    red, green, blue = linear[..., 0], linear[..., 1], linear[..., 2]
+    (enc_xyb.cc LinearRGBToXYB, then ssimulacra2's MakePositiveXYB).
+
+    Done in bands of rows: the forty-odd elementwise passes then run on
+    temporaries that stay in the CPU cache.
+    """
+    out = np.empty_like(linear)
+    height, width = linear.shape[:2]
+    band = max(1, _BAND_PIXELS // width)
+    for top in range(0, height, band):
+        out[top : top + band] = _xyb_band(linear[top : top + band])
+    return out
+
+
+def _xyb_band(linear: Floats) -> Floats:
     mixed = []
     for row in _OPSIN:
-        m = _fma(red, row[0], _fma(green, row[1], _fma(blue, row[2], _OPSIN_BIAS)))
+        # MulAdd(m0, r, MulAdd(m1, g, MulAdd(m2, b, bias))), clamped at 0.
+        m = _fma(
+            linear[..., 0],
+            row[0],
+            _fma(linear[..., 1], row[1], _fma(linear[..., 2], row[2], _OPSIN_BIAS)),
+        )
         np.maximum(m, _F(0.0), out=m)
         mixed.append(_cube_root_and_add(m, _NEG_BIAS_CBRT))
     lum, med, short = mixed
@@ -356,31 +435,148 @@ def _to_xyb(linear: Floats) -> Floats:
     return out
 
 
+# Pixels per band of the elementwise colour conversion (a few hundred KB of temporaries).
+_BAND_PIXELS = 65536
+
+
 _GAUSSIAN = _RecursiveGaussian(_SIGMA)
 
 
+def _scale_count(height: int, width: int) -> int:
+    """How many scales the tool computes: it checks the size of the previous
+    scale before halving, so the last one can be under 8 px (ssimulacra2.cc)."""
+    count = 0
+    for index in range(_SCALES):
+        if height < MIN_SIDE or width < MIN_SIDE:
+            break
+        if index:
+            height, width = (height + 1) // 2, (width + 1) // 2
+        count += 1
+    return count
+
+
+def _weighted_channels(scales: int) -> list[tuple[list[int], list[int]]]:
+    """Per scale, the channels whose maps carry a weight: (any map, the SSIM map).
+
+    A third of the 108 weights are exactly zero (at 1:1, X and B have no SSIM
+    weight), so their blurs and maps are skipped: the score is the same number,
+    those terms being multiplied by 0. With fewer than six scales the tool takes
+    the weights in sequence (_final_score), hence the index formula.
+    """
+    used = []
+    for scale in range(scales):
+
+        def weights(channel: int, kind: int, scale: int = scale) -> npt.NDArray[np.float64]:
+            first = (channel * scales + scale) * 6 + kind
+            return _WEIGHTS[[first, first + 3]]  # 1-norm and 4-norm
+
+        ssim = [c for c in range(3) if weights(c, 0).any()]
+        edges = [c for c in range(3) if weights(c, 1).any() or weights(c, 2).any()]
+        used.append((sorted(set(ssim) | set(edges)), ssim))
+    return used
+
+
+def _channels(channels: list[int]) -> slice | list[int]:
+    """A slice when the channels are consecutive (a view, not a copy)."""
+    if channels and channels == list(range(channels[0], channels[-1] + 1)):
+        return slice(channels[0], channels[-1] + 1)
+    return channels
+
+
+def _stacked(means: Floats, ssim: Floats, ssim_ref: Floats | None = None) -> Floats:
+    """The planes to blur, side by side: x, x^2 of the SSIM channels, and
+    x * x_ref of those when there is a reference to correlate with."""
+    k, s = means.shape[-1], ssim.shape[-1]
+    parts = 2 if ssim_ref is None else 3
+    stack = np.empty((*means.shape[:-1], k + (parts - 1) * s), dtype=np.float32)
+    stack[..., :k] = means
+    np.multiply(ssim, ssim, out=stack[..., k : k + s])
+    if ssim_ref is not None:
+        np.multiply(ssim_ref, ssim, out=stack[..., k + s :])
+    return stack
+
+
 class _Scale:
-    """The original's side of one scale: XYB, its local mean and variance, its edges."""
+    """The original's side of one scale: XYB, local means and variances, edges,
+    for the channels that carry a weight at this scale."""
 
-    __slots__ = ("detail", "mu", "variance", "xyb")
+    __slots__ = ("edge", "means", "mu", "mu_ssim", "ssim", "ssim_at", "variance", "xyb", "xyb_ssim")
 
-    def __init__(self, xyb: Floats) -> None:
-        self.xyb = xyb
-        blurred = _GAUSSIAN.blur(np.concatenate([xyb, xyb * xyb], axis=2))
-        self.mu = blurred[..., :3]
-        self.variance = blurred[..., 3:] - self.mu * self.mu
-        # 1 + |x - mu| in double, as the tool's edge map takes it.
-        self.detail = np.abs(xyb - self.mu).astype(np.float64) + 1.0
+    def __init__(self, xyb: Floats, means: list[int], ssim: list[int]) -> None:
+        self.means, self.ssim = means, ssim
+        self.ssim_at = _channels([means.index(c) for c in ssim])  # SSIM channels among the means
+        self.xyb = xyb[..., _channels(means)]
+        self.xyb_ssim = xyb[..., _channels(ssim)]
+        blurred = _GAUSSIAN.blur(_stacked(self.xyb, self.xyb_ssim))
+        k = len(means)
+        self.mu = np.ascontiguousarray(blurred[..., :k])
+        self.mu_ssim = self.mu[..., self.ssim_at]
+        self.variance = blurred[..., k:] - self.mu_ssim * self.mu_ssim
+        self.edge = np.abs(self.xyb - self.mu) + _F(1.0)
+
+    def errors(self, xyb: Floats) -> tuple[Floats, list[int], list[int]]:
+        """(H, W, |ssim| + 2 |means|) error maps of a distorted image's XYB at this scale:
+        1 - SSIM', then ringing, then blurring."""
+        one, c2 = _F(1.0), _F(_C2)
+        means, ssim = xyb[..., _channels(self.means)], xyb[..., _channels(self.ssim)]
+        k, s = len(self.means), len(self.ssim)
+        blurred = _GAUSSIAN.blur(_stacked(means, ssim, self.xyb_ssim))
+        mu = blurred[..., :k]
+        maps = np.empty((*xyb.shape[:2], s + 2 * k), dtype=np.float32)
+        if s:
+            # SSIM without its luminance denominator (the tool's SSIMMap), in
+            # float32 in the tool's order. The tool takes 1 - SSIM' in double;
+            # in float32 it is the same number (exact for SSIM' in 0.5..2).
+            mu1, mu2 = self.mu_ssim, mu[..., self.ssim_at]
+            num_m = mu1 - mu2
+            num_m *= num_m
+            np.subtract(one, num_m, out=num_m)
+            num_s = blurred[..., k + s :] - mu1 * mu2
+            num_s *= _F(2.0)
+            num_s += c2
+            denom_s = blurred[..., k : k + s] - mu2 * mu2
+            denom_s += self.variance
+            denom_s += c2
+            num_m *= num_s
+            num_m /= denom_s
+            error = maps[..., :s]
+            np.subtract(one, num_m, out=error)
+            np.maximum(error, _F(0.0), out=error)
+        # Edge ratio (1 + |x2 - mu2|) / (1 + |x1 - mu1|) - 1: > 0 where the
+        # distorted image has edges the original lacks (ringing, banding,
+        # blocking), < 0 where it lost them (blurring, smearing). float32
+        # here, double in the tool: a 1e-7 difference that no map amplifies.
+        ratio = np.abs(means - mu)
+        ratio += one
+        ratio /= self.edge
+        ratio -= one
+        artifact, lost = maps[..., s : s + k], maps[..., s + k :]
+        np.maximum(ratio, _F(0.0), out=artifact)
+        np.subtract(artifact, ratio, out=lost)
+        return maps, self.means, self.ssim
 
 
-def _norms(error: npt.NDArray[np.float64]) -> tuple[npt.NDArray[np.float64], ...]:
-    """Per-channel 1-norm and 4-norm (means over the pixels) of a non-negative map."""
-    pixels = error.shape[0] * error.shape[1]
-    flat = error.reshape(pixels, 3)
-    one = flat.sum(axis=0) / pixels
-    squared = flat * flat
-    four = np.sqrt(np.sqrt((squared * squared).sum(axis=0) / pixels))
-    return one, four
+def _pooled(maps: Floats) -> tuple[npt.NDArray[np.float64], ...]:
+    """1-norms and 4-norms (means over the pixels) of (H, W, K) non-negative maps.
+
+    Summed in double, as the tool does, by matrix-vector products with ones: one
+    pass over memory for all K columns (numpy's reduction along the pixel axis of
+    an (N, K) array accumulates row by row, several times slower); in bands, so
+    the double copy stays small.
+    """
+    flat = maps.reshape(-1, maps.shape[-1])
+    pixels = flat.shape[0]
+    ones = np.ones(min(pixels, _BAND_PIXELS))
+    one = np.zeros(flat.shape[1])
+    four = np.zeros(flat.shape[1])
+    for start in range(0, pixels, _BAND_PIXELS):
+        band = flat[start : start + _BAND_PIXELS].astype(np.float64)
+        weights = ones[: band.shape[0]]
+        one += weights @ band
+        np.multiply(band, band, out=band)
+        np.multiply(band, band, out=band)
+        four += weights @ band
+    return one / pixels, np.sqrt(np.sqrt(four / pixels))
 
 
 class _Pyramid:
@@ -389,41 +585,27 @@ class _Pyramid:
     def __init__(self, pixels: npt.NDArray[np.uint8], background: float | None) -> None:
         self.background = background
         self.scales: list[_Scale] = []
+        used = _weighted_channels(_scale_count(*pixels.shape[:2]))
         linear = _to_linear(pixels, background)
-        for index in range(_SCALES):
-            # The tool checks the size of the previous scale before halving, so
-            # the last scale it computes can be under 8 px (ssimulacra2.cc).
-            if linear.shape[0] < MIN_SIDE or linear.shape[1] < MIN_SIDE:
-                break
+        for index, (means, ssim) in enumerate(used):
             if index:
                 linear = _downsample(linear)
-            self.scales.append(_Scale(_to_xyb(linear)))
+            self.scales.append(_Scale(_to_xyb(linear), means, ssim))
 
     def score(self, distorted: npt.NDArray[np.uint8], background: float | None) -> float:
         linear = _to_linear(distorted, background)
         # values[channel, scale, norm, map]: the tool's order of the weights.
         values = np.zeros((3, len(self.scales), 2, 3), dtype=np.float64)
-        one, c2 = _F(1.0), _F(_C2)
         for index, ref in enumerate(self.scales):
             if index:
                 linear = _downsample(linear)
-            xyb = _to_xyb(linear)
-            blurred = _GAUSSIAN.blur(np.concatenate([xyb, xyb * xyb, ref.xyb * xyb], axis=2))
-            mu = blurred[..., :3]
-            # SSIM without its luminance denominator (see the tool's SSIMMap),
-            # float32 in the tool's order, 1 - SSIM' in double.
-            diff = ref.mu - mu
-            num_m = one - diff * diff
-            num_s = _F(2.0) * (blurred[..., 6:] - ref.mu * mu) + c2
-            denom_s = (ref.variance + (blurred[..., 3:6] - mu * mu)) + c2
-            error = 1.0 - ((num_m * num_s) / denom_s).astype(np.float64)
-            np.maximum(error, 0.0, out=error)
-            values[:, index, 0, 0], values[:, index, 1, 0] = _norms(error)
-            # > 0: edges the original lacks (ringing, banding, blocking);
-            # < 0: edges the distorted image lost (blurring, smearing).
-            ratio = (np.abs(xyb - mu).astype(np.float64) + 1.0) / ref.detail - 1.0
-            values[:, index, 0, 1], values[:, index, 1, 1] = _norms(np.maximum(ratio, 0.0))
-            values[:, index, 0, 2], values[:, index, 1, 2] = _norms(np.maximum(-ratio, 0.0))
+            maps, means, ssim = ref.errors(_to_xyb(linear))
+            ones, fours = _pooled(maps)
+            s, k = len(ssim), len(means)
+            values[ssim, index, 0, 0], values[ssim, index, 1, 0] = ones[:s], fours[:s]
+            ring, blur = slice(s, s + k), slice(s + k, s + 2 * k)
+            values[means, index, 0, 1], values[means, index, 1, 1] = ones[ring], fours[ring]
+            values[means, index, 0, 2], values[means, index, 1, 2] = ones[blur], fours[blur]
         return _final_score(values.reshape(-1))
 
 
