@@ -80,10 +80,11 @@ SAFETY = 1.05
 #: metric's reference side (XYB planes, means and variances at six scales, float32)
 #: and one probe's decoded pixels and error maps, on top of the candidate's encode.
 #: Measured by bench/calibrate_memory.py --measure target_score with the merged
-#: optimizr.ssimulacra2: 693 and 684 bytes per output pixel of growth at 2 and 6 MP,
-#: nearly all the metric's (its Reference alone 400, 700 while it scores). An
+#: optimizr.ssimulacra2 (its bounded-memory version): 195 and 187 bytes per output
+#: pixel of growth at 2 and 6 MP, most of it the metric's (the version before held
+#: 690: re-measure when the metric changes). An
 #: animation's metric planes are held for the frames scored only (at most 8).
-BYTES_PER_PIXEL_SEARCH = 720.0
+BYTES_PER_PIXEL_SEARCH = 200.0
 #: ... and per pixel of every frame: the rendered strip and one decoded probe.
 BYTES_PER_FRAME_PIXEL_SEARCH = 8.0
 #: The least share of its estimate an image was measured to need (bench-memory's
