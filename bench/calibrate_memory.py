@@ -20,6 +20,8 @@ Then converts each image in each mode --
   rgba_png         RGBA PNG, lossy (alpha kept)
   png16            16-bit RGB PNG, lossy
   gif              animated GIF, lossy
+  target_score     JPEG, --target-score 80 (the search of issue 14)
+  target_score_rgba  RGBA PNG, --target-score 80
 
 -- in a fresh Python process set up exactly as a worker is (glibc malloc tuned by
 ``optimizr.executors.worker.keep_heap_compact``, one libvips thread and no
@@ -66,6 +68,8 @@ MODES = (
     "rgba_png",
     "png16",
     "gif",
+    "target_score",
+    "target_score_rgba",
 )
 #: The image each mode converts: a kind of make_corpus.save_variant, or "gif".
 MODE_KIND = {
@@ -78,6 +82,8 @@ MODE_KIND = {
     "rgba_png": "rgba",
     "png16": "png16",
     "gif": "gif",
+    "target_score": "jpeg",
+    "target_score_rgba": "rgba",
 }
 MB = 1_000_000
 
@@ -93,6 +99,8 @@ def encode_options(mode: str) -> Any:
         return EncodeOptions(smart_subsample=True)
     if mode == "resize":
         return EncodeOptions(max_width=1024)
+    if mode.startswith("target_score"):  # the search of issue 14 (--quality high)
+        return EncodeOptions(target_score=80.0)
     return EncodeOptions()  # quality 80, effort 4
 
 

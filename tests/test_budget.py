@@ -301,3 +301,39 @@ def test_summary_reports_measured_memory_and_cpu(tmp_path: Path) -> None:
     assert 0 < summary.cpu["codec_cpu_seconds"] <= summary.cpu["workers_cpu_seconds"] * 1.05
     assert 0 <= summary.cpu["orchestration_share"] < 1
     assert summary.executor["started"] == 4 and summary.executor["crashed"] == 0
+
+
+def test_estimate_covers_the_quality_search(tmp_path: Path) -> None:
+    """--target-score holds the whole image and the metric's planes (issue 14): the
+    estimate must cover what a fresh worker-like process really grows by."""
+    import json
+    import subprocess
+    import sys
+
+    from optimizr.probe import probe
+
+    source = save_jpeg(tmp_path / "photo.jpg", photo_array(1200, 900, seed=3))
+    options = EncodeOptions(target_score=80.0)
+    bench = Path(__file__).resolve().parent.parent / "bench"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(bench / "calibrate_memory.py"),
+            "--measure",
+            str(source),
+            "target_score",
+        ],
+        cwd=bench,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    measured = json.loads(done.stdout)
+    growth = measured["high_water"] - measured["resident_before"]
+    header = probe(str(source))
+    assert header is not None
+    estimate = estimate_peak_bytes(header, options)
+    plain = estimate_peak_bytes(header, EncodeOptions())
+    assert growth <= estimate
+    # ... and the term is the search's: without it the estimate would not cover it.
+    assert plain < growth

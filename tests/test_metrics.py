@@ -734,3 +734,25 @@ def test_cpu_counters_are_read_for_the_given_cpus_only(tmp_path: Path) -> None:
     # A CPU the file does not list, or no file: nothing measured rather than a wrong figure.
     assert read_cpu_times(frozenset({0, 7}), stat) is None
     assert read_cpu_times(frozenset({0}), tmp_path / "missing") is None
+
+
+def test_metrics_count_what_the_quality_search_chose(
+    served: tuple[MetricsExporter, Callable[[str], tuple[int, str, bytes]]],
+) -> None:
+    import dataclasses
+
+    exporter, get_path = served
+    exporter.started(FakeRun())
+    base = facts("jpeg", 0.5, 1000, 400)
+    for chosen, probes in (("q72", 3), ("q80", 2), ("lossless", 4), ("near-lossless 60", 5)):
+        searched = dataclasses.replace(base, chosen=chosen, probes=probes)
+        exporter.finished(FileResult("x.jpg", "converted", None, "", "x.webp", 1000, 400, searched))
+    exporter.finished(FileResult("y.jpg", "converted", None, "", "y.webp", 1000, 400, base))
+    samples = parse(get_path("/metrics")[2].decode())
+    name = "optimizr_quality_search_images_total"
+    assert value(samples, name, kind="lossy") == 2
+    assert value(samples, name, kind="lossless") == 1
+    assert value(samples, name, kind="near_lossless") == 1
+    assert value(samples, "optimizr_quality_search_probes_count") == 4
+    assert value(samples, "optimizr_quality_search_probes_sum") == 14
+    assert value(samples, "optimizr_quality_search_probes_bucket", le="3.0") == 2

@@ -82,6 +82,17 @@ SAFETY = 1.05
 #: four): +34 MiB on 12.2 MP RGB, 2.9 bytes per pixel; rotated the same.
 TARGET_SIZE_BYTES_PER_BAND_PIXEL = 1.0
 TARGET_SIZE_FIXED = 2 << 20
+#: --target-score (issue 14): the search holds the image rendered whole, the
+#: metric's reference side (XYB planes, means and variances at six scales, float32)
+#: and one probe's decoded pixels and error maps, on top of the candidate's encode.
+#: Measured by bench/calibrate_memory.py --measure target_score with the merged
+#: optimizr.ssimulacra2 (its bounded-memory version): 195 and 187 bytes per output
+#: pixel of growth at 2 and 6 MP, most of it the metric's (the version before held
+#: 690: re-measure when the metric changes). An
+#: animation's metric planes are held for the frames scored only (at most 8).
+BYTES_PER_PIXEL_SEARCH = 200.0
+#: ... and per pixel of every frame: the rendered strip and one decoded probe.
+BYTES_PER_FRAME_PIXEL_SEARCH = 8.0
 #: The least share of its estimate an image was measured to need (bench-memory's
 #: big corpus, 34 images alone: 0.77-1.11 of the estimate; calibration: 0.58-0.99):
 #: an image is refused from its header only when even this much of its estimate
@@ -178,6 +189,8 @@ def estimate_peak_bytes(header: Header, options: EncodeOptions) -> int:
         else:
             need += BYTES_PER_PIXEL_RANDOM_ACCESS * header.bands / 3 * header.pixels
     need += _held_by_decoder(header) + _rendered_for_size(header, options, out_pixels)
+    if options.target_score is not None:
+        need += _held_by_search(out_w * out_h, header.frames)
     return int(need * SAFETY)
 
 
@@ -186,6 +199,15 @@ def _rendered_for_size(header: Header, options: EncodeOptions, out_pixels: int) 
     if options.target_size is None:
         return 0.0
     return TARGET_SIZE_FIXED + TARGET_SIZE_BYTES_PER_BAND_PIXEL * header.bands * out_pixels
+
+
+def _held_by_search(frame_pixels: int, frames: int) -> float:
+    from optimizr.quality_search import ANIMATION_FRAMES_SCORED
+
+    scored = min(frames, ANIMATION_FRAMES_SCORED)
+    return BYTES_PER_PIXEL_SEARCH * frame_pixels * scored + (
+        BYTES_PER_FRAME_PIXEL_SEARCH * frame_pixels * frames
+    )
 
 
 def _held_by_decoder(header: Header) -> float:

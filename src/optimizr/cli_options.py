@@ -26,6 +26,7 @@ import click
 from optimizr.config import (
     DEFAULT_MAX_PIXELS,
     PRESETS,
+    QUALITY_LEVELS,
     EncodeOptions,
     RunConfig,
     parse_metrics_label,
@@ -93,11 +94,37 @@ class Opt:
 
 _ALWAYS = click.IntRange(0)
 
+
+class QualityType(click.ParamType[Any, Any]):
+    """``--quality``: 0-100, or a level of :data:`~optimizr.config.QUALITY_LEVELS`."""
+
+    name = "0-100|" + "|".join(QUALITY_LEVELS)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and value.strip().lower() in QUALITY_LEVELS:
+            return value.strip().lower()
+        try:
+            return click.IntRange(0, 100).convert(value, param, ctx)
+        except click.BadParameter as exc:
+            levels = ", ".join(QUALITY_LEVELS)
+            self.fail(f"{exc.message.rstrip('.')} (or a level: {levels})", param, ctx)
+
+
 #: Every option of ``optimizr convert``, in the order ``--help`` lists them.
 OPTIONS: tuple[Opt, ...] = (
     # -- how each image is encoded (EncodeOptions: part of the options fingerprint)
-    Opt(("--quality", "-q"), "quality", "encode", "Lossy quality (libwebp -q).",
-        80, click.IntRange(0, 100)),
+    Opt(("--quality", "-q"), "quality", "encode",
+        "Lossy quality (libwebp -q), or a level each image is searched for: auto "
+        "(--target-score 75), high (80), visually-lossless (85).",
+        80, QualityType(), metavar="N|LEVEL"),
+    Opt(("--target-score",), "target_score", "encode",
+        "Per image the smallest output whose SSIMULACRA 2 score is at least S "
+        "(lossy quality searched, or lossless when smaller).",
+        None, click.FloatRange(0, 100, min_open=True), metavar="S"),
+    Opt(("--min-quality",), "min_quality", "encode",
+        "Lowest quality --target-score may choose.", 50, click.IntRange(0, 100)),
+    Opt(("--max-quality",), "max_quality", "encode",
+        "Highest quality --target-score may choose.", 95, click.IntRange(0, 100)),
     Opt(("--effort",), "effort", "encode",
         "CPU effort: 0 fastest, 6 smallest files (libwebp -m).", 4, click.IntRange(0, 6)),
     Opt(("--lossless",), "lossless", "encode", "Lossless WebP.", False, is_flag=True),
@@ -333,10 +360,24 @@ def build_configs(
         if value is not None and opt.parse is not None:
             value = opt.parse(value)
         values[opt.target][opt.field] = value
+    _apply_quality_level(values["encode"])
     encode = EncodeOptions(**values["encode"])
     run = RunConfig(src=src, dest=dest, encode=encode, **values["run"])
     console = ConsoleOptions(**values["console"], config_file=config_file)
     return run, console
+
+
+def _apply_quality_level(encode: dict[str, Any]) -> None:
+    """``--quality auto`` (a level's name) is ``--target-score`` of that level."""
+    level = encode.get("quality")
+    if not isinstance(level, str):
+        return
+    if encode.get("target_score") is not None:
+        raise UsageError(
+            f"--quality {level} is a target score: give it or --target-score, not both"
+        )
+    encode["target_score"] = QUALITY_LEVELS[level]
+    encode["quality"] = EncodeOptions.quality  # the lossless effort, as without a level
 
 
 # -- the config file -------------------------------------------------------------------------

@@ -66,9 +66,17 @@ class EncodeOptions:
     #: --target-size: each output at most this many bytes, at the best lossy quality
     #: that fits (size_target.py); --quality is then only where the search starts.
     target_size: int | None = None
+    #: Per image, the smallest output whose SSIMULACRA 2 score against the decoded
+    #: source is at least this (issue 14; ``--quality auto`` and the named levels
+    #: set it): ``quality`` is then only the lossless effort. None: fixed quality.
+    target_score: float | None = None
+    #: The range that search may choose from.
+    min_quality: int = 50
+    max_quality: int = 95
 
     def __post_init__(self) -> None:
         _check_range("--quality", self.quality, 0, 100)
+        _check_target_score(self)
         _check_range("--effort", self.effort, 0, 6)
         _check_range("--alpha-quality", self.alpha_quality, 0, 100)
         if self.near_lossless is not None:
@@ -301,6 +309,40 @@ def _check_target_size(options: EncodeOptions) -> None:
     if options.lossless or options.near_lossless is not None:
         which = "--lossless" if options.lossless else "--near-lossless"
         raise UsageError(f"--target-size chooses a lossy quality: it cannot be used with {which}")
+    if options.target_score is not None:
+        raise UsageError(
+            "--target-size and --target-score (or a --quality level) each choose the quality: "
+            "give one of them"
+        )
+
+
+#: ``--quality`` names for SSIMULACRA 2 targets (README: "Quality auto-tuning").
+QUALITY_LEVELS: dict[str, float] = {
+    "auto": 75.0,
+    "high": 80.0,
+    "visually-lossless": 85.0,
+}
+
+
+def _check_target_score(options: EncodeOptions) -> None:
+    _check_range("--min-quality", options.min_quality, 0, 100)
+    _check_range("--max-quality", options.max_quality, 0, 100)
+    if options.min_quality > options.max_quality:
+        raise UsageError(
+            f"--min-quality {options.min_quality} is above --max-quality {options.max_quality}"
+        )
+    score = options.target_score
+    if score is None:
+        return
+    if not 0 < score <= 100:
+        raise UsageError(f"--target-score must be above 0 and at most 100, not {score}")
+    if options.lossless or options.near_lossless is not None:
+        raise UsageError(
+            "--target-score chooses lossy or lossless per image: "
+            "do not give --lossless or --near-lossless with it"
+        )
+    if options.encoder == "libvips":
+        raise UsageError("--target-score encodes through libwebp's binding, not --encoder libvips")
 
 
 def _check_range(name: str, value: int, low: int, high: int) -> None:

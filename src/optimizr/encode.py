@@ -23,7 +23,7 @@ import os
 import struct
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyvips
 
@@ -55,6 +55,9 @@ from optimizr.webp_writer import (
     saveable,
 )
 from optimizr.webp_writer import encode as libwebp_encode
+
+if TYPE_CHECKING:
+    from optimizr.quality_search import SearchOutcome
 
 Source = str | bytes
 
@@ -100,6 +103,13 @@ class ImageFacts:
     target_quality: int | None = None
     target_encodes: int = 0
     target_met: bool | None = None
+    #: --target-score (issue 14): what the search chose ("q72", "lossless",
+    #: "near-lossless 60"), its lossy quality, the score it verified (None when
+    #: not scored: a tiny image) and the encodes it made. None and 0 without it.
+    chosen: str | None = None
+    chosen_quality: int | None = None
+    score: float | None = None
+    probes: int = 0
 
 
 @dataclass(frozen=True)
@@ -202,6 +212,7 @@ def encode_webp(source: Source, options: EncodeOptions) -> Encoded:
         target_quality=search.quality if search else None,
         target_encodes=search.encodes if search else 0,
         target_met=search.met if search else None,
+        **_search_facts(loaded.search),
     )
     return Encoded(webp, facts, tuple(more_pages))
 
@@ -218,6 +229,13 @@ def _convert_all(
     loaded, image, webp = _convert(source, sniffed, options, fail_on, clock, unlimited=unlimited)
     more_pages: list[bytes] = []
     warnings: list[str] = []
+    if loaded.search is not None and loaded.search.warning:
+        warnings.append(loaded.search.warning)
+    elif options.target_score is not None and loaded.search is None:
+        warnings.append(
+            f"target score: libwebp's binding does not load here, so no search: "
+            f"encoded at --quality {options.quality}"
+        )
     if loaded.pages > 1 and options.pages == "all":
         more_pages.extend(
             _convert(source, sniffed, options, fail_on, None, page)[2]
@@ -327,6 +345,12 @@ def _convert(
     loaded = dataclasses.replace(loaded, converted_to_srgb=converted)
     if clock is not None:
         clock.built(decoded_already=decoders.module_for(sniffed.kind) is not None)
+    if options.target_score is not None and encoder_for(options) is not None:
+        outcome = _search(image, options, clock, loaded.orientation, _source_size(source))
+        loaded = dataclasses.replace(loaded, search=outcome)
+        if clock is not None:
+            clock.saved()
+        return loaded, image, outcome.chosen.webp
     if loaded.resized and encoder_for(options) is not None:
         # Strips pulled from a shrinking pipeline (thumbnail: shrink-on-load, then
         # resample) cost libvips ~12 bytes per input pixel, against ~1 for its own
@@ -368,6 +392,8 @@ class _Loaded:
     pages: int = 1
     #: The EXIF orientation the encoder still has to apply (1: the image is upright).
     orientation: int = 1
+    #: What --target-score's search chose.
+    search: SearchOutcome | None = None
 
 
 def _load(
@@ -618,11 +644,7 @@ _WEBP_MAX_LOOP = 65535
 def _save(
     image: Any, options: EncodeOptions, clock: _PhaseClock | None = None, orientation: int = 1
 ) -> bytes:
-    if _pages(image) > 1 and image.get_typeof("loop") and int(image.get("loop")) > _WEBP_MAX_LOOP:
-        # WebP stores 16 bits of loop count; libvips writes anything larger
-        # as 0, which means "forever". A finite animation must stay finite.
-        image = image.copy()
-        image.set_type(pyvips.GValue.gint_type, "loop", _WEBP_MAX_LOOP)
+    image = _with_webp_loop(image)
     if options.target_size is not None:
         return _save_to_size(image, options, clock, orientation)
     lib = encoder_for(options)
@@ -696,6 +718,60 @@ def _save_to_size(
         clock.phases = phases
         clock.size_search = search
     return data
+
+
+def _search(
+    image: Any, options: EncodeOptions, clock: _PhaseClock | None, orientation: int, bytes_in: int
+) -> SearchOutcome:
+    """--target-score: the smallest candidate that meets it (optimizr.quality_search)."""
+    from optimizr.quality_search import search_image
+
+    lib = encoder_for(options)
+    assert lib is not None
+    phases = Phases()
+    outcome = search_image(
+        lib,
+        _with_webp_loop(image),
+        options,
+        orientation=orientation,
+        page_height=_page_height(image),
+        bytes_in=bytes_in,
+        phases=phases,
+    )
+    if clock is not None:
+        clock.phases = phases
+    return outcome
+
+
+def _search_facts(outcome: SearchOutcome | None) -> dict[str, Any]:
+    if outcome is None:
+        return {}
+    chosen = outcome.chosen
+    score = None if chosen.score != chosen.score else round(chosen.score, 3)  # NaN: not scored
+    return {
+        "chosen": chosen.label,
+        "chosen_quality": chosen.quality if chosen.mode == "lossy" else None,
+        "score": score,
+        "probes": outcome.probes,
+    }
+
+
+def _source_size(source: Source) -> int:
+    if isinstance(source, bytes):
+        return len(source)
+    try:
+        return os.path.getsize(source)
+    except OSError:
+        return 0
+
+
+def _with_webp_loop(image: Any) -> Any:
+    if _pages(image) > 1 and image.get_typeof("loop") and int(image.get("loop")) > _WEBP_MAX_LOOP:
+        # WebP stores 16 bits of loop count; libvips writes anything larger
+        # as 0, which means "forever". A finite animation must stay finite.
+        image = image.copy()
+        image.set_type(pyvips.GValue.gint_type, "loop", _WEBP_MAX_LOOP)
+    return image
 
 
 def _webpsave(image: Any, options: EncodeOptions, clock: _PhaseClock | None) -> bytes:

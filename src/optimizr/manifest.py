@@ -142,6 +142,9 @@ _ADDED_LATER: dict[str, object] = {
     "pages": "first",
     "strict_decode": False,
     "target_size": None,
+    "target_score": None,
+    "min_quality": 50,
+    "max_quality": 95,
 }
 
 
@@ -150,6 +153,10 @@ def options_fingerprint(config: RunConfig) -> str:
     encode = options_dict(config.encode)
     # Both encoders write the same bytes (tests/test_webp_writer.py).
     encode.pop("encoder", None)
+    if encode.get("target_score") is None:
+        # The range of --target-score's search shapes nothing without it.
+        encode.pop("min_quality", None)
+        encode.pop("max_quality", None)
     for name, default in _ADDED_LATER.items():
         # An option added after manifests existed counts only when it is set:
         # otherwise upgrading optimizr would make every done file look stale.

@@ -124,6 +124,7 @@ def render_report(summary: Mapping[str, Any]) -> str:
         chart_section("throughput", "Throughput over time", throughput_chart(summary)),
     ]
     tables = [
+        *_search_section(summary),
         _failures_section(summary),
         _paths_section(summary, "largest_savings", "Largest savings", "saved"),
         *_larger_sections(summary),
@@ -292,6 +293,37 @@ def html_table(headers: list[tuple[str, str]], rows: list[list[str]]) -> str:
     ]
     body = "\n".join(f"<tr>{row}</tr>" for row in cells)
     return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>{body}</tbody>\n</table>"
+
+
+_RANKS = ("min", "p10", "p50", "p90", "max")
+
+
+def _search_section(summary: Mapping[str, Any]) -> list[str]:
+    """--target-score (issue 14): the distributions of what the searches chose."""
+    search = as_dict(summary.get("quality_search"))
+    images = as_number(search.get("images")) or 0
+    if not images:
+        return []
+    headers = [("", ""), *((name, "num") for name in _RANKS)]
+    rows = []
+    for key, label in (
+        ("chosen_quality", "lossy quality"),
+        ("score", "score"),
+        ("probes", "encodes"),
+    ):
+        ranks = as_dict(as_dict(search.get(key)).get("percentiles"))
+        rows.append([esc(label), *(esc(ranks.get(name, "-")) for name in _RANKS)])
+    counts = ", ".join(
+        f"{as_number(search.get(key)) or 0} {label}"
+        for key, label in (
+            ("lossless", "lossless"),
+            ("near_lossless", "near-lossless"),
+            ("unreachable", "below the target (at --max-quality)"),
+        )
+    )
+    note = f"<p>{images} images searched: {esc(counts)}.</p>\n"
+    table = html_table(headers, rows)
+    return [f'<section id="quality_search">\n<h2>Quality search</h2>\n{note}{table}\n</section>']
 
 
 def _failures_section(summary: Mapping[str, Any]) -> str:

@@ -17,6 +17,7 @@ from optimizr.decoders.damaged_jpeg import DAMAGE_WARNING
 from optimizr.encode import ImageFacts
 from optimizr.filenames import json_safe, name_fields
 from optimizr.metrics.stats import LogHistogram, Timeline, TopN
+from optimizr.quality_search import SearchTally
 
 Status = Literal["converted", "skipped", "failed"]
 
@@ -236,6 +237,8 @@ class RunSummary:
     #: Where the summary document was written, once it was (None: nowhere).
     summary_file: Path | None = None
     outputs: OutputStatistics = field(default_factory=OutputStatistics)
+    #: --target-score: what the searches chose (issue 14).
+    quality_search: SearchTally = field(default_factory=SearchTally)
 
     def record(self, result: Result) -> None:
         # Converted images, not messages: libvips often says several things about
@@ -282,6 +285,9 @@ class RunSummary:
                 self.phases["encode"] += facts.encode_seconds
                 self.phases["import"] += facts.import_seconds
                 self.phases["mux"] += facts.mux_seconds
+                self.quality_search.add(
+                    facts.chosen, facts.chosen_quality, facts.score, facts.probes, result.warnings
+                )
             self.timeline.sample(self.finished, self.bytes_in, self.bytes_out)
             return
         if result.reason == DRY_RUN:
@@ -430,6 +436,7 @@ class RunSummary:
                 for r in self.not_converted
             ],
             "outputs": self.outputs.to_dict(),
+            "quality_search": self.quality_search.to_dict(),
             "warnings": self.warnings,
         }
         doc["analysis"] = analyse(doc)

@@ -346,6 +346,20 @@ class MetricsExporter:
             buckets=SECONDS_BUCKETS,
             registry=self.registry,
         )
+        # --target-score (issue 14): what the searches chose and what they cost.
+        self._searched = Counter(
+            "optimizr_quality_search_images",
+            "Converted images whose output the --target-score search chose, by kind "
+            "(lossy, lossless, near_lossless).",
+            ["kind"],
+            registry=self.registry,
+        )
+        self._probes = Histogram(
+            "optimizr_quality_search_probes",
+            "Encodes per searched image (lossy probes and lossless candidates).",
+            buckets=(1, 2, 3, 4, 5, 6, 7, 8),
+            registry=self.registry,
+        )
         if build_info:
             # optimizr_build_info{version=...,libvips=...,encoder=...,libwebp=...} 1: the
             # figures of two runs compare only when these match.
@@ -384,6 +398,11 @@ class MetricsExporter:
         self._bytes_out.inc(result.bytes_out)
         if result.facts is not None:
             self._seconds.observe(result.facts.seconds)
+            chosen = result.facts.chosen
+            if chosen is not None:
+                kind = "lossy" if chosen.startswith("q") else chosen.split()[0].replace("-", "_")
+                self._searched.labels(kind=kind).inc()
+                self._probes.observe(result.facts.probes)
 
     def walk_done(self, total: int) -> None:
         pass

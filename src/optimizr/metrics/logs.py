@@ -148,4 +148,13 @@ def image_fields(result: Result) -> dict[str, Any]:
         "error": error,
         **(name_fields(result.output, "output") if result.output else {"output": None}),
         "warnings": list(result.warnings),
+        **_search_fields(result),
     }
+
+
+def _search_fields(result: Result) -> dict[str, Any]:
+    """--target-score: what the search chose for the image (issue 14)."""
+    facts = result.facts
+    if facts is None or facts.chosen is None:
+        return {}
+    return {"chosen": facts.chosen, "score": facts.score, "probes": facts.probes}
