@@ -68,7 +68,7 @@ def cpu_median(work: Callable[[], object], rounds: int) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    default_quality = os.environ.get("OPTIMIZR_QUALITY") or str(
+    default_quality = os.environ.get("OPTIMIZR_METRIC_PAIRS") or str(
         REPO_ROOT.parent / "shared" / "quality"
     )
     parser.add_argument(

@@ -1,7 +1,7 @@
 """SSIMULACRA 2.1 (src/optimizr/ssimulacra2.py) against the reference tool's own scores.
 
 The 120 pairs of ../shared/quality (scores.csv: cloudinary/ssimulacra2 at 81feacf)
-are found through $OPTIMIZR_QUALITY (.ci/run sets it) or beside the checkout;
+are found through $OPTIMIZR_METRIC_PAIRS (.ci/run sets it) or beside the checkout;
 without them those tests skip, saying why. The property tests need nothing.
 """
 
@@ -19,7 +19,7 @@ from PIL import Image, ImageFilter
 from conftest import photo_array
 from optimizr import ssimulacra2
 
-QUALITY_ENV = "OPTIMIZR_QUALITY"
+QUALITY_ENV = "OPTIMIZR_METRIC_PAIRS"
 TOLERANCE = 0.5
 
 

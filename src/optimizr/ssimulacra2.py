@@ -15,7 +15,8 @@ points, tests/test_ssimulacra2.py). The steps:
    the distorted image has edges the original lacks; "blurring": the
    reverse), each pooled by the 1-norm and the 4-norm: 108 numbers;
 5. a weighted sum of those, a cubic, and a power law onto the 100-is-identical
-   scale.
+   scale. Maps whose weights are all zero or negligible (below 0.0021, 0.02
+   together) are not computed: see _weighted_channels.
 
 All local means are a Gaussian of sigma 1.5. The tool computes it with libjxl's
 recursive (IIR) Gaussian after Charalampidis 2016, "Recursive implementation of
@@ -458,22 +459,28 @@ def _scale_count(height: int, width: int) -> int:
 def _weighted_channels(scales: int) -> list[tuple[list[int], list[int]]]:
     """Per scale, the channels whose maps carry a weight: (any map, the SSIM map).
 
-    A third of the 108 weights are exactly zero (at 1:1, X and B have no SSIM
-    weight), so their blurs and maps are skipped: the score is the same number,
-    those terms being multiplied by 0. With fewer than six scales the tool takes
-    the weights in sequence (_final_score), hence the index formula.
+    56 of the 108 weights are exactly zero and 27 more are below 0.0021 (the
+    next one up is 0.285): residue of the tuning, 0.02 all together, whose terms
+    moved no score of the 120 reference pairs by more than 0.0013 points. The
+    blurs and maps of a channel whose weights at a scale are all below
+    _NEGLIGIBLE_WEIGHT are skipped (at 1:1 only Y's are left: 3 planes to blur
+    per probe, not 9). With fewer than six scales the tool takes the weights in
+    sequence (_final_score), hence the index formula.
     """
     used = []
     for scale in range(scales):
 
-        def weights(channel: int, kind: int, scale: int = scale) -> npt.NDArray[np.float64]:
+        def weighted(channel: int, kind: int, scale: int = scale) -> bool:
             first = (channel * scales + scale) * 6 + kind
-            return _WEIGHTS[[first, first + 3]]  # 1-norm and 4-norm
+            return bool((_WEIGHTS[[first, first + 3]] > _NEGLIGIBLE_WEIGHT).any())
 
-        ssim = [c for c in range(3) if weights(c, 0).any()]
-        edges = [c for c in range(3) if weights(c, 1).any() or weights(c, 2).any()]
+        ssim = [c for c in range(3) if weighted(c, 0)]
+        edges = [c for c in range(3) if weighted(c, 1) or weighted(c, 2)]
         used.append((sorted(set(ssim) | set(edges)), ssim))
     return used
+
+
+_NEGLIGIBLE_WEIGHT = 0.01
 
 
 def _channels(channels: list[int]) -> slice | list[int]:
@@ -504,6 +511,8 @@ class _Scale:
 
     def __init__(self, xyb: Floats, means: list[int], ssim: list[int]) -> None:
         self.means, self.ssim = means, ssim
+        if not means:  # nothing weighs at this scale (1:32 of a large image)
+            return
         self.ssim_at = _channels([means.index(c) for c in ssim])  # SSIM channels among the means
         self.xyb = xyb[..., _channels(means)]
         self.xyb_ssim = xyb[..., _channels(ssim)]
@@ -599,6 +608,8 @@ class _Pyramid:
         for index, ref in enumerate(self.scales):
             if index:
                 linear = _downsample(linear)
+            if not ref.means:
+                continue
             maps, means, ssim = ref.errors(_to_xyb(linear))
             ones, fours = _pooled(maps)
             s, k = len(ssim), len(means)
