@@ -859,8 +859,6 @@ def _classify_vips_error(exc: pyvips.Error, fmt: str) -> ImageError:
     detail = "; ".join(reasons)[:240]
     lower = detail.lower()
     if any(hint in lower for hint in _UNSUPPORTED_HINTS):
-        if fmt == "heic":
-            return UnsupportedImage("HEIC (HEVC) decoding is not available in this libvips build")
         return UnsupportedImage(f"{fmt}: {detail}")
     if "libpng read error" in lower and fmt == "png":
         return CorruptImage("png: damaged or incomplete image data (libpng read error)")
