@@ -23,6 +23,7 @@ here imports a decoder library: that is done where one is used.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
@@ -46,10 +47,12 @@ class Decoder:
     #: Bytes the decoder holds per pixel of every frame, per band, beside the
     #: libvips pipeline (the whole decoded image): counted by the memory estimate.
     held_per_band_pixel: float = 0.0
+    #: The top-level module ``requires`` installs: found (not imported) at start.
+    imports: str | None = None
 
-    @property
-    def holds_whole_image(self) -> bool:
-        return self.module is not None
+    def missing(self, kind: str) -> str:
+        """The one line a file of ``kind`` is skipped with when ``requires`` is missing."""
+        return f"{kind}: {self.requires or self.library} is not installed"
 
 
 _VIPS = Decoder(LIBVIPS)
@@ -58,7 +61,9 @@ _VIPS = Decoder(LIBVIPS)
 #: PPM and QOI, issue 13): an RGB image's peak needs 2.0 bytes per band and
 #: pixel beyond the encoder's estimate (lossy; lossless, grey and RGBA need
 #: less); 2.5 leaves a margin.
-_PILLOW = Decoder("Pillow", "optimizr.decoders.pillow", "pillow", held_per_band_pixel=2.5)
+_PILLOW = Decoder(
+    "Pillow", "optimizr.decoders.pillow", "pillow", held_per_band_pixel=2.5, imports="PIL"
+)
 
 #: Format name (as ``sniff`` names it; "apng" for an animated PNG) -> its decoder.
 TABLE: Mapping[str, Decoder] = {
@@ -72,7 +77,11 @@ TABLE: Mapping[str, Decoder] = {
     # a sample at 10/12 bits) and libde265's frames; measured (calibrate_memory.py
     # --measure) 2400x1600 lossy: 54 MB 8-bit, 71 MB 10-bit, 84 MB RGBA.
     "heic": Decoder(
-        "pillow-heif", "optimizr.decoders.heif", requires="pillow-heif", held_per_band_pixel=3.0
+        "pillow-heif",
+        "optimizr.decoders.heif",
+        requires="pillow-heif",
+        held_per_band_pixel=3.0,
+        imports="pillow_heif",
     ),
     "bmp": Decoder("optimizr", "optimizr.decoders.bmp", held_per_band_pixel=1.0),
     "apng": Decoder("optimizr", "optimizr.decoders.apng", held_per_band_pixel=1.0),
@@ -101,7 +110,7 @@ def module_for(kind: str) -> ModuleType | None:
         # (the run said it once at start, from support()), not a traceback per file.
         from optimizr.errors import UnsupportedImage
 
-        raise UnsupportedImage(f"{kind}: {decoder.requires} is not installed") from None
+        raise UnsupportedImage(decoder.missing(kind)) from None
 
 
 @cache
@@ -110,7 +119,7 @@ def _library_version(decoder: Decoder) -> str:
         import pyvips
 
         return f"{pyvips.version(0)}.{pyvips.version(1)}.{pyvips.version(2)}"
-    if decoder.requires is None and decoder.module is not None and decoder.library == "optimizr":
+    if decoder.library == "optimizr":
         from optimizr import __version__
 
         return __version__
@@ -120,19 +129,23 @@ def _library_version(decoder: Decoder) -> str:
 
 def support() -> dict[str, dict[str, Any]]:
     """Each format, the library that decodes it and its version, or why it cannot
-    be decoded here (an optional decoder missing): checked once, at start."""
+    be decoded here (an optional decoder missing): checked once, at start.
+
+    The libraries are found, not imported: importing every decoder here put
+    numpy, Pillow and pillow-heif into the parent of every run (45 -> 60 MiB
+    measured), whatever its files; a decoder is imported where it is used."""
     table: dict[str, dict[str, Any]] = {}
     for kind, decoder in TABLE.items():
         entry: dict[str, Any] = {"library": decoder.library}
         try:
             entry["version"] = _library_version(decoder)
-            if decoder.module is not None:
-                importlib.import_module(decoder.module)
+            if decoder.imports is not None and importlib.util.find_spec(decoder.imports) is None:
+                raise ImportError(f"No module named {decoder.imports!r}")
             entry["available"] = True
         except (ImportError, metadata.PackageNotFoundError) as exc:
             entry["available"] = False
             entry["reason"] = f"{decoder.requires or decoder.library} is not installed ({exc})"
-            entry["unsupported"] = f"{kind}: {decoder.requires or decoder.library} is not installed"
+            entry["unsupported"] = decoder.missing(kind)
         table[kind] = entry
     return table
 
