@@ -228,9 +228,14 @@ class ProcessExecutor(Executor):
         recorded as failed; every worker is ready for the first dispatch."""
         while len(self._pool) < self.workers:
             self._pool.append(self._spawn())
+        self._await_ready()
+
+    def _await_ready(self) -> None:
+        """Wait until every worker of the pool is ready (or the run stops). Only
+        while no job is out: no outcome can come meanwhile."""
         while not self._stopping and not all(w.ready for w in self._pool):
-            for _ in self._poll():  # no job is out yet: nothing to yield
-                pass
+            for outcome in self._poll():
+                raise AssertionError(f"an outcome while no job ran: {outcome.job.key}")
 
     def _retire(self, worker: _Worker, *, kill: bool, asked: bool = False) -> None:
         """End a worker: ask an idle, ready one to leave (unless ``asked`` already), kill others."""
@@ -450,13 +455,10 @@ class ProcessExecutor(Executor):
             return worker
         self._replace(worker)
         self._refreshed_for_alone += 1
-        while not self._stopping:
-            ready = next((w for w in self._pool if w.ready and w.job is None), None)
-            if ready is not None:
-                return ready
-            for outcome in self._poll():
-                raise AssertionError(f"an outcome while no job ran: {outcome.job.key}")
-        return None
+        self._await_ready()  # the others are retired: the pool is the fresh one
+        if self._stopping:
+            return None
+        return next((w for w in self._pool if w.ready and w.job is None), None)
 
     def _restore(self) -> None:
         """After an alone job: start the workers retired for it again (they get work
