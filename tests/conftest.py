@@ -16,6 +16,9 @@ import pytest
 from click.testing import CliRunner, Result
 from PIL import Image
 
+from optimizr import manifest
+from optimizr.config import EncodeOptions
+from optimizr.results import Result as FileResult
 from servers import (
     AzuriteBlob,
     SeaweedS3,
@@ -163,3 +166,37 @@ def azure_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AzuriteBl
         yield server
     finally:
         server.stop()
+
+
+class CollectResults:
+    """A ProgressListener that keeps every file's Result (converted ones carry the facts)."""
+
+    def __init__(self) -> None:
+        self.results: dict[str, FileResult] = {}
+
+    def found(self, count: int) -> None:
+        pass
+
+    def finished(self, result: FileResult) -> None:
+        self.results[result.key] = result
+
+    def walk_done(self, total: int) -> None:
+        pass
+
+    def started(self, snapshot: object) -> None:
+        pass
+
+    def stopping(self, hard: bool) -> None:
+        pass
+
+
+def options_written_before(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """The manifest's options as written before option ``name`` existed (without it)."""
+    options_dict = manifest.options_dict
+
+    def before_the_option(options: EncodeOptions) -> dict[str, object]:
+        fields = options_dict(options)
+        del fields[name]
+        return fields
+
+    monkeypatch.setattr(manifest, "options_dict", before_the_option)

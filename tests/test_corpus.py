@@ -33,7 +33,7 @@ import pytest
 import pyvips
 from PIL import Image, ImageCms, ImageFile, ImageFilter, ImageOps
 
-from conftest import CORPUS_ENV, decode
+from conftest import CORPUS_ENV, CollectResults, decode
 from optimizr import EncodeOptions, RunConfig, convert_tree, encode_webp
 from optimizr.encode import Encoded
 from optimizr.errors import ImageError
@@ -428,27 +428,6 @@ class TreeRun:
     seconds: float = 0.0
 
 
-class _Collect:
-    """A ProgressListener that keeps every Result (converted ones carry the facts)."""
-
-    def __init__(self) -> None:
-        self.results: dict[str, Result] = {}
-
-    def found(self, count: int) -> None:
-        pass
-
-    def finished(self, result: Result) -> None:
-        self.results[result.key] = result
-
-    def walk_done(self, total: int) -> None:
-        pass
-
-    def started(self, snapshot: object) -> None: ...
-
-    def stopping(self, hard: bool) -> None:
-        pass
-
-
 @pytest.fixture(scope="session")
 def tree_run(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> TreeRun:
     """ONE convert_tree run over the whole corpus (SRC is only read), default options,
@@ -456,7 +435,7 @@ def tree_run(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> TreeRun:
     import time
 
     dest = tmp_path_factory.mktemp("corpus-webp")
-    listener = _Collect()
+    listener = CollectResults()
     started = time.perf_counter()
     summary = convert_tree(
         corpus,

@@ -23,8 +23,7 @@ import pyvips
 from click.testing import CliRunner, Result
 from PIL import Image, ImageCms
 
-from conftest import decode, photo_array
-from optimizr import manifest
+from conftest import decode, options_written_before, photo_array
 from optimizr.cli import main
 from optimizr.config import EncodeOptions, RunConfig
 from optimizr.decoders import damaged_jpeg
@@ -181,14 +180,7 @@ def test_strict_decode_is_in_the_fingerprint(
     assert fingerprint != options_fingerprint(strict)
     # Unset, it leaves the fingerprints of existing manifests (written before the
     # option existed, so without the field) as they were.
-    options_dict = manifest.options_dict
-
-    def before_the_option(options: EncodeOptions) -> dict[str, object]:
-        fields = options_dict(options)
-        del fields["strict_decode"]
-        return fields
-
-    monkeypatch.setattr(manifest, "options_dict", before_the_option)
+    options_written_before(monkeypatch, "strict_decode")
     assert options_fingerprint(plain) == fingerprint
 
 

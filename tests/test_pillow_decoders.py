@@ -20,12 +20,12 @@ import pytest
 import pyvips
 from PIL import Image
 
+from conftest import CollectResults
 from optimizr import EncodeOptions, RunConfig, convert_tree, decoders, encode_webp
 from optimizr.budget import estimate_peak_bytes
 from optimizr.decoders import pillow
 from optimizr.errors import TooLarge
 from optimizr.probe import probe
-from optimizr.results import Result
 from optimizr.sniff import sniff_bytes, sniff_file
 
 LOSSLESS = EncodeOptions(lossless=True)
@@ -407,26 +407,6 @@ def test_every_pillow_format_is_in_the_table() -> None:
 # ------------------------------------------------------------- bad input, run goes on
 
 
-class _Collect:
-    def __init__(self) -> None:
-        self.results: dict[str, Result] = {}
-
-    def found(self, count: int) -> None:
-        pass
-
-    def finished(self, result: Result) -> None:
-        self.results[result.key] = result
-
-    def walk_done(self, total: int) -> None:
-        pass
-
-    def started(self, snapshot: object) -> None:
-        pass
-
-    def stopping(self, hard: bool) -> None:
-        pass
-
-
 def test_a_broken_file_of_each_kind_fails_in_one_line_and_the_run_goes_on(
     tmp_path: Path,
 ) -> None:
@@ -448,7 +428,7 @@ def test_a_broken_file_of_each_kind_fails_in_one_line_and_the_run_goes_on(
     for name, data in good.items():
         (src / name).write_bytes(data)
         (src / f"cut-{name}").write_bytes(data[: max(len(data) // 2, 40)])
-    listener = _Collect()
+    listener = CollectResults()
     convert_tree(src, dest, RunConfig(src=src, dest=dest), listener=listener)
     results = listener.results
     for name in good:

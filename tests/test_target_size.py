@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner, Result
 from PIL import Image
 
-from conftest import decode, photo_array, save_jpeg, save_png
+from conftest import decode, options_written_before, photo_array, save_jpeg, save_png
 from optimizr import EncodeOptions, encode_webp
 from optimizr.cli import main
 from optimizr.encode import Encoded
@@ -212,14 +212,7 @@ def test_a_target_size_is_in_the_fingerprint(monkeypatch: pytest.MonkeyPatch) ->
     assert fingerprint != manifest.options_fingerprint(sized)
     # Unset, it leaves the fingerprints of manifests written before the option
     # existed (without the field) as they were.
-    options_dict = manifest.options_dict
-
-    def before_the_option(options: EncodeOptions) -> dict[str, object]:
-        fields = options_dict(options)
-        del fields["target_size"]
-        return fields
-
-    monkeypatch.setattr(manifest, "options_dict", before_the_option)
+    options_written_before(monkeypatch, "target_size")
     assert manifest.options_fingerprint(plain) == fingerprint
 
 
