@@ -177,3 +177,20 @@ def test_c_scores_are_the_numpy_scores(monkeypatch: pytest.MonkeyPatch, alpha: b
     with_numpy = [ssimulacra2.score(photo, d) for d in distortions]
     assert with_c == pytest.approx(with_numpy, abs=1e-9)
     assert with_c[0] < 100.0
+
+
+def test_the_baseline_kernels_score_as_the_vector_ones() -> None:
+    """Other CPUs (no AVX2/FMA) run the baseline build of the same loops."""
+    loops = ssimulacra2._C_PASSES
+    if loops is None or loops.KERNELS == "baseline":
+        pytest.skip("only the baseline kernels exist here")
+    photo = photo_array(150, 97, seed=6)
+    distorted = _blurred(photo, 0.7)
+    fast = ssimulacra2.score(photo, distorted)
+    previous = loops.use_kernels("baseline")
+    try:
+        baseline = ssimulacra2.score(photo, distorted)
+    finally:
+        loops.use_kernels(previous)
+    assert baseline == fast
+    assert fast < 100.0

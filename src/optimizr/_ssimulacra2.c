@@ -269,7 +269,33 @@ static PyObject *py_horizontal(PyObject *self, PyObject *args) {
     return run_pass(args, kernels->horizontal);
 }
 
+/* use_kernels(name) -> the previous name: "baseline" or "avx2+fma" (where the
+ * CPU has it), for tests and measurements of the path other CPUs take. */
+static PyObject *py_use_kernels(PyObject *self, PyObject *args) {
+    const char *name;
+    if (!PyArg_ParseTuple(args, "s", &name)) return NULL;
+    const kernels_t *chosen = NULL;
+    if (strcmp(name, base_kernels.name) == 0) chosen = &base_kernels;
+#ifdef HAVE_FAST
+    if (strcmp(name, fast_kernels.name) == 0 && __builtin_cpu_supports("avx2") &&
+        __builtin_cpu_supports("fma"))
+        chosen = &fast_kernels;
+#endif
+    if (!chosen) {
+        PyErr_Format(PyExc_ValueError, "kernels %s are not available here", name);
+        return NULL;
+    }
+    const char *previous = kernels->name;
+    kernels = chosen;
+    PyObject *said = PyUnicode_FromString(chosen->name);
+    int failed = said == NULL || PyObject_SetAttrString(self, "KERNELS", said) < 0;
+    Py_XDECREF(said);
+    if (failed) return NULL;
+    return PyUnicode_FromString(previous);
+}
+
 static PyMethodDef methods[] = {
+    {"use_kernels", py_use_kernels, METH_VARARGS, "Choose the kernels; returns the previous."},
     {"vertical", py_vertical, METH_VARARGS, "The recursive Gaussian's vertical pass."},
     {"horizontal", py_horizontal, METH_VARARGS, "The recursive Gaussian's horizontal pass."},
     {"blur_stack", py_blur_stack, METH_VARARGS, "One scale's stacked planes, blurred."},
