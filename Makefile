@@ -9,7 +9,7 @@ SAMPLES := samples
 
 .PHONY: run test lint typecheck pytest samples clean chromium azurite report-demo
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py src/optimizr/_ssimulacra2.c src/optimizr/_ssimulacra2_kernels.h
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'

@@ -16,6 +16,12 @@ each, the mean encodes per image and the search's CPU against one fixed-quality
 run (q80). ``--calibrate`` also prints, per target, the mean lowest quality
 reaching it on the photos: quality_search.START_QUALITY comes from there.
 
+With the reference tool (cloudinary/ssimulacra2, built in /tmp from its fetched
+source, found through $SSIMULACRA2 or as ``ssimulacra2`` on PATH; nothing of it
+belongs in this repository), each search output is also scored by the tool on
+the same two images written as PNG: the worst tool score per target and the
+largest |optimizr - tool| are printed (the goal: within 0.5).
+
 Images are shrunk to --max-side (default 1024) first, to keep the run modest on a
 shared machine: the search is per image, so the comparison holds at any size.
 """
@@ -25,11 +31,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shutil
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pyvips
+from PIL import Image
 
 from optimizr import ssimulacra2
 from optimizr.config import EncodeOptions
@@ -38,6 +48,29 @@ from optimizr.quality_search import _displayed, _foreign_profile, _matched, _to_
 
 BENCH = Path(__file__).resolve().parent
 PHOTO_EXT = (".jpg", ".jpeg", ".png")
+
+
+def find_tool() -> str | None:
+    path = os.environ.get("SSIMULACRA2")
+    if path:
+        return path if os.access(path, os.X_OK) else None
+    return shutil.which("ssimulacra2")
+
+
+TOOL = find_tool()
+
+
+def tool_score(reference: np.ndarray, distorted: np.ndarray) -> float:
+    """The reference tool's score of two decoded images (it reads PNG, not WebP)."""
+    assert TOOL is not None
+    with tempfile.TemporaryDirectory(prefix="quality-bench-") as tmp:
+        ref_png, dist_png = Path(tmp) / "ref.png", Path(tmp) / "dist.png"
+        Image.fromarray(reference).save(ref_png)
+        Image.fromarray(distorted).save(dist_png)
+        said = subprocess.run(
+            [TOOL, str(ref_png), str(dist_png)], capture_output=True, text=True, check=True
+        )
+    return float(said.stdout.split()[-1])
 
 
 def displayed(webp: bytes) -> np.ndarray:
@@ -78,6 +111,8 @@ class Row:
     searched: dict[
         float, tuple[int, float, int, float, str]
     ]  # S -> (bytes, score, probes, cpu, chosen)
+    #: S -> the reference tool's score of the search's output (nan without the tool)
+    by_tool: dict[float, float] = dataclasses.field(default_factory=dict)
 
 
 def measure(path: Path, base: EncodeOptions, grid: list[int], targets: list[float]) -> Row:
@@ -90,6 +125,7 @@ def measure(path: Path, base: EncodeOptions, grid: list[int], targets: list[floa
         score = reference.score(_matched(reference_pixels, displayed(out.webp)))
         fixed[q] = (len(out.webp), score, out.facts.cpu_seconds)
     searched: dict[float, tuple[int, float, int, float, str]] = {}
+    by_tool: dict[float, float] = {}
     for target in targets:
         out = encode_webp(str(path), dataclasses.replace(base, target_score=target))
         facts = out.facts
@@ -101,7 +137,12 @@ def measure(path: Path, base: EncodeOptions, grid: list[int], targets: list[floa
             facts.cpu_seconds,
             facts.chosen or "",
         )
-    return Row(path, exact.facts.bytes_in, fixed, searched)
+        by_tool[target] = (
+            tool_score(reference_pixels, _matched(reference_pixels, displayed(out.webp)))
+            if TOOL
+            else float("nan")
+        )
+    return Row(path, exact.facts.bytes_in, fixed, searched, by_tool)
 
 
 def lowest_meeting(rows: list[Row], grid: list[int], target: float) -> int | None:
@@ -115,7 +156,8 @@ def report(name: str, rows: list[Row], grid: list[int], targets: list[float]) ->
     print(f"\n{name}: {len(rows)} images")
     head = (
         f"{'S':>4} {'search KB':>10} {'q*':>4} {'q* KB':>9} {'vs q*':>7} {'q80 KB':>9} "
-        f"{'vs q80':>7} {'worst':>6} {'worst q*':>8} {'worst q80':>9} {'probes':>6} {'CPU x':>6}"
+        f"{'vs q80':>7} {'worst':>6} {'worst q*':>8} {'worst q80':>9} {'probes':>6} {'CPU x':>6} "
+        f"{'tool worst':>10} {'max |diff|':>10}"
     )
     print(head)
     fixed_cpu = sum(row.fixed[80][2] for row in rows)
@@ -127,6 +169,13 @@ def report(name: str, rows: list[Row], grid: list[int], targets: list[float]) ->
         q80_bytes = sum(row.fixed[80][0] for row in rows)
         worst80 = min(row.fixed[80][1] for row in rows)
         star = lowest_meeting(rows, grid, target)
+        if TOOL:
+            tool_worst = f"{min(row.by_tool[target] for row in rows):.2f}"
+            tool_diff = (
+                f"{max(abs(row.searched[target][1] - row.by_tool[target]) for row in rows):.4f}"
+            )
+        else:
+            tool_worst = tool_diff = "no tool"
         if star is None:
             star_text, star_kb, vs_star, worst_star = "-", "-", "-", "-"
         else:
@@ -137,11 +186,14 @@ def report(name: str, rows: list[Row], grid: list[int], targets: list[float]) ->
         print(
             f"{target:>4.0f} {search_bytes / 1e3:>10.1f} {star_text:>4} {star_kb:>9} {vs_star:>7} "
             f"{q80_bytes / 1e3:>9.1f} {100 * (search_bytes / q80_bytes - 1):>+6.1f}% "
-            f"{worst:>6.2f} {worst_star:>8} {worst80:>9.2f} {probes:>6.2f} {cpu / fixed_cpu:>6.2f}"
+            f"{worst:>6.2f} {worst_star:>8} {worst80:>9.2f} {probes:>6.2f} {cpu / fixed_cpu:>6.2f} "
+            f"{tool_worst:>10} {tool_diff:>10}"
         )
     for row in rows:
         chosen = ", ".join(
-            f"{t:.0f}: {row.searched[t][4]} ({row.searched[t][1]:.1f})" for t in targets
+            f"{t:.0f}: {row.searched[t][4]} ({row.searched[t][1]:.2f}"
+            + (f", tool {row.by_tool[t]:.2f})" if TOOL else ")")
+            for t in targets
         )
         print(f"  {row.path.name}: {chosen}")
 
@@ -173,6 +225,7 @@ def main() -> None:
     grid = sorted(set(args.grid) | {80})
     base = EncodeOptions(effort=args.effort, max_width=args.max_side, max_height=args.max_side)
     started = time.perf_counter()
+    print(f"reference tool: {TOOL or 'not found (set $SSIMULACRA2 or put ssimulacra2 on PATH)'}")
     for name, paths in find_sets().items():
         if args.only and name != args.only:
             continue

@@ -5,9 +5,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from conftest import photo_array, save_jpeg
+from conftest import photo_array, save_jpeg, save_png
 from optimizr import EncodeOptions, RunConfig, convert_tree
 from optimizr.budget import (
     LEAST_SHARE,
@@ -303,16 +304,24 @@ def test_summary_reports_measured_memory_and_cpu(tmp_path: Path) -> None:
     assert summary.executor["started"] == 4 and summary.executor["crashed"] == 0
 
 
-def test_estimate_covers_the_quality_search(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["jpeg", "rgba"])
+def test_estimate_covers_the_quality_search(tmp_path: Path, kind: str) -> None:
     """--target-score holds the whole image and the metric's planes (issue 14): the
-    estimate must cover what a fresh worker-like process really grows by."""
+    estimate must cover what a fresh worker-like process really grows by (with
+    alpha: two pyramids, one per background)."""
     import json
     import subprocess
     import sys
 
     from optimizr.probe import probe
 
-    source = save_jpeg(tmp_path / "photo.jpg", photo_array(1200, 900, seed=3))
+    if kind == "jpeg":
+        source = save_jpeg(tmp_path / "photo.jpg", photo_array(1200, 900, seed=3))
+    else:
+        # Smaller: its lossless candidates make it the slowest search of the suite.
+        photo = photo_array(640, 480, seed=3)
+        alpha = np.linspace(40, 255, 640 * 480).reshape(480, 640, 1).astype(np.uint8)
+        source = save_png(tmp_path / "photo.png", np.concatenate([photo, alpha], axis=2))
     options = EncodeOptions(target_score=80.0)
     bench = Path(__file__).resolve().parent.parent / "bench"
     done = subprocess.run(
@@ -321,7 +330,7 @@ def test_estimate_covers_the_quality_search(tmp_path: Path) -> None:
             str(bench / "calibrate_memory.py"),
             "--measure",
             str(source),
-            "target_score",
+            "target_score" if kind == "jpeg" else "target_score_rgba",
         ],
         cwd=bench,
         capture_output=True,

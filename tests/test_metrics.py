@@ -756,3 +756,21 @@ def test_metrics_count_what_the_quality_search_chose(
     assert value(samples, "optimizr_quality_search_probes_count") == 4
     assert value(samples, "optimizr_quality_search_probes_sum") == 14
     assert value(samples, "optimizr_quality_search_probes_bucket", le="3.0") == 2
+
+
+def test_metrics_count_size_targets_met_and_not(
+    served: tuple[MetricsExporter, Callable[[str], tuple[int, str, bytes]]],
+) -> None:
+    import dataclasses
+
+    exporter, get_path = served
+    exporter.started(FakeRun())
+    base = facts("jpeg", 0.5, 1000, 400)
+    for met in (True, True, False):
+        sized = dataclasses.replace(base, target_met=met, target_encodes=2)
+        exporter.finished(FileResult("x.jpg", "converted", None, "", "x.webp", 1000, 400, sized))
+    exporter.finished(FileResult("y.jpg", "converted", None, "", "y.webp", 1000, 400, base))
+    samples = parse(get_path("/metrics")[2].decode())
+    name = "optimizr_target_size_images_total"
+    assert value(samples, name, outcome="met") == 2
+    assert value(samples, name, outcome="unreachable") == 1

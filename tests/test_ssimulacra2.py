@@ -124,3 +124,73 @@ def test_too_small_or_mismatched_images_are_refused() -> None:
     original = ssimulacra2.Reference(np.zeros((8, 8, 3), dtype=np.uint8))
     with pytest.raises(ValueError, match="9x8"):
         original.score(np.zeros((8, 9, 3), dtype=np.uint8))
+
+
+# The C loops (src/optimizr/_ssimulacra2.c) against their numpy twins: the same
+# float32 operations in the same order, so the same bits; the scores may differ
+# only by the order of the final double sums.
+
+
+def test_the_c_loops_are_built() -> None:
+    """`make` builds them (setup.py); a silent fallback would cost 2-4x the CPU."""
+    assert ssimulacra2._C_PASSES is not None, "optimizr._ssimulacra2 was not built"
+
+
+@pytest.mark.parametrize(("height", "width"), [(9, 8), (13, 31), (64, 97), (301, 200)])
+def test_c_blurs_are_the_numpy_blurs_bit_for_bit(height: int, width: int) -> None:
+    if ssimulacra2._C_PASSES is None:
+        pytest.skip("optimizr._ssimulacra2 is not built")
+    rng = np.random.default_rng(height * width)
+    planes = rng.random((height, width, 5), dtype=np.float32)
+    gaussian = ssimulacra2._GAUSSIAN
+    for name in ("horizontal", "vertical"):
+        rows = planes.reshape(height, width * 5)
+        assert np.array_equal(gaussian._c_pass(name, rows), getattr(gaussian, name)(rows)), name
+
+
+def _numpy_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ssimulacra2, "_C_PASSES", None)
+
+
+def test_c_xyb_is_the_numpy_xyb_bit_for_bit(monkeypatch: pytest.MonkeyPatch) -> None:
+    if ssimulacra2._C_PASSES is None:
+        pytest.skip("optimizr._ssimulacra2 is not built")
+    rng = np.random.default_rng(7)
+    linear = rng.random((37, 53, 3), dtype=np.float32)
+    linear[0, :3] = 0.0  # black: the cube root's zero guess
+    with_c = ssimulacra2._to_xyb(linear)
+    _numpy_only(monkeypatch)
+    assert np.array_equal(with_c, ssimulacra2._to_xyb(linear))
+
+
+@pytest.mark.parametrize("alpha", [False, True])
+def test_c_scores_are_the_numpy_scores(monkeypatch: pytest.MonkeyPatch, alpha: bool) -> None:
+    if ssimulacra2._C_PASSES is None:
+        pytest.skip("optimizr._ssimulacra2 is not built")
+    photo = photo_array(203, 141, seed=5)
+    if alpha:
+        ramp = np.linspace(0, 255, 203 * 141).reshape(141, 203, 1).astype(np.uint8)
+        photo = np.concatenate([photo, ramp], axis=2)
+    distortions = [_blurred(photo, 0.8), np.clip(photo.astype(int) - 7, 0, 255).astype(np.uint8)]
+    with_c = [ssimulacra2.score(photo, d) for d in distortions]
+    _numpy_only(monkeypatch)
+    with_numpy = [ssimulacra2.score(photo, d) for d in distortions]
+    assert with_c == pytest.approx(with_numpy, abs=1e-9)
+    assert with_c[0] < 100.0
+
+
+def test_the_baseline_kernels_score_as_the_vector_ones() -> None:
+    """Other CPUs (no AVX2/FMA) run the baseline build of the same loops."""
+    loops = ssimulacra2._C_PASSES
+    if loops is None or loops.KERNELS == "baseline":
+        pytest.skip("only the baseline kernels exist here")
+    photo = photo_array(150, 97, seed=6)
+    distorted = _blurred(photo, 0.7)
+    fast = ssimulacra2.score(photo, distorted)
+    previous = loops.use_kernels("baseline")
+    try:
+        baseline = ssimulacra2.score(photo, distorted)
+    finally:
+        loops.use_kernels(previous)
+    assert baseline == fast
+    assert fast < 100.0

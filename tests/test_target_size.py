@@ -134,6 +134,16 @@ def test_unreachable_target_through_the_cli(tmp_path: Path) -> None:
     assert files["warned_by_kind"] == {"target size 3.0 KiB unreachable": 1}
     assert (dest / "noise.webp").stat().st_size > 3 << 10  # the smallest, written
     assert (dest / "photo.webp").stat().st_size <= 3 << 10
+    # ... and the report says it too.
+    from optimizr.report import render_report
+
+    page = render_report(summary(dest))
+    section = page[page.index('<section id="target_size">') :]
+    section = section[: section.index("</section>")]
+    assert '>met</td><td class="num">1</td>' in section
+    assert (
+        '>unreachable (smallest file kept, over the target)</td><td class="num">1</td>' in section
+    )
 
 
 def test_the_libvips_encoder_searches_by_quality() -> None:

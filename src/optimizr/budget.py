@@ -84,13 +84,17 @@ TARGET_SIZE_BYTES_PER_BAND_PIXEL = 1.0
 TARGET_SIZE_FIXED = 2 << 20
 #: --target-score (issue 14): the search holds the image rendered whole, the
 #: metric's reference side (XYB planes, means and variances at six scales, float32)
-#: and one probe's decoded pixels and error maps, on top of the candidate's encode.
-#: Measured by bench/calibrate_memory.py --measure target_score with the merged
-#: optimizr.ssimulacra2 (its bounded-memory version): 195 and 187 bytes per output
-#: pixel of growth at 2 and 6 MP, most of it the metric's (the version before held
-#: 690: re-measure when the metric changes). An
-#: animation's metric planes are held for the frames scored only (at most 8).
-BYTES_PER_PIXEL_SEARCH = 200.0
+#: and one probe's decoded pixels and blurred planes, on top of the candidate's
+#: encode. Measured by bench/calibrate_memory.py --measure target_score with the C
+#: loops of optimizr._ssimulacra2 (which sum the error maps as they make them and
+#: blur without whole-image transposes): 111-124 bytes per output pixel of growth
+#: at 2-12 MP on opaque JPEGs (the numpy loops before them held 187-195; re-measure
+#: when the metric changes). An animation's metric planes are held for the frames
+#: scored only (at most 8).
+BYTES_PER_PIXEL_SEARCH = 120.0
+#: ... and with alpha, whose original is prepared over two backgrounds (two
+#: pyramids): 164-176 bytes per pixel measured at 2 and 6 MP (RGBA PNGs).
+BYTES_PER_PIXEL_SEARCH_ALPHA = 175.0
 #: ... and per pixel of every frame: the rendered strip and one decoded probe.
 BYTES_PER_FRAME_PIXEL_SEARCH = 8.0
 #: The least share of its estimate an image was measured to need (bench-memory's
@@ -190,7 +194,7 @@ def estimate_peak_bytes(header: Header, options: EncodeOptions) -> int:
             need += BYTES_PER_PIXEL_RANDOM_ACCESS * header.bands / 3 * header.pixels
     need += _held_by_decoder(header) + _rendered_for_size(header, options, out_pixels)
     if options.target_score is not None:
-        need += _held_by_search(out_w * out_h, header.frames)
+        need += _held_by_search(out_w * out_h, header.frames, header.bands in (2, 4))
     return int(need * SAFETY)
 
 
@@ -201,11 +205,12 @@ def _rendered_for_size(header: Header, options: EncodeOptions, out_pixels: int) 
     return TARGET_SIZE_FIXED + TARGET_SIZE_BYTES_PER_BAND_PIXEL * header.bands * out_pixels
 
 
-def _held_by_search(frame_pixels: int, frames: int) -> float:
+def _held_by_search(frame_pixels: int, frames: int, alpha: bool) -> float:
     from optimizr.quality_search import ANIMATION_FRAMES_SCORED
 
     scored = min(frames, ANIMATION_FRAMES_SCORED)
-    return BYTES_PER_PIXEL_SEARCH * frame_pixels * scored + (
+    per_pixel = BYTES_PER_PIXEL_SEARCH_ALPHA if alpha else BYTES_PER_PIXEL_SEARCH
+    return per_pixel * frame_pixels * scored + (
         BYTES_PER_FRAME_PIXEL_SEARCH * frame_pixels * frames
     )
 

@@ -116,6 +116,7 @@ def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> 
     click.echo(f"libwebp {tool['libwebp']} ({tool['libwebp_origin']})")
     click.echo(f"Python {tool['python']}")
     click.echo(encoder_info().describe())
+    click.echo(f"SSIMULACRA 2.1 (--target-score): {tool['ssimulacra2']}")
     click.echo("formats:")
     for kind, entry in decoders.support().items():
         said = f"{entry['library']} {entry.get('version', '')}".rstrip()

@@ -125,6 +125,7 @@ def render_report(summary: Mapping[str, Any]) -> str:
     ]
     tables = [
         *_search_section(summary),
+        *_size_target_section(summary),
         _failures_section(summary),
         _paths_section(summary, "largest_savings", "Largest savings", "saved"),
         *_larger_sections(summary),
@@ -324,6 +325,23 @@ def _search_section(summary: Mapping[str, Any]) -> list[str]:
     note = f"<p>{images} images searched: {esc(counts)}.</p>\n"
     table = html_table(headers, rows)
     return [f'<section id="quality_search">\n<h2>Quality search</h2>\n{note}{table}\n</section>']
+
+
+def _size_target_section(summary: Mapping[str, Any]) -> list[str]:
+    """--target-size (issue 14): how many met it, how many could not, what it cost."""
+    sized = as_dict(as_dict(summary.get("files")).get("target_size"))
+    met = int(as_number(sized.get("met")) or 0)
+    unreachable = int(as_number(sized.get("unreachable")) or 0)
+    if not met and not unreachable:
+        return []
+    encodes = as_number(sized.get("encodes")) or 0
+    rows = [
+        [esc("met"), esc(met)],
+        [esc("unreachable (smallest file kept, over the target)"), esc(unreachable)],
+        [esc("encodes per image"), esc(f"{encodes / (met + unreachable):.2f}")],
+    ]
+    table = html_table([("", ""), ("images", "num")], rows)
+    return [f'<section id="target_size">\n<h2>Size target</h2>\n{table}\n</section>']
 
 
 def _failures_section(summary: Mapping[str, Any]) -> str:

@@ -30,6 +30,12 @@ The original's side of the computation (its XYB planes, their means and
 variances at every scale) is done once in :class:`Reference`; each
 :meth:`Reference.score` then costs one distorted image's worth of work, which
 is what a quality search pays per probe.
+
+The colour conversion, the blurs, the downsampling and the error maps with
+their pooling run in C when the extension is built (``_ssimulacra2.c``: the
+same float32 operations, with the tool's fused multiply-adds, vectorised; the
+maps are summed as they are made, never stored). The numpy functions here are
+its twins and the fallback; tests/test_ssimulacra2.py checks they agree.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from types import ModuleType
 
 import numpy as np
 import numpy.typing as npt
@@ -44,6 +51,15 @@ import numpy.typing as npt
 __all__ = ["MIN_SIDE", "Reference", "score"]
 
 Floats = npt.NDArray[np.float32]
+
+_C_PASSES: ModuleType | None
+try:
+    # The hot loops in C (src/optimizr/_ssimulacra2.c), built with the package
+    # by setup.py; where no C compiler was found the numpy twins below do the
+    # same arithmetic, about 4x slower per probe.
+    from optimizr import _ssimulacra2 as _C_PASSES
+except ImportError:  # pragma: no cover - depends on the build
+    _C_PASSES = None
 
 #: The tool refuses images under 8 px on a side; so does this module.
 MIN_SIDE = 8
@@ -182,6 +198,13 @@ class _RecursiveGaussian:
         self.mul_in_shifted = [
             f32(np.concatenate([np.zeros((q, 3)), mul_in[: 4 - q]])) for q in range(4)
         ]
+        # The same coefficients for the C passes (optimizr._ssimulacra2).
+        self.packed = np.concatenate(
+            [
+                c.reshape(-1)
+                for c in (self.n2, self.neg_d1, self.mul_in, self.mul_prev, self.mul_prev2)
+            ]
+        )
 
     def _pair_sums(self, x: Floats) -> Floats:
         """x[n-N-1] + x[n+N-1] for n = -N+1 .. L-1 (zero outside), float32; row n+N-1."""
@@ -301,12 +324,30 @@ class _RecursiveGaussian:
     def blur(self, planes: Floats) -> Floats:
         """(H, W, C) planes blurred as the tool does: horizontal pass, then vertical."""
         h, w, c = planes.shape
+        horizontal, vertical = (
+            (self._c_horizontal, self._c_vertical)
+            if _C_PASSES is not None
+            else (self.horizontal, self.vertical)
+        )
         rows = np.ascontiguousarray(planes.transpose(1, 0, 2)).reshape(w, h * c)
-        across = _in_tiles(self.horizontal, rows).reshape(w, h, c)
+        across = _in_tiles(horizontal, rows).reshape(w, h, c)
         del rows
         down = np.ascontiguousarray(across.transpose(1, 0, 2)).reshape(h, w * c)
         del across
-        return _in_tiles(self.vertical, down).reshape(h, w, c)
+        return _in_tiles(vertical, down).reshape(h, w, c)
+
+    def _c_pass(self, name: str, x: Floats) -> Floats:
+        assert _C_PASSES is not None
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        out = np.empty_like(x)
+        getattr(_C_PASSES, name)(x, out, x.shape[0], x.shape[1], self.radius, self.packed)
+        return out
+
+    def _c_horizontal(self, x: Floats) -> Floats:
+        return self._c_pass("horizontal", x)
+
+    def _c_vertical(self, x: Floats) -> Floats:
+        return self._c_pass("vertical", x)
 
 
 # Columns per tile of a recursive pass: the recursions are independent across
@@ -370,6 +411,10 @@ def _to_linear(pixels: npt.NDArray[np.uint8], background: float | None) -> Float
 def _downsample(linear: Floats) -> Floats:
     """2x2 box average; an odd last row or column is paired with itself (the tool clamps)."""
     h, w = linear.shape[:2]
+    if _C_PASSES is not None:
+        out = np.empty(((h + 1) // 2, (w + 1) // 2, 3), dtype=np.float32)
+        _C_PASSES.downsample(np.ascontiguousarray(linear), out, h, w)
+        return out
     if h % 2:
         linear = np.concatenate([linear, linear[-1:]], axis=0)
     if w % 2:
@@ -408,6 +453,11 @@ def _to_xyb(linear: Floats) -> Floats:
     temporaries that stay in the CPU cache.
     """
     out = np.empty_like(linear)
+    if _C_PASSES is not None:
+        linear = np.ascontiguousarray(linear)
+        pixels = linear.shape[0] * linear.shape[1]
+        _C_PASSES.to_xyb(linear, out, pixels, _OPSIN, float(_OPSIN_BIAS), float(_NEG_BIAS_CBRT))
+        return out
     height, width = linear.shape[:2]
     band = max(1, _BAND_PIXELS // width)
     for top in range(0, height, band):
@@ -490,6 +540,31 @@ def _channels(channels: list[int]) -> slice | list[int]:
     return channels
 
 
+def _blurred_stack(
+    xyb: Floats, means: list[int], ssim: list[int], ssim_ref: Floats | None = None
+) -> Floats:
+    """The blurred planes of a scale (see _stacked): in C when it is built, which
+    stacks and blurs in bands instead of transposing whole planes."""
+    if _C_PASSES is None:
+        stack = _stacked(xyb[..., _channels(means)], xyb[..., _channels(ssim)], ssim_ref)
+        return _GAUSSIAN.blur(stack)
+    h, w = xyb.shape[:2]
+    planes = len(means) + len(ssim) * (1 if ssim_ref is None else 2)
+    out = np.empty((h, w, planes), dtype=np.float32)
+    _C_PASSES.blur_stack(
+        np.ascontiguousarray(xyb),
+        None if ssim_ref is None else np.ascontiguousarray(ssim_ref),
+        h,
+        w,
+        np.array(means, dtype=np.int32),
+        np.array(ssim, dtype=np.int32),
+        out,
+        _GAUSSIAN.radius,
+        _GAUSSIAN.packed,
+    )
+    return out
+
+
 def _stacked(means: Floats, ssim: Floats, ssim_ref: Floats | None = None) -> Floats:
     """The planes to blur, side by side: x, x^2 of the SSIM channels, and
     x * x_ref of those when there is a reference to correlate with."""
@@ -507,21 +582,57 @@ class _Scale:
     """The original's side of one scale: XYB, local means and variances, edges,
     for the channels that carry a weight at this scale."""
 
-    __slots__ = ("edge", "means", "mu", "mu_ssim", "ssim", "ssim_at", "variance", "xyb", "xyb_ssim")
+    __slots__ = (
+        "edge",
+        "means",
+        "mu",
+        "mu_ssim",
+        "ssim",
+        "ssim_at",
+        "ssim_at_list",
+        "variance",
+        "xyb",
+        "xyb_ssim",
+    )
 
     def __init__(self, xyb: Floats, means: list[int], ssim: list[int]) -> None:
         self.means, self.ssim = means, ssim
         if not means:  # nothing weighs at this scale (1:32 of a large image)
             return
-        self.ssim_at = _channels([means.index(c) for c in ssim])  # SSIM channels among the means
+        self.ssim_at_list = [means.index(c) for c in ssim]  # SSIM channels among the means
+        self.ssim_at = _channels(self.ssim_at_list)
         self.xyb = xyb[..., _channels(means)]
-        self.xyb_ssim = xyb[..., _channels(ssim)]
-        blurred = _GAUSSIAN.blur(_stacked(self.xyb, self.xyb_ssim))
+        self.xyb_ssim = np.ascontiguousarray(xyb[..., _channels(ssim)])  # read by every probe
+        blurred = _blurred_stack(xyb, means, ssim)
         k = len(means)
         self.mu = np.ascontiguousarray(blurred[..., :k])
         self.mu_ssim = self.mu[..., self.ssim_at]
         self.variance = blurred[..., k:] - self.mu_ssim * self.mu_ssim
         self.edge = np.abs(self.xyb - self.mu) + _F(1.0)
+
+    def norms(self, xyb: Floats) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+        """The 1-norms and 4-norms of the error maps (``errors`` then ``_pooled``);
+        in C, without the maps, when the extension is built."""
+        if _C_PASSES is None:
+            ones, fours = _pooled(self.errors(xyb)[0])
+            return ones, fours
+        k, s = len(self.means), len(self.ssim)
+        blurred = _blurred_stack(xyb, self.means, self.ssim, self.xyb_ssim)
+        pixels = xyb.shape[0] * xyb.shape[1]
+        sums = np.empty(2 * (s + 2 * k))
+        _C_PASSES.error_sums(
+            blurred,
+            np.ascontiguousarray(xyb),
+            self.mu,
+            self.edge,
+            self.variance if s else self.edge,  # unused without SSIM channels
+            pixels,
+            np.array(self.means, dtype=np.int32),
+            np.array(self.ssim_at_list, dtype=np.int32),
+            sums,
+        )
+        half = s + 2 * k
+        return sums[:half] / pixels, np.sqrt(np.sqrt(sums[half:] / pixels))
 
     def errors(self, xyb: Floats) -> tuple[Floats, list[int], list[int]]:
         """(H, W, |ssim| + 2 |means|) error maps of a distorted image's XYB at this scale:
@@ -610,8 +721,8 @@ class _Pyramid:
                 linear = _downsample(linear)
             if not ref.means:
                 continue
-            maps, means, ssim = ref.errors(_to_xyb(linear))
-            ones, fours = _pooled(maps)
+            ones, fours = ref.norms(_to_xyb(linear))
+            means, ssim = ref.means, ref.ssim
             s, k = len(ssim), len(means)
             values[ssim, index, 0, 0], values[ssim, index, 1, 0] = ones[:s], fours[:s]
             ring, blur = slice(s, s + k), slice(s + k, s + 2 * k)

@@ -37,7 +37,19 @@ def tool_versions(encoder: str = "auto") -> dict[str, str]:
             f"bundled with pyvips-binary {binary}" if info.fallback else info.libwebp_version
         ),
         "libwebp_origin": info.origin,
+        # The --target-score metric's loops: the C ones, or their numpy twins (slower).
+        "ssimulacra2": _metric_loops(),
     }
+
+
+def _metric_loops() -> str:
+    """Which loops score: ``C (avx2+fma)``, ``C (baseline)``, or numpy. Asked of the
+    extension alone, which loads no numpy: a run's parent process never needs it."""
+    try:
+        from optimizr import _ssimulacra2
+    except ImportError:
+        return "numpy (the C loops are not built)"
+    return f"C ({_ssimulacra2.KERNELS})"
 
 
 def check_encoder(options: EncodeOptions) -> EncoderInfo:

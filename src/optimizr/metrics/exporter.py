@@ -360,6 +360,14 @@ class MetricsExporter:
             buckets=(1, 2, 3, 4, 5, 6, 7, 8),
             registry=self.registry,
         )
+        # --target-size (issue 14): images whose size target was met or not.
+        self._sized = Counter(
+            "optimizr_target_size_images",
+            "Converted images with --target-size, by outcome (met, unreachable: the "
+            "smallest file found was kept, over the target).",
+            ["outcome"],
+            registry=self.registry,
+        )
         if build_info:
             # optimizr_build_info{version=...,libvips=...,encoder=...,libwebp=...} 1: the
             # figures of two runs compare only when these match.
@@ -403,6 +411,9 @@ class MetricsExporter:
                 kind = "lossy" if chosen.startswith("q") else chosen.split()[0].replace("-", "_")
                 self._searched.labels(kind=kind).inc()
                 self._probes.observe(result.facts.probes)
+            if result.facts.target_met is not None:
+                outcome = "met" if result.facts.target_met else "unreachable"
+                self._sized.labels(outcome=outcome).inc()
 
     def walk_done(self, total: int) -> None:
         pass
