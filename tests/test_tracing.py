@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,10 @@ from optimizr.config import EncodeOptions
 from optimizr.executors.base import Job
 from optimizr.executors.codec_messages import CodecMessages
 from optimizr.executors.worker import convert_job
+from optimizr.storage.objectstore import StoreOptions, storage_for
+from optimizr.storage.urls import parse_location
 from otlp_receiver import OtlpReceiver, ReceivedSpan, span_tree
+from servers import SeaweedS3, free_ports
 
 PHASES = ("read", "decode", "encode", "write")
 
@@ -26,7 +30,7 @@ PHASES = ("read", "decode", "encode", "write")
 def _clean_env(**extra: str) -> dict[str, str]:
     """This environment without OpenTelemetry's variables (a developer's shell may set
     them), plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "OPTIMIZR_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "OPTIMIZR_", "AWS_"))}
     return {**env, **extra}
 
 
@@ -168,6 +172,8 @@ from optimizr.config import EncodeOptions
 from optimizr.executors.base import Job
 from optimizr.executors.codec_messages import CodecMessages
 from optimizr.executors.worker import convert_job
+from optimizr.storage.objectstore import StoreOptions, storage_for
+from optimizr.storage.urls import parse_location
 with CodecMessages() as messages:
     encoded, error, _ = convert_job(Job(1, "a.jpg", {str(photo)!r}, EncodeOptions()), messages)
 assert error is None and encoded.webp
@@ -261,3 +267,75 @@ def test_a_bad_endpoint_is_a_usage_error(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert "--otlp-endpoint 'collector:4318': not an http:// or https:// URL" in proc.stderr
+
+
+def test_an_object_store_run_traces_the_fetch_and_the_upload(
+    tmp_path: Path,
+    otlp_receiver: OtlpReceiver,
+    s3_server: SeaweedS3,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """SRC and DEST on S3 (SeaweedFS): the coordinator's fetch and upload are the
+    image's fetch and write spans, around the worker's read, decode and encode."""
+    prefix = f"t-{uuid.uuid4().hex[:12]}"
+    src, dest = f"s3://{s3_server.bucket}/{prefix}/src", f"s3://{s3_server.bucket}/{prefix}/out"
+    local = _library(tmp_path, good=2)
+    env = _clean_env(
+        AWS_ACCESS_KEY_ID=s3_server.access_key,
+        AWS_SECRET_ACCESS_KEY=s3_server.secret_key,
+        AWS_REGION="us-east-1",
+        XDG_CACHE_HOME=str(tmp_path / "cache"),
+    )
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION"):
+        monkeypatch.setenv(name, env[name])
+    store = storage_for(
+        parse_location(src), StoreOptions(endpoint_url=s3_server.endpoint, s3_path_style=True)
+    )
+    for path in local.iterdir():
+        store.write_atomic(path.name, path.read_bytes())
+    flags = ["--endpoint-url", s3_server.endpoint, "--s3-path-style"]
+    _convert(src, dest, "--otlp-endpoint", otlp_receiver.url, "-j", "1", *flags, env=env)
+    spans = otlp_receiver.trace_of_run(dest)
+    tree = span_tree(spans)
+    coordinator = next(s for s in spans if s.name == "run").resource["process.pid"]
+    converted = [
+        s for s in spans if s.name == "image" and s.attributes["optimizr.outcome"] == "converted"
+    ]
+    assert len(converted) == 2, tree
+    for image in converted:
+        by_name = {s.name: s for s in _children(spans, image)}
+        assert sorted(by_name) == sorted(("fetch", *PHASES)), tree
+        assert by_name["fetch"].resource["process.pid"] == coordinator
+        assert by_name["write"].resource["process.pid"] == coordinator
+        assert by_name["read"].resource["process.pid"] != coordinator
+        assert by_name["fetch"].end_ns <= by_name["read"].start_ns
+        assert by_name["encode"].end_ns <= by_name["write"].start_ns
+
+
+@pytest.mark.parametrize("how", ["optimizr.toml", "OPTIMIZR_OTLP_ENDPOINT"])
+def test_the_endpoint_from_the_config_file_or_optimizr_env(
+    tmp_path: Path, otlp_receiver: OtlpReceiver, how: str
+) -> None:
+    src, dest = _library(tmp_path, good=1), tmp_path / "dest"
+    env = _clean_env()
+    if how == "optimizr.toml":
+        (tmp_path / "optimizr.toml").write_text(f'otlp-endpoint = "{otlp_receiver.url}"\n')
+    else:
+        env[how] = otlp_receiver.url
+    command = [sys.executable, "-m", "optimizr", "convert", str(src), str(dest), "-Q"]
+    proc = subprocess.run(
+        command, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path
+    )
+    assert proc.returncode == 1, proc.stderr
+    _check_tree(otlp_receiver.trace_of_run(str(dest)), images=1)
+
+
+def test_a_collector_that_is_down_costs_one_warning_and_the_run_goes_on(tmp_path: Path) -> None:
+    src, dest = _library(tmp_path, good=2), tmp_path / "dest"
+    (closed,) = free_ports(1)  # bound and released: nothing listens there
+    stderr = _convert(src, dest, "-Q", "-j", "1", "--otlp-endpoint", f"http://127.0.0.1:{closed}")
+    assert sorted(p.name for p in dest.glob("*.webp")) == ["photo0.webp", "photo1.webp"]
+    lines = [line for line in stderr.splitlines() if "broken.jpg" not in line]
+    assert len(lines) == 1, stderr  # the SDK's own retry messages are held back
+    assert lines[0].startswith("warning: tracing: ") and "failed" in lines[0]
+    assert "spans lost" in lines[0] and "refused" in lines[0]

@@ -35,7 +35,7 @@ SERVICE_NAME = "optimizr"
 #: Seconds one export may take, retries included. A worker waits for its export
 #: before it answers (the image's time), so a collector that is down must cost
 #: little, and only once per worker (see WorkerSpans).
-EXPORT_TIMEOUT = 5.0
+EXPORT_TIMEOUT = 3.0
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 
@@ -78,6 +78,26 @@ class _CountingExporter(SpanExporter):
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return self.inner.force_flush(timeout_millis)
+
+
+#: Where the OTLP exporter logs each retry and failure.
+EXPORTER_LOGGER = "opentelemetry.exporter.otlp.proto.http.trace_exporter"
+
+
+class _KeepFirstMessage(logging.Filter):
+    """Holds back the exporter's own log lines (one per retry, several lines per
+    failed export) and keeps the first, for the run's one warning line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first: str | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.first is None:
+            # "Transient error X encountered while exporting spans batch, retrying in 1s"
+            message = record.getMessage().removeprefix("Transient error ")
+            self.first = message.partition(" encountered while exporting")[0]
+        return False
 
 
 class _TracedImage(ImageTrace):
@@ -134,6 +154,8 @@ class TracedRun(RunTrace):
         self.provider = TracerProvider(resource=_resource("coordinator"), shutdown_on_exit=False)
         self.exporter = _CountingExporter(OTLPSpanExporter(endpoint=url, timeout=EXPORT_TIMEOUT))
         self.provider.add_span_processor(BatchSpanProcessor(self.exporter))
+        self._said = _KeepFirstMessage()
+        logging.getLogger(EXPORTER_LOGGER).addFilter(self._said)
         self.tracer = self.provider.get_tracer("optimizr")
         self.span = self.tracer.start_span(
             "run", attributes={"optimizr.source": source, "optimizr.dest": dest}
@@ -175,12 +197,14 @@ class TracedRun(RunTrace):
         span.set_attribute("optimizr.interrupted", summary.interrupted)
         span.end()
         self.provider.shutdown()  # exports what is left, within EXPORT_TIMEOUT
+        logging.getLogger(EXPORTER_LOGGER).removeFilter(self._said)
         if self.exporter.failed:
             _log.warning(
-                "tracing: %d span export(s) to %s failed; %d spans of this run were lost",
+                "tracing: %d export(s) to %s failed, %d of the run's spans lost (%s)",
                 self.exporter.failed,
                 self.url,
                 self.exporter.lost,
+                self._said.first or "no reason given",
             )
 
 
