@@ -10,6 +10,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -27,6 +28,9 @@ from servers import (
     start_seaweed,
     weed_binary,
 )
+
+if TYPE_CHECKING:
+    import otlp_receiver as otlp_receiver_module
 
 CORPUS_ENV = "OPTIMIZR_CORPUS"
 
@@ -200,3 +204,16 @@ def options_written_before(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
         return fields
 
     monkeypatch.setattr(manifest, "options_dict", before_the_option)
+
+
+@pytest.fixture(scope="session")
+def otlp_receiver() -> Iterator[otlp_receiver_module.OtlpReceiver]:
+    """An OTLP/HTTP trace receiver (tests/otlp_receiver.py) on 127.0.0.1, one per session;
+    each test tells its run's spans apart by the run span's DEST."""
+    from otlp_receiver import OtlpReceiver
+
+    receiver = OtlpReceiver().start()
+    try:
+        yield receiver
+    finally:
+        receiver.stop()

@@ -296,6 +296,10 @@ OPTIONS: tuple[Opt, ...] = (
         "A label for every series of --metrics-textfile (besides dest=DEST). Repeatable.",
         (), multiple=True, metavar="KEY=VALUE", show_default=False,
         parse=lambda texts: tuple(parse_metrics_label(str(text)) for text in texts)),
+    Opt(("--otlp-endpoint",), "otlp_endpoint", "run",
+        "Send OpenTelemetry traces (a span per run, image and phase) over OTLP/HTTP to "
+        "this collector, e.g. http://localhost:4318 [OTEL_EXPORTER_OTLP_ENDPOINT].",
+        None, str, metavar="URL"),
     Opt(("--metrics-linger",), "metrics_linger", "console",
         "After the run, keep serving the final metrics this long (Ctrl-C ends it sooner).",
         0.0, click.FloatRange(min=0), metavar="SECONDS"),

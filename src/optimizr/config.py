@@ -177,6 +177,9 @@ class RunConfig:
     #: Labels put on every series of the --metrics-textfile, as (name, value) pairs,
     #: besides ``dest`` (which a pair named ``dest`` replaces).
     metrics_labels: tuple[tuple[str, str], ...] = ()
+    #: Export traces over OTLP/HTTP to this collector (a base URL, as the standard
+    #: OTEL_EXPORTER_OTLP_ENDPOINT, which is used when this is None): tracing.py.
+    otlp_endpoint: str | None = None
     # -- object stores (see storage/objectstore.py StoreOptions) ----------------------
     #: An S3-compatible endpoint (SeaweedFS, MinIO, Ceph, R2...); None: AWS_ENDPOINT_URL or AWS.
     endpoint_url: str | None = None
@@ -244,6 +247,10 @@ class RunConfig:
                 f"--cache-control {self.cache_control!r}: not a valid header value "
                 "(printable ASCII, no line breaks)"
             )
+        if self.otlp_endpoint is not None and not _HTTP_URL_RE.match(self.otlp_endpoint):
+            raise UsageError(
+                f"--otlp-endpoint {self.otlp_endpoint!r}: not an http:// or https:// URL"
+            )
         if not isinstance(self.strict, bool):
             raise UsageError(f"strict must be True or False, not {self.strict!r}")
         seen: set[str] = set()
@@ -281,6 +288,9 @@ class RunConfig:
     def summary_to_stdout(self) -> bool:
         return self.summary_path is not None and str(self.summary_path) == "-"
 
+
+#: An OTLP/HTTP collector's URL: http(s)://host[:port][/path].
+_HTTP_URL_RE = re.compile(r"^https?://[^\s/?#]+(/\S*)?$")
 
 #: What an HTTP header value may hold (visible ASCII and spaces).
 _HEADER_VALUE_RE = re.compile(r"[\x20-\x7e]+")

@@ -88,6 +88,7 @@ from optimizr.storage.base import (
     Storage,
     WalkOptions,
 )
+from optimizr.tracing import NO_IMAGE, ImageTrace, RunTrace, start_run
 from optimizr.verify import file_is_complete_webp
 
 if TYPE_CHECKING:
@@ -212,6 +213,11 @@ class _InFlight:
     spool: Path | None = None
     #: The source object's user metadata (copied onto the output with --metadata all).
     metadata: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: When the pipeline took the file on (the image span's start), and its span.
+    started_ns: int = dataclasses.field(default_factory=time.time_ns)
+    trace: ImageTrace = NO_IMAGE
+    #: When an object store's fetch of the source ran (time.time_ns() pairs).
+    fetched: tuple[int, int] | None = None
 
 
 @dataclass
@@ -311,6 +317,8 @@ class Pipeline:
         self._planned_bytes = 0
         #: The count pass, running ahead of the throttled walk (None in a dry run).
         self.counter: TreeCounter | None = None
+        #: The run's span and its images' (tracing.py); a no-op until run() starts it.
+        self.tracing = RunTrace()
 
     def snapshot(self) -> RunSnapshot:
         summary = self.summary
@@ -365,6 +373,7 @@ class Pipeline:
     def run(self) -> RunSummary:
         if self.listener:
             self.listener.started(self.snapshot)
+        self.tracing = start_run(self.config.otlp_endpoint, self.summary.src, self.summary.dest)
         self.stop.attach(self.executor)
         if (
             not self.config.dry_run
@@ -401,6 +410,7 @@ class Pipeline:
             self.summary.walk_complete = self._walk_done
             self.summary.finished_at = time.time()
             self._publish_progress()
+            self.tracing.finish(self.summary)
         return self.summary
 
     # -- plan --------------------------------------------------------------------
@@ -531,7 +541,7 @@ class Pipeline:
             self.transfers.hold(size)
             fetch = partial(self.source.read_object, key)
         self._fetching += 1
-        self.transfers.submit(flight, self.transfers.timed("fetch", size, fetch))
+        self.transfers.submit(flight, self.transfers.timed("fetch", size, _timed(flight, fetch)))
 
     def _fetched(self, flight: _InFlight, future: Future[StoredObject]) -> None:
         try:
@@ -738,8 +748,17 @@ class Pipeline:
                     return None
         self._next_id += 1
         self._in_flight[self._next_id] = flight
+        flight.trace = self.tracing.image(entry.key, entry.size, flight.started_ns)
+        if flight.fetched is not None:
+            flight.trace.timed("fetch", *flight.fetched)
         return Job(
-            self._next_id, entry.key, source, self.config.encode, cost, verify=self.config.verify
+            self._next_id,
+            entry.key,
+            source,
+            self.config.encode,
+            cost,
+            verify=self.config.verify,
+            trace=flight.trace.carrier,
         )
 
     def _conflict(self, key: str, owner: str, out_key: str) -> OutputConflict:
@@ -1047,13 +1066,14 @@ class Pipeline:
                     return
                 overwriting.append(target)
         write_started = time.perf_counter()
-        for target, data in writes:
-            try:
-                self.dest.write_atomic(target, data, mtime_ns=mtime_ns)
-            except OSError as exc:
-                record(write_failure(key, target, exc))
-                return
-            plan.written.add(split_key(target)[1])
+        with flight.trace.phase("write", **{"optimizr.bytes": size}):
+            for target, data in writes:
+                try:
+                    self.dest.write_atomic(target, data, mtime_ns=mtime_ns)
+                except OSError as exc:
+                    record(write_failure(key, target, exc))
+                    return
+                plan.written.add(split_key(target)[1])
         written = time.perf_counter() - write_started
         record(self._converted(flight, encoded, size, more_bytes, written, overwriting))
 
@@ -1061,6 +1081,7 @@ class Pipeline:
         def record(result: Result) -> None:
             if warnings:  # what libvips said about this image stays with it
                 result = dataclasses.replace(result, warnings=(*result.warnings, *warnings))
+            flight.trace.finished(result)
             self._record(
                 result,
                 entry=flight.entry,
@@ -1140,6 +1161,10 @@ class Pipeline:
             changed = _changed(flight.entry, self.source.stat(key), flight.etag_read)
             if changed is not None:
                 return _Uploaded(changed=changed)
+            with flight.trace.phase("write", **{"optimizr.bytes": size}):
+                return write()
+
+        def write() -> _Uploaded:
             started = time.perf_counter()
             done: list[str] = []
             for target, data in writes:
@@ -1391,6 +1416,19 @@ def _changed(entry: SourceEntry, now: FileStat | None, etag_read: str | None) ->
     if (now.size, now.mtime_ns) != (entry.size, entry.mtime_ns):
         return "was modified"
     return None
+
+
+def _timed(flight: _InFlight, fetch: Callable[[], StoredObject]) -> Callable[[], StoredObject]:
+    """``fetch``, noting in ``flight`` when it ran (its span is made with the image's)."""
+
+    def timed() -> StoredObject:
+        started = time.time_ns()
+        try:
+            return fetch()
+        finally:
+            flight.fetched = (started, time.time_ns())
+
+    return timed
 
 
 def _failure(key: str, error: ImageError) -> Result:

@@ -61,6 +61,9 @@ class Job:
     #: for outgrowing its estimate among others (MemoryBudget.observe), or it fits
     #: only in what the other workers' baselines leave free (MemoryBudget.admit).
     alone: bool = False
+    #: The image span's W3C trace context and the traces URL, as (key, value) pairs
+    #: (tracing.py): the worker makes its phase spans under it. Empty: not traced.
+    trace: tuple[tuple[str, str], ...] = ()
 
 
 class Wakeup:

@@ -161,7 +161,22 @@ def _serve(
 def convert_job(
     job: Job, messages: CodecMessages, faults: list[tuple[str, str]] | None = None
 ) -> tuple[Encoded | None, ImageError | None, tuple[str, ...]]:
-    """Convert one job: the WebP or the error, and what libvips logged meanwhile."""
+    """Convert one job: the WebP or the error, and what libvips logged meanwhile.
+
+    A traced job's read, decode and encode spans are exported before this returns,
+    so before its answer is sent (tracing.py)."""
+    from optimizr import tracing
+
+    with tracing.in_worker(job):
+        started_ns = time.time_ns()
+        encoded, error, warnings = _convert_job(job, messages, faults)
+        tracing.conversion(started_ns, None if encoded is None else encoded.facts, error)
+    return encoded, error, warnings
+
+
+def _convert_job(
+    job: Job, messages: CodecMessages, faults: list[tuple[str, str]] | None
+) -> tuple[Encoded | None, ImageError | None, tuple[str, ...]]:
     from optimizr.encode import encode_webp
     from optimizr.errors import EncodeFailed, ImageError, TooLarge
     from optimizr.executors.codec_messages import tidy
