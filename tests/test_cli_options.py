@@ -138,9 +138,14 @@ def test_version_names_the_libraries() -> None:
     # The "formats:" lines after these are tests/test_decoders.py's.
     lines = result.stdout.split("formats:\n", 1)[0].splitlines()
     assert lines[0].startswith("optimizr ")
-    assert [line.split()[0] for line in lines[1:]] == ["libvips", "libwebp", "Python", "encoder:"]
+    names = ["libvips", "libwebp", "Python", "encoder:", "SSIMULACRA"]
+    assert [line.split()[0] for line in lines[1:]] == names
     assert f"{sys.version_info.major}.{sys.version_info.minor}" in lines[3]
     assert lines[4].startswith(("encoder: libwebp ", "encoder: libvips webpsave (slower: "))
+    # Which loops score --target-score: `make` builds the C ones.
+    assert lines[5] == "SSIMULACRA 2.1 (--target-score): C (avx2+fma)" or lines[5].startswith(
+        "SSIMULACRA 2.1 (--target-score): C (baseline)"
+    )
 
 
 def test_quiet_shows_only_failures(tmp_path: Path) -> None:
