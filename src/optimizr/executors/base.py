@@ -39,7 +39,6 @@ import socket
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-
 from typing import TYPE_CHECKING
 
 from optimizr.config import EncodeOptions

@@ -112,11 +112,9 @@ class DaskExecutor(Executor):
         max_tasks_per_worker: int | None = None,
     ) -> None:
         self.address = address
-        # distributed's own lines (every connection, worker, close) are not the run's:
-        # its warnings and errors still show, and a level set by the caller stands.
-        quiet = logging.getLogger("distributed")
-        if quiet.level == logging.NOTSET:
-            quiet.setLevel(logging.WARNING)
+        # distributed's own lines (every connection, worker, close; it sets its logger
+        # to INFO when imported) are not the run's: its warnings and errors still show.
+        logging.getLogger("distributed").setLevel(logging.WARNING)
         self._cluster: LocalCluster | None = None
         self.timeout = timeout
         if address == "local" or address.startswith("local:"):
