@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from optimizr.config import IfLarger
-from optimizr.storage.base import OUTPUT_METADATA, SourceEntry, Storage
+from optimizr.storage.base import OUTPUT_METADATA, SourceEntry, Storage, StoredObject
 from optimizr.storage.objectstore import StoreOptions
 
 if TYPE_CHECKING:
@@ -181,7 +181,13 @@ def write_outputs(
                 metadata=fetched.metadata if run.copy_metadata else None,
             )
         except FileExistsError:
-            return Stored("exists", written=tuple(done), target=target)
+            # A task runs again when its worker died after writing but before its
+            # result reached the coordinator (Dask keeps results on the worker): the
+            # object in the way is then this image's own, byte for byte.
+            found = _read_if_present(dest, target)
+            if found is None or found.data != data:
+                return Stored("exists", written=tuple(done), target=target)
+            etag = found.etag
         except OSError as exc:
             import errno
 
@@ -252,3 +258,10 @@ def _without_bytes(encoded: Encoded) -> Encoded:
     """``encoded`` with its WebP bytes dropped (they are in the store now): the facts,
     and one empty entry per further page so the page count stays known."""
     return dataclasses.replace(encoded, webp=b"", more_pages=tuple(b"" for _ in encoded.more_pages))
+
+
+def _read_if_present(storage: Storage, key: str) -> StoredObject | None:
+    try:
+        return storage.read_object(key)
+    except OSError:
+        return None
