@@ -257,9 +257,8 @@ def test_a_malformed_cluster_address_is_a_usage_error(bad: str, tmp_path: Path) 
 
 def test_a_local_cluster_converts_a_folder(tmp_path: Path, make_photo: Callable[..., Path]) -> None:
     src = tmp_path / "src"
-    src.mkdir()
     for n in range(3):
-        make_photo(f"src/p{n}.jpg", seed=n)
+        make_photo(f"p{n}.jpg", seed=n)
     config = RunConfig(src=src, dest=tmp_path / "out", cluster="local:2")
     summary = convert_tree(src, tmp_path / "out", config)
     assert summary.converted == 3

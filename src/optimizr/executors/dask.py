@@ -41,6 +41,7 @@ import socket
 import threading
 import time
 import uuid
+from concurrent.futures import CancelledError
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -124,7 +125,11 @@ class DaskExecutor(Executor):
                 n_workers=count,
                 threads_per_worker=1,
                 processes=True,
+                # No dashboard, and the scheduler's HTTP routes (health, metrics) on
+                # a free port of 127.0.0.1: never the fixed 8787 another run may hold.
+                host="127.0.0.1",
                 dashboard_address=None,
+                scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
                 resources=resources,
                 silence_logs=logging.ERROR,
             )
@@ -271,7 +276,16 @@ class DaskExecutor(Executor):
         status = future.status
         try:
             if status == "finished":
-                return self._finished(future.result())
+                if self.client.status != "running":
+                    self._lose("its connection closed")  # the result cannot be fetched
+                    return None
+                try:
+                    result = future.result()
+                except (OSError, TimeoutError, CancelledError) as exc:
+                    # The scheduler went between the task's end and the fetch of its result.
+                    self._lose(f"{type(exc).__name__}: {exc}")
+                    return None
+                return self._finished(result)
             if status == "cancelled":
                 # Nothing of ours cancels a task but abort(): the client cancels every
                 # future when its connection to the scheduler is gone.
@@ -321,6 +335,12 @@ class DaskExecutor(Executor):
         )
         logger.error("%s", self.lost, extra={"event": "cluster_lost"})
         self._in_flight.clear()
+        # Said once, here: the client would otherwise try to reconnect for 30 s and
+        # log its own failure to do so, then a blank error line per comm it closes.
+        for name in ("distributed", "distributed.client"):  # each has its own level
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+        with contextlib.suppress(Exception):
+            self.client.close(timeout=5)
 
     # -- lifecycle -------------------------------------------------------------------
 
