@@ -41,9 +41,9 @@ import socket
 import threading
 import time
 import uuid
-from concurrent.futures import CancelledError
 from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import CancelledError
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
