@@ -281,9 +281,9 @@ class DaskExecutor(Executor):
                     return None
                 try:
                     result = future.result()
-                except (OSError, TimeoutError, CancelledError) as exc:
+                except (OSError, TimeoutError, CancelledError) as lost:
                     # The scheduler went between the task's end and the fetch of its result.
-                    self._lose(f"{type(exc).__name__}: {exc}")
+                    self._lose(f"{type(lost).__name__}: {lost}")
                     return None
                 return self._finished(result)
             if status == "cancelled":
@@ -292,7 +292,7 @@ class DaskExecutor(Executor):
                 if not self._aborted:
                     self._lose("its connection closed")
                 return None
-            exc = future.exception()
+            exc: BaseException | None = future.exception()
         finally:
             future.release()
             self._last_done = time.monotonic()
