@@ -11,6 +11,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,8 +20,11 @@ import pytest
 from click.testing import Result
 
 from conftest import dask_env
-from optimizr.config import RunConfig
+from optimizr.config import EncodeOptions, RunConfig
 from optimizr.convert import convert_tree
+from optimizr.executors.base import Job, Outcome
+from optimizr.executors.worker_io import Place, WorkerIO, WorkerRun
+from optimizr.storage.base import SourceEntry
 from servers import DaskCluster, SeaweedS3, start_dask
 from test_remote import keys, prefix, server, store_of, upload_sources, url
 from test_summary import VALIDATOR
@@ -269,3 +273,58 @@ def test_a_local_cluster_converts_a_folder(tmp_path: Path, make_photo: Callable[
     ]
     assert summary.executor["cluster"] == "local:2"
     assert len(summary.executor["per_worker"]) >= 1
+
+
+def local_job(src: Path, dest: Path, key: str, job_id: int) -> Job:
+    """A job whose worker reads ``src/key`` and writes into ``dest`` (one filesystem)."""
+    stat = (src / key).stat()
+    run = WorkerRun(Place(str(src)), Place(str(dest)))
+    io = WorkerIO(run, SourceEntry(key, stat.st_size, stat.st_mtime_ns), key + ".webp")
+    return Job(job_id, key, "", EncodeOptions(), 1 << 20, io=io)
+
+
+def test_no_connected_worker_is_seen_and_a_worker_joining_finishes_the_job(
+    tmp_path: Path, make_photo: Callable[..., Path], s3_server: SeaweedS3
+) -> None:
+    from optimizr.executors.dask import DaskExecutor
+
+    make_photo("dask-wait.jpg")
+    src, dest = tmp_path / "src", tmp_path / "out"
+    dest.mkdir()
+    cluster = start_dask(tmp_path / "dask", 1, dask_env(s3_server, "block-once:dask-wait.jpg"))
+    try:
+        executor = DaskExecutor(cluster.address)
+        outcomes: list[Outcome] = []
+        thread = threading.Thread(
+            target=lambda: outcomes.extend(
+                executor.imap_unordered([local_job(src, dest, "dask-wait.jpg", 1)])
+            )
+        )
+        thread.start()
+        try:
+            marker = cluster.fault_dir / "dask-wait.jpg.blocked"
+            deadline = time.monotonic() + 120
+            while not marker.exists() or not marker.read_text():
+                assert time.monotonic() < deadline
+                time.sleep(0.05)  # polling for a condition
+            assert executor.statistics().connected == 1
+            [nanny] = cluster.nannies
+            os.kill(int(marker.read_text()), signal.SIGKILL)
+            nanny.kill()  # no nanny to start it again: no worker at all
+            nanny.wait()
+            while executor.statistics().connected != 0:
+                assert time.monotonic() < deadline, "the executor never saw the worker go"
+                time.sleep(0.05)
+            assert executor.statistics().alive == 0
+            cluster.add_worker()  # a worker joins: the image runs again there
+            thread.join(timeout=180)
+            assert not thread.is_alive()
+        finally:
+            executor.close()
+            thread.join(timeout=30)
+    finally:
+        cluster.stop()
+    [outcome] = outcomes
+    assert outcome.error is None and outcome.stored is not None
+    assert outcome.stored.status == "written"
+    assert (dest / "dask-wait.jpg.webp").stat().st_size == outcome.stored.bytes_out

@@ -354,6 +354,7 @@ class Pipeline:
             counted=count.files if count else 0,
             counted_bytes=count.bytes if count else 0,
             count_done=count.done if count else False,
+            workers_connected=executor.connected,
         )
 
     def _publish_progress(self) -> None:

@@ -167,6 +167,8 @@ class ExecutorStatistics:
     workers_refreshed: int = 0
     #: Per worker of a cluster (empty for a local pool).
     per_worker: tuple[WorkerFigures, ...] = ()
+    #: Workers connected to a cluster's scheduler now (None: not a cluster).
+    connected: int | None = None
 
 
 class Executor(ABC):

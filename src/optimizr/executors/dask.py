@@ -381,6 +381,7 @@ class DaskExecutor(Executor):
             self._busy,
             running=len(self._in_flight),
             alone_runs=self._retried_alone,
+            connected=len(self._threads) if self.lost is None else 0,
             alive=len(self._threads) if self.lost is None else 0,
             per_worker=per_worker,
         )
