@@ -160,6 +160,10 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
 DASK_FAULTS = "crash:dask-segv.jpg,kill-worker:dask-killer.jpg,block-once:dask-block.jpg"
 
 
+#: Each session worker's MEMORY resource: small photos fit, a 144 MP image does not.
+DASK_MEMORY = 256 << 20
+
+
 def dask_env(s3: SeaweedS3, faults: str) -> dict[str, str]:
     """A Dask worker's environment: the store's credentials (the coordinator never
     sends any) and the test faults."""
@@ -180,11 +184,12 @@ def dask_env(s3: SeaweedS3, faults: str) -> dict[str, str]:
 def dask_cluster(
     s3_server: SeaweedS3, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[DaskCluster]:
-    """``dask scheduler`` and two ``dask worker --nthreads 1 --resources MEMORY=1G``
+    """``dask scheduler`` and two ``dask worker --nthreads 1 --resources MEMORY=256M``
     processes on 127.0.0.1, one set per test session, stopped by PID. A test that
     kills a worker waits for its nanny to start it again (``wait_for_workers(2)``)."""
     pytest.importorskip("distributed", reason="--cluster needs optimizr[cluster]")
-    cluster = start_dask(tmp_path_factory.mktemp("dask"), 2, dask_env(s3_server, DASK_FAULTS))
+    env = dask_env(s3_server, DASK_FAULTS)
+    cluster = start_dask(tmp_path_factory.mktemp("dask"), 2, env, memory=DASK_MEMORY)
     try:
         yield cluster
     finally:

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -193,6 +193,37 @@ def test_an_image_that_kills_every_worker_is_worker_crashed_and_the_run_goes_on(
     dask_cluster.wait_for_workers(2)
 
 
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that says it is ``width`` x ``height`` (its pixels never come): a header."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+
+
+def test_an_image_larger_than_every_workers_memory_is_too_large_and_never_submitted(
+    dask_cluster: DaskCluster, server: SeaweedS3, prefix: str, tmp_path: Path
+) -> None:
+    src_url = url(server, f"{prefix}/in")
+    src = store_of(server, src_url)
+    upload_sources(src, ["small.jpg"])
+    src.write_atomic("huge.png", png_header_only(12000, 12000))  # about 415 MiB to convert
+    done = run_cli(
+        server, src_url, url(server, f"{prefix}/out"), tmp_path, "--cluster", dask_cluster.address
+    )
+    doc = json.loads(done.stdout)
+    assert doc["files"]["converted"] == 1
+    [failure] = doc["not_converted"]
+    assert (failure["path"], failure["reason"]) == ("huge.png", "too large")
+    assert "more than any worker's MEMORY resource (256 MiB)" in failure["message"]
+    assert doc["executor"]["started"] == 1  # only small.jpg went to a worker
+
+
 def test_the_scheduler_lost_mid_run_is_one_error_an_exact_summary_and_a_rerun_resumes(
     server: SeaweedS3, prefix: str, tmp_path: Path, s3_server: SeaweedS3
 ) -> None:
@@ -328,3 +359,41 @@ def test_no_connected_worker_is_seen_and_a_worker_joining_finishes_the_job(
     assert outcome.error is None and outcome.stored is not None
     assert outcome.stored.status == "written"
     assert (dest / "dask-wait.jpg.webp").stat().st_size == outcome.stored.bytes_out
+
+
+def test_at_most_two_tasks_per_worker_thread_are_in_flight_and_futures_are_released(
+    dask_cluster: DaskCluster, tmp_path: Path, make_photo: Callable[..., Path]
+) -> None:
+    from optimizr.executors.dask import DaskExecutor
+
+    src, dest = tmp_path / "src", tmp_path / "out"
+    dest.mkdir()
+    names = [f"p{n:02d}.jpg" for n in range(24)]
+    for n, name in enumerate(names):
+        make_photo(name, width=64, height=48, seed=n)
+    dask_cluster.wait_for_workers(2)
+    executor = DaskExecutor(dask_cluster.address)
+    pulled = 0
+    in_flight: list[int] = []
+    held: list[int] = []
+
+    def jobs() -> Iterator[Job]:
+        nonlocal pulled
+        for n, name in enumerate(names, 1):
+            pulled += 1
+            yield local_job(src, dest, name, n)
+
+    try:
+        assert executor.window == 4  # two one-thread workers
+        outcomes = []
+        for outcome in executor.imap_unordered(jobs()):
+            outcomes.append(outcome)
+            in_flight.append(pulled - len(outcomes))
+            held.append(len(executor.client.futures))
+    finally:
+        executor.close()
+    assert sorted(o.job.key for o in outcomes) == names
+    assert all(o.error is None and o.stored is not None for o in outcomes)
+    assert max(in_flight) <= 4  # the window, never the whole run
+    assert max(held) <= 4  # each future let go as its result came
+    assert sorted(p.name for p in dest.iterdir()) == [n + ".webp" for n in names]
