@@ -17,9 +17,10 @@ itself (``worker_io.py``), and hands back only the record. Three choices:
   process of its worker (the local pool's :class:`ProcessExecutor`, one child per
   worker thread, kept between tasks), so a segfault or a hang fails that image
   (``worker crashed: SIGSEGV``, ``timed out``) and the worker, with the other
-  images queued on it, lives on. The cost: the job and the WebP cross a socket
-  to the child, 1-2 ms per image on this machine (measured, see the README),
-  against 40-400 ms for the conversion of a typical photo.
+  images queued on it, lives on. The cost, measured on a loaded 2-core machine
+  (inline ``convert_job`` against the same job through the child, medians of 40):
+  0.6-1.1 ms per task for a 64x48 JPEG, about 4 ms for a 640x480 one (its bytes
+  cross a socket both ways), against 50-110 ms to convert that one.
 
 A Dask worker process that dies all the same (kill -9, the nanny's memory limit)
 makes the scheduler run its tasks elsewhere; one that dies with a task every time
