@@ -74,6 +74,8 @@ logger = logging.getLogger(__name__)
 PLUGIN_NAME = "optimizr"
 #: Test-only: the folder where the ``block-once`` fault leaves its marker.
 FAULT_DIR_ENV = "OPTIMIZR_TEST_FAULT_DIR"
+#: How often the coordinator asks the scheduler which workers are connected.
+REFRESH_SECONDS = 0.25
 #: How long the coordinator waits for a first worker to connect.
 WORKER_WAIT_SECONDS = 60.0
 
@@ -154,6 +156,7 @@ class DaskExecutor(Executor):
         self._run = uuid.uuid4().hex[:8]
         self._threads: dict[str, int] = {}
         self._capacity: int | None = None
+        self._next_refresh = 0.0
         self._refresh_workers(log=False)
         self.workers = max(1, sum(self._threads.values()))
         self._lock = threading.Lock()
@@ -170,7 +173,13 @@ class DaskExecutor(Executor):
     # -- the cluster ---------------------------------------------------------------
 
     def _refresh_workers(self, *, log: bool = True) -> None:
-        """The workers connected now, their threads and MEMORY; joins and departures logged."""
+        """The workers connected now, their threads and MEMORY; joins and departures logged.
+        One request to the scheduler, at most every REFRESH_SECONDS: a cluster finishing
+        hundreds of images a second must not ask it for every worker each time."""
+        now = time.monotonic()
+        if log and now < self._next_refresh:
+            return
+        self._next_refresh = now + REFRESH_SECONDS
         try:
             info = self.client.scheduler_info(n_workers=-1)["workers"]
         except Exception:  # noqa: BLE001 - the scheduler is going: the loop sees it
