@@ -22,9 +22,11 @@ from optimizr.config import EncodeOptions
 from optimizr.results import Result as FileResult
 from servers import (
     AzuriteBlob,
+    DaskCluster,
     SeaweedS3,
     azurite_binary,
     start_azurite,
+    start_dask,
     start_seaweed,
     weed_binary,
 )
@@ -154,6 +156,48 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
         yield server
     finally:
         server.stop()
+
+
+#: The test faults every worker of the session's Dask cluster carries (each a file
+#: name no other test uses): a codec segfault in the conversion child, a Dask worker
+#: process killed by the image it takes, and one held until the test kills its worker.
+DASK_FAULTS = "crash:dask-segv.jpg,kill-worker:dask-killer.jpg,block-once:dask-block.jpg"
+
+
+#: Each session worker's MEMORY resource: small photos fit, a 144 MP image does not.
+DASK_MEMORY = 256 << 20
+
+
+def dask_env(s3: SeaweedS3, faults: str) -> dict[str, str]:
+    """A Dask worker's environment: the store's credentials (the coordinator never
+    sends any) and the test faults."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "DASK_"))}
+    env.update(
+        AWS_ACCESS_KEY_ID=s3.access_key,
+        AWS_SECRET_ACCESS_KEY=s3.secret_key,
+        AWS_REGION="us-east-1",
+        OPTIMIZR_TEST_FAULTS=faults,
+        # One death with a task is forgiven, the second makes it KilledWorker (the
+        # default, 3, only makes the fault tests slower).
+        DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES="1",
+    )
+    return env
+
+
+@pytest.fixture(scope="session")
+def dask_cluster(
+    s3_server: SeaweedS3, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[DaskCluster]:
+    """``dask scheduler`` and two ``dask worker --nthreads 1 --resources MEMORY=256M``
+    processes on 127.0.0.1, one set per test session, stopped by PID. A test that
+    kills a worker waits for its nanny to start it again (``wait_for_workers(2)``)."""
+    pytest.importorskip("distributed", reason="--cluster needs optimizr[cluster]")
+    env = dask_env(s3_server, DASK_FAULTS)
+    cluster = start_dask(tmp_path_factory.mktemp("dask"), 2, env, memory=DASK_MEMORY)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture(scope="session")

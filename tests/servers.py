@@ -356,3 +356,122 @@ def create_container(server: AzuriteBlob, name: str) -> None:
     with urllib.request.urlopen(request, timeout=30) as response:
         if response.status != 201:
             raise RuntimeError(f"creating container {name}: HTTP {response.status}")
+
+
+# -- Dask: a scheduler and workers as a user starts them ---------------------------------
+
+DASK_START_TIMEOUT = 90.0  # seconds: a worker imports distributed and numpy on a busy machine
+
+
+@dataclass
+class DaskCluster:
+    """``dask scheduler`` and ``dask worker`` processes (each worker under its nanny,
+    which starts it again when it dies), all on 127.0.0.1."""
+
+    address: str
+    scheduler: subprocess.Popen[bytes]
+    nannies: list[subprocess.Popen[bytes]]
+    worker_command: list[str]
+    env: dict[str, str]
+    #: Where the ``block-once`` test fault leaves its markers.
+    fault_dir: Path
+    log_dir: Path
+
+    def add_worker(self) -> None:
+        log = self.log_dir / f"worker-{len(self.nannies)}.log"
+        with open(log, "wb") as out:
+            self.nannies.append(
+                subprocess.Popen(
+                    self.worker_command,
+                    env=self.env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
+
+    def workers(self) -> dict[str, int]:
+        """The connected workers: address -> the pid of the worker process."""
+        from distributed import Client
+
+        with Client(self.address, timeout=30, set_as_default=False) as client:
+            pids: dict[str, int] = client.run(os.getpid)
+            return pids
+
+    def wait_for_workers(self, count: int) -> dict[str, int]:
+        """Poll until exactly ``count`` workers are connected; their pids."""
+        deadline = time.monotonic() + DASK_START_TIMEOUT
+        while True:
+            found = self.workers()
+            if len(found) == count:
+                return found
+            for nanny in self.nannies:
+                if nanny.poll() is not None:
+                    raise RuntimeError(f"a dask worker exited: {_tail_all(self.log_dir)}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"{len(found)} of {count} dask workers: {_tail_all(self.log_dir)}"
+                )
+            time.sleep(0.1)  # polling interval: the loop checks the condition
+
+    def stop(self) -> None:
+        """Every process by its PID: the nannies (which stop their workers), the scheduler,
+        then any worker process a nanny left behind."""
+        children = [pid for nanny in self.nannies for pid in _children(nanny.pid)]
+        for nanny in self.nannies:
+            stop_process(nanny)
+        stop_process(self.scheduler)
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def start_dask(
+    workdir: Path, workers: int, env: dict[str, str], *, memory: int = 1 << 30
+) -> DaskCluster:
+    """A scheduler on a free port and ``workers`` one-thread workers with MEMORY=memory."""
+    dask = str(Path(sys.executable).parent / "dask")
+    port = free_ports(1)[0]
+    address = f"tcp://127.0.0.1:{port}"
+    fault_dir = workdir / "faults"
+    fault_dir.mkdir(parents=True, exist_ok=True)
+    env = {**env, "OPTIMIZR_TEST_FAULT_DIR": str(fault_dir)}
+    scheduler_command = [dask, "scheduler", "--host", "127.0.0.1", "--port", str(port)]
+    scheduler_command.append("--no-dashboard")
+    with open(workdir / "scheduler.log", "wb") as out:
+        scheduler = subprocess.Popen(
+            scheduler_command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    worker_command = [
+        dask, "worker", address, "--host", "127.0.0.1", "--nthreads", "1",
+        "--resources", f"MEMORY={memory}", "--no-dashboard", "--death-timeout", "60",
+    ]  # fmt: skip
+    cluster = DaskCluster(address, scheduler, [], worker_command, env, fault_dir, workdir)
+    try:
+        for _ in range(workers):
+            cluster.add_worker()
+        cluster.wait_for_workers(workers)
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            try:
+                text = Path(f"/proc/{pid}/task/{task}/children").read_text()
+            except OSError:
+                continue
+            found.extend(int(child) for child in text.split())
+    except OSError:
+        pass
+    return found
+
+
+def _tail_all(folder: Path) -> str:
+    return " | ".join(f"{log.name}: {_tail(log)}" for log in sorted(folder.glob("*.log")))

@@ -136,6 +136,22 @@ def test_healthz_is_503_when_nothing_finished_for_the_stall_timeout_with_work_pe
     assert (stats.health_checks, stats.unhealthy) == (3, 1)
 
 
+def test_healthz_is_503_while_no_dask_worker_is_connected(
+    served: tuple[MetricsExporter, Callable[[str], tuple[int, str, bytes]]],
+) -> None:
+    exporter, get_path = served
+    run = FakeRun(running=1, workers_alive=2, workers_connected=2)
+    exporter.started(run)
+    assert get_path("/healthz")[0] == 200
+    run.set(workers_connected=0, workers_alive=0)  # the cluster's workers are all gone
+    status, _, body = get_path("/healthz")
+    assert status == 503
+    doc = json.loads(body)
+    assert doc["status"] == "no workers" and "no Dask worker" in doc["reason"]
+    run.set(workers_connected=1, workers_alive=1)
+    assert get_path("/healthz")[0] == 200
+
+
 def test_healthz_is_200_when_idle_or_finished_however_long_ago(
     served: tuple[MetricsExporter, Callable[[str], tuple[int, str, bytes]]],
 ) -> None:

@@ -229,6 +229,10 @@ OPTIONS: tuple[Opt, ...] = (
     Opt(("--workers", "-j"), "workers", "run",
         "Worker processes; 0: all the CPUs this process may use (affinity, cgroup quota).",
         0, _ALWAYS),
+    Opt(("--cluster",), "cluster", "run",
+        "Convert on a Dask cluster: tcp://HOST:PORT of its scheduler, or local[:N] for "
+        "N one-thread workers here (N: --workers); needs optimizr[cluster].",
+        None, str, metavar="ADDRESS"),
     Opt(("--timeout",), "timeout", "run", "Seconds per image before its worker is killed.",
         300.0, click.FloatRange(min=0, min_open=True)),
     Opt(("--max-memory",), "max_memory", "run",

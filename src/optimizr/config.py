@@ -111,6 +111,18 @@ class EncodeOptions:
         return box_w, box_h
 
 
+_CLUSTER_ADDRESS = re.compile(r"^(tcp|tls)://[^/\s]+:\d+$|^local(:[1-9]\d*)?$")
+
+
+def check_cluster_address(address: str) -> None:
+    """--cluster takes ``tcp://host:port`` (``tls://`` too), ``local`` or ``local:N``."""
+    if not _CLUSTER_ADDRESS.match(address):
+        raise UsageError(
+            f"--cluster must be tcp://HOST:PORT (a Dask scheduler), local or local:N, "
+            f"not {address!r}"
+        )
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """One ``convert`` run: where from, where to, and how."""
@@ -199,6 +211,10 @@ class RunConfig:
     #: A source on an object store larger than this is fetched into a spool file
     #: (read by the worker as a local file would be) instead of into memory.
     spool_above: int = 64 << 20
+    #: --cluster: the Dask scheduler the images are converted on (``tcp://host:port``),
+    #: or ``local`` / ``local:N`` for a LocalCluster of N one-thread workers here;
+    #: None: this machine's process pool.
+    cluster: str | None = None
 
     @property
     def remote(self) -> bool:
@@ -212,6 +228,8 @@ class RunConfig:
             raise UsageError("-0/--null says how --files-from separates names: give --files-from")
         if self.workers < 0:
             raise UsageError(f"--workers must be 0 (auto) or more, not {self.workers}")
+        if self.cluster is not None:
+            check_cluster_address(self.cluster)
         if self.name not in ("replace", "append", "auto"):
             raise UsageError(f"--name must be replace, append or auto, not {self.name!r}")
         if self.if_exists not in ("skip", "overwrite"):

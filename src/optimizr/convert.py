@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from optimizr.atomic import atomic_write
 from optimizr.budget import MemoryBudget, default_memory_budget
@@ -56,10 +56,13 @@ from optimizr.sources import (
 )
 from optimizr.storage.base import STATE_DIR, Storage
 from optimizr.storage.local import LocalStorage
-from optimizr.storage.objectstore import ObjectStorage
+from optimizr.storage.objectstore import ObjectStorage, StoreOptions
 from optimizr.storage.urls import is_url
 from optimizr.transfers import Transfers, default_io_concurrency
 from optimizr.versions import check_encoder, tool_versions
+
+if TYPE_CHECKING:
+    from optimizr.executors.worker_io import WorkerRun
 
 PathArg = str | os.PathLike[str]
 
@@ -131,7 +134,9 @@ def convert_tree(
         dest_storage = LocalStorage(layout.dest_root)
         if not layout.one_file:
             own = OwnOutputs(layout, manifest, dest_storage)
-        summary = _execute(config, layout, dest_storage, manifest, own, executor, listener, stop)
+        summary = _execute(
+            config, layout, dest_storage, manifest, own, executor, listener, stop, store=None
+        )
         if own is not None:
             summary.warnings.extend(own.warnings)
         if layout.one_file:
@@ -227,6 +232,7 @@ def _execute(
     stop: StopToken | None,
     *,
     remote: bool = False,
+    store: StoreOptions | None = None,
 ) -> RunSummary:
     own_executor = executor is None
     encoder = check_encoder(config.encode)
@@ -238,6 +244,11 @@ def _execute(
     else:
         workers = 1 if layout.one_file else config.effective_workers
     total_memory = config.max_memory or default_memory_budget()
+    worker_run: WorkerRun | None = None
+    if executor is None and config.cluster is not None and not layout.one_file:
+        worker_run = _worker_run(config, layout.source, dest, store or StoreOptions())
+        executor = _cluster_executor(config, workers, total_memory)
+        workers = executor.workers
     budget = MemoryBudget(total_memory, workers)
     if executor is None:
         from optimizr.executors.local import ProcessExecutor
@@ -254,7 +265,7 @@ def _execute(
         )
     transfers = (
         Transfers(config.io_concurrency or default_io_concurrency(workers), budget)
-        if remote
+        if remote and worker_run is None  # a cluster's workers do their own transfers
         else None
     )
     sampler = TreeMemorySampler().start()
@@ -274,6 +285,7 @@ def _execute(
             target=layout.target,
             own_outputs=own_outputs,
             transfers=transfers,
+            worker_run=worker_run,
         )
         summary = pipeline.run()
     finally:
@@ -366,6 +378,18 @@ def _execute(
         # Share of the workers' time spent holding an image.
         "utilisation": round(stats.busy_seconds / (stats.workers * wall), 4) if wall > 0 else 0.0,
     }
+    if worker_run is not None:
+        summary.executor["cluster"] = config.cluster
+        summary.executor["per_worker"] = [
+            {
+                "worker": w.name,
+                "host": w.host,
+                "images": w.images,
+                "busy_seconds": round(w.busy_seconds, 3),
+                "peak_rss_bytes": w.peak_rss_bytes,
+            }
+            for w in stats.per_worker
+        ]
     summary.tool = tool_versions(config.encode.encoder)
     if transfers is not None:
         summary.storage["transfers"] = transfers.stats.to_dict(transfers.concurrency)
@@ -374,6 +398,54 @@ def _execute(
         if callable(statistics):
             summary.storage[role] = statistics().to_dict()
     return summary
+
+
+def _cluster_executor(config: RunConfig, workers: int, memory: int) -> Executor:
+    """--cluster: the Dask executor (its scheduler reached, a worker connected)."""
+    assert config.cluster is not None
+    try:
+        from optimizr.executors.dask import DaskExecutor
+    except ImportError:
+        raise UsageError(
+            "--cluster needs Dask distributed, which is not installed: "
+            "pip install 'optimizr[cluster]'"
+        ) from None
+    return DaskExecutor(
+        config.cluster,
+        workers=workers,
+        memory=memory,
+        timeout=config.timeout,
+        max_tasks_per_worker=config.max_tasks_per_worker,
+    )
+
+
+def _worker_run(
+    config: RunConfig, source: Storage, dest: Storage, store: StoreOptions
+) -> WorkerRun:
+    """Where a cluster's workers read and write: the places of SRC and DEST by URL
+    (a folder by its path, which every worker must see at the same path)."""
+    from optimizr.executors.worker_io import Place, WorkerRun
+
+    def place(storage: Storage, role: str) -> Place:
+        if isinstance(storage, LocalStorage) and not storage.prefix:
+            return Place(str(storage.root.resolve()))
+        if isinstance(storage, ObjectStorage) and storage.location.scheme != "memory":
+            return Place(storage.location.url(), store)
+        raise UsageError(
+            f"--cluster takes one SRC folder or URL and one DEST; {role} {storage.describe()} "
+            "cannot be opened by the workers"
+        )
+
+    return WorkerRun(
+        place(source, "SRC"),
+        place(dest, "DEST"),
+        if_larger=config.if_larger,
+        min_saving=config.min_saving,
+        preserve_mtime=config.preserve_mtime,
+        copy_metadata=config.encode.metadata == "all",
+        reencode_webp=config.reencode_webp,
+        spool_above=config.spool_above,
+    )
 
 
 def _summary_json(doc: dict[str, Any]) -> bytes:
@@ -583,7 +655,16 @@ def _convert_remote(
                 checkpointer.start()  # its first upload at once, on its own thread
         own = OwnOutputs(layout, manifest, dest_storage)
         summary = _execute(
-            config, layout, dest_storage, manifest, own, executor, listener, stop, remote=True
+            config,
+            layout,
+            dest_storage,
+            manifest,
+            own,
+            executor,
+            listener,
+            stop,
+            remote=True,
+            store=store,
         )
         summary.warnings.extend(own.warnings)
         summary.dest = dest_loc.url() if dest_loc.scheme != "local" else str(root)

@@ -10,6 +10,7 @@ the process exit code the CLI turns it into. Only ``cli.py`` catches them.
     │   └── ManifestDamaged       exit 2    DEST's manifest is unreadable: --rebuild-manifest
     ├── DestBusy                  exit 3    another run holds DEST's lock
     ├── WorkerStartFailed         exit 4    worker processes cannot start (interpreter, import)
+    ├── ClusterLost               exit 5    --cluster: the Dask scheduler was lost mid-run
     ├── Interrupted               exit 130  stopped by a signal (a run stopped by SIGTERM exits 143)
     └── ImageError                exit 1    one image could not be converted; the run goes on
         ├── NotAnImage            "not an image"        no known image signature           image
@@ -78,6 +79,16 @@ class DestBusy(OptimizrError):
     """Another run holds DEST's lock."""
 
     exit_code = 3
+
+
+class ClusterLost(OptimizrError):
+    """The Dask scheduler of ``--cluster`` went away during the run.
+
+    Not raised through the run: the images converted until then are committed and
+    the summary is exact (the rest stay unconverted, for a re-run to resume from
+    the manifest); the summary carries the message and this exit code."""
+
+    exit_code = 5
 
 
 class WorkerStartFailed(OptimizrError):

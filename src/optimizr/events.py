@@ -51,6 +51,8 @@ class RunSnapshot:
     counted: int = 0
     counted_bytes: int = 0
     count_done: bool = False
+    #: --cluster: the Dask workers connected to the scheduler now (None: a local pool).
+    workers_connected: int | None = None
 
     @property
     def total(self) -> int | None:

@@ -95,6 +95,7 @@ if TYPE_CHECKING:
     from concurrent.futures import Future
 
     from optimizr.encode import Encoded
+    from optimizr.executors.worker_io import WorkerRun
     from optimizr.sources import OwnOutputs
     from optimizr.storage.base import StoredObject
     from optimizr.transfers import Transfers
@@ -133,6 +134,10 @@ def output_keys(keys: Iterable[str], name: NameMode) -> dict[str, str]:
         key: key + ".webp" if claims[out] > 1 and out != key else out for key, out in short.items()
     }
 
+
+#: What the coordinator of a cluster run reads of a remote source for its memory
+#: estimate: the header, which the formats' readers find in the first bytes.
+_HEADER_BYTES = 256 << 10
 
 #: The message of a done row whose source had several pages: "pages: 3".
 PAGES_PREFIX = "pages: "
@@ -261,8 +266,12 @@ class Pipeline:
         target: str | None = None,
         own_outputs: OwnOutputs | None = None,
         transfers: Transfers | None = None,
+        worker_run: WorkerRun | None = None,
     ) -> None:
         self.config = config
+        #: The places and write policy of an executor whose workers read and write
+        #: the stores themselves (executor.does_io): jobs then carry no bytes.
+        self.worker_run = worker_run if executor.does_io else None
         #: Network I/O on its own threads (a remote SRC or DEST); None: inline.
         self.transfers = transfers
         #: Jobs whose sources were fetched, for the executor's next pulls.
@@ -353,6 +362,7 @@ class Pipeline:
             counted=count.files if count else 0,
             counted_bytes=count.bytes if count else 0,
             count_done=count.done if count else False,
+            workers_connected=executor.connected,
         )
 
     def _publish_progress(self) -> None:
@@ -405,6 +415,7 @@ class Pipeline:
         finally:
             if self.counter is not None:
                 self.counter.stop()
+            self.summary.cluster_lost = self.executor.lost
             self.summary.interrupted = self.stop.graceful
             self.summary.stop_signal = self.stop.signum
             self.summary.walk_complete = self._walk_done
@@ -692,6 +703,8 @@ class Pipeline:
             self._record(self._dry_run_result(entry, out_key, plan), known=known)
             return None
         flight = _InFlight(entry, checked_ns, attempts, known, out_key, plan)
+        if self.worker_run is not None:
+            return self._worker_job(flight)
         source: str | bytes | None = self.source.local_path(entry.key)
         metadata: dict[str, str] = {}
         if source is None:
@@ -761,6 +774,91 @@ class Pipeline:
             trace=flight.trace.carrier,
         )
 
+    def _worker_job(self, flight: _InFlight) -> Job | None:
+        """The job for a worker that reads the source and writes the outputs itself:
+        only the header comes here (a ranged read), for the memory estimate and the
+        refusals the header alone decides."""
+        assert self.worker_run is not None
+        from optimizr.executors.worker_io import WorkerIO
+
+        entry, plan, out_key = flight.entry, flight.plan, flight.out_key
+        record = partial(
+            self._record, entry=entry, checked_ns=flight.checked_ns, known=flight.known, plan=plan
+        )
+        if self._kept_in_the_way(out_key, plan):
+            record(self._output_exists(entry.key, out_key))
+            return None
+        head: str | bytes | None = self.source.local_path(entry.key)
+        if head is None:
+            try:
+                head = self.source.read_head(entry.key, _HEADER_BYTES)
+            except OSError as exc:
+                unreadable = SourceUnreadable(exc.strerror or str(exc))
+                record(_failure(entry.key, unreadable), attempts=flight.attempts)
+                return None
+        if not self.config.reencode_webp and is_webp(head):
+            record(self._keep_as_is(already_webp(entry.key), entry, plan))
+            return None
+        cost = 0
+        header = probe(head)
+        if header is not None:
+            cost = estimate_peak_bytes(header, self.config.encode)
+            refusal = self._refusal(header, cost)
+            if refusal is not None:
+                record(_failure(entry.key, refusal), attempts=flight.attempts)
+                return None
+        absent = self.config.if_exists == "skip" and split_key(out_key)[1] not in plan.outputs()
+        io = WorkerIO(self.worker_run, entry, out_key, if_absent=absent)
+        self._next_id += 1
+        self._in_flight[self._next_id] = flight
+        # The worker makes the fetch and write spans too, under this image's.
+        flight.trace = self.tracing.image(entry.key, entry.size, flight.started_ns)
+        return Job(
+            self._next_id,
+            entry.key,
+            "",
+            self.config.encode,
+            cost,
+            verify=self.config.verify,
+            trace=flight.trace.carrier,
+            io=io,
+        )
+
+    def _commit_stored(self, flight: _InFlight, outcome: Outcome) -> None:
+        """Record what a worker did itself (it wrote the outputs, or why not)."""
+        stored = outcome.stored
+        assert stored is not None
+        entry, key, plan = flight.entry, flight.entry.key, flight.plan
+        record = self._recorder(flight, outcome.warnings)
+        for target in stored.written:
+            plan.written.add(split_key(target)[1])
+        if stored.status == "own output":
+            self.summary.own_outputs += 1
+            self.summary.found -= 1
+            self._found_bytes -= entry.size
+            self._planned_bytes -= entry.size
+        elif stored.status == "already webp":
+            record(self._keep_as_is(already_webp(key), entry, plan))
+        elif stored.status == "exists":
+            record(self._output_exists(key, stored.target))
+        elif stored.status == "larger":
+            larger = larger_than_source(
+                key, stored.bytes_out, entry.size, self.config.if_larger, self.config.min_saving
+            )
+            assert larger is not None
+            record(self._keep_as_is(larger, entry, plan))
+        else:
+            assert outcome.encoded is not None
+            result = self._converted(
+                flight,
+                outcome.encoded,
+                stored.bytes_out,
+                stored.more_bytes,
+                stored.write_seconds,
+                [],
+            )
+            record(result)
+
     def _conflict(self, key: str, owner: str, out_key: str) -> OutputConflict:
         if self.config.name == "replace":
             hint = (
@@ -815,6 +913,16 @@ class Pipeline:
                 check_webp_limit(header.width, header.height, options)
         except TooLarge as exc:
             return exc
+        capacity = self.executor.memory_capacity()
+        if capacity is not None:
+            if cost <= capacity:
+                return None
+            need = -(-cost // 2**20)
+            return OverMemoryBudget(
+                f"{header.width}x{header.height} needs about {need:,} MiB to convert, more "
+                f"than any worker's MEMORY resource ({capacity // 2**20:,} MiB); start "
+                "workers with a larger --resources MEMORY=... or use --max-width/--max-height"
+            )
         # Refused only if it cannot fit even alone: beside its own worker's
         # baseline, the others retired (an image bigger than what the other
         # workers leave free runs that way).
@@ -1025,6 +1133,9 @@ class Pipeline:
     def _commit(self, outcome: Outcome) -> None:
         flight = self._in_flight.pop(outcome.job.id)
         self._done_with(flight)  # the source's bytes (or spool file) are done with
+        if outcome.stored is not None and outcome.error is None:
+            self._commit_stored(flight, outcome)
+            return
         entry, key, out_key, plan = flight.entry, flight.entry.key, flight.out_key, flight.plan
         record = self._recorder(flight, outcome.warnings)
         if outcome.error is not None or outcome.encoded is None:
@@ -1429,6 +1540,10 @@ def _timed(flight: _InFlight, fetch: Callable[[], StoredObject]) -> Callable[[],
             flight.fetched = (started, time.time_ns())
 
     return timed
+
+
+#: The check a cluster worker makes before it writes (executors/worker_io.py).
+changed_since_listed = _changed
 
 
 def _failure(key: str, error: ImageError) -> Result:

@@ -196,6 +196,8 @@ class RunSummary:
     #: Files not converted (failed, or skipped for any reason but "up to date").
     not_converted: list[Result] = field(default_factory=list)
     interrupted: bool = False
+    #: --cluster: why the run ended early, its scheduler lost (exit 5); None: it was not.
+    cluster_lost: str | None = None
     #: The signal that stopped the run (None: not stopped, or stopped by a caller).
     stop_signal: int | None = None
     workers: int = 0
@@ -333,6 +335,10 @@ class RunSummary:
         if self.interrupted:
             # The shell's convention, 128 + the signal: what `kill` callers expect.
             return 143 if self.stop_signal == signal.SIGTERM else 130
+        if self.cluster_lost is not None:
+            from optimizr.errors import ClusterLost
+
+            return ClusterLost.exit_code
         # Known-bad files stay listed, but only a failure new in this run makes
         # it fail: a scheduled job is not red for ever over one corrupt file.
         return 1 if (self.failed if self.strict else self.new_failed) else 0
@@ -357,6 +363,7 @@ class RunSummary:
             "finished_at": _iso(self.finished_at) if self.finished_at else None,
             "seconds": round(seconds, 3),
             "interrupted": self.interrupted,
+            "cluster_lost": self.cluster_lost,
             "exit_code": self.exit_code,
             "workers": self.workers,
             "options": self.options,

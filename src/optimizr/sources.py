@@ -215,7 +215,7 @@ class _SourceOnly(Storage):
         mtime_ns: int | None = None,
         if_absent: bool = False,
         metadata: Mapping[str, str] | None = None,
-    ) -> None:
+    ) -> str | None:
         raise OSError(errno.EROFS, "a SRC is never written", key)
 
     def delete(self, key: str) -> bool:

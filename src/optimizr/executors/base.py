@@ -39,10 +39,14 @@ import socket
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from optimizr.config import EncodeOptions
 from optimizr.encode import Encoded
 from optimizr.errors import ImageError
+
+if TYPE_CHECKING:
+    from optimizr.executors.worker_io import Stored, WorkerIO
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,10 @@ class Job:
     #: The image span's W3C trace context and the traces URL, as (key, value) pairs
     #: (tracing.py): the worker makes its phase spans under it. Empty: not traced.
     trace: tuple[tuple[str, str], ...] = ()
+    #: For an executor whose workers read and write the stores themselves (a Dask
+    #: cluster): where the source is and where its outputs go; ``source`` is then
+    #: empty until the worker has read it.
+    io: WorkerIO | None = None
 
 
 class Wakeup:
@@ -117,6 +125,20 @@ class Outcome:
     #: What libvips (or another codec library) said about this image while
     #: converting it, one message per entry: per-image warnings, not log lines.
     warnings: tuple[str, ...] = ()
+    #: What the worker wrote itself (a job with ``io``): ``encoded`` then has its
+    #: facts but no bytes.
+    stored: Stored | None = None
+
+
+@dataclass(frozen=True)
+class WorkerFigures:
+    """One worker of a cluster: what it converted and what it cost."""
+
+    name: str
+    host: str
+    images: int
+    busy_seconds: float
+    peak_rss_bytes: int
 
 
 @dataclass(frozen=True)
@@ -146,10 +168,24 @@ class ExecutorStatistics:
     workers_restored: int = 0
     #: Workers replaced by a fresh one before such a job, having grown since they started.
     workers_refreshed: int = 0
+    #: Per worker of a cluster (empty for a local pool).
+    per_worker: tuple[WorkerFigures, ...] = ()
+    #: Workers connected to a cluster's scheduler now (None: not a cluster).
+    connected: int | None = None
 
 
 class Executor(ABC):
     workers: int = 1
+    #: Its workers read sources and write outputs themselves (jobs carry ``io``).
+    does_io: bool = False
+    #: Set when the executor lost its workers for good mid-run (a cluster's
+    #: scheduler): the run ends there, with what was committed counted exactly.
+    lost: str | None = None
+
+    def memory_capacity(self) -> int | None:
+        """The most memory one job may take on any worker, where the workers declare
+        it (a Dask worker's MEMORY resource); None: the memory budget decides."""
+        return None
 
     @abstractmethod
     def imap_unordered(self, jobs: Iterable[Job | Wakeup]) -> Iterator[Outcome]:

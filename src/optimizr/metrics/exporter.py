@@ -89,6 +89,10 @@ def health(snapshot: RunSnapshot | None, stall_timeout: float, now: float) -> Ve
         "queued": snapshot.queued,
         "finished": snapshot.finished,
     }
+    if snapshot.workers_connected == 0:
+        # A cluster with no worker converts nothing, however long it waits.
+        reason = "no Dask worker is connected to the scheduler"
+        return Verdict(False, "no workers", reason, {**figures, "workers_connected": 0})
     if pending and idle > stall_timeout:
         reason = f"no image finished for {idle:.0f} s with {pending} running or queued"
         return Verdict(False, "stalled", reason, figures)

@@ -163,7 +163,7 @@ class Storage(ABC):
         mtime_ns: int | None = None,
         if_absent: bool = False,
         metadata: Mapping[str, str] | None = None,
-    ) -> None:
+    ) -> str | None:
         """Replace ``key`` with ``data`` so no reader ever sees a partial object;
         ``mtime_ns``: the modification time it carries (--preserve-mtime).
 
@@ -172,7 +172,15 @@ class Storage(ABC):
         that of two writers racing on one key exactly one wins.
 
         ``metadata``: user metadata for the object (--metadata all copies a source's);
-        a filesystem has nowhere to keep it and ignores it."""
+        a filesystem has nowhere to keep it and ignores it.
+
+        Returns the store's ETag of what was written, where it has one (None on a
+        filesystem): a Dask worker that wrote the output hands it back."""
+
+    def read_head(self, key: str, size: int) -> bytes:
+        """The first ``size`` bytes of ``key`` (fewer if it is shorter): enough of its
+        header for a memory estimate, without carrying the whole image."""
+        return self.read_bytes(key)[:size]
 
     def read_object(self, key: str) -> StoredObject:
         """``key``'s bytes with what the store knows of them (ETag, user metadata)."""

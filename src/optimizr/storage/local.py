@@ -66,6 +66,10 @@ class LocalStorage(Storage):
     def read_bytes(self, key: str) -> bytes:
         return self.path_of(key).read_bytes()
 
+    def read_head(self, key: str, size: int) -> bytes:
+        with self.path_of(key).open("rb") as fh:
+            return fh.read(size)
+
     def write_atomic(
         self,
         key: str,
@@ -74,8 +78,9 @@ class LocalStorage(Storage):
         mtime_ns: int | None = None,
         if_absent: bool = False,
         metadata: Mapping[str, str] | None = None,
-    ) -> None:
+    ) -> str | None:
         atomic_write(self.path_of(key), data, mtime_ns=mtime_ns, exclusive=if_absent)
+        return None
 
     def copy_in(
         self, key: str, source: Storage, source_key: str, *, mtime_ns: int | None = None

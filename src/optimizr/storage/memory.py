@@ -60,12 +60,13 @@ class MemoryStorage(Storage):
         mtime_ns: int | None = None,
         if_absent: bool = False,
         metadata: Mapping[str, str] | None = None,
-    ) -> None:
+    ) -> str | None:
         with self._lock:
             if if_absent and key in self.objects:
                 raise FileExistsError(17, "exists", key)
             self.writes += 1
             self.put(key, bytes(data), mtime_ns)
+        return None
 
     def delete(self, key: str) -> bool:
         return self.objects.pop(key, None) is not None

@@ -327,6 +327,21 @@ class ObjectStorage(Storage):
     def read_bytes(self, key: str) -> bytes:
         return self.read_object(key).data
 
+    def read_head(self, key: str, size: int) -> bytes:
+        # One ranged GET: the coordinator of a --cluster run estimates an image's
+        # memory from its header and never fetches the image itself.
+        full = self._full(key)
+        try:
+            return self._request(
+                "get",
+                full,
+                lambda: bytes(obstore.get_range(self.store, full, start=0, length=size)),
+            )
+        except FileNotFoundError:
+            raise FileNotFoundError(2, "no such object", full) from None
+        except BaseError as exc:
+            raise os_error(exc, full, "read") from None
+
     def read_object(self, key: str) -> StoredObject:
         full = self._full(key)
 
@@ -419,10 +434,10 @@ class ObjectStorage(Storage):
         mtime_ns: int | None = None,
         if_absent: bool = False,
         metadata: Mapping[str, str] | None = None,
-    ) -> None:
+    ) -> str | None:
         full = self._full(key)
         try:
-            self._put(
+            return self._put(
                 "put",
                 full,
                 data,
