@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -397,3 +398,36 @@ def test_at_most_two_tasks_per_worker_thread_are_in_flight_and_futures_are_relea
     assert max(in_flight) <= 4  # the window, never the whole run
     assert max(held) <= 4  # each future let go as its result came
     assert sorted(p.name for p in dest.iterdir()) == [n + ".webp" for n in names]
+
+
+def test_one_image_is_one_trace_across_the_coordinator_and_the_dask_workers(
+    dask_cluster: DaskCluster, server: SeaweedS3, prefix: str, tmp_path: Path, otlp_receiver: Any
+) -> None:
+    """--otlp-endpoint on a cluster: the image span is the coordinator's; its fetch and
+    write spans come from the Dask worker that read and wrote the store, its read,
+    decode and encode spans from that worker's conversion child, all in one trace."""
+    from otlp_receiver import span_tree
+
+    src_url, dest_url = url(server, f"{prefix}/in"), url(server, f"{prefix}/out")
+    names = [f"img{n}.jpg" for n in range(3)]
+    upload_sources(store_of(server, src_url), names)
+    done = run_cli(
+        server, src_url, dest_url, tmp_path / "s", "--cluster", dask_cluster.address,
+        "--otlp-endpoint", otlp_receiver.url,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    spans = otlp_receiver.trace_of_run(dest_url)
+    tree = span_tree(spans)
+    coordinator = next(s for s in spans if s.name == "run").resource["process.pid"]
+    images = [s for s in spans if s.name == "image"]
+    assert len(images) == len(names), tree
+    for image in images:
+        assert image.resource["process.pid"] == coordinator
+        by_name = {s.name: s for s in spans if s.parent_id == image.span_id}
+        assert sorted(by_name) == ["decode", "encode", "fetch", "read", "write"], tree
+        worker = by_name["fetch"].resource["process.pid"]
+        child = by_name["decode"].resource["process.pid"]
+        assert worker == by_name["write"].resource["process.pid"] != coordinator
+        assert child == by_name["encode"].resource["process.pid"] not in (worker, coordinator)
+        assert by_name["fetch"].end_ns <= by_name["decode"].start_ns
+        assert by_name["encode"].end_ns <= by_name["write"].start_ns
