@@ -472,18 +472,31 @@ def small(args: argparse.Namespace, server: SeaweedS3, work: Path, cluster: Dask
     executors: dict[str, list[str]] = {"local -j 2": ["-j", str(args.workers)]}
     if cluster is not None:
         executors["cluster"] = ["--cluster", cluster.address]
+    names = [*executors, *(["local->local -j 2"] if args.small_local else [])]
     print(f"\n## Small images: {', '.join(f'{n:,}' for n in args.small_sizes)} tiny PNGs\n")
     rows: list[list[object]] = []
-    peaks: dict[str, dict[int, int]] = {name: {} for name in executors}
-    cpus: dict[str, dict[int, float]] = {name: {} for name in executors}
+    peaks: dict[str, dict[int, int]] = {name: {} for name in names}
+    cpus: dict[str, dict[int, float]] = {name: {} for name in names}
     quartiles: list[list[object]] = []
     for size in args.small_sizes:
         sent = upload(server, small_keys(f"small-{size}", size))
         assert sent == size
-        for name, executor in executors.items():
-            tag = f"small-{size}-{name.split()[0]}"
-            command = convert_command(server, f"small-{size}", f"out-{tag}", work / f"state-{tag}",
-                                      work / f"{tag}.json", executor)  # fmt: skip
+        for name in names:
+            tag = f"small-{size}-{name.split()[0].replace('>', '')}"
+            if name in executors:
+                command = convert_command(server, f"small-{size}", f"out-{tag}",
+                                          work / f"state-{tag}", work / f"{tag}.json",
+                                          executors[name])  # fmt: skip
+            else:
+                # The same images on the local disk: what the coordinator holds without
+                # an object store (its transfers, obstore's runtime, the DEST snapshots).
+                src = work / tag
+                for key, data in small_keys("", size):
+                    (src / key.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+                    (src / key.lstrip("/")).write_bytes(data)
+                command = [*optimizr_command(), "convert", str(src), str(work / f"out-{tag}"),
+                           "--no-progress", "--if-larger", "write", "--summary",
+                           str(work / f"{tag}.json"), "-j", str(args.workers)]  # fmt: skip
             run = checked(run_coordinator(command, env, work / f"{tag}.json"), tag, size)
             peaks[name][size] = run.own_peak
             cpus[name][size] = run.own_cpu
@@ -707,6 +720,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--skip-cluster", action="store_true", help="local runs only")
     parser.add_argument("--skip-rounds", action="store_true")
     parser.add_argument("--skip-small", action="store_true")
+    parser.add_argument("--small-local", action="store_true", help="small images local->local too")
     parser.add_argument("--costs", action="store_true", help="measure the per-task costs only")
     parser.add_argument("--tasks", type=int, default=5000, help="--costs: Dask tasks per window")
     parser.add_argument("--windows", type=sizes, default=[4, 200],
