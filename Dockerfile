@@ -1,0 +1,70 @@
+# syntax=docker/dockerfile:1
+# optimizr's image: `optimizr` itself (the entrypoint), and the Dask scheduler and worker of
+# a cluster run (`dask scheduler`, `dask worker`: the `cluster` extra). README, "Deployment".
+#
+#   docker build -t optimizr .
+#   docker run --rm -v "$PWD/photos:/data/in:ro" -v "$PWD/webp:/data/out" optimizr convert in out
+#
+# Where no base image can be pulled, `make image` builds this same file on a Debian
+# bookworm base that it makes with debootstrap, passed as BASE_IMAGE.
+
+# Any Debian-like image with python3 (3.11 or later) and its venv module: the official
+# python:3.11-slim, or debootstrap's bookworm with python3-venv and ca-certificates.
+# Only `python3` is used below, never `python` or a system pip: Debian's own python3 has
+# neither `python` nor pip, and refuses pip installs outside a venv (PEP 668).
+ARG BASE_IMAGE=python:3.11-slim
+
+# ---- build: optimizr's wheel from this checkout -------------------------------------
+FROM ${BASE_IMAGE} AS build
+# Builds behind a TLS-intercepting proxy: the path, inside the build, of a CA bundle for
+# pip (`make image` mounts this machine's bundle over the base's and names it here).
+# Empty, as for a plain `docker build`: pip's own certificates. Not kept in the image.
+ARG PIP_CERT=
+WORKDIR /src
+# .dockerignore lets in only these: the wheel needs pyproject.toml, the README (the
+# package's long description) and src/.
+COPY pyproject.toml README.md ./
+COPY src ./src
+# pip fetches setuptools from PyPI into its isolated build environment; the wheel holds
+# optimizr alone (--no-deps): its dependencies are the runtime stage's business.
+RUN python3 -m venv /tmp/build-venv \
+ && /tmp/build-venv/bin/pip wheel --no-deps --wheel-dir /wheels .
+
+# ---- runtime: the wheel and its dependencies from PyPI, run as a non-root user --------
+FROM ${BASE_IMAGE} AS runtime
+ARG PIP_CERT=
+
+# /opt/optimizr is a venv: one folder holds optimizr, libvips (pyvips-binary), Pillow's
+# libwebp, pillow-heif's libheif, obstore and Dask, all manylinux wheels that carry
+# their own shared libraries, so the base needs nothing but Python and CA certificates.
+# pyvips itself is an sdist on PyPI (pure Python): pip builds it here, no compiler needed.
+ENV PATH=/opt/optimizr/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1
+
+COPY --from=build /wheels /tmp/wheels
+# The cache mount keeps pip's downloads between builds without putting them in a layer:
+# a rebuild after a source change downloads nothing. The venv stays root-owned, so the
+# user that runs the image cannot change the code it runs.
+RUN --mount=type=cache,target=/root/.cache/pip \
+    python3 -m venv /opt/optimizr \
+ && pip install "$(ls /tmp/wheels/optimizr-*.whl)[cluster]" \
+ && rm -rf /tmp/wheels \
+ && optimizr --version \
+ && dask --version
+
+# A fixed uid/gid, so that bind-mounted folders can be given to it (chown 10001) and
+# Kubernetes' runAsNonRoot can check it from the image. Its home holds the remote DESTs'
+# state folders (~/.cache/optimizr) and Dask's config; /data is the working directory
+# for mounted libraries; Dask workers spill to /tmp.
+RUN groupadd --gid 10001 optimizr \
+ && useradd --uid 10001 --gid optimizr --home-dir /home/optimizr --create-home --no-log-init \
+      --shell /usr/sbin/nologin optimizr \
+ && install -d -o optimizr -g optimizr /data
+USER 10001:10001
+WORKDIR /data
+
+# 8786: the Dask scheduler; 8787: its dashboard; 9090: a conventional --metrics-port.
+EXPOSE 8786 8787 9090
+ENTRYPOINT ["optimizr"]
+CMD ["--help"]
