@@ -54,17 +54,19 @@ RUN --mount=type=cache,target=/root/.cache/pip \
  && dask --version
 
 # A fixed uid/gid, so that bind-mounted folders can be given to it (chown 10001) and
-# Kubernetes' runAsNonRoot can check it from the image. Its home holds the remote DESTs'
-# state folders (~/.cache/optimizr) and Dask's config; /data is the working directory
-# for mounted libraries; Dask workers spill to /tmp.
+# Kubernetes' runAsNonRoot can check it from the image. Its home holds Dask's config and
+# the remote DESTs' state folders, ~/.cache/optimizr: made here, owned by the user, so a
+# volume mounted there starts with that owner (docker-compose.yml mounts one); /data is
+# the working directory for mounted libraries; Dask workers spill to /tmp.
 RUN groupadd --gid 10001 optimizr \
  && useradd --uid 10001 --gid optimizr --home-dir /home/optimizr --create-home --no-log-init \
       --shell /usr/sbin/nologin optimizr \
- && install -d -o optimizr -g optimizr /data
+ && install -d -o optimizr -g optimizr /data /home/optimizr/.cache /home/optimizr/.cache/optimizr
 USER 10001:10001
 WORKDIR /data
 
-# 8786: the Dask scheduler; 8787: its dashboard; 9090: a conventional --metrics-port.
-EXPOSE 8786 8787 9090
+# 8786: the Dask scheduler; 9090: the --metrics-port of docker-compose.yml. (No 8787:
+# the Dask dashboard needs bokeh, which the image leaves out.)
+EXPOSE 8786 9090
 ENTRYPOINT ["optimizr"]
 CMD ["--help"]

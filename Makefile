@@ -28,8 +28,8 @@ samples: $(STAMP)
 	$(BIN)/python -m optimizr.samples $(SAMPLES)
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests $(wildcard bench)
-	$(BIN)/ruff format --check src tests $(wildcard bench)
+	$(BIN)/ruff check src tests $(wildcard bench) deploy
+	$(BIN)/ruff format --check src tests $(wildcard bench) deploy
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
