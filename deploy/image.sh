@@ -52,9 +52,9 @@ host_suite() {
 }
 
 # The mirror apt already uses for that suite (deb822 .sources, else one-line .list), so
-# debootstrap goes where this machine's apt is known to reach; else deb.debian.org.
+# debootstrap goes where this machine's apt is known to reach; else the fallback given.
 host_mirror() {
-    local suite=$1 file
+    local suite=$1 fallback=$2 file
     for file in /etc/apt/sources.list.d/*.sources; do
         [ -r "$file" ] || continue
         awk -v suite="$suite" '
@@ -78,7 +78,7 @@ host_mirror() {
     done
     cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null \
         | sed -E 's/\[[^]]*\]//' | awk -v suite="$suite" '$1 == "deb" && $3 == suite { print $2 }'
-    echo "http://deb.debian.org/debian"
+    echo "$fallback"
 }
 
 # The base image: debootstrap's minbase plus python3, its venv module and CA certificates,
@@ -90,19 +90,29 @@ make_base() {
         say "base $BASE: cached"
         return
     fi
-    local suite mirror tarball rootfs started
+    local suite mirror security tarball rootfs started
     suite=$(host_suite)
     tarball=$IMAGE_CACHE/$suite-minbase.tar
     mkdir -p "$IMAGE_CACHE"
     if [ ! -s "$tarball" ]; then
-        mirror=$(host_mirror "$suite" | grep -E '^https?://' | head -n 1)
+        mirror=$(host_mirror "$suite" http://deb.debian.org/debian | grep -E '^https?://' | head -n 1)
+        security=$(host_mirror "$suite-security" http://deb.debian.org/debian-security \
+            | grep -E '^https?://' | head -n 1)
         rootfs=$IMAGE_CACHE/rootfs.partial  # left by an interrupted run: start again
         rm -rf "$rootfs"
         started=$SECONDS
-        say "debootstrap $suite from $mirror into $rootfs"
+        say "debootstrap $suite from $mirror into $rootfs, then $suite-updates and -security"
         debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
             "$suite" "$rootfs" "$mirror" >"$IMAGE_CACHE/debootstrap.log" 2>&1 \
             || { tail -n 20 "$IMAGE_CACHE/debootstrap.log" >&2; die "debootstrap failed (log: $IMAGE_CACHE/debootstrap.log)"; }
+        # debootstrap takes the suite's point release; the fixes published since (the
+        # -updates and -security suites) come on top, as in Debian's own images.
+        printf 'deb %s %s-updates main\ndeb %s %s-security main\n' \
+            "$mirror" "$suite" "$security" "$suite" >>"$rootfs/etc/apt/sources.list"
+        { chroot "$rootfs" apt-get update -q \
+            && DEBIAN_FRONTEND=noninteractive chroot "$rootfs" apt-get upgrade -y -q \
+            && chroot "$rootfs" apt-get clean; } >>"$IMAGE_CACHE/debootstrap.log" 2>&1 \
+            || { tail -n 20 "$IMAGE_CACHE/debootstrap.log" >&2; die "apt-get upgrade in the base failed (log: $IMAGE_CACHE/debootstrap.log)"; }
         tar -C "$rootfs" --numeric-owner \
             --exclude='./var/cache/apt/archives/*.deb' --exclude='./var/lib/apt/lists/*' \
             --exclude='./usr/share/doc/*' --exclude='./usr/share/man/*' \
@@ -110,7 +120,7 @@ make_base() {
             -cf "$tarball.partial" .
         mv "$tarball.partial" "$tarball"  # the cache holds a whole tarball or none
         rm -rf "$rootfs"
-        say "debootstrap: $((SECONDS - started)) s"
+        say "debootstrap and upgrade: $((SECONDS - started)) s"
     fi
     local container
     container=$(buildah from scratch)
