@@ -28,8 +28,8 @@ samples: $(STAMP)
 	$(BIN)/python -m optimizr.samples $(SAMPLES)
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests $(wildcard bench)
-	$(BIN)/ruff format --check src tests $(wildcard bench)
+	$(BIN)/ruff check src tests $(wildcard bench) deploy
+	$(BIN)/ruff format --check src tests $(wildcard bench) deploy
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
@@ -143,3 +143,27 @@ bench-encoder: $(STAMP) bench-peers bench-corpus
 # Trees of tiny images and their first conversion are cached in bench/.data/resume.
 bench-resume: $(STAMP)
 	$(BIN)/python bench/resume.py --rounds $(BENCH_ROUNDS) --workers $(BENCH_WORKERS)
+
+# The container image (Dockerfile; README "Deployment") built without a Docker engine:
+# deploy/image.sh installs buildah, podman, runc and debootstrap with apt when missing,
+# debootstraps a Debian base matching this machine (cached in IMAGE_CACHE and in the
+# container storage, so a second build reuses it and buildah's layer cache), builds the
+# Dockerfile on it, then runs the smoke test. Needs root and minutes: not part of `make test`.
+IMAGE ?= localhost/optimizr:latest
+IMAGE_BASE ?= localhost/optimizr-base:bookworm
+IMAGE_CACHE ?= /var/tmp/optimizr-image
+IMAGE_ENV = IMAGE=$(IMAGE) BASE=$(IMAGE_BASE) IMAGE_CACHE=$(IMAGE_CACHE)
+
+.PHONY: image image-build image-smoke
+
+# The smoke test runs in the same recipe, after the build (not a prerequisite, which make -j
+# could start first).
+image:
+	$(IMAGE_ENV) bash deploy/image.sh build
+	$(IMAGE_ENV) bash deploy/image.sh smoke
+
+image-build:
+	$(IMAGE_ENV) bash deploy/image.sh build
+
+image-smoke:
+	$(IMAGE_ENV) bash deploy/image.sh smoke
