@@ -50,15 +50,15 @@ ENV PATH=/opt/optimizr/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1
 
 # Two layers: the dependencies, read from pyproject.toml alone (its dependencies and the
-# cluster extra), then optimizr's wheel without them. A change to the code then rebuilds
-# only the second, in seconds; the first is redone only when pyproject.toml changes.
+# cluster and tracing extras: a worker exports its spans itself), then optimizr's wheel
+# without them. A change to the code then rebuilds only the second, in seconds; the first is redone only when pyproject.toml changes.
 # The cache mount keeps pip's downloads and the pyvips wheel it builds between builds
 # without putting them in a layer. The venv stays root-owned, so the user that runs the
 # image cannot change the code it runs.
 COPY pyproject.toml /tmp/pyproject.toml
 RUN --mount=type=cache,target=/root/.cache/pip \
     python3 -m venv /opt/optimizr \
- && python3 -c 'import tomllib; project = tomllib.load(open("/tmp/pyproject.toml", "rb"))["project"]; print("\n".join(project["dependencies"] + project["optional-dependencies"]["cluster"]))' \
+ && python3 -c 'import tomllib; project = tomllib.load(open("/tmp/pyproject.toml", "rb"))["project"]; extras = project["optional-dependencies"]; print("\n".join(project["dependencies"] + extras["cluster"] + extras["tracing"]))' \
       > /tmp/requirements.txt \
  && pip install --requirement /tmp/requirements.txt \
  && rm /tmp/pyproject.toml /tmp/requirements.txt

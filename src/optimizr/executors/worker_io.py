@@ -210,11 +210,10 @@ def convert_here(
 ) -> Outcome:
     """One image on this worker: read, convert with ``convert`` (in an isolated child
     process on a Dask worker), write; the outcome carries no image bytes."""
+    from optimizr import tracing
     from optimizr.errors import SourceUnreadable
     from optimizr.executors.base import Outcome
     from optimizr.pipeline import is_webp, larger_than_source
-
-    from optimizr import tracing
 
     io = job.io
     assert io is not None, "a job for a worker that does its own I/O carries io"
