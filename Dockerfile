@@ -51,7 +51,8 @@ ENV PATH=/opt/optimizr/bin:$PATH \
 
 # Two layers: the dependencies, read from pyproject.toml alone (its dependencies and the
 # cluster and tracing extras: a worker exports its spans itself), then optimizr's wheel
-# without them. A change to the code then rebuilds only the second, in seconds; the first is redone only when pyproject.toml changes.
+# without them. A change to the code then rebuilds only the second, in seconds; the
+# first is redone only when pyproject.toml changes.
 # The cache mount keeps pip's downloads and the pyvips wheel it builds between builds
 # without putting them in a layer. The venv stays root-owned, so the user that runs the
 # image cannot change the code it runs.
