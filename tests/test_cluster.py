@@ -271,6 +271,42 @@ def test_the_scheduler_lost_mid_run_is_one_error_an_exact_summary_and_a_rerun_re
     assert files["skipped_by_reason"] == {"up to date": committed}
 
 
+def test_grace_bounds_how_long_a_stopped_cluster_run_waits(
+    server: SeaweedS3, prefix: str, tmp_path: Path, s3_server: SeaweedS3
+) -> None:
+    """SIGTERM, then --grace 1: an image still converting after it is abandoned (its
+    task cancelled, nothing committed) and the run ends, as with the local pool."""
+    # A cluster of its own: its one worker stays held by the blocked image.
+    cluster = start_dask(tmp_path / "dask", 1, dask_env(s3_server, "block-once:dask-grace.jpg"))
+    src_url, dest_url = url(server, f"{prefix}/in"), url(server, f"{prefix}/out")
+    names = ["a0.jpg", "dask-grace.jpg", "z0.jpg"]
+    upload_sources(store_of(server, src_url), names)
+    log, state = tmp_path / "run.log", tmp_path / "state"
+    state.mkdir()
+    try:
+        args = ("--cluster", cluster.address, "--grace", "1")
+        process = start_cli(server, src_url, dest_url, state, log, *args)
+        try:
+            wait_for_file(cluster.fault_dir / "dask-grace.jpg.blocked", process, log)
+            process.send_signal(signal.SIGTERM)
+            code = process.wait(timeout=120)  # without --grace on a cluster: forever
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    finally:
+        cluster.stop()
+    said = log.read_text()
+    assert code == 143, said
+    assert "--grace 1s is over:" in said and "in flight abandoned" in said, said
+    doc = json.loads((state / "summary.json").read_text())
+    VALIDATOR.validate(doc)
+    files = doc["files"]
+    assert doc["interrupted"] is True
+    assert files["converted"] + files["remaining"] == len(names) and files["remaining"] >= 1
+    assert manifest_counts(state).get("done", 0) == files["converted"]
+
+
 def test_cluster_without_distributed_is_one_line_naming_the_extra(
     cli: Callable[..., Result], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -416,6 +416,7 @@ def _cluster_executor(config: RunConfig, workers: int, memory: int) -> Executor:
         memory=memory,
         timeout=config.timeout,
         max_tasks_per_worker=config.max_tasks_per_worker,
+        grace=config.grace,
     )
 
 

@@ -114,8 +114,13 @@ class DaskExecutor(Executor):
         memory: int = 0,
         timeout: float = 300.0,
         max_tasks_per_worker: int | None = None,
+        grace: float | None = None,
     ) -> None:
         self.address = address
+        #: --grace: after a graceful stop, how long in-flight images may take before
+        #: they are abandoned (their futures cancelled, nothing of them committed).
+        self.grace = grace
+        self._stop_deadline: float | None = None
         # distributed's own lines (every connection, worker, close; it sets its logger
         # to INFO when imported) are not the run's: its warnings and errors still show.
         logging.getLogger("distributed").setLevel(logging.WARNING)
@@ -264,6 +269,19 @@ class DaskExecutor(Executor):
                 if wakeup is not None:
                     wakeup.wait(0.25)
                 continue
+            if self._stop_deadline is not None and time.monotonic() > self._stop_deadline:
+                # The grace is over: what is still converting is abandoned, as the
+                # local pool kills its workers. A worker may still finish and write
+                # an output; uncommitted, a re-run finds it identical and counts it.
+                logger.warning(
+                    "--grace %gs is over: %d image(s) in flight abandoned",
+                    self.grace,
+                    len(self._in_flight),
+                    extra={"event": "grace_over"},
+                )
+                self.abort()
+                self._in_flight.clear()
+                return
             # Woken by a finished task, or every quarter second to see workers come
             # and go, a stop request and the scheduler's health.
             if not completed.has_ready():
@@ -356,6 +374,8 @@ class DaskExecutor(Executor):
 
     def stop_accepting(self) -> None:
         self._stopping = True
+        if self.grace is not None and self._stop_deadline is None:
+            self._stop_deadline = time.monotonic() + self.grace
 
     def abort(self) -> None:
         self._stopping = self._aborted = True
