@@ -320,6 +320,13 @@ class DaskExecutor(Executor):
                 if not self._aborted:
                     self._lose("its connection closed")
                 return None
+            if status != "error":
+                # "lost": it finished, but its result was held by a worker that died
+                # before the coordinator fetched it (Dask keeps results on workers).
+                # Nothing of it was committed: it runs again, alone like a suspect;
+                # the output it already wrote is found identical and counted.
+                suspects.append(job)
+                return None
             exc: BaseException | None = future.exception()
         finally:
             future.release()
