@@ -587,3 +587,12 @@ def _cell(value: object) -> str:
             return "-"
         return f"{value:,.2f}" if abs(value) < 1000 else f"{value:,.0f}"
     return str(value)
+
+
+def find_ssimulacra2_tool() -> str | None:
+    """The reference SSIMULACRA 2 tool (cloudinary/ssimulacra2, built in /tmp from its
+    fetched source): $SSIMULACRA2, else ``ssimulacra2`` on PATH; None without it."""
+    path = os.environ.get("SSIMULACRA2")
+    if path:
+        return path if os.access(path, os.X_OK) else None
+    return shutil.which("ssimulacra2")

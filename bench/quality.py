@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import shutil
 import subprocess
 import tempfile
 import time
@@ -41,6 +40,7 @@ import numpy as np
 import pyvips
 from PIL import Image
 
+from _common import find_ssimulacra2_tool as find_tool
 from optimizr import ssimulacra2
 from optimizr.config import EncodeOptions
 from optimizr.encode import encode_webp
@@ -48,13 +48,6 @@ from optimizr.quality_search import _displayed, _foreign_profile, _matched, _to_
 
 BENCH = Path(__file__).resolve().parent
 PHOTO_EXT = (".jpg", ".jpeg", ".png")
-
-
-def find_tool() -> str | None:
-    path = os.environ.get("SSIMULACRA2")
-    if path:
-        return path if os.access(path, os.X_OK) else None
-    return shutil.which("ssimulacra2")
 
 
 TOOL = find_tool()

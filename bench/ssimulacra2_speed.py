@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -38,15 +37,15 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from _common import REPO_ROOT, machine_lines, median, print_table, run_measured  # noqa: E402
+from _common import (  # noqa: E402
+    REPO_ROOT,
+    machine_lines,
+    median,
+    print_table,
+    run_measured,
+)
+from _common import find_ssimulacra2_tool as find_tool  # noqa: E402
 from optimizr import ssimulacra2  # noqa: E402
-
-
-def find_tool() -> str | None:
-    path = os.environ.get("SSIMULACRA2")
-    if path:
-        return path if os.access(path, os.X_OK) else None
-    return shutil.which("ssimulacra2")
 
 
 def load(path: Path) -> np.ndarray:

@@ -109,19 +109,8 @@ class _TracedImage(ImageTrace):
         carrier[ENDPOINT_KEY] = run.url
         self.carrier = tuple(sorted(carrier.items()))
 
-    @contextlib.contextmanager
-    def _phase(self, name: str, attributes: dict[str, Any]) -> Iterator[None]:
-        span = self.run.tracer.start_span(name, context=self.context, attributes=attributes)
-        try:
-            yield
-        except BaseException as exc:
-            _error_status(span, type(exc).__name__, str(exc))
-            raise
-        finally:
-            span.end()
-
     def phase(self, name: str, **attributes: Any) -> contextlib.AbstractContextManager[None]:
-        return self._phase(name, attributes)
+        return _span(self.run.tracer, name, self.context, attributes)
 
     def timed(self, name: str, start_ns: int, end_ns: int, **attributes: Any) -> None:
         span = self.run.tracer.start_span(
@@ -252,22 +241,31 @@ _EXPORTS: dict[str, _WorkerExport] = {}
 _EXPORTS_LOCK = threading.Lock()
 
 
+@contextlib.contextmanager
+def _span(
+    tracer: trace.Tracer, name: str, parent: Context, attributes: dict[str, Any]
+) -> Iterator[None]:
+    """A span under ``parent`` for the block; an exception leaving it marks it failed."""
+    span = tracer.start_span(name, context=parent, attributes=attributes)
+    try:
+        yield
+    except BaseException as exc:
+        _error_status(span, type(exc).__name__, str(exc))
+        raise
+    finally:
+        span.end()
+
+
 class WorkerSpans:
     """The spans of one job in a worker, children of its image span."""
 
     def __init__(self, export: _WorkerExport, parent: Context) -> None:
         self._export, self._parent = export, parent
 
-    @contextlib.contextmanager
-    def phase(self, name: str, attributes: dict[str, Any]) -> Iterator[None]:
-        span = self._export.tracer.start_span(name, context=self._parent, attributes=attributes)
-        try:
-            yield
-        except BaseException as exc:
-            _error_status(span, type(exc).__name__, str(exc))
-            raise
-        finally:
-            span.end()
+    def phase(
+        self, name: str, attributes: dict[str, Any]
+    ) -> contextlib.AbstractContextManager[None]:
+        return _span(self._export.tracer, name, self._parent, attributes)
 
     def _timed(
         self, name: str, start: int, end: int, attributes: dict[str, Any], error: str = ""

@@ -638,9 +638,9 @@ class _Scale:
         """(H, W, |ssim| + 2 |means|) error maps of a distorted image's XYB at this scale:
         1 - SSIM', then ringing, then blurring."""
         one, c2 = _F(1.0), _F(_C2)
-        means, ssim = xyb[..., _channels(self.means)], xyb[..., _channels(self.ssim)]
+        means = xyb[..., _channels(self.means)]
         k, s = len(self.means), len(self.ssim)
-        blurred = _GAUSSIAN.blur(_stacked(means, ssim, self.xyb_ssim))
+        blurred = _blurred_stack(xyb, self.means, self.ssim, self.xyb_ssim)
         mu = blurred[..., :k]
         maps = np.empty((*xyb.shape[:2], s + 2 * k), dtype=np.float32)
         if s:
