@@ -322,32 +322,23 @@ class _RecursiveGaussian:
         return out
 
     def blur(self, planes: Floats) -> Floats:
-        """(H, W, C) planes blurred as the tool does: horizontal pass, then vertical."""
+        """(H, W, C) planes blurred as the tool does: horizontal pass, then vertical
+        (the numpy path; with the C loops _blurred_stack blurs in C instead)."""
         h, w, c = planes.shape
-        horizontal, vertical = (
-            (self._c_horizontal, self._c_vertical)
-            if _C_PASSES is not None
-            else (self.horizontal, self.vertical)
-        )
         rows = np.ascontiguousarray(planes.transpose(1, 0, 2)).reshape(w, h * c)
-        across = _in_tiles(horizontal, rows).reshape(w, h, c)
+        across = _in_tiles(self.horizontal, rows).reshape(w, h, c)
         del rows
         down = np.ascontiguousarray(across.transpose(1, 0, 2)).reshape(h, w * c)
         del across
-        return _in_tiles(vertical, down).reshape(h, w, c)
+        return _in_tiles(self.vertical, down).reshape(h, w, c)
 
     def _c_pass(self, name: str, x: Floats) -> Floats:
+        """One C pass alone, as the tests hold it against its numpy twin."""
         assert _C_PASSES is not None
         x = np.ascontiguousarray(x, dtype=np.float32)
         out = np.empty_like(x)
         getattr(_C_PASSES, name)(x, out, x.shape[0], x.shape[1], self.radius, self.packed)
         return out
-
-    def _c_horizontal(self, x: Floats) -> Floats:
-        return self._c_pass("horizontal", x)
-
-    def _c_vertical(self, x: Floats) -> Floats:
-        return self._c_pass("vertical", x)
 
 
 # Columns per tile of a recursive pass: the recursions are independent across
