@@ -573,3 +573,86 @@ def test_a_screenshot_smaller_lossless_than_any_lossy_costs_at_most_one_score() 
     # Lossless, near-lossless (scored only if smaller) and one unscored lossy encode at
     # --min-quality, which shows that no lossy probe can be smaller.
     assert len(calls) <= 1 and outcome.probes == 3
+
+
+def half_flat_photo(width: int, height: int) -> np.ndarray:
+    """A photo on a flat page: drawn by its flat blocks, yet far smaller lossy."""
+    pixels = np.full((height, width, 3), 236, dtype=np.uint8)
+    pixels[:, width // 2 :] = smooth_photo(width - width // 2, height, seed=4)
+    return pixels
+
+
+@needs_libwebp
+def test_near_lossless_is_not_encoded_when_a_lossy_probe_is_far_below_lossless(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert LIB is not None
+    import optimizr.quality_search as quality_search
+
+    encoded: list[EncodeOptions] = []
+    real_encode = quality_search.encode
+
+    def recording(lib: Any, image: Any, options: EncodeOptions, **kwargs: Any) -> bytes:
+        encoded.append(options)
+        return real_encode(lib, image, options, **kwargs)
+
+    monkeypatch.setattr(quality_search, "encode", recording)
+    pixels = half_flat_photo(512, 384)
+    outcome = search_image(
+        LIB, vips_image(pixels), EncodeOptions(target_score=80.0), scorer=psnr_scorer
+    )
+    assert outcome.drawn and outcome.chosen.mode == "lossy"
+    lossless = next(o for o in encoded if o.lossless)
+    exact = real_encode(LIB, vips_image(pixels), lossless)
+    # Near-lossless never shrinks a drawn image below NEAR_LOSSLESS_FLOOR of lossless
+    # (measured), so with a passing lossy probe under that it cannot win: not encoded.
+    assert len(outcome.chosen.webp) < quality_search.NEAR_LOSSLESS_FLOOR * len(exact)
+    assert not [o for o in encoded if o.near_lossless is not None]
+    assert outcome.probes == len(encoded)
+
+
+@needs_libwebp
+def test_near_lossless_is_still_tried_when_no_lossy_probe_passes_below_lossless(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert LIB is not None
+    import optimizr.quality_search as quality_search
+
+    levels: list[int | None] = []
+    real_encode = quality_search.encode
+
+    def recording(lib: Any, image: Any, options: EncodeOptions, **kwargs: Any) -> bytes:
+        levels.append(options.near_lossless)
+        return real_encode(lib, image, options, **kwargs)
+
+    monkeypatch.setattr(quality_search, "encode", recording)
+    # A target lossy WebP cannot reach under --max-quality 60: lossless is the only
+    # passing candidate, so near-lossless could still win and is tried.
+    outcome = search_image(
+        LIB,
+        vips_image(half_flat_photo(256, 192)),
+        EncodeOptions(target_score=99.0, max_quality=60),
+        scorer=psnr_scorer,
+    )
+    assert outcome.drawn and outcome.chosen.mode in ("lossless", "near-lossless")
+    assert outcome.chosen.score >= 99.0
+    assert quality_search.NEAR_LOSSLESS_LEVEL in levels
+
+
+@needs_libwebp
+def test_an_image_decided_on_sizes_alone_never_builds_the_metrics_reference() -> None:
+    assert LIB is not None
+    built: list[int] = []
+
+    def counting(reference: np.ndarray) -> Callable[[np.ndarray], float]:
+        built.append(1)
+        return psnr_scorer(reference)
+
+    shot = search_image(
+        LIB, vips_image(screenshot_array()), EncodeOptions(target_score=80.0), scorer=counting
+    )
+    assert shot.stop == "lossless-smaller" and built == []
+    photo = search_image(
+        LIB, vips_image(smooth_photo(256, 192)), EncodeOptions(target_score=80.0), scorer=counting
+    )
+    assert photo.chosen.mode == "lossy" and built == [1]  # built once, for every probe

@@ -23,12 +23,15 @@ probes as they are and the output is the smallest probe that passed, so a bump
 costs a probe or two, never a miss.
 
 Lossless when it wins: an image that looks drawn (few colours, large flat
-areas, much transparency; :func:`looks_drawn`) is also encoded lossless (always
-meets the target: it is exact) and near-lossless, and the smallest candidate
-that meets the target is kept. A score costs several encodes, so what cannot win
-is not scored: a near-lossless file no smaller than the lossless one, and any
-lossy probe when even ``--min-quality`` is larger than the lossless file; the
-lossy search stops as soon as a failing probe is larger than it.
+areas, much transparency; :func:`looks_drawn`) is first encoded lossless (it is
+exact, so it meets the target unscored), and its size bounds the lossy search:
+no lossy probe is scored when even ``--min-quality`` is larger, and the search
+stops as soon as a failing probe is larger. Near-lossless comes last, and only
+when it could win: not when a passing candidate is already under
+:data:`NEAR_LOSSLESS_FLOOR` of the lossless size (it never shrinks a drawn image
+that much), and it is scored only if it is smaller than every passing candidate.
+The smallest candidate that meets the target is kept. The metric's reference
+side is built at the first score, so an image decided on sizes alone costs none.
 
 Guards: a tiny image (fewer than :data:`TINY_PIXELS`, or a side under
 :data:`MIN_SIDE`) is not searched: the
@@ -83,6 +86,11 @@ MIN_SIDE = 8
 ANIMATION_FRAMES_SCORED = 8
 #: The near-lossless level tried for drawn images (libwebp: 100 off, 0 most).
 NEAR_LOSSLESS_LEVEL = 60
+#: Near-lossless is not tried when a passing candidate is already smaller than this
+#: fraction of the lossless file: measured at level 60, effort 4, on the 42 drawn
+#: images of the shared corpus and ../shared/quality (1024 px at most), near-lossless
+#: was 0.71-1.03x the lossless bytes (0.66x on the camera photos, which are not drawn).
+NEAR_LOSSLESS_FLOOR = 0.6
 
 #: (SSIMULACRA 2 score, the mean lowest quality that reaches it) on corpus photos shrunk
 #: to 1024 px, effort 4, measured by ``bench/quality.py --calibrate`` (6 photos; 90 is
@@ -392,9 +400,15 @@ def search_image(
         return SearchOutcome(lossless(), made, "flat", drawn=True)
 
     build = scorer if scorer is not None else default_scorer()
-    references = [(frame, build(frame)) for frame in _frames(reference_pixels, frame_height)]
+    # The reference side costs about one score (its blurs); a screenshot that ends
+    # lossless on sizes alone is never scored, so it is built at the first score.
+    references: list[tuple[np.ndarray, ScoreFn]] = []
 
     def scored(mode: str, quality: int | None, webp: bytes) -> Probe:
+        if not references:
+            references.extend(
+                (frame, build(frame)) for frame in _frames(reference_pixels, frame_height)
+            )
         decoded = (
             pyvips.Image.webpload_buffer(webp, n=-1)
             if animated
@@ -407,40 +421,46 @@ def search_image(
         )
         return Probe(mode, quality, webp, float(score))
 
-    candidates: list[Probe] = []
-    exact: Probe | None = None
-    if content.drawn:
-        exact = lossless()
-        candidates.append(exact)
-        near = encoded(dataclasses.replace(fixed, near_lossless=NEAR_LOSSLESS_LEVEL))
-        if len(near) < len(exact.webp):  # else it cannot win: not worth a score
-            candidates.append(scored("near-lossless", NEAR_LOSSLESS_LEVEL, near))
-    passing_bytes = min((len(p.webp) for p in candidates if p.score >= target), default=None)
-
     def lossy_probe(quality: int) -> Probe:
         return scored("lossy", quality, _at(encoded, fixed, quality))
 
-    if passing_bytes is not None and len(_at(encoded, fixed, options.min_quality)) >= passing_bytes:
-        # Even the lowest quality is larger than a candidate that passes: no lossy
-        # probe can win (sizes grow with quality), and an encode costs a fraction
-        # of a score. Screenshots and logos end here, lossless.
-        chosen = min((p for p in candidates if p.score >= target), key=_size)
-        return SearchOutcome(chosen, made, "lossless-smaller", drawn=True)
-    probes, stop = search_lossy(
-        lossy_probe, target, options.min_quality, options.max_quality, larger_than=passing_bytes
-    )
-    candidates.extend(probes)
-    meeting = [p for p in candidates if p.score >= target]
-    if meeting:
-        chosen = min(meeting, key=_size)
-        return SearchOutcome(chosen, made, stop, drawn=content.drawn)
-    # Unreachable: lossless if it beats the source, else the best lossy probe, flagged.
-    if exact is None:
+    if not content.drawn:
+        probes, stop = search_lossy(lossy_probe, target, options.min_quality, options.max_quality)
+        meeting = [p for p in probes if p.score >= target]
+        if meeting:
+            return SearchOutcome(min(meeting, key=_size), made, stop)
+        # Unreachable: lossless if it beats the source, else the best lossy probe, flagged.
         exact = lossless()
-    if bytes_in is None or len(exact.webp) < bytes_in:
-        return SearchOutcome(exact, made, stop, drawn=content.drawn)
-    best = max(probes, key=lambda p: (p.score, -len(p.webp)))
-    return SearchOutcome(best, made, stop, unreachable=True, drawn=content.drawn)
+        if bytes_in is None or len(exact.webp) < bytes_in:
+            return SearchOutcome(exact, made, stop)
+        best = max(probes, key=lambda p: (p.score, -len(p.webp)))
+        return SearchOutcome(best, made, stop, unreachable=True)
+
+    # A drawn image: lossless (exact, so it passes unscored) bounds the lossy search.
+    exact = lossless()
+    candidates: list[Probe] = [exact]
+    if len(_at(encoded, fixed, options.min_quality)) >= len(exact.webp):
+        # Even the lowest quality is larger: no lossy probe can win (sizes grow with
+        # quality), and an encode costs a fraction of a score. Screenshots end here.
+        probes, stop = [], "lossless-smaller"
+    else:
+        probes, stop = search_lossy(
+            lossy_probe,
+            target,
+            options.min_quality,
+            options.max_quality,
+            larger_than=len(exact.webp),
+        )
+        candidates.extend(probes)
+    # Near-lossless costs up to two lossless encodes and a score: it is tried only
+    # when it could be the smallest passing candidate.
+    smallest = min(len(p.webp) for p in candidates if p.score >= target)
+    if smallest >= NEAR_LOSSLESS_FLOOR * len(exact.webp):
+        near = encoded(dataclasses.replace(fixed, near_lossless=NEAR_LOSSLESS_LEVEL))
+        if len(near) < smallest:  # else it cannot win: not worth a score
+            candidates.append(scored("near-lossless", NEAR_LOSSLESS_LEVEL, near))
+    chosen = min((p for p in candidates if p.score >= target), key=_size)
+    return SearchOutcome(chosen, made, stop, drawn=True)
 
 
 def _at(encoded: Callable[[EncodeOptions], bytes], options: EncodeOptions, quality: int) -> bytes:
