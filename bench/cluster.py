@@ -12,10 +12,11 @@
    image, its own peak RSS (VmHWM, sampled), and the CPU of the rest (the local
    pool's children, or the scheduler and workers); then cluster/local wall per round
    and their median against the target 1.10.
-2. Small images. --small-sizes (default 1,000 and 20,000) tiny PNGs uploaded with
-   obstore's async puts (64 in flight), 500 per folder, converted once by each
-   executor: the coordinator's own peak RSS at each size and largest/smallest
-   (flat: the coordinator holds no future or row per file of the run).
+2. Small images. --small-sizes (default 1,000, 5,000 and 20,000) tiny PNGs uploaded
+   with obstore's async puts (64 in flight), 500 per folder, converted once by each
+   executor: the coordinator's own peak RSS and peak private memory (RssAnon) at each
+   size and largest/smallest (flat: the coordinator holds no future or row per file
+   of the run, and sends the manifest's snapshot from its file).
 3. --costs, instead of 1 and 2: what a 100-worker run over 10 million objects pays
    per task, measured here (bench/README.md, "on paper"): the Dask scheduler's task
    rate (trivial tasks with ``resources=`` through a bounded ``as_completed``
