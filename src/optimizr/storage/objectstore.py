@@ -624,9 +624,11 @@ def _put_file(store: ObjectStore, full: str, path: Path) -> PutResult:
     if size == 0:
         return obstore.put(store, full, b"")
     if size <= _PART_BYTES:
-        with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as whole:
-            with memoryview(whole) as view:
-                return obstore.put(store, full, view)
+        with path.open("rb") as fh:
+            whole = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        # Not closed here: unmapped when obstore lets its view go (closing it while a
+        # view is exported, after a failed request too, would raise BufferError).
+        return obstore.put(store, full, memoryview(whole))
     return obstore.put(
         store,
         full,
