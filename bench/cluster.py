@@ -12,10 +12,11 @@
    image, its own peak RSS (VmHWM, sampled), and the CPU of the rest (the local
    pool's children, or the scheduler and workers); then cluster/local wall per round
    and their median against the target 1.10.
-2. Small images. --small-sizes (default 1,000 and 20,000) tiny PNGs uploaded with
-   obstore's async puts (64 in flight), 500 per folder, converted once by each
-   executor: the coordinator's own peak RSS at each size and largest/smallest
-   (flat: the coordinator holds no future or row per file of the run).
+2. Small images. --small-sizes (default 1,000, 5,000 and 20,000) tiny PNGs uploaded
+   with obstore's async puts (64 in flight), 500 per folder, converted once by each
+   executor: the coordinator's own peak RSS and peak private memory (RssAnon) at each
+   size and largest/smallest (flat: the coordinator holds no future or row per file
+   of the run, and sends the manifest's snapshot from its file).
 3. --costs, instead of 1 and 2: what a 100-worker run over 10 million objects pays
    per task, measured here (bench/README.md, "on paper"): the Dask scheduler's task
    rate (trivial tasks with ``resources=`` through a bounded ``as_completed``
@@ -94,6 +95,9 @@ class Measured:
     #: Its own peak RSS (VmHWM), and the summed RSS of its process tree.
     own_peak: int
     tree_peak: int
+    #: Its own peak private memory (RssAnon, sampled): RSS less the pages of files it
+    #: maps (its libraries; the manifest snapshot it uploads from the page cache).
+    own_private_peak: int
     summary: dict[str, Any]
     stderr_tail: str
     #: (seconds since start, its own RSS), every 20 ms.
@@ -126,9 +130,9 @@ def tree_cpu(roots: Sequence[int]) -> float:
     return sum(process_cpu(pid) for root in roots for pid in tree_pids(root))
 
 
-def _vm_status(pid: int) -> tuple[int, int]:
-    """(VmHWM, VmRSS) of a process in bytes; zeros once it has exited."""
-    found = {"VmHWM:": 0, "VmRSS:": 0}
+def _vm_status(pid: int) -> tuple[int, int, int]:
+    """(VmHWM, VmRSS, RssAnon) of a process in bytes; zeros once it has exited."""
+    found = {"VmHWM:": 0, "VmRSS:": 0, "RssAnon:": 0}
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             key = line.split(maxsplit=1)[0] if line else ""
@@ -136,7 +140,7 @@ def _vm_status(pid: int) -> tuple[int, int]:
                 found[key] = int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    return found["VmHWM:"], found["VmRSS:"]
+    return found["VmHWM:"], found["VmRSS:"], found["RssAnon:"]
 
 
 def run_coordinator(command: Sequence[str], env: dict[str, str], summary: Path) -> Measured:
@@ -149,15 +153,16 @@ def run_coordinator(command: Sequence[str], env: dict[str, str], summary: Path) 
         started = time.perf_counter()
         process = subprocess.Popen(list(command), stdout=subprocess.DEVNULL, stderr=errors, env=env)
         sampler = TreeSampler(process.pid).start()
-        own_peak = 0
+        own_peak = private_peak = 0
         timeline: list[tuple[float, int]] = []
         stop = threading.Event()
 
         def sample_own() -> None:
-            nonlocal own_peak
+            nonlocal own_peak, private_peak
             while not stop.is_set():
-                hwm, rss = _vm_status(process.pid)
+                hwm, rss, private = _vm_status(process.pid)
                 own_peak = max(own_peak, hwm)
+                private_peak = max(private_peak, private)
                 if rss:
                     timeline.append((time.perf_counter() - started, rss))
                 stop.wait(0.02)
@@ -180,7 +185,7 @@ def run_coordinator(command: Sequence[str], env: dict[str, str], summary: Path) 
     if summary.exists():
         doc = json.loads(summary.read_text())
     return Measured(process.returncode, wall, own_cpu, children_cpu, own_peak, tree.peak_bytes,
-                    doc, tail, timeline)  # fmt: skip
+                    private_peak, doc, tail, timeline)  # fmt: skip
 
 
 def checked(run: Measured, label: str, expect: int) -> Measured:
@@ -476,6 +481,7 @@ def small(args: argparse.Namespace, server: SeaweedS3, work: Path, cluster: Dask
     print(f"\n## Small images: {', '.join(f'{n:,}' for n in args.small_sizes)} tiny PNGs\n")
     rows: list[list[object]] = []
     peaks: dict[str, dict[int, int]] = {name: {} for name in names}
+    privates: dict[str, dict[int, int]] = {name: {} for name in names}
     cpus: dict[str, dict[int, float]] = {name: {} for name in names}
     quartiles: list[list[object]] = []
     for size in args.small_sizes:
@@ -499,14 +505,16 @@ def small(args: argparse.Namespace, server: SeaweedS3, work: Path, cluster: Dask
                            str(work / f"{tag}.json"), "-j", str(args.workers)]  # fmt: skip
             run = checked(run_coordinator(command, env, work / f"{tag}.json"), tag, size)
             peaks[name][size] = run.own_peak
+            privates[name][size] = run.own_private_peak
             cpus[name][size] = run.own_cpu
             quartiles.append([f"{size:,}", name, *(f"{run.own_rss_at(q) / MIB:.1f}"
                                                    for q in (0.25, 0.5, 0.75, 1.0))])  # fmt: skip
             rows.append([f"{size:,}", name, f"{run.wall:.1f}", f"{size / run.wall:,.0f}",
                          f"{run.own_cpu:.2f}", f"{run.own_cpu / size * 1000:.2f}",
-                         f"{run.own_peak / MIB:.1f}", f"{run.tree_peak / MIB:.0f}"])  # fmt: skip
+                         f"{run.own_peak / MIB:.1f}", f"{run.own_private_peak / MIB:.1f}",
+                         f"{run.tree_peak / MIB:.0f}"])  # fmt: skip
     print_table(["images", "executor", "wall s", "images/s", "coord cpu s", "coord ms/image",
-                 "coord peak MiB", "tree peak MiB"], rows)  # fmt: skip
+                 "coord peak MiB", "coord private MiB", "tree peak MiB"], rows)  # fmt: skip
     print("\ncoordinator's own RSS (MiB) at a share of the run's wall time:")
     print_table(["images", "executor", "25%", "50%", "75%", "end"], quartiles)
     print()
@@ -514,11 +522,12 @@ def small(args: argparse.Namespace, server: SeaweedS3, work: Path, cluster: Dask
     for name, by_size in peaks.items():
         if len(sizes) > 1:
             ratio = by_size[sizes[-1]] / by_size[sizes[0]]
+            private = privates[name][sizes[-1]] / max(privates[name][sizes[0]], 1)
             # Start-up cancels out of the difference: what one more image costs.
             extra = cpus[name][sizes[-1]] - cpus[name][sizes[0]]
-            print(f"{name}: coordinator peak {sizes[-1]:,} / {sizes[0]:,} images: {ratio:.3f}; "
-                  f"marginal coordinator CPU {extra / (sizes[-1] - sizes[0]) * 1000:.2f} "
-                  "ms/image")  # fmt: skip
+            print(f"{name}: coordinator peak {sizes[-1]:,} / {sizes[0]:,} images: {ratio:.3f} "
+                  f"(private {private:.3f}); marginal coordinator CPU "
+                  f"{extra / (sizes[-1] - sizes[0]) * 1000:.2f} ms/image")  # fmt: skip
 
 
 def list_rate(server: SeaweedS3, objects: int, repeats: int = 3) -> None:
@@ -716,7 +725,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=2, help="-j of the local run; dask workers")
     parser.add_argument("--worker-memory", type=parse_memory, default="4G",
                         help="each dask worker's --resources MEMORY")  # fmt: skip
-    parser.add_argument("--small-sizes", type=sizes, default=[1000, 20000])
+    parser.add_argument("--small-sizes", type=sizes, default=[1000, 5000, 20000])
     parser.add_argument("--skip-cluster", action="store_true", help="local runs only")
     parser.add_argument("--skip-rounds", action="store_true")
     parser.add_argument("--skip-small", action="store_true")
