@@ -1,4 +1,5 @@
-"""Real brokers for tests/test_brokers.py: nats-server with JetStream and redis-server.
+"""Real brokers for tests/test_brokers.py: nats-server with JetStream, redis-server, and
+moto's SQS emulator in server mode (no real SQS server installs here).
 
 As in servers.py: every port is a free one on 127.0.0.1, every server listens only
 there, runs in its own session (a Ctrl-C of pytest must not reach it first) and is
@@ -12,6 +13,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,6 +102,15 @@ def start_redis(program: list[str], workdir: Path) -> Server:
     return _start("redis", port, command, workdir / "redis.log", executable)
 
 
+def start_moto(workdir: Path) -> Server:
+    """moto's AWS emulator (``moto_server``) on a free port; the tests use its SQS."""
+    workdir = workdir.resolve()
+    (port,) = free_ports(1)
+    binary = _beside_python("moto_server") or "moto_server"
+    command = [binary, "-H", "127.0.0.1", "-p", str(port)]
+    return _start("moto", port, command, workdir / "moto.log")
+
+
 def _start(
     name: str, port: int, command: list[str], log: Path, executable: str | None = None
 ) -> Server:
@@ -133,6 +145,12 @@ def _wait_ready(server: Server) -> None:
 
 
 def _answers(server: Server) -> bool:
+    if server.name == "moto":
+        try:
+            with urllib.request.urlopen(f"http://{server.address}/moto-api/", timeout=2):
+                return True
+        except urllib.error.HTTPError:
+            return True
     with socket.create_connection(("127.0.0.1", server.port), timeout=2) as sock:
         if server.name == "redis":
             sock.sendall(b"PING\r\n")

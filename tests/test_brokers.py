@@ -1,7 +1,8 @@
 """The broker clients of optimizr watch (src/optimizr/brokers/), against real servers.
 
 One contract, the same tests over every backend (the ``broker`` fixture): nats-server
-with JetStream and redis-server. Each server is started once per session on a free 127.0.0.1
+with JetStream, redis-server, and moto's SQS emulator in server mode (there is no real
+SQS server to run here). Each server is started once per session on a free 127.0.0.1
 port (tests/broker_servers.py) and each test gets a stream or queue of its own.
 
 Timing: leases are short (1-3 s) so that redeliveries come quickly, and every wait is a
@@ -27,6 +28,7 @@ from broker_servers import (
     Server,
     nats_binary,
     redis_command,
+    start_moto,
     start_nats,
     start_redis,
 )
@@ -71,6 +73,17 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     if program is None:
         pytest.skip("redis-server is missing: `make test` installs Debian's redis-tools as root")
     server = start_redis(program, tmp_path_factory.mktemp("redis"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    pytest.importorskip("boto3", reason="the SQS broker needs optimizr[sqs] (boto3)")
+    pytest.importorskip("moto", reason="the SQS tests need moto[server] (the test extra)")
+    server = start_moto(tmp_path_factory.mktemp("moto"))
     try:
         yield server
     finally:
@@ -187,18 +200,68 @@ class RedisTopic(Topic):
         self.client.close()
 
 
+class SqsTopic(Topic):
+    """Queue tn (VisibilityTimeout = the lease) with a redrive policy to tn-dlq
+    (maxReceiveCount = max_deliver), or none with ``redrive=False``."""
+
+    def __init__(self, server: Server, lease: float, max_deliver: int, redrive: bool = True):
+        import boto3
+
+        super().__init__(lease, max_deliver)
+        self.client = boto3.client("sqs", endpoint_url=f"http://{server.address}")
+        name = f"t{next(_names)}"
+        self.dlq = self.client.create_queue(QueueName=f"{name}-dlq")["QueueUrl"]
+        attributes = {"VisibilityTimeout": str(int(lease))}
+        if redrive:
+            arn = self.client.get_queue_attributes(QueueUrl=self.dlq, AttributeNames=["QueueArn"])
+            policy = {
+                "deadLetterTargetArn": arn["Attributes"]["QueueArn"],
+                "maxReceiveCount": str(max_deliver),
+            }
+            attributes["RedrivePolicy"] = json.dumps(policy)
+        self.queue = self.client.create_queue(QueueName=name, Attributes=attributes)["QueueUrl"]
+        self.url = f"sqs://{name}"
+
+    def publish(self, body: bytes) -> None:
+        self.client.send_message(QueueUrl=self.queue, MessageBody=body.decode())
+
+    def dead_letters(self) -> list[tuple[bytes, str | None]]:
+        reply = self.client.receive_message(
+            QueueUrl=self.dlq, MaxNumberOfMessages=10, VisibilityTimeout=0, WaitTimeSeconds=0
+        )
+        return [(m["Body"].encode(), None) for m in reply.get("Messages", [])]
+
+    def close(self) -> None:
+        super().close()
+        self.client.close()
+
+
+@pytest.fixture
+def sqs_env(moto_server: Server, monkeypatch: pytest.MonkeyPatch) -> Server:
+    """boto3 pointed at moto the way a user points it at any other SQS endpoint."""
+    for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_ENDPOINT_URL", "AWS_CONFIG_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_SQS", f"http://{moto_server.address}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "optimizr-test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "optimizr-test-secret")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.delenv("AWS_REGION", raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    return moto_server
+
+
 MakeTopic = Callable[..., Topic]
 
 
-@pytest.fixture(params=["nats", "redis"])
+@pytest.fixture(params=["nats", "redis", "sqs"])
 def make_topic(request: pytest.FixtureRequest) -> Iterator[MakeTopic]:
     """``make_topic(lease=, max_deliver=)``: a fresh topic on the parameter's broker."""
     kind: str = request.param
-    server: Server = request.getfixturevalue(f"{kind}_server")
+    server: Server = request.getfixturevalue("sqs_env" if kind == "sqs" else f"{kind}_server")
     made: list[Topic] = []
 
     def make(lease: float = LEASE, max_deliver: int = 5) -> Topic:
-        cls = {"nats": NatsTopic, "redis": RedisTopic}[kind]
+        cls = {"nats": NatsTopic, "redis": RedisTopic, "sqs": SqsTopic}[kind]
         topic: Topic = cls(server, lease, max_deliver)
         made.append(topic)
         return topic
@@ -291,12 +354,13 @@ def test_term_is_never_delivered_again_and_is_dead_lettered(make_topic: MakeTopi
 
     def marker_back_and_poison_dead(got: list[Message]) -> bool:
         letters[:] = topic.dead_letters()
-        return b"marker" in bodies(got) and len(letters) >= 1
+        return b"marker" in bodies(got) and b"poison" in [body for body, _ in letters]
 
+    # Each poll receives again: SQS's redrive moves the message on a receive.
     got = receive_until(source, marker_back_and_poison_dead, "the marker back, poison dead")
     assert b"poison" not in bodies(got)
-    assert letters[0][0] == b"poison"
-    assert letters[0][1] == "not an image: x.jpg"
+    if not isinstance(topic, SqsTopic):  # SQS keeps no reason with what it moves
+        assert letters == [(b"poison", "not an image: x.jpg")]
     assert source.statistics().termed == 1
 
 
@@ -341,8 +405,11 @@ def test_a_dead_consumers_message_goes_to_another(make_topic: MakeTopic) -> None
 
 
 def test_a_message_nobody_settles_is_dead_lettered_after_max_deliver(
-    make_topic: MakeTopic,
+    make_topic: MakeTopic, request: pytest.FixtureRequest
 ) -> None:
+    if request.node.callspec.params["make_topic"] == "sqs":
+        # The queue's own redrive policy does it, and test_term_... sees it do it.
+        pytest.skip("SQS: the redrive policy is the queue's, exercised by the term test")
     topic = make_topic(lease=1.0, max_deliver=2)
     topic.publish(b"kills its consumer")
     source = topic.open()
@@ -447,6 +514,34 @@ def test_redis_body_is_the_body_field_else_the_only_field_else_all_as_json(
     finally:
         topic.close()
         client.close()
+
+
+def test_sqs_term_without_a_redrive_policy_deletes(sqs_env: Server) -> None:
+    topic = SqsTopic(sqs_env, LEASE, 5, redrive=False)
+    topic.publish(b"poison")
+    topic.publish(b"marker")
+    try:
+        source = topic.open()
+        first = receive_until(source, lambda got: len(got) >= 2, "both messages")
+        next(m for m in first if m.body == b"poison").term("not an image")
+        got = receive_until(source, lambda got: b"marker" in bodies(got), "the marker back")
+        assert bodies(got) == [b"marker"]
+    finally:
+        topic.close()
+
+
+def test_sqs_lease_is_the_queues_visibility_timeout(sqs_env: Server) -> None:
+    topic = SqsTopic(sqs_env, 7, 3)
+    try:
+        source = topic.open()
+        assert source.lease == 7.0
+    finally:
+        topic.close()
+
+
+def test_a_missing_sqs_queue_is_a_usage_error(sqs_env: Server) -> None:
+    with pytest.raises(UsageError, match="SQS queue nope-never-made does not exist"):
+        open_source("sqs://nope-never-made")
 
 
 # -- URLs ------------------------------------------------------------------------------------

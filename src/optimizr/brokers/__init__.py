@@ -1,6 +1,6 @@
-"""Broker clients for ``optimizr watch --events URL`` (issue 16): NATS JetStream and Redis
-Streams behind one small interface (base.py). Each client library is an
-optional extra (``optimizr[nats]``, ``optimizr[redis]``), imported only
+"""Broker clients for ``optimizr watch --events URL`` (issue 16): NATS JetStream, Redis
+Streams and Amazon SQS behind one small interface (base.py). Each client library is an
+optional extra (``optimizr[nats]``, ``optimizr[redis]``, ``optimizr[sqs]``), imported only
 when its URL is opened."""
 
 from __future__ import annotations
@@ -46,7 +46,10 @@ def open_source(url: str, options: BrokerOptions | None = None) -> EventSource:
         from optimizr.brokers.redis_streams import RedisStreamSource
 
         return RedisStreamSource(target, options)
-    raise UsageError(f"--events {url}: Amazon SQS is not supported yet")
+    _require("boto3", "sqs", "Amazon SQS")
+    from optimizr.brokers.sqs import SqsSource
+
+    return SqsSource(target, options)
 
 
 def _require(module: str, extra: str, what: str) -> None:
