@@ -481,6 +481,17 @@ def test_nats_settling_while_the_server_is_down_does_not_raise(tmp_path: Path) -
         server.stop()
 
 
+def test_a_nats_message_settled_after_close_is_a_settle_failure(nats_server: Server) -> None:
+    topic = NatsTopic(nats_server, LEASE, 5)
+    topic.publish(b"late")
+    source = topic.open()
+    [message] = receive_until(source, lambda got: len(got) >= 1, "the message")
+    source.close()
+    message.extend(LEASE)  # the service's last calls raced its shutdown: it comes again
+    message.nak(1.0)
+    assert source.statistics().settle_failures == 2
+
+
 def test_a_missing_nats_stream_is_a_usage_error(nats_server: Server) -> None:
     with pytest.raises(UsageError, match="has no stream NOPE"):
         open_source(f"nats://{nats_server.address}/NOPE/convert")

@@ -99,7 +99,8 @@ class BrokerStatistics:
     dead_lettered: int
     #: Settling calls that did not reach the broker (the message comes again).
     settle_failures: int
-    #: Times the connection was lost (NATS: disconnects; Redis, SQS: failed requests).
+    #: Times the connection was lost (NATS: disconnects; Redis, SQS: a request that
+    #: failed after one that worked: a run of failures counts once).
     connection_errors: int
     #: Is the broker reachable now (as of the last request)?
     connected: bool

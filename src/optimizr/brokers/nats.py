@@ -93,6 +93,9 @@ class NatsSource(EventSource):
 
     def _run(self, coroutine: Coroutine[Any, Any, T], timeout: float) -> T:
         """Run ``coroutine`` on the source's loop; wait at most ``timeout`` seconds."""
+        if self._loop.is_closed():  # a message settled after close(): as if disconnected
+            coroutine.close()
+            raise nats.errors.ConnectionClosedError
         future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
         try:
             return future.result(timeout)
@@ -269,8 +272,8 @@ class _NatsMessage(BrokerMessage):
         self._source._run(self._msg.nak(delay=delay or None), ACK_TIMEOUT)
 
     def _term(self, reason: str) -> None:
-        # nats-py's term() sends no reason; the server (2.10.?+) takes one after +TERM and
-        # puts it in the MSG_TERMINATED advisory.
+        # nats-py's term() sends no reason; the server takes one after +TERM and puts it
+        # in the MSG_TERMINATED advisory (nats-server 2.15 here, which the tests check).
         line = " ".join(reason.split())  # one line, as the protocol needs
         payload = b"+TERM " + line.encode() if line else b"+TERM"
         nc = self._source._nc
