@@ -7,7 +7,7 @@ INPUT ?=
 OUTPUT ?= out-webp
 SAMPLES := samples
 
-.PHONY: run test lint typecheck pytest samples clean chromium azurite report-demo
+.PHONY: run test lint typecheck pytest samples clean chromium azurite redis report-demo
 
 $(STAMP): pyproject.toml setup.py src/optimizr/_ssimulacra2.c src/optimizr/_ssimulacra2_kernels.h
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +34,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-pytest: $(STAMP) chromium azurite
+pytest: $(STAMP) chromium azurite redis
 	$(BIN)/pytest
 
 test: lint typecheck pytest
@@ -52,6 +52,20 @@ chromium:
 	    apt-get install -y --no-install-recommends chromium; \
 	  else \
 	    echo "chromium is missing and installing it needs root: the browser test will skip"; \
+	  fi; }
+
+# The Redis server of tests/test_brokers.py: Debian's redis-tools (installed when missing,
+# as root, like chromium). That package holds the server binary (redis-server is the same
+# program as redis-check-rdb, chosen by argv[0]; the tests start it under that name) and,
+# unlike the redis-server package, no init script that would start a system-wide daemon.
+# Without root and without it, say so and go on: the Redis broker tests then skip.
+redis:
+	@command -v redis-server >/dev/null 2>&1 || command -v redis-check-rdb >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update && DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y --no-install-recommends redis-tools; \
+	  else \
+	    echo "redis-server is missing and installing it needs root: the Redis broker tests will skip"; \
 	  fi; }
 
 # Azurite (npm package azurite), the Azure Blob server of tests/test_storage.py, pinned
