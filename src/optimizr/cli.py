@@ -331,6 +331,148 @@ def _print_dry_run(summary: Any) -> None:
         click.echo(line)
 
 
+@main.command(
+    epilog="The convert options work as for convert (environment and optimizr.toml too). "
+    "GET /healthz, /readyz and /metrics are served on the --events port."
+)
+@click.argument("src", metavar="SRC")
+@click.argument("dest", metavar="DEST")
+@click.option(
+    "--events",
+    "events_url",
+    required=True,
+    metavar="URL",
+    envvar="OPTIMIZR_EVENTS",
+    help="Where events come from: http://127.0.0.1:PORT/ listens for bucket notification "
+    "webhooks (S3 Records JSON as MinIO and Ceph send, SeaweedFS's filer webhook).",
+)
+@click.option(
+    "--once",
+    is_flag=True,
+    help="Convert what is queued, then exit (for cron and tests) instead of running on.",
+)
+@click.option(
+    "--batch",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Messages taken per batch; 0: the workers' window (--workers x --lookahead).",
+)
+@click.option(
+    "--retry-delay",
+    type=click.FloatRange(min=0),
+    default=5.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Seconds before a message that failed for a passing reason (or an image not yet "
+    "tried --max-attempts times) is delivered again.",
+)
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    envvar="OPTIMIZR_CONFIG",
+    is_eager=True,
+    callback=_read_config_file,
+    metavar="PATH",
+    help=f"Read option defaults from this TOML file [./{CONFIG_NAME} if it exists].",
+)
+@apply_options
+def watch(
+    src: str,
+    dest: str,
+    events_url: str,
+    once: bool,
+    batch: int,
+    retry_delay: float,
+    config_file: Path | None,
+    **params: Any,
+) -> None:
+    """Convert images into DEST as bucket events about SRC arrive: a long-running service.
+
+    SRC is a bucket URL (s3://bucket/prefix) or a folder the events' keys are
+    relative to; DEST a folder. Each event is converted with a batch run's
+    guarantees (manifest, atomic writes, memory budget); a duplicate is a no-op.
+    SIGTERM drains: the images in flight finish (at most --grace), exit 0."""
+    from optimizr.watch import WatchConfig
+
+    try:
+        config, console = build_configs(
+            src if is_url(src) else Path(src), Path(dest), params, config_file
+        )
+        watch_config = WatchConfig(
+            events=events_url, run=config, once=once, batch=batch, retry_delay=retry_delay
+        )
+    except OptimizrError as exc:
+        print_error(str(exc), json_logs=params.get("log_format") == "json")
+        sys.exit(exc.exit_code)
+    with configure_logging(console.log_format, console.effective_log_level) as logger:
+        sys.exit(_watch(logger, watch_config, console))
+
+
+def _watch(logger: logging.Logger, config: Any, console: ConsoleOptions) -> int:
+    """The body of ``watch``; returns the exit code."""
+    from optimizr.metrics.exporter import MetricsExporter, run_labels
+    from optimizr.metrics.watch import WatchCollector, watch_readiness
+    from optimizr.watch import ImagesOnly, WatchService
+    from optimizr.watch_setup import run_watch
+
+    exporter = MetricsExporter(
+        stall_timeout=console.stall_timeout,
+        labels=run_labels(config.run),
+        build_info=tool_versions(config.run.encode.encoder),
+    )
+    listener = Listeners(ImagesOnly(LogListener(logger, images=True)), exporter)
+    previous: dict[int, Any] = {}
+
+    def answer(service: WatchService) -> Callable[[str], tuple[int, str, bytes]]:
+        exporter.registry.register(WatchCollector(service))
+
+        def respond(path: str) -> tuple[int, str, bytes]:
+            if path.split("?")[0].rstrip("/") == "/readyz":
+                verdict = watch_readiness(service)
+                return verdict.http_status, "application/json", verdict.body()
+            return exporter.answer(path)
+
+        return respond
+
+    def started(service: WatchService) -> None:
+        def on_signal(signum: int, _frame: FrameType | None) -> None:
+            service.request_stop(signum)
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, on_signal)
+        logger.info(
+            "watching: events to %s (and /healthz, /readyz, /metrics), converting %s into %s",
+            service.url,
+            service.src.describe(),
+            service.dest_root,
+            extra={"event": "watching", "fields": {"url": service.url}},
+        )
+
+    try:
+        _say_missing_decoders(logger, Console(stderr=True), console.json_logs)
+        stats = run_watch(config, listener=listener, answer=answer, on_started=started)
+    except OptimizrError as exc:
+        if console.json_logs:
+            fields = {"message": str(exc), "exit_code": exc.exit_code}
+            logger.error("%s", exc, extra={"event": "error", "fields": fields})
+        else:
+            print_error(str(exc), json_logs=False)
+        return exc.exit_code
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    fields = stats.to_dict()
+    text = ", ".join(
+        f"{k} {fields[k]}"
+        for k in ("messages", "converted", "duplicates", "failed", "dead_lettered")
+    )
+    logger.info("watch stopped: %s", text, extra={"event": "watch stopped", "fields": fields})
+    # A drain after SIGTERM is how a service ends: exit 0, as Kubernetes expects.
+    return 0
+
+
 def _store_connection_options(command: _F) -> _F:
     """How to reach an S3-compatible store, and where its local state is, for the
     commands that read a remote DEST (status, urls).
