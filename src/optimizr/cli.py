@@ -656,7 +656,28 @@ def format_status(report: StatusReport) -> str:
     for group in report.failures:
         example = f"{group.example}: {group.message}" if group.message else group.example
         lines.append(f"failed    {group.count:>8,}  {group.reason}  e.g. {printable(example)}")
+    if report.watch is not None:
+        lines.extend(_watch_lines(report.watch))
     return "\n".join(lines)
+
+
+def _watch_lines(watch: dict[str, Any]) -> list[str]:
+    """The ``optimizr watch`` service of DEST: its state, queue and counters."""
+    dead = watch.get("dead_letters", 0)
+    lines = [
+        f"service   watching {printable(str(watch.get('events', '?')))} "
+        f"({watch.get('state', 'unknown')})",
+        f"queue     {watch.get('waiting', 0):,} waiting, {dead:,} dead letter"
+        + ("s" if dead != 1 else ""),
+    ]
+    counters = watch.get("counters")
+    if isinstance(counters, dict):
+        said = ", ".join(
+            f"{counters.get(k, 0):,} {k.replace('_', '-')}"
+            for k in ("converted", "duplicates", "failed", "dead_lettered", "ignored")
+        )
+        lines.append(f"events    {said}")
+    return lines
 
 
 @main.command()

@@ -341,6 +341,24 @@ class WatchService:
             self.listener.stopping(hard=self.stop.hard)
         if self.stop.graceful:
             self.state = "draining"
+            # The door closes first (a webhook lets its port go): the store keeps the
+            # events that come meanwhile and delivers them to the next start.
+            self.source.stop_accepting()
+
+    def readiness(self) -> tuple[bool, str, str, dict[str, Any]]:
+        """(ready, status, reason, figures): ready while it takes events. A batch run's
+        readiness waits for a worker, which the pool starts with the first image; a
+        service must be ready before that, or no event would ever reach it."""
+        figures = {
+            "state": self.state,
+            "queue_depth": self.source.depth(),
+            "messages": self.stats.messages,
+        }
+        if self.state == "running":
+            return True, "ready", "taking events", figures
+        if self.state == "starting":
+            return False, "starting", "the service is starting", figures
+        return False, "draining", "stopping: finishing the images in flight", figures
 
     def snapshot(self) -> RunSnapshot | None:
         pipeline = self._pipeline

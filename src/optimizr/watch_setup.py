@@ -8,6 +8,7 @@ runs the :class:`~optimizr.watch.WatchService` loop, and closes all of it after.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -127,7 +128,8 @@ def run_watch(
             transfers_factory=transfers_factory,
             listener=listener,
         )
-        webhook = WebhookServer(queue, answer(service) if answer is not None else _not_found)
+        get_answer = answer(service) if answer is not None else _health_only(service)
+        webhook = WebhookServer(queue, get_answer)
         service.url = webhook.serve(host, port)
         webhook_box.append(webhook)
         opened.append(webhook.close)
@@ -139,8 +141,19 @@ def run_watch(
             close()
 
 
-def _not_found(path: str) -> tuple[int, str, bytes]:
-    return 404, "text/plain; charset=utf-8", b"not found\n"
+def _health_only(service: WatchService) -> Answer:
+    """GET answers without the metrics exporter (the library call): /readyz, /healthz."""
+
+    def respond(path: str) -> tuple[int, str, bytes]:
+        route = path.split("?")[0].rstrip("/")
+        if route in ("/readyz", "/healthz"):
+            ready, status, reason, figures = service.readiness()
+            ok = ready or route == "/healthz"
+            doc = {"status": status if route == "/readyz" else "ok", "reason": reason, **figures}
+            return 200 if ok else 503, "application/json", json.dumps(doc).encode() + b"\n"
+        return 404, "text/plain; charset=utf-8", b"not found: try /healthz, /readyz\n"
+
+    return respond
 
 
 def _source(

@@ -84,15 +84,5 @@ class WatchCollector:
 
 
 def watch_readiness(service: WatchService) -> Verdict:
-    """Ready while it takes events (a batch run's readiness waits for a worker, which
-    the pool starts only with the first image: a service must be ready before that)."""
-    figures = {
-        "state": service.state,
-        "queue_depth": service.source.depth(),
-        "messages": service.stats.messages,
-    }
-    if service.state == "running":
-        return Verdict(True, "ready", "taking events", figures)
-    if service.state == "starting":
-        return Verdict(False, "starting", "the service is starting", figures)
-    return Verdict(False, "draining", "stopping: finishing the images in flight", figures)
+    """The service's readiness (see WatchService.readiness) as /readyz answers it."""
+    return Verdict(*service.readiness())
