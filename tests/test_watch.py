@@ -488,6 +488,7 @@ def test_status_shows_the_service(tmp_path: Path, cli: Callable[..., Any]) -> No
         assert result.exit_code == 0
         assert f"service   watching {url} (running)" in result.output
         assert "queue     0 waiting, 1 dead letter" in result.output
+        assert "dead      e.g. not JSON" in result.output
         doc = json.loads(cli("status", tmp_path / "dest", "--json").output)
         assert doc["watch"]["state"] == "running" and doc["watch"]["dead_letters"] == 1
         process.send_signal(signal.SIGTERM)
@@ -504,3 +505,76 @@ def test_every_watch_option_is_in_the_readme() -> None:
     assert {"--events", "--once", "--batch", "--retry-delay"} <= set(own)
     assert [opt for opt in own if opt not in readme] == []
     assert "## `optimizr watch`" in readme
+
+
+# -- the service over the in-memory event source ----------------------------------------------
+
+
+def test_the_service_over_an_in_memory_broker_settles_every_message_once(
+    tmp_path: Path,
+) -> None:
+    from optimizr.event_sources import MemorySource
+    from optimizr.executors.inline import InlineExecutor
+    from optimizr.manifest import Manifest
+    from optimizr.storage.local import LocalStorage
+    from optimizr.watch import Where
+
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    for n in range(3):
+        photo(src / f"p{n}.jpg", seed=n)
+    source = MemorySource(
+        [
+            s3_event("p0.jpg"),
+            b"{not json",
+            s3_event("p1.jpg"),
+            s3_event("p2.jpg"),
+            s3_event("p0.jpg"),
+        ]
+    )
+    dest.mkdir()
+    manifest = Manifest.open(dest)
+    try:
+        service = WatchService(
+            WatchConfig(
+                events="memory",
+                run=RunConfig(src=src, dest=dest),
+                once=True,
+                batch=2,
+                lease=1e-9,  # every finished image extends the batch's messages
+            ),
+            source,
+            src=LocalStorage(src),
+            dest=LocalStorage(dest),
+            dest_root=dest,
+            where=Where(None, ""),
+            manifest=manifest,
+            executor=InlineExecutor(),
+        )
+        stats = service.run()
+    finally:
+        manifest.close()
+    assert [json.loads(b)["Records"][0]["s3"]["object"]["key"] for b in source.acked] == [
+        "p0.jpg",
+        "p1.jpg",
+        "p2.jpg",
+        "p0.jpg",
+    ]
+    ((body, reason),) = source.termed
+    assert body == b"{not json" and reason.startswith("unparseable message: not JSON")
+    assert (stats.converted, stats.duplicates, stats.dead_lettered) == (3, 1, 1)
+    assert source.extended > 0 and source.depth() == 0
+    assert sorted(p.name for p in dest.glob("*.webp")) == ["p0.webp", "p1.webp", "p2.webp"]
+
+
+def test_an_excluded_key_is_passed_over_and_acknowledged(
+    tmp_path: Path, running: Callable[..., Running]
+) -> None:
+    photo(tmp_path / "src" / "raw" / "a.jpg")
+    photo(tmp_path / "src" / "b.jpg", seed=1)
+    service = running(exclude=("raw/**",))
+    assert post(service.url, s3_event("raw/a.jpg"))[0] == 200
+    assert post(service.url, s3_event("b.jpg"))[0] == 200
+    wait_for(lambda: service.counters.acked == 2, "both settled")
+    assert not (tmp_path / "dest" / "raw" / "a.webp").exists()
+    assert (tmp_path / "dest" / "b.webp").exists()
+    assert service.counters.converted == 1 and service.counters.ignored == 1

@@ -670,6 +670,8 @@ def _watch_lines(watch: dict[str, Any]) -> list[str]:
         f"queue     {watch.get('waiting', 0):,} waiting, {dead:,} dead letter"
         + ("s" if dead != 1 else ""),
     ]
+    if watch.get("last_dead_letter"):
+        lines.append(f"dead      e.g. {printable(str(watch['last_dead_letter']))}")
     counters = watch.get("counters")
     if isinstance(counters, dict):
         said = ", ".join(

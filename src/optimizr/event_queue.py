@@ -255,3 +255,21 @@ def read_queue_counts(dest: Path) -> tuple[int, int] | None:
     except sqlite3.Error:
         return None
     return int(by_state.get("ready", 0)), int(by_state.get("dead", 0))
+
+
+def last_dead_letter(dest: Path) -> str | None:
+    """The reason of the latest dead letter in DEST's queue, read-only (None: none)."""
+    path = queue_path(dest)
+    if not path.exists():
+        return None
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            row = conn.execute(
+                "SELECT reason FROM messages WHERE state = 'dead' ORDER BY id DESC LIMIT 1"
+            ).fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return None
+    return None if row is None else str(row[0] or "")

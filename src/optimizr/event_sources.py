@@ -213,7 +213,7 @@ class _MemoryMessage(Message):
         self.source.termed.append((self.body, reason))
 
     def extend(self, seconds: float) -> None:
-        pass
+        self.source.extended += 1
 
 
 class MemorySource(EventSource):
@@ -226,6 +226,7 @@ class MemorySource(EventSource):
         self.acked: list[bytes] = []
         self.termed: list[tuple[bytes, str]] = []
         self.naked = 0
+        self.extended = 0
         for body in bodies or []:
             self.offer(body)
 

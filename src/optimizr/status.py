@@ -140,7 +140,7 @@ def read_status(dest: str | Path) -> StatusReport:
 def _watch_status(dest: Path, locked: bool) -> dict[str, Any] | None:
     """What the watch service's state file and queue say; a state file that still
     says running while nobody holds the lock was left by a killed service."""
-    from optimizr.event_queue import read_queue_counts
+    from optimizr.event_queue import last_dead_letter, read_queue_counts
     from optimizr.watch import read_watch_state
 
     state = read_watch_state(dest)
@@ -152,6 +152,7 @@ def _watch_status(dest: Path, locked: bool) -> dict[str, Any] | None:
         doc["state"] = "killed"
     waiting, dead = counts if counts is not None else (0, 0)
     doc["waiting"], doc["dead_letters"] = waiting, dead
+    doc["last_dead_letter"] = last_dead_letter(dest) if dead else None
     return doc
 
 

@@ -94,6 +94,9 @@ class WatchConfig:
     retry_delay: float = 5.0
     #: Seconds between two writes of the state file while idle.
     state_interval: float = 10.0
+    #: Seconds a batch's messages are kept from redelivery, extended as it runs long;
+    #: 0: --timeout plus a minute (one image may take that long).
+    lease: float = 0.0
 
     def __post_init__(self) -> None:
         if self.batch < 0:
@@ -148,6 +151,10 @@ class EventKeys(Storage):
     def walk(self, options: WalkOptions) -> Iterator[DirectoryListing]:
         by_dir: dict[str, list[SourceEntry]] = {}
         for key in self._keys:
+            parts = key.split("/")[:-1]
+            folders = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+            if not options.wants_file(key) or not all(options.wants_dir(f) for f in folders):
+                continue  # --include / --exclude, DEST inside SRC, a state folder
             found = self._stats.get(key) or self.base.stat(key)
             if found is None:
                 continue  # gone since: nothing to convert (the service said so already)
@@ -234,10 +241,11 @@ class _Plan:
 
 
 class _Collect:
-    """The batch's results by key (a ProgressListener)."""
+    """The batch's results by key (a ProgressListener); ``on_result`` is called after each."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_result: Callable[[], None] | None = None) -> None:
         self.results: dict[str, Result] = {}
+        self.on_result = on_result
 
     def started(self, snapshot: Callable[[], RunSnapshot]) -> None:
         pass
@@ -247,6 +255,8 @@ class _Collect:
 
     def finished(self, result: Result) -> None:
         self.results[result.key] = result
+        if self.on_result is not None:
+            self.on_result()
 
     def walk_done(self, total: int) -> None:
         pass
@@ -418,7 +428,7 @@ class WatchService:
         results: dict[str, Result] = {}
         committed = True
         if present:
-            results, committed = self._convert(present)
+            results, committed = self._convert(present, [plan.message for plan in plans])
         for plan in plans:
             self._settle(plan, results, committed, failed_stat, removal_failed, set(gone))
 
@@ -471,9 +481,24 @@ class WatchService:
 
     # -- converting --------------------------------------------------------------------
 
-    def _convert(self, present: dict[str, FileStat]) -> tuple[dict[str, Result], bool]:
-        """One pipeline run over ``present``'s keys: (results by key, committed)."""
-        collect = _Collect()
+    def _convert(
+        self, present: dict[str, FileStat], messages: list[Message]
+    ) -> tuple[dict[str, Result], bool]:
+        """One pipeline run over ``present``'s keys: (results by key, committed).
+
+        While it runs long, the batch's messages are extended as images finish, so
+        that a broker does not hand them to another consumer meanwhile."""
+        lease = self.config.lease or self.run_config.timeout + 60.0
+        extended = [time.monotonic()]
+
+        def keep_leased() -> None:
+            if time.monotonic() - extended[0] < lease / 2:
+                return
+            extended[0] = time.monotonic()
+            for message in messages:
+                message.extend(lease)
+
+        collect = _Collect(keep_leased)
         listener: ProgressListener = (
             Listeners(collect, self.listener) if self.listener is not None else collect
         )
@@ -577,9 +602,15 @@ class WatchService:
             if key in gone:
                 continue
             result = results.get(key)
-            if result is None or not committed:
-                # Not reached (a drain stopped the batch first), or not in the manifest.
+            if not committed or (result is None and self.stop.graceful):
+                # Not in the manifest yet, or not reached (a drain stopped the batch first).
                 retry.append(f"{key}: not converted yet")
+                continue
+            if result is None:
+                # Passed over by the pipeline without a result: excluded (--include,
+                # --exclude), gone since it was listed, or an output carrying the
+                # optimizr-output marker (found once fetched).
+                self.stats.ignored += 1
                 continue
             self._count(result)
             if result.status != "failed":
