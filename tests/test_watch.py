@@ -179,7 +179,11 @@ def test_a_posted_event_is_converted_and_garbage_gets_400_and_a_dead_letter(
 def test_the_metrics_count_per_source_and_show_the_queue_depth(tmp_path: Path) -> None:
     # Through the CLI, which serves the exporter's /metrics on the events port.
     photo(tmp_path / "src" / "a.jpg")
-    with cli_service(tmp_path) as (process, url):
+    metrics = f"http://127.0.0.1:{free_port()}/"
+    with cli_service(tmp_path, "--metrics-port", metrics.split(":")[2].strip("/")) as (
+        process,
+        url,
+    ):
         assert post(url, s3_event("a.jpg"))[0] == 200
         assert post(url, b"{}")[0] == 400
         wait_for((tmp_path / "dest" / "a.webp").exists, "the WebP")
@@ -194,6 +198,12 @@ def test_the_metrics_count_per_source_and_show_the_queue_depth(tmp_path: Path) -
         assert 'optimizr_watch_refused_total{source="webhook"} 1.0' in text
         assert 'optimizr_watch_queue_depth{source="webhook"} 0.0' in text
         assert 'optimizr_images_total{format="jpeg",status="converted"} 1.0' in text
+        # --metrics-port serves the same, as for convert: readiness is the service's.
+        assert (
+            'optimizr_watch_messages_total{source="webhook"} 1.0'
+            in get(metrics + "metrics")[1].decode()
+        )
+        assert get(metrics + "readyz")[0] == 200
         health = json.loads(get(url + "healthz")[1])
         assert get(url + "healthz")[0] == 200 and health["status"] == "ok"
         process.send_signal(signal.SIGTERM)
@@ -472,6 +482,16 @@ def test_the_brokers_of_a_later_slice_are_refused_with_a_clear_line(
         result = cli("watch", "--events", url, tmp_path / "src", tmp_path / "dest")
         assert result.exit_code == 2
         assert f"{name} is not supported yet" in result.output
+
+
+def test_a_remote_dest_is_refused_not_taken_for_a_folder(
+    cli: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "src").mkdir()
+    monkeypatch.chdir(tmp_path)
+    result = cli("watch", "--events", "http://127.0.0.1:1/", tmp_path / "src", "s3://bucket/webp")
+    assert result.exit_code == 2 and "a remote DEST is not supported yet" in result.output
+    assert not (tmp_path / "s3:").exists()
 
 
 def test_status_shows_the_service(tmp_path: Path, cli: Callable[..., Any]) -> None:

@@ -398,7 +398,10 @@ def watch(
 
     try:
         config, console = build_configs(
-            src if is_url(src) else Path(src), Path(dest), params, config_file
+            src if is_url(src) else Path(src),
+            dest if is_url(dest) else Path(dest),  # a URL is refused, with the reason
+            params,
+            config_file,
         )
         watch_config = WatchConfig(
             events=events_url, run=config, once=once, batch=batch, retry_delay=retry_delay
@@ -412,12 +415,12 @@ def watch(
 
 def _watch(logger: logging.Logger, config: Any, console: ConsoleOptions) -> int:
     """The body of ``watch``; returns the exit code."""
-    from optimizr.metrics.exporter import MetricsExporter, run_labels
-    from optimizr.metrics.watch import WatchCollector, watch_readiness
+    from optimizr.metrics.exporter import run_labels
+    from optimizr.metrics.watch import WatchExporter
     from optimizr.watch import ImagesOnly, WatchService
     from optimizr.watch_setup import run_watch
 
-    exporter = MetricsExporter(
+    exporter = WatchExporter(
         stall_timeout=console.stall_timeout,
         labels=run_labels(config.run),
         build_info=tool_versions(config.run.encode.encoder),
@@ -426,15 +429,10 @@ def _watch(logger: logging.Logger, config: Any, console: ConsoleOptions) -> int:
     previous: dict[int, Any] = {}
 
     def answer(service: WatchService) -> Callable[[str], tuple[int, str, bytes]]:
-        exporter.registry.register(WatchCollector(service))
-
-        def respond(path: str) -> tuple[int, str, bytes]:
-            if path.split("?")[0].rstrip("/") == "/readyz":
-                verdict = watch_readiness(service)
-                return verdict.http_status, "application/json", verdict.body()
-            return exporter.answer(path)
-
-        return respond
+        exporter.attach(service)
+        if console.metrics_port is not None:  # also there, as for convert
+            exporter.serve(console.metrics_host, console.metrics_port)
+        return exporter.answer
 
     def started(service: WatchService) -> None:
         def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -452,7 +450,8 @@ def _watch(logger: logging.Logger, config: Any, console: ConsoleOptions) -> int:
 
     try:
         _say_missing_decoders(logger, Console(stderr=True), console.json_logs)
-        stats = run_watch(config, listener=listener, answer=answer, on_started=started)
+        with exporter:
+            stats = run_watch(config, listener=listener, answer=answer, on_started=started)
     except OptimizrError as exc:
         if console.json_logs:
             fields = {"message": str(exc), "exit_code": exc.exit_code}

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from optimizr.metrics.exporter import Verdict
+from optimizr.metrics.exporter import MetricsExporter, Verdict
 
 if TYPE_CHECKING:
     from optimizr.watch import WatchService
@@ -86,3 +86,18 @@ class WatchCollector:
 def watch_readiness(service: WatchService) -> Verdict:
     """The service's readiness (see WatchService.readiness) as /readyz answers it."""
     return Verdict(*service.readiness())
+
+
+class WatchExporter(MetricsExporter):
+    """The batch runs' exporter, with the service's counters and its readiness."""
+
+    service: WatchService | None = None
+
+    def attach(self, service: WatchService) -> None:
+        self.service = service
+        self.registry.register(WatchCollector(service))
+
+    def readiness(self) -> Verdict:
+        if self.service is None:
+            return Verdict(False, "starting", "the service is starting", {})
+        return watch_readiness(self.service)
