@@ -331,6 +331,147 @@ def _print_dry_run(summary: Any) -> None:
         click.echo(line)
 
 
+@main.command(
+    epilog="The convert options work as for convert (environment and optimizr.toml too). "
+    "GET /healthz, /readyz and /metrics are served on the --events port."
+)
+@click.argument("src", metavar="SRC")
+@click.argument("dest", metavar="DEST")
+@click.option(
+    "--events",
+    "events_url",
+    required=True,
+    metavar="URL",
+    envvar="OPTIMIZR_EVENTS",
+    help="Where events come from: http://127.0.0.1:PORT/ listens for bucket notification "
+    "webhooks (S3 Records JSON as MinIO and Ceph send, SeaweedFS's filer webhook).",
+)
+@click.option(
+    "--once",
+    is_flag=True,
+    help="Convert what is queued, then exit (for cron and tests) instead of running on.",
+)
+@click.option(
+    "--batch",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Messages taken per batch; 0: the workers' window (--workers x --lookahead).",
+)
+@click.option(
+    "--retry-delay",
+    type=click.FloatRange(min=0),
+    default=5.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Seconds before a message that failed for a passing reason (or an image not yet "
+    "tried --max-attempts times) is delivered again.",
+)
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    envvar="OPTIMIZR_CONFIG",
+    is_eager=True,
+    callback=_read_config_file,
+    metavar="PATH",
+    help=f"Read option defaults from this TOML file [./{CONFIG_NAME} if it exists].",
+)
+@apply_options
+def watch(
+    src: str,
+    dest: str,
+    events_url: str,
+    once: bool,
+    batch: int,
+    retry_delay: float,
+    config_file: Path | None,
+    **params: Any,
+) -> None:
+    """Convert images into DEST as bucket events about SRC arrive: a long-running service.
+
+    SRC is a bucket URL (s3://bucket/prefix) or a folder the events' keys are
+    relative to; DEST a folder. Each event is converted with a batch run's
+    guarantees (manifest, atomic writes, memory budget); a duplicate is a no-op.
+    SIGTERM drains: the images in flight finish (at most --grace), exit 0."""
+    from optimizr.watch import WatchConfig
+
+    try:
+        config, console = build_configs(
+            src if is_url(src) else Path(src),
+            dest if is_url(dest) else Path(dest),  # a URL is refused, with the reason
+            params,
+            config_file,
+        )
+        watch_config = WatchConfig(
+            events=events_url, run=config, once=once, batch=batch, retry_delay=retry_delay
+        )
+    except OptimizrError as exc:
+        print_error(str(exc), json_logs=params.get("log_format") == "json")
+        sys.exit(exc.exit_code)
+    with configure_logging(console.log_format, console.effective_log_level) as logger:
+        sys.exit(_watch(logger, watch_config, console))
+
+
+def _watch(logger: logging.Logger, config: Any, console: ConsoleOptions) -> int:
+    """The body of ``watch``; returns the exit code."""
+    from optimizr.metrics.exporter import run_labels
+    from optimizr.metrics.watch import WatchExporter
+    from optimizr.watch import ImagesOnly, WatchService
+    from optimizr.watch_setup import run_watch
+
+    exporter = WatchExporter(
+        stall_timeout=console.stall_timeout,
+        labels=run_labels(config.run),
+        build_info=tool_versions(config.run.encode.encoder),
+    )
+    listener = Listeners(ImagesOnly(LogListener(logger, images=True)), exporter)
+    previous: dict[int, Any] = {}
+
+    def answer(service: WatchService) -> Callable[[str], tuple[int, str, bytes]]:
+        exporter.attach(service)
+        if console.metrics_port is not None:  # also there, as for convert
+            exporter.serve(console.metrics_host, console.metrics_port)
+        return exporter.answer
+
+    def started(service: WatchService) -> None:
+        def on_signal(signum: int, _frame: FrameType | None) -> None:
+            service.request_stop(signum)
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, on_signal)
+        logger.info(
+            "watching: events to %s (and /healthz, /readyz, /metrics), converting %s into %s",
+            service.url,
+            service.src.describe(),
+            service.dest_root,
+            extra={"event": "watching", "fields": {"url": service.url}},
+        )
+
+    try:
+        _say_missing_decoders(logger, Console(stderr=True), console.json_logs)
+        with exporter:
+            stats = run_watch(config, listener=listener, answer=answer, on_started=started)
+    except OptimizrError as exc:
+        if console.json_logs:
+            fields = {"message": str(exc), "exit_code": exc.exit_code}
+            logger.error("%s", exc, extra={"event": "error", "fields": fields})
+        else:
+            print_error(str(exc), json_logs=False)
+        return exc.exit_code
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    fields = stats.to_dict()
+    text = ", ".join(
+        f"{k} {fields[k]}"
+        for k in ("messages", "converted", "duplicates", "failed", "dead_lettered")
+    )
+    logger.info("watch stopped: %s", text, extra={"event": "watch stopped", "fields": fields})
+    # A drain after SIGTERM is how a service ends: exit 0, as Kubernetes expects.
+    return 0
+
+
 def _store_connection_options(command: _F) -> _F:
     """How to reach an S3-compatible store, and where its local state is, for the
     commands that read a remote DEST (status, urls).
@@ -514,7 +655,30 @@ def format_status(report: StatusReport) -> str:
     for group in report.failures:
         example = f"{group.example}: {group.message}" if group.message else group.example
         lines.append(f"failed    {group.count:>8,}  {group.reason}  e.g. {printable(example)}")
+    if report.watch is not None:
+        lines.extend(_watch_lines(report.watch))
     return "\n".join(lines)
+
+
+def _watch_lines(watch: dict[str, Any]) -> list[str]:
+    """The ``optimizr watch`` service of DEST: its state, queue and counters."""
+    dead = watch.get("dead_letters", 0)
+    lines = [
+        f"service   watching {printable(str(watch.get('events', '?')))} "
+        f"({watch.get('state', 'unknown')})",
+        f"queue     {watch.get('waiting', 0):,} waiting, {dead:,} dead letter"
+        + ("s" if dead != 1 else ""),
+    ]
+    if watch.get("last_dead_letter"):
+        lines.append(f"dead      e.g. {printable(str(watch['last_dead_letter']))}")
+    counters = watch.get("counters")
+    if isinstance(counters, dict):
+        said = ", ".join(
+            f"{counters.get(k, 0):,} {k.replace('_', '-')}"
+            for k in ("converted", "duplicates", "failed", "dead_lettered", "ignored")
+        )
+        lines.append(f"events    {said}")
+    return lines
 
 
 @main.command()

@@ -64,6 +64,9 @@ class StatusReport:
     last_run: dict[str, Any] | None
     #: Only while a run holds the lock: how far it is.
     progress: RunProgress | None = None
+    #: The ``optimizr watch`` service of this DEST, if one ever ran: its state file
+    #: (state, events URL, counters) and its queue (waiting, dead_letters).
+    watch: dict[str, Any] | None = None
 
     @property
     def total(self) -> int:
@@ -130,7 +133,27 @@ def read_status(dest: str | Path) -> StatusReport:
         lock_holder=holder,
         last_run=last_run,
         progress=_live_progress(published, last_run) if holder is not None else None,
+        watch=_watch_status(dest_path, holder is not None),
     )
+
+
+def _watch_status(dest: Path, locked: bool) -> dict[str, Any] | None:
+    """What the watch service's state file and queue say; a state file that still
+    says running while nobody holds the lock was left by a killed service."""
+    from optimizr.event_queue import last_dead_letter, read_queue_counts
+    from optimizr.watch import read_watch_state
+
+    state = read_watch_state(dest)
+    counts = read_queue_counts(dest)
+    if state is None and counts is None:
+        return None
+    doc = dict(state or {})
+    if doc.get("state") in ("running", "draining", "starting") and not locked:
+        doc["state"] = "killed"
+    waiting, dead = counts if counts is not None else (0, 0)
+    doc["waiting"], doc["dead_letters"] = waiting, dead
+    doc["last_dead_letter"] = last_dead_letter(dest) if dead else None
+    return doc
 
 
 def _live_progress(

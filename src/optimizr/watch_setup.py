@@ -1,0 +1,187 @@
+"""Set ``optimizr watch`` up and run it: the library call behind the command.
+
+:func:`run_watch` opens what a batch run opens (DEST's lock and manifest, the memory
+budget and the worker pool, the source store) once for the service's life, plus the
+event source (this slice: the HTTP webhook and its durable queue in DEST/.optimizr/),
+runs the :class:`~optimizr.watch.WatchService` loop, and closes all of it after.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from optimizr.budget import MemoryBudget, default_memory_budget
+from optimizr.config import available_cpus
+from optimizr.errors import UsageError
+from optimizr.event_queue import EventQueue
+from optimizr.event_sources import QueueSource
+from optimizr.events import ProgressListener
+from optimizr.executors.base import Executor
+from optimizr.lock import RunLock
+from optimizr.manifest import Manifest, state_dir
+from optimizr.sources import Layout, OwnOutputs, resolve_layout
+from optimizr.storage.base import Storage
+from optimizr.storage.local import LocalStorage
+from optimizr.storage.urls import is_url
+from optimizr.versions import check_encoder
+from optimizr.watch import WatchConfig, WatchService, WatchStatistics, Where
+from optimizr.webhook import Answer, WebhookServer, parse_listen_url
+
+#: The brokers of issue 16 that come in a later slice, by URL scheme.
+_COMING = {"sqs": "Amazon SQS", "nats": "NATS JetStream", "redis": "Redis Streams"}
+
+
+def run_watch(
+    config: WatchConfig,
+    *,
+    listener: ProgressListener | None = None,
+    answer: Callable[[WatchService], Answer] | None = None,
+    on_started: Callable[[WatchService], None] | None = None,
+    executor: Executor | None = None,
+) -> WatchStatistics:
+    """Serve ``config.events`` and convert what arrives until stopped (``on_started``
+    gets the service: call its ``request_stop`` from a signal handler), or with
+    ``once`` until the queue is empty. ``answer(service)`` gives the GET handler of
+    the webhook (health, metrics); without it GETs are 404."""
+    run = config.run
+    scheme = config.events.partition("://")[0].lower()
+    if scheme in _COMING:
+        raise UsageError(
+            f"--events {config.events}: {_COMING[scheme]} is not supported yet (coming in a "
+            "later release); this one takes the HTTP webhook, http://127.0.0.1:PORT/"
+        )
+    host, port = parse_listen_url(config.events)
+    if isinstance(run.dest, str) or not isinstance(run.dest, Path):
+        raise UsageError("watch writes to a local DEST folder (a remote DEST is not supported yet)")
+    dest_root = run.dest
+    source, layout, where = _source(run.src, dest_root, config)
+    try:
+        dest_root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create DEST {dest_root}: {exc.strerror or exc}") from None
+    check_encoder(run.encode)
+    lock = RunLock(state_dir(dest_root))
+    lock.acquire()  # DestBusy (exit 3) while a run or another service holds DEST
+    opened: list[Callable[[], Any]] = [lock.release]
+    try:
+        try:
+            manifest = Manifest.open(dest_root)
+            queue = EventQueue.open(dest_root)
+        except (OSError, sqlite3.Error) as exc:
+            raise UsageError(f"cannot open the state in {state_dir(dest_root)}: {exc}") from None
+        opened += [manifest.close, queue.close]
+        # Leases of a killed predecessor are void: the lock says we are the only consumer.
+        queue.release_leases()
+        webhook_box: list[WebhookServer] = []
+
+        def close_the_door() -> None:
+            # The drain's first step: no new posts are taken in.
+            for webhook in webhook_box:
+                webhook.stop_accepting()
+
+        event_source = QueueSource(
+            queue,
+            visibility=run.timeout + 60.0,
+            text=f"webhook {config.events}",
+            on_stop=close_the_door,
+        )
+        workers = executor.workers if executor is not None else run.effective_workers
+        budget = MemoryBudget(run.max_memory or default_memory_budget(), workers)
+        if executor is None:
+            from optimizr.executors.local import ProcessExecutor
+
+            executor = ProcessExecutor(
+                workers,
+                threads_per_worker=max(1, available_cpus() // workers),
+                timeout=run.timeout,
+                max_tasks_per_worker=run.max_tasks_per_worker,
+                budget=budget,
+                lookahead=max(1, run.lookahead_per_worker * workers),
+                grace=run.grace,
+            )
+            opened.append(executor.close)
+        dest = LocalStorage(dest_root)
+        own = OwnOutputs(layout, manifest, dest)
+        opened.append(own.close)
+        transfers_factory = None
+        if not isinstance(source, LocalStorage):  # an object store: fetches on I/O threads
+            from optimizr.transfers import Transfers, default_io_concurrency
+
+            def transfers_factory() -> Transfers:
+                return Transfers(run.io_concurrency or default_io_concurrency(workers), budget)
+
+        service = WatchService(
+            config,
+            event_source,
+            src=source,
+            dest=dest,
+            dest_root=dest_root,
+            where=where,
+            manifest=manifest,
+            executor=executor,
+            budget=budget,
+            own_outputs=own,
+            transfers_factory=transfers_factory,
+            listener=listener,
+        )
+        get_answer = answer(service) if answer is not None else _health_only(service)
+        webhook = WebhookServer(queue, get_answer)
+        service.url = webhook.serve(host, port)
+        webhook_box.append(webhook)
+        opened.append(webhook.close)
+        if on_started is not None:
+            on_started(service)
+        return service.run()
+    finally:
+        for close in reversed(opened):
+            close()
+
+
+def _health_only(service: WatchService) -> Answer:
+    """GET answers without the metrics exporter (the library call): /readyz, /healthz."""
+
+    def respond(path: str) -> tuple[int, str, bytes]:
+        route = path.split("?")[0].rstrip("/")
+        if route in ("/readyz", "/healthz"):
+            ready, status, reason, figures = service.readiness()
+            ok = ready or route == "/healthz"
+            doc = {"status": status if route == "/readyz" else "ok", "reason": reason, **figures}
+            return 200 if ok else 503, "application/json", json.dumps(doc).encode() + b"\n"
+        return 404, "text/plain; charset=utf-8", b"not found: try /healthz, /readyz\n"
+
+    return respond
+
+
+def _source(
+    src: Path | tuple[Path, ...] | str, dest: Path, config: WatchConfig
+) -> tuple[Storage, Layout, Where]:
+    """The SRC store, its layout (what is pruned, own outputs) and how keys map onto it."""
+    if isinstance(src, tuple):
+        raise UsageError("watch takes one SRC (a folder or a bucket URL)")
+    if isinstance(src, str) and is_url(src):
+        from optimizr.storage.objectstore import StoreOptions, probe, storage_for
+        from optimizr.storage.urls import parse_location
+
+        run = config.run
+        location = parse_location(src)
+        store = storage_for(
+            location,
+            StoreOptions(
+                endpoint_url=run.endpoint_url,
+                region=run.region,
+                profile=run.profile,
+                s3_path_style=run.s3_path_style,
+            ),
+        )
+        probe(store, write=False)
+        layout = Layout(store, dest)
+        return store, layout, Where(location.bucket or None, location.prefix.strip("/"))
+    path = Path(src)
+    if not path.is_dir():
+        raise UsageError(f"watch takes a SRC folder or bucket URL: {src} is not a folder")
+    layout = resolve_layout([path], str(dest), config.run)
+    return LocalStorage(path), layout, Where(None, "", layout.prune)
