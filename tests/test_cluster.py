@@ -504,6 +504,31 @@ def test_at_most_two_tasks_per_worker_thread_are_in_flight_and_futures_are_relea
     assert sorted(p.name for p in dest.iterdir()) == [n + ".webp" for n in names]
 
 
+def test_the_workers_seen_never_drop_to_none_while_the_client_refreshes_its_cache(
+    dask_cluster: DaskCluster,
+) -> None:
+    """Client.scheduler_info() hands back the client's cached identity, which its own
+    periodic callback (distributed.client.scheduler-info-interval) overwrites with one
+    that lists no workers: read at that moment, every worker seemed gone (``left the
+    cluster (0 connected)`` then ``joined``, /healthz unhealthy, the next tasks sent
+    without MEMORY). Seen once in an 80 s run at the default 2 s; at 1 ms, in a few reads."""
+    import dask
+
+    from optimizr.executors.dask import DaskExecutor
+
+    dask_cluster.wait_for_workers(2)
+    with dask.config.set({"distributed.client.scheduler-info-interval": "1ms"}):
+        executor = DaskExecutor(dask_cluster.address)
+    seen = set()
+    try:
+        for _ in range(300):
+            executor._refresh_workers(log=False)  # unthrottled: one request each
+            seen.add((executor.statistics().connected, executor.memory_capacity()))
+    finally:
+        executor.close()
+    assert seen == {(2, 256 << 20)}
+
+
 def test_one_image_is_one_trace_across_the_coordinator_and_the_dask_workers(
     dask_cluster: DaskCluster, server: SeaweedS3, prefix: str, tmp_path: Path, otlp_receiver: Any
 ) -> None:

@@ -201,7 +201,11 @@ class DaskExecutor(Executor):
             return
         self._next_refresh = now + REFRESH_SECONDS
         try:
-            info = self.client.scheduler_info(n_workers=-1)["workers"]
+            # Asked of the scheduler, not Client.scheduler_info(): that returns the
+            # client's cache, which its periodic callback may have just replaced by
+            # one without workers (as if all had left).
+            scheduler: Any = self.client.scheduler  # None once the client closed: caught
+            info = self.client.sync(scheduler.identity, n_workers=-1)["workers"]
         except Exception:  # noqa: BLE001 - the scheduler is going: the loop sees it
             return
         threads = {addr: int(w.get("nthreads", 1)) for addr, w in info.items()}
