@@ -200,6 +200,30 @@ def dask_cluster(
         cluster.stop()
 
 
+#: The faults of the session's small cluster: a conversion child that grows past what
+#: its worker's --memory-limit leaves it, and a Dask worker process that leaks (once).
+DASK_SMALL_FAULTS = "grow-400:dask-oom.jpg,leak-once:dask-leak.jpg"
+#: Its workers' --memory-limit: a Dask worker with optimizr loaded is 90-130 MiB, an
+#: idle conversion child 30-40 MiB; the limit leaves the child about 100 MiB to grow.
+DASK_SMALL_LIMIT = 256 << 20
+
+
+@pytest.fixture(scope="session")
+def dask_small_cluster(
+    s3_server: SeaweedS3, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[DaskCluster]:
+    """Two more one-thread workers, with ``--memory-limit 256MiB`` (and MEMORY=64M): the
+    memory faults, which end with a child killed or a worker restarted by its nanny."""
+    pytest.importorskip("distributed", reason="--cluster needs optimizr[cluster]")
+    env = dask_env(s3_server, DASK_SMALL_FAULTS)
+    workdir = tmp_path_factory.mktemp("dask-small")
+    cluster = start_dask(workdir, 2, env, memory=64 << 20, memory_limit=DASK_SMALL_LIMIT)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
 @pytest.fixture(scope="session")
 def azure_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AzuriteBlob]:
     """A real Azure Blob endpoint (Azurite) on 127.0.0.1 with the test container created,

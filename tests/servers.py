@@ -429,9 +429,15 @@ class DaskCluster:
 
 
 def start_dask(
-    workdir: Path, workers: int, env: dict[str, str], *, memory: int = 1 << 30
+    workdir: Path,
+    workers: int,
+    env: dict[str, str],
+    *,
+    memory: int = 1 << 30,
+    memory_limit: int | None = None,
 ) -> DaskCluster:
-    """A scheduler on a free port and ``workers`` one-thread workers with MEMORY=memory."""
+    """A scheduler on a free port and ``workers`` one-thread workers with MEMORY=memory
+    (and ``--memory-limit``, which their nannies enforce, if given)."""
     dask = str(Path(sys.executable).parent / "dask")
     port = free_ports(1)[0]
     address = f"tcp://127.0.0.1:{port}"
@@ -448,6 +454,8 @@ def start_dask(
         dask, "worker", address, "--host", "127.0.0.1", "--nthreads", "1",
         "--resources", f"MEMORY={memory}", "--no-dashboard", "--death-timeout", "60",
     ]  # fmt: skip
+    if memory_limit is not None:
+        worker_command += ["--memory-limit", str(memory_limit)]
     cluster = DaskCluster(address, scheduler, [], worker_command, env, fault_dir, workdir)
     try:
         for _ in range(workers):

@@ -194,6 +194,74 @@ def test_an_image_that_kills_every_worker_is_worker_crashed_and_the_run_goes_on(
     dask_cluster.wait_for_workers(2)
 
 
+def test_a_conversion_over_the_workers_memory_limit_is_worker_crashed_and_the_run_goes_on(
+    dask_small_cluster: DaskCluster, server: SeaweedS3, prefix: str, tmp_path: Path
+) -> None:
+    """dask-oom.jpg's conversion child grows past what its worker's --memory-limit
+    leaves it (the nanny watches the worker process alone, never its children): it
+    is stopped on every worker it runs on, alone too, and fails; the others convert."""
+    src_url = url(server, f"{prefix}/in")
+    names = ["dask-oom.jpg", "one.jpg", "two.jpg", "three.jpg"]
+    upload_sources(store_of(server, src_url), names)
+    before = dask_small_cluster.wait_for_workers(2)
+    done = run_cli(
+        server, src_url, url(server, f"{prefix}/out"), tmp_path, "--cluster",
+        dask_small_cluster.address,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    doc = json.loads(done.stdout)
+    VALIDATOR.validate(doc)
+    assert doc["files"]["converted"] == 3, (doc["not_converted"], done.stderr)
+    [failure] = doc["not_converted"]
+    assert (failure["path"], failure["reason"]) == ("dask-oom.jpg", "worker crashed")
+    message = failure["message"]
+    assert message.startswith("out of memory: its conversion grew to"), message
+    assert "the Dask worker's --memory-limit 256 MiB leaves" in message, message
+    assert "; 3 attempts, the last alone on tcp://" in message and "\n" not in message
+    [said] = [line for line in done.stderr.splitlines() if "dask-oom.jpg" in line]
+    assert "out of memory" in said
+    # Stopped as often as a worker restarted by its nanny would be: allowed-failures
+    # (1 here) + 1 times, then once alone.
+    assert doc["executor"]["conversions_over_memory"] == 3
+    assert doc["executor"]["memory_restarts"] == 0
+    # The children were killed, not the Dask workers: the same processes serve on.
+    assert dask_small_cluster.workers() == before
+
+
+def test_a_worker_restarted_by_its_nanny_over_its_memory_limit_loses_nothing(
+    dask_small_cluster: DaskCluster, server: SeaweedS3, prefix: str, tmp_path: Path
+) -> None:
+    """The Dask worker that takes dask-leak.jpg grows (the worker process itself, not a
+    conversion child) until its nanny restarts it over --memory-limit: the images it
+    held, dask-leak.jpg among them, run again elsewhere; none fails, none is
+    committed twice, and the run says why the worker went."""
+    src_url, dest_url = url(server, f"{prefix}/in"), url(server, f"{prefix}/out")
+    names = ["dask-leak.jpg"] + [f"img{n:02d}.jpg" for n in range(10)]
+    upload_sources(store_of(server, src_url), names)
+    dask_small_cluster.wait_for_workers(2)
+    state = tmp_path / "state"
+    done = run_cli(server, src_url, dest_url, state, "--cluster", dask_small_cluster.address)
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    VALIDATOR.validate(doc)
+    assert doc["files"]["converted"] == len(names), (doc["not_converted"], done.stderr)
+    assert doc["files"]["failed"] == 0
+    leaked = int((dask_small_cluster.fault_dir / "dask-leak.jpg.leaked").read_text())
+    logs = "".join(p.read_text() for p in dask_small_cluster.log_dir.glob("worker-*.log"))
+    assert f"(pid={leaked}) exceeded 95% memory budget" in logs  # its nanny restarted it
+    assert "restarted by its nanny over its --memory-limit" in done.stderr, done.stderr
+    assert doc["executor"]["memory_restarts"] == 1
+    assert doc["executor"]["conversions_over_memory"] == 0  # no child was blamed
+    dest = store_of(server, dest_url)
+    assert {k for k in keys(dest) if k.endswith(".webp")} == {
+        n.replace(".jpg", ".webp") for n in names
+    }
+    assert manifest_counts(state) == {"done": len(names)}
+    again = run_cli(server, src_url, dest_url, state, "--cluster", dask_small_cluster.address)
+    assert json.loads(again.stdout)["files"]["skipped_by_reason"] == {"up to date": len(names)}
+    dask_small_cluster.wait_for_workers(2)  # its nanny started it again
+
+
 def png_header_only(width: int, height: int) -> bytes:
     """A PNG that says it is ``width`` x ``height`` (its pixels never come): a header."""
     import struct
@@ -434,6 +502,31 @@ def test_at_most_two_tasks_per_worker_thread_are_in_flight_and_futures_are_relea
     assert max(in_flight) <= 4  # the window, never the whole run
     assert max(held) <= 4  # each future let go as its result came
     assert sorted(p.name for p in dest.iterdir()) == [n + ".webp" for n in names]
+
+
+def test_the_workers_seen_never_drop_to_none_while_the_client_refreshes_its_cache(
+    dask_cluster: DaskCluster,
+) -> None:
+    """Client.scheduler_info() hands back the client's cached identity, which its own
+    periodic callback (distributed.client.scheduler-info-interval) overwrites with one
+    that lists no workers: read at that moment, every worker seemed gone (``left the
+    cluster (0 connected)`` then ``joined``, /healthz unhealthy, the next tasks sent
+    without MEMORY). Seen once in an 80 s run at the default 2 s; at 1 ms, in a few reads."""
+    import dask
+
+    from optimizr.executors.dask import DaskExecutor
+
+    dask_cluster.wait_for_workers(2)
+    with dask.config.set({"distributed.client.scheduler-info-interval": "1ms"}):
+        executor = DaskExecutor(dask_cluster.address)
+    seen = set()
+    try:
+        for _ in range(300):
+            executor._refresh_workers(log=False)  # unthrottled: one request each
+            seen.add((executor.statistics().connected, executor.memory_capacity()))
+    finally:
+        executor.close()
+    assert seen == {(2, 256 << 20)}
 
 
 def test_one_image_is_one_trace_across_the_coordinator_and_the_dask_workers(

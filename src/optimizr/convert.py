@@ -390,6 +390,8 @@ def _execute(
             }
             for w in stats.per_worker
         ]
+        summary.executor["conversions_over_memory"] = stats.conversions_over_memory
+        summary.executor["memory_restarts"] = stats.memory_restarts
     summary.tool = tool_versions(config.encode.encoder)
     if transfers is not None:
         summary.storage["transfers"] = transfers.stats.to_dict(transfers.concurrency)

@@ -30,6 +30,7 @@ the process exit code the CLI turns it into. Only ``cli.py`` catches them.
         ├── WriteFailed           "write failed"        the output could not be written    transient
         │   └── NoSpaceLeft       "no space left"       ... because DEST is full           transient
         └── WorkerCrashed         "worker crashed"      its process died or hung           image
+            └── OverWorkerMemory  "worker crashed"      outgrew a Dask worker's memory     run
 
 The last column is each failure's :attr:`ImageError.cause`: what it is evidence
 of, and so when a later run decides it again.
@@ -201,6 +202,14 @@ class NoSpaceLeft(WriteFailed):
 
 class WorkerCrashed(ImageError):
     reason = "worker crashed"
+
+
+class OverWorkerMemory(WorkerCrashed):
+    """--cluster: its conversion grew past what the Dask worker's --memory-limit leaves
+    its conversions, and was killed (executors/memory_watch.py). A fact about the
+    cluster's workers: bigger ones may convert it."""
+
+    cause = "run"
 
 
 def _image_errors(cls: type[ImageError] = ImageError) -> list[type[ImageError]]:

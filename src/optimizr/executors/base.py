@@ -172,6 +172,10 @@ class ExecutorStatistics:
     per_worker: tuple[WorkerFigures, ...] = ()
     #: Workers connected to a cluster's scheduler now (None: not a cluster).
     connected: int | None = None
+    #: --cluster: conversions killed over their Dask worker's --memory-limit (each
+    #: attempt), and Dask workers their nanny restarted over it.
+    conversions_over_memory: int = 0
+    memory_restarts: int = 0
 
 
 class Executor(ABC):

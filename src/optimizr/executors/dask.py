@@ -34,6 +34,7 @@ is committed, the summary says why (exit 5), and a re-run resumes from the manif
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import queue
@@ -51,7 +52,7 @@ from typing import TYPE_CHECKING, Any
 
 import distributed
 
-from optimizr.errors import EncodeFailed, UsageError, WorkerCrashed
+from optimizr.errors import EncodeFailed, OverWorkerMemory, UsageError, WorkerCrashed
 from optimizr.executors.base import (
     Executor,
     ExecutorStatistics,
@@ -65,6 +66,7 @@ if TYPE_CHECKING:
     from distributed import Client, Future, LocalCluster
 
     from optimizr.executors.local import ProcessExecutor
+    from optimizr.executors.memory_watch import ConversionMemoryWatch
     from optimizr.executors.worker_io import Place
     from optimizr.storage.base import Storage
 
@@ -159,6 +161,19 @@ class DaskExecutor(Executor):
         plugin = ConversionPlugin(timeout, max_tasks_per_worker)
         self.client.register_plugin(plugin, name=PLUGIN_NAME)
         self._run = uuid.uuid4().hex[:8]
+        #: The scheduler's allowed-failures: deaths of a worker holding a task that
+        #: make it KilledWorker; an image outgrowing its worker is allowed as many.
+        self._allowed_failures = _allowed_failures(self.client)
+        #: Images whose conversion outgrew a worker's --memory-limit: the workers they
+        #: outgrew; and those to run again meanwhile (on another worker if one is left).
+        self._outgrown: dict[int, list[str]] = {}
+        self._again: deque[Job] = deque()
+        self._over_memory = self._memory_restarts = 0
+        #: Workers that their nanny restarted over --memory-limit (the scheduler's
+        #: ``worker-restart-memory`` events, pushed to this client as they come).
+        self._restarted: dict[str, int] = {}
+        self._limits: dict[str, int] = {}
+        self.client.subscribe_topic("worker-restart-memory", self._restarted_over_memory)
         self._threads: dict[str, int] = {}
         self._capacity: int | None = None
         self._next_refresh = 0.0
@@ -186,7 +201,11 @@ class DaskExecutor(Executor):
             return
         self._next_refresh = now + REFRESH_SECONDS
         try:
-            info = self.client.scheduler_info(n_workers=-1)["workers"]
+            # Asked of the scheduler, not Client.scheduler_info(): that returns the
+            # client's cache, which its periodic callback may have just replaced by
+            # one without workers (as if all had left).
+            scheduler: Any = self.client.scheduler  # None once the client closed: caught
+            info = self.client.sync(scheduler.identity, n_workers=-1)["workers"]
         except Exception:  # noqa: BLE001 - the scheduler is going: the loop sees it
             return
         threads = {addr: int(w.get("nthreads", 1)) for addr, w in info.items()}
@@ -202,6 +221,7 @@ class DaskExecutor(Executor):
             for joined in sorted(threads.keys() - self._threads.keys()):
                 logger.info("Dask worker %s joined (%d connected)", joined, len(threads))
         self._threads = threads
+        self._limits.update({a: int(w.get("memory_limit") or 0) for a, w in info.items()})
         memories = [w.get("resources", {}).get("MEMORY") for w in info.values()]
         declared = [int(m) for m in memories if m is not None]
         # Every worker must declare it: a task asking for MEMORY never runs on one without.
@@ -219,8 +239,18 @@ class DaskExecutor(Executor):
     def _submit(self, job: Job, tag: str = "") -> Future[TaskResult]:
         resources = {"MEMORY": max(1, job.cost)} if self._capacity is not None else None
         key = f"optimizr-{self._run}-{job.id}{tag}"
+        # An image that outgrew a worker prefers the others (loosely: any will do).
+        outgrown = self._outgrown.get(job.id, ())
+        others = [w for w in self._threads if w not in outgrown] if outgrown else None
         future = self.client.submit(
-            convert_on_worker, job, key=key, pure=False, resources=resources, retries=0
+            convert_on_worker,
+            job,
+            key=key,
+            pure=False,
+            resources=resources,
+            retries=0,
+            workers=others or None,
+            allow_other_workers=bool(others),
         )
         future.add_done_callback(lambda _future: self._done.set())
         self._in_flight[key] = (future, job)
@@ -253,6 +283,10 @@ class DaskExecutor(Executor):
                     self._retried_alone += 1
                     completed.add(self._submit(job, "-alone"))
                     break
+                if self._again:
+                    job = self._again.popleft()
+                    completed.add(self._submit(job, f"-again{len(self._outgrown[job.id])}"))
+                    continue
                 if exhausted:
                     break
                 item = next(pending, None)
@@ -264,7 +298,7 @@ class DaskExecutor(Executor):
                 else:
                     completed.add(self._submit(item))
             if not self._in_flight:
-                if self._stopping or (exhausted and not suspects):
+                if self._stopping or (exhausted and not suspects and not self._again):
                     return
                 if wakeup is not None:
                     wakeup.wait(0.25)
@@ -313,7 +347,7 @@ class DaskExecutor(Executor):
                     # The scheduler went between the task's end and the fetch of its result.
                     self._lose(f"{type(lost).__name__}: {lost}")
                     return None
-                return self._finished(result)
+                return self._finished(result, job, job.id in alone, suspects)
             if status == "cancelled":
                 # Nothing of ours cancels a task but abort(): the client cancels every
                 # future when its connection to the scheduler is gone.
@@ -339,28 +373,77 @@ class DaskExecutor(Executor):
         if killed:
             self._crashed += 1
             last = getattr(getattr(exc, "last_worker", None), "address", "?")
+            why = (
+                ", restarted by its nanny over its --memory-limit"
+                if last in self._restarted
+                else ""
+            )
             error = WorkerCrashed(
                 f"the Dask worker process died each time it held this image, alone too "
-                f"(last on {last})"
+                f"(last on {last}{why})"
             )
             return Outcome(job, None, error, last)
         return Outcome(job, None, EncodeFailed(f"internal error on the Dask worker: {exc}"))
 
-    def _finished(self, result: TaskResult) -> Outcome:
-        self._completed += 1
+    def _finished(
+        self, result: TaskResult, job: Job, alone: bool, suspects: deque[Job]
+    ) -> Outcome | None:
         outcome = result.outcome
+        self._count(result)
+        if isinstance(outcome.error, OverWorkerMemory):
+            # Its child was killed over the worker's --memory-limit: counted as its
+            # nanny counts a worker restarted over it, run again on another worker
+            # while allowed-failures allows, then once alone, and only then failed.
+            self._over_memory += 1
+            outgrown = self._outgrown.setdefault(job.id, [])
+            outgrown.append(result.worker)
+            if not alone:
+                if len(outgrown) > self._allowed_failures:
+                    suspects.append(job)
+                else:
+                    self._again.append(job)
+                return None
+            del self._outgrown[job.id]
+            error = OverWorkerMemory(
+                f"{outcome.error.message}; {len(outgrown)} attempts, the last alone on "
+                f"{result.worker}"
+            )
+            outcome = dataclasses.replace(outcome, error=error)
+        self._outgrown.pop(job.id, None)
+        self._completed += 1
         if outcome.error is not None and isinstance(outcome.error, WorkerCrashed):
             if outcome.error.message.startswith("timed out"):
                 self._timed_out += 1
             else:
                 self._crashed += 1
+        return outcome
+
+    def _count(self, result: TaskResult) -> None:
         with self._lock:
             figures = self._figures.setdefault(result.worker, _Figures(result.host))
             figures.images += 1
             figures.busy_seconds += result.seconds
             figures.peak_rss_bytes = max(figures.peak_rss_bytes, result.peak_rss_bytes)
         self._busy += result.seconds
-        return outcome
+
+    def _restarted_over_memory(self, event: Any) -> None:
+        """A nanny restarted its worker over --memory-limit (its images run again
+        elsewhere, as for any worker lost): said and counted. On the client's loop."""
+        fields = event[1] if isinstance(event, tuple) and len(event) == 2 else event
+        worker = str(fields.get("worker", "?"))
+        rss = int(fields.get("rss") or 0)
+        with self._lock:
+            self._memory_restarts += 1
+            self._restarted[worker] = rss
+        limit = self._limits.get(worker, 0)
+        logger.warning(
+            "Dask worker %s was restarted by its nanny over its --memory-limit "
+            "(%d MiB resident%s); the images it held are run again",
+            worker,
+            rss >> 20,
+            f" of {limit >> 20} MiB" if limit else "",
+            extra={"event": "worker_restarted", "fields": {"worker": worker, "rss": rss}},
+        )
 
     def _lose(self, why: str) -> None:
         left = len(self._in_flight) + 1
@@ -421,6 +504,8 @@ class DaskExecutor(Executor):
             connected=len(self._threads) if self.lost is None else 0,
             alive=len(self._threads) if self.lost is None else 0,
             per_worker=per_worker,
+            conversions_over_memory=self._over_memory,
+            memory_restarts=self._memory_restarts,
         )
 
 
@@ -454,8 +539,11 @@ class ConversionPlugin(distributed.WorkerPlugin):
             )
             self._all.append(pool)
             self._pools.put(pool)
+        self._watch = _memory_watch(worker, self._all)
 
     def teardown(self, worker: Any) -> None:
+        if self._watch is not None:
+            self._watch.stop()
         for pool in self._all:
             pool.close()
 
@@ -470,14 +558,43 @@ class ConversionPlugin(distributed.WorkerPlugin):
         """Convert ``job`` (its source at hand) in a child process of this worker."""
         pool = self._pools.get()
         try:
-            for outcome in pool.imap_unordered([job]):
-                return outcome
-            raise AssertionError("the child pool gave no outcome")
+            if self._watch is None:
+                return _one_outcome(pool, job)
+            with self._watch.running(pool, job.key, job.id):
+                outcome = _one_outcome(pool, job)
+            stopped = self._watch.verdict(job.id)
+            if stopped is not None and isinstance(outcome.error, WorkerCrashed):
+                # Its child was killed by the watch, not by a codec: it says why.
+                return dataclasses.replace(outcome, error=stopped)
+            return outcome
         finally:
             self._pools.put(pool)
 
     def children(self) -> list[int]:
         return [pid for pool in self._all for pid in pool.statistics().pids]
+
+
+def _one_outcome(pool: ProcessExecutor, job: Job) -> Outcome:
+    for outcome in pool.imap_unordered([job]):
+        return outcome
+    raise AssertionError("the child pool gave no outcome")
+
+
+def _memory_watch(worker: Any, pools: list[ProcessExecutor]) -> ConversionMemoryWatch | None:
+    """The watch that keeps this worker's conversions within its --memory-limit, as
+    its nanny keeps the worker process (the same terminate fraction); None where
+    nothing limits the worker (no limit, or ``terminate: false``)."""
+    import dask.config
+
+    from optimizr.executors.memory_watch import ConversionMemoryWatch
+
+    limit = getattr(getattr(worker, "memory_manager", None), "memory_limit", None)
+    fraction = dask.config.get("distributed.worker.memory.terminate")
+    if not limit or not fraction:
+        return None
+    watch = ConversionMemoryWatch(int(limit), float(fraction), pools)
+    watch.start()
+    return watch
 
 
 def convert_on_worker(job: Job) -> TaskResult:
@@ -500,6 +617,21 @@ def convert_on_worker(job: Job) -> TaskResult:
     return TaskResult(outcome, worker.address, socket.gethostname(), seconds, peak)
 
 
+def _allowed_failures(client: Client) -> int:
+    """The scheduler's ``distributed.scheduler.allowed-failures`` (this process's own
+    setting if the scheduler cannot say)."""
+    try:
+        return int(client.run_on_scheduler(_scheduler_allowed_failures))
+    except Exception:  # noqa: BLE001 - an older or stricter scheduler: the default
+        import dask.config
+
+        return int(dask.config.get("distributed.scheduler.allowed-failures"))
+
+
+def _scheduler_allowed_failures(dask_scheduler: Any) -> int:
+    return int(dask_scheduler.allowed_failures)
+
+
 def _peak_rss(pid: int) -> int:
     """A process's peak resident size (VmHWM), 0 if it is gone."""
     try:
@@ -513,9 +645,12 @@ def _peak_rss(pid: int) -> int:
 
 def _task_fault(job: Job) -> None:
     """Test-only faults of the Dask worker process itself (worker.FAULT_ENV):
-    ``kill-worker:NAME`` (the worker process is SIGKILLed as it takes the image) and
+    ``kill-worker:NAME`` (the worker process is SIGKILLed as it takes the image),
     ``block-once:NAME`` (the first worker to take it writes its pid into
-    ``$OPTIMIZR_TEST_FAULT_DIR/NAME.blocked`` and holds it until killed)."""
+    ``$OPTIMIZR_TEST_FAULT_DIR/NAME.blocked`` and holds it until killed) and
+    ``leak-once:NAME`` (the first worker to take it, its pid in ``NAME.leaked``,
+    grows by 1 MiB a millisecond while it holds the image, until its nanny restarts
+    it over ``--memory-limit``)."""
     from optimizr.executors.worker import FAULT_ENV, _parse_faults
 
     for kind, name in _parse_faults(os.environ.get(FAULT_ENV, "")):
@@ -523,13 +658,29 @@ def _task_fault(job: Job) -> None:
             continue
         if kind == "kill-worker":
             os.kill(os.getpid(), signal.SIGKILL)
-        elif kind == "block-once":
-            marker = Path(os.environ[FAULT_DIR_ENV]) / f"{name}.blocked"
-            try:
-                fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                continue  # blocked once already: this is the retry
-            os.write(fd, str(os.getpid()).encode())
-            os.close(fd)
+        elif kind == "leak-once" and _first_to_take(name, "leaked"):
+            _leak()
+        elif kind == "block-once" and _first_to_take(name, "blocked"):
             while True:
                 time.sleep(3600)  # until the test kills this worker
+
+
+def _first_to_take(name: str, what: str) -> bool:
+    """Whether this worker is the first to take NAME (its pid is then in the marker)."""
+    marker = Path(os.environ[FAULT_DIR_ENV]) / f"{name}.{what}"
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False  # taken once already: this is the retry
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    return True
+
+
+def _leak() -> None:
+    held = []
+    for _ in range(2048):  # 2 GiB at most, should the nanny never act
+        held.append(b"\1" * (1 << 20))  # written, so resident
+        time.sleep(0.001)
+    while True:
+        time.sleep(3600)  # until its nanny restarts this worker
