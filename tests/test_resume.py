@@ -452,3 +452,27 @@ def test_every_image_error_states_its_cause_in_the_drawn_tree() -> None:
     assert errors.cause_of("OverMemoryBudget", "too large") == "run"
     assert errors.cause_of("TooLarge", "too large") == "image"
     assert errors.cause_of(None, "no space left") == "transient"  # a row with no class
+
+
+def test_a_run_whose_outputs_are_unconfirmed_leaves_them_to_the_next_run(tmp_path: Path) -> None:
+    # A cluster run that lost its scheduler: its workers may have written outputs
+    # whose results never reached the manifest. Its figures are kept, but like a
+    # killed run it has no finish time, so the next run may take those outputs as
+    # its own instead of keeping them as someone else's.
+    from optimizr.config import RunConfig
+    from optimizr.manifest import Manifest
+
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    config = RunConfig(src=tmp_path, dest=dest)
+    for confirmed, expect_unfinished in ((True, False), (False, True)):
+        first = Manifest.open(dest)
+        first.begin_run(config, "fp")
+        first.finish_run(5, 2, 0, 0, 5, outputs_confirmed=confirmed)
+        first.close()
+        second = Manifest.open(dest)
+        second.begin_run(config, "fp")
+        assert (second.unfinished_since() is not None) is expect_unfinished
+        assert second.previous_run_finished() is not expect_unfinished
+        second.finish_run(0, 0, 0, 0, 0)
+        second.close()

@@ -142,7 +142,7 @@ def convert_tree(
         if layout.one_file:
             summary.dest = str(dest_path)
         if manifest is not None and lock is not None:
-            _finish_manifest(summary, manifest, dest_path)
+            _finish_manifest(summary, manifest, dest_path, config)
         # One file (like cwebp): a summary only where --summary asks, and no history.
         latest = config.summary_path if layout.one_file else config.effective_summary_path
         if config.summary_to_stdout:
@@ -189,9 +189,20 @@ def _open_manifest(root: Path, config: RunConfig, *, restored: bool = False) -> 
     return manifest
 
 
-def _finish_manifest(summary: RunSummary, manifest: Manifest, dest: Path) -> None:
+def _finish_manifest(
+    summary: RunSummary, manifest: Manifest, dest: Path, config: RunConfig
+) -> None:
+    # On a cluster the workers write the outputs: a run that lost its scheduler, or
+    # cancelled its tasks after --grace, may leave outputs whose results never came
+    # back. Like a killed run's, they are the next run's to recognise as its own.
+    confirmed = config.cluster is None or (summary.cluster_lost is None and not summary.interrupted)
     manifest.finish_run(
-        summary.found, summary.converted, summary.skipped, summary.failed, summary.exit_code
+        summary.found,
+        summary.converted,
+        summary.skipped,
+        summary.failed,
+        summary.exit_code,
+        outputs_confirmed=confirmed,
     )
     failed_list = state_dir(dest) / FAILED_LIST_NAME
     try:
@@ -672,7 +683,7 @@ def _convert_remote(
         summary.warnings.extend(own.warnings)
         summary.dest = dest_loc.url() if dest_loc.scheme != "local" else str(root)
         if manifest is not None and lock is not None:
-            _finish_manifest(summary, manifest, root)
+            _finish_manifest(summary, manifest, root, config)
         if checkpointer is not None:
             checkpointer.stop()
             flushed = manifest is None or manifest.flush()

@@ -373,7 +373,19 @@ class Manifest:
         self.flush()
         return self.run_id
 
-    def finish_run(self, found: int, converted: int, skipped: int, failed: int, code: int) -> None:
+    def finish_run(
+        self,
+        found: int,
+        converted: int,
+        skipped: int,
+        failed: int,
+        code: int,
+        *,
+        outputs_confirmed: bool = True,
+    ) -> None:
+        """Record the run's figures. ``outputs_confirmed`` False: outputs may have
+        been written whose rows never came (a cluster's workers write their own):
+        the run keeps no finish time, so the next one treats it as a killed run's."""
         if not self.flush():
             # Rows are missing (a full disk): the run counts as unfinished, so
             # the next one knows the outputs without rows may be its own.
@@ -382,7 +394,15 @@ class Manifest:
             self.conn.execute(
                 "UPDATE runs SET finished_at = ?, found = ?, converted = ?, skipped = ?, "
                 "failed = ?, exit_code = ? WHERE id = ?",
-                (time.time(), found, converted, skipped, failed, code, self.run_id),
+                (
+                    time.time() if outputs_confirmed else None,
+                    found,
+                    converted,
+                    skipped,
+                    failed,
+                    code,
+                    self.run_id,
+                ),
             )
 
     # -- rows ----------------------------------------------------------------------
