@@ -467,3 +467,36 @@ def test_one_image_is_one_trace_across_the_coordinator_and_the_dask_workers(
         assert child == by_name["encode"].resource["process.pid"] not in (worker, coordinator)
         assert by_name["fetch"].end_ns <= by_name["decode"].start_ns
         assert by_name["encode"].end_ns <= by_name["write"].start_ns
+
+
+def test_the_workers_seen_are_the_schedulers_answer_not_the_clients_cached_identity(
+    dask_cluster: DaskCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Client.scheduler_info() fetches the scheduler's identity with every worker into the
+    # client's cache, then returns the cache; the client's periodic callback (every
+    # distributed.client.scheduler-info-interval, 2 s) refreshes that cache with an
+    # identity that lists no worker. When it lands in between, the executor saw no
+    # worker at all: "Dask worker ... left the cluster (0 connected)" for each, then
+    # "joined" again, tasks submitted without their MEMORY resource meanwhile (seen in
+    # `make image-cluster-smoke` on a loaded machine). The fault: that interleaving, made
+    # certain by running the periodic refresh right after each fetch.
+    from conftest import DASK_MEMORY
+    from optimizr.executors.dask import DaskExecutor
+
+    dask_cluster.wait_for_workers(2)
+    executor = DaskExecutor(dask_cluster.address)
+    try:
+        client = executor.client
+        fetch = client._update_scheduler_info
+
+        async def fetch_then_the_periodic_refresh(n_workers: int = 0) -> None:
+            await fetch(n_workers=n_workers)
+            await fetch(n_workers=0)  # what the client's PeriodicCallback runs
+
+        monkeypatch.setattr(client, "_update_scheduler_info", fetch_then_the_periodic_refresh)
+        executor._refresh_workers(log=False)
+        assert executor.statistics().connected == 2
+        assert executor.window == 4  # two one-thread workers
+        assert executor.memory_capacity() == DASK_MEMORY
+    finally:
+        executor.close()

@@ -186,7 +186,15 @@ class DaskExecutor(Executor):
             return
         self._next_refresh = now + REFRESH_SECONDS
         try:
-            info = self.client.scheduler_info(n_workers=-1)["workers"]
+            # The scheduler's own answer, not Client.scheduler_info(): that returns the
+            # client's cached identity, which the client's periodic callback (every 2 s)
+            # overwrites with one listing no worker, so now and then it said none was
+            # connected ("left the cluster (0 connected)", then "joined") and tasks went
+            # out without MEMORY (`make image-cluster-smoke` on a loaded machine).
+            scheduler = self.client.scheduler
+            if scheduler is None:  # the client is closing: the loop sees it
+                return
+            info = self.client.sync(scheduler.identity, n_workers=-1)["workers"]
         except Exception:  # noqa: BLE001 - the scheduler is going: the loop sees it
             return
         threads = {addr: int(w.get("nthreads", 1)) for addr, w in info.items()}
