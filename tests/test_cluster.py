@@ -5,6 +5,7 @@ a codec segfault inside a worker, the scheduler lost."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -500,3 +501,41 @@ def test_the_workers_seen_are_the_schedulers_answer_not_the_clients_cached_ident
         assert executor.memory_capacity() == DASK_MEMORY
     finally:
         executor.close()
+
+
+def listening_addresses(pids: list[int]) -> set[tuple[str, int]]:
+    """(address, port) of every TCP socket in LISTEN that one of ``pids`` holds (Linux)."""
+    import socket
+
+    inodes = set()
+    for pid in pids:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):  # closed meanwhile
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if link.startswith("socket:["):
+                    inodes.add(link[len("socket:[") : -1])
+    found = set()
+    for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A" or fields[9] not in inodes:  # 0A: TCP_LISTEN
+                continue
+            address, port = fields[1].split(":")
+            # The kernel prints the address as 32-bit words in host (little-endian) order.
+            raw = b"".join(
+                bytes.fromhex(address[i : i + 8])[::-1] for i in range(0, len(address), 8)
+            )
+            found.add((socket.inet_ntop(family, raw), int(port, 16)))
+    return found
+
+
+def test_the_session_cluster_listens_on_127_0_0_1_only(dask_cluster: DaskCluster) -> None:
+    # `dask scheduler/worker --no-dashboard` still serve their HTTP routes (/health,
+    # /metrics), on every address, the scheduler's on the fixed 8787 (which a second
+    # session then finds taken): the tests' servers listen on 127.0.0.1 alone.
+    workers = dask_cluster.wait_for_workers(2)
+    pids = [dask_cluster.scheduler.pid, *(n.pid for n in dask_cluster.nannies), *workers.values()]
+    found = listening_addresses(pids)
+    assert len(found) >= 5  # the scheduler's, each nanny's and each worker's
+    assert {address for address, _ in found} == {"127.0.0.1"}, sorted(found)
+    assert 8787 not in {port for _, port in found}
