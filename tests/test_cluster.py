@@ -5,6 +5,7 @@ a codec segfault inside a worker, the scheduler lost."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -504,31 +505,6 @@ def test_at_most_two_tasks_per_worker_thread_are_in_flight_and_futures_are_relea
     assert sorted(p.name for p in dest.iterdir()) == [n + ".webp" for n in names]
 
 
-def test_the_workers_seen_never_drop_to_none_while_the_client_refreshes_its_cache(
-    dask_cluster: DaskCluster,
-) -> None:
-    """Client.scheduler_info() hands back the client's cached identity, which its own
-    periodic callback (distributed.client.scheduler-info-interval) overwrites with one
-    that lists no workers: read at that moment, every worker seemed gone (``left the
-    cluster (0 connected)`` then ``joined``, /healthz unhealthy, the next tasks sent
-    without MEMORY). Seen once in an 80 s run at the default 2 s; at 1 ms, in a few reads."""
-    import dask
-
-    from optimizr.executors.dask import DaskExecutor
-
-    dask_cluster.wait_for_workers(2)
-    with dask.config.set({"distributed.client.scheduler-info-interval": "1ms"}):
-        executor = DaskExecutor(dask_cluster.address)
-    seen = set()
-    try:
-        for _ in range(300):
-            executor._refresh_workers(log=False)  # unthrottled: one request each
-            seen.add((executor.statistics().connected, executor.memory_capacity()))
-    finally:
-        executor.close()
-    assert seen == {(2, 256 << 20)}
-
-
 def test_one_image_is_one_trace_across_the_coordinator_and_the_dask_workers(
     dask_cluster: DaskCluster, server: SeaweedS3, prefix: str, tmp_path: Path, otlp_receiver: Any
 ) -> None:
@@ -560,3 +536,74 @@ def test_one_image_is_one_trace_across_the_coordinator_and_the_dask_workers(
         assert child == by_name["encode"].resource["process.pid"] not in (worker, coordinator)
         assert by_name["fetch"].end_ns <= by_name["decode"].start_ns
         assert by_name["encode"].end_ns <= by_name["write"].start_ns
+
+
+def test_the_workers_seen_are_the_schedulers_answer_not_the_clients_cached_identity(
+    dask_cluster: DaskCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Client.scheduler_info() fetches the scheduler's identity with every worker into the
+    # client's cache, then returns the cache; the client's periodic callback (every
+    # distributed.client.scheduler-info-interval, 2 s) refreshes that cache with an
+    # identity that lists no worker. When it lands in between, the executor saw no
+    # worker at all: "Dask worker ... left the cluster (0 connected)" for each, then
+    # "joined" again, tasks submitted without their MEMORY resource meanwhile (seen in
+    # `make image-cluster-smoke` on a loaded machine). The fault: that interleaving, made
+    # certain by running the periodic refresh right after each fetch.
+    from conftest import DASK_MEMORY
+    from optimizr.executors.dask import DaskExecutor
+
+    dask_cluster.wait_for_workers(2)
+    executor = DaskExecutor(dask_cluster.address)
+    try:
+        client = executor.client
+        fetch = client._update_scheduler_info
+
+        async def fetch_then_the_periodic_refresh(n_workers: int = 0) -> None:
+            await fetch(n_workers=n_workers)
+            await fetch(n_workers=0)  # what the client's PeriodicCallback runs
+
+        monkeypatch.setattr(client, "_update_scheduler_info", fetch_then_the_periodic_refresh)
+        executor._refresh_workers(log=False)
+        assert executor.statistics().connected == 2
+        assert executor.window == 4  # two one-thread workers
+        assert executor.memory_capacity() == DASK_MEMORY
+    finally:
+        executor.close()
+
+
+def listening_addresses(pids: list[int]) -> set[tuple[str, int]]:
+    """(address, port) of every TCP socket in LISTEN that one of ``pids`` holds (Linux)."""
+    import socket
+
+    inodes = set()
+    for pid in pids:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):  # closed meanwhile
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if link.startswith("socket:["):
+                    inodes.add(link[len("socket:[") : -1])
+    found = set()
+    for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A" or fields[9] not in inodes:  # 0A: TCP_LISTEN
+                continue
+            address, port = fields[1].split(":")
+            # The kernel prints the address as 32-bit words in host (little-endian) order.
+            raw = b"".join(
+                bytes.fromhex(address[i : i + 8])[::-1] for i in range(0, len(address), 8)
+            )
+            found.add((socket.inet_ntop(family, raw), int(port, 16)))
+    return found
+
+
+def test_the_session_cluster_listens_on_127_0_0_1_only(dask_cluster: DaskCluster) -> None:
+    # `dask scheduler/worker --no-dashboard` still serve their HTTP routes (/health,
+    # /metrics), on every address, the scheduler's on the fixed 8787 (which a second
+    # session then finds taken): the tests' servers listen on 127.0.0.1 alone.
+    workers = dask_cluster.wait_for_workers(2)
+    pids = [dask_cluster.scheduler.pid, *(n.pid for n in dask_cluster.nannies), *workers.values()]
+    found = listening_addresses(pids)
+    assert len(found) >= 5  # the scheduler's, each nanny's and each worker's
+    assert {address for address, _ in found} == {"127.0.0.1"}, sorted(found)
+    assert 8787 not in {port for _, port in found}

@@ -7,12 +7,14 @@ minutes: README, "Deployment"), never by this suite.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
 import sys
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -86,3 +88,61 @@ def test_compose_sets_only_optimizr_variables_that_exist() -> None:
     named = set(re.findall(r"\bOPTIMIZR_[A-Z0-9_]+", COMPOSE.read_text()))
     assert {"OPTIMIZR_ENDPOINT_URL", "OPTIMIZR_S3_PATH_STYLE"} <= named
     assert named <= {option.envvar for option in OPTIONS}
+
+
+def load_cluster_smoke() -> Any:
+    spec = importlib.util.spec_from_file_location(
+        "cluster_smoke", ROOT / "deploy" / "cluster_smoke.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["cluster_smoke"] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_cluster_smoke_runs_the_compose_services_with_only_their_addresses_changed(
+    tmp_path: Path,
+) -> None:
+    # `make image-cluster-smoke` (no Docker engine here) runs what docker-compose.yml
+    # says, read from it: a service it does not run, or an address of compose's network
+    # left in what it runs (which would reach nothing, or another machine), fails here.
+    smoke = load_cluster_smoke()
+    compose = smoke.load_compose()
+    replicas = compose["services"]["worker"]["deploy"]["replicas"]
+    ports = smoke.pick_ports(replicas)
+    plan = smoke.plan(compose, ports, tmp_path)
+    containers = [plan.scheduler, *plan.workers, plan.seed, plan.convert]
+    assert {c.service for c in containers} | {"seaweedfs"} == set(compose["services"])
+    assert len(plan.workers) == replicas == 2
+    numbers = [ports.scheduler, ports.scheduler_http, ports.metrics, *ports.weed.values()]
+    numbers += [port for pair in ports.workers for port in pair]
+    assert len(set(numbers)) == len(numbers)
+
+    def addresses(text: str) -> list[str]:
+        return re.findall(r"\b(?:\d{1,3}\.){3}\d{1,3}\b|\b(?:scheduler|seaweedfs):\d+", text)
+
+    for container in containers:
+        spec = compose["services"][container.service]
+        assert list(container.entrypoint) == list(spec.get("entrypoint") or [])
+        assert container.init and spec["init"] is True  # tini (podman: catatonit) as PID 1
+        # compose's own command first, word for word but for addresses and ports...
+        original = [str(arg) for arg in spec["command"]]
+        ran = list(container.command[: len(original)])
+        for mine, theirs in zip(ran, original, strict=True):
+            assert mine == theirs or addresses(theirs) or theirs.isdigit(), (mine, theirs)
+        # ...then only the flags that a shared host network needs.
+        added = container.command[len(original) :]
+        assert set(added[::2]) <= {"--host", "--worker-port", "--nanny-port", "--dashboard-address"}
+        assert container.environment.keys() == (spec.get("environment") or {}).keys()
+        for value in [*container.command, *container.environment.values()]:
+            assert all(found == "127.0.0.1" for found in addresses(value)), value
+        assert not {"8786", "8333", "9090"} & set(container.command)  # compose's fixed ports
+        for port in re.findall(r"127\.0\.0\.1:(\d+)", " ".join(container.command)):
+            assert int(port) in numbers or port == "0"
+    assert "-ip.bind=127.0.0.1" in plan.weed_command
+    assert f"-s3.port={ports.s3}" in plan.weed_command
+    assert (
+        plan.convert.command[:4] == ("convert", plan.src, plan.dest, "--cluster")
+        and plan.convert.command[4] == f"tcp://127.0.0.1:{ports.scheduler}"
+    )
