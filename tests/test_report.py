@@ -186,7 +186,8 @@ def open_in_chromium(chromium: str, page: Path, workdir: Path) -> BrowserView:
         "--dump-dom",
         page.as_uri(),
     ]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=180, check=False)
+    # A hang guard only: at a load of 45 on 2 cores Chromium took over 180 s to load a page.
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     console = [line for line in proc.stderr.splitlines() if re.search(r":CONSOLE[(:]", line)]
     parsed = parse(proc.stdout, well_formed=False)
