@@ -151,14 +151,8 @@ def _read_config_file(ctx: click.Context, _param: click.Parameter, value: Path |
     return path
 
 
-@main.command(
-    epilog="Every option can also be set in the environment (OPTIMIZR_QUALITY=75, "
-    f"OPTIMIZR_MAX_MEMORY=2G) or in {CONFIG_NAME} (quality = 75); the command line wins, "
-    "then the environment, then the file."
-)
-# As typed (str, not Path): a trailing slash on DEST says "a folder" for one file.
-@click.argument("paths", nargs=-1, required=True, type=click.Path(), metavar="SRC... DEST")
-@click.option(
+#: --config, for every command that takes the convert options (convert, watch).
+config_file_option = click.option(
     "--config",
     "config_file",
     type=click.Path(path_type=Path, dir_okay=False),
@@ -168,6 +162,16 @@ def _read_config_file(ctx: click.Context, _param: click.Parameter, value: Path |
     metavar="PATH",
     help=f"Read option defaults from this TOML file [./{CONFIG_NAME} if it exists].",
 )
+
+
+@main.command(
+    epilog="Every option can also be set in the environment (OPTIMIZR_QUALITY=75, "
+    f"OPTIMIZR_MAX_MEMORY=2G) or in {CONFIG_NAME} (quality = 75); the command line wins, "
+    "then the environment, then the file."
+)
+# As typed (str, not Path): a trailing slash on DEST says "a folder" for one file.
+@click.argument("paths", nargs=-1, required=True, type=click.Path(), metavar="SRC... DEST")
+@config_file_option
 @apply_options
 def convert(paths: tuple[str, ...], config_file: Path | None, **params: Any) -> None:
     """Convert every image under SRC into a mirrored tree of .webp files under DEST.
@@ -367,16 +371,7 @@ def _print_dry_run(summary: Any) -> None:
     help="Seconds before a message that failed for a passing reason (or an image not yet "
     "tried --max-attempts times) is delivered again.",
 )
-@click.option(
-    "--config",
-    "config_file",
-    type=click.Path(path_type=Path, dir_okay=False),
-    envvar="OPTIMIZR_CONFIG",
-    is_eager=True,
-    callback=_read_config_file,
-    metavar="PATH",
-    help=f"Read option defaults from this TOML file [./{CONFIG_NAME} if it exists].",
-)
+@config_file_option
 @apply_options
 def watch(
     src: str,

@@ -16,18 +16,18 @@ from __future__ import annotations
 
 import json
 import socket
-import socketserver
 import sqlite3
 import threading
 from collections.abc import Callable
 from functools import partial
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import urlsplit
 
 from optimizr.bucket_events import parse_message
 from optimizr.errors import UsageError
 from optimizr.event_queue import EventQueue
+from optimizr.metrics.exporter import QuietHTTPServer
 
 #: A notification is a few KB (S3 caps one at 64 KB); anything far larger is refused.
 MAX_BODY = 1 << 20
@@ -56,14 +56,14 @@ class WebhookServer:
         self.queue = queue
         self.answer = answer
         self.accepting = True
-        self._server: _Server | None = None
+        self._server: QuietHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self.url: str | None = None
 
     def serve(self, host: str, port: int) -> str:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         try:
-            server = _Server((host, port), partial(_Handler, self), family)
+            server = QuietHTTPServer((host, port), partial(_Handler, self), family)
         except OSError as exc:
             raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
         self._server = server
@@ -112,24 +112,6 @@ class WebhookServer:
             "events": len(parsed.events),
             "ignored": len(parsed.ignored),
         }
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(
-        self,
-        address: tuple[str, int],
-        handler: Callable[..., BaseHTTPRequestHandler],
-        family: socket.AddressFamily,
-    ) -> None:
-        self.address_family = family
-        super().__init__(address, handler)
-
-    def server_bind(self) -> None:
-        # As in metrics/exporter.py: no getfqdn() reverse lookup, which can hang.
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
 
 
 class _Handler(BaseHTTPRequestHandler):

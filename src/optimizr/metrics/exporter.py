@@ -503,7 +503,7 @@ class MetricsExporter:
             raise RuntimeError("already serving")
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         try:
-            server = _Server((host, port), partial(_Handler, self), family)
+            server = QuietHTTPServer((host, port), partial(_Handler, self), family)
         except OSError as exc:
             message = f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}"
             raise UsageError(message) from None
@@ -558,7 +558,10 @@ class MetricsExporter:
             self._counts[name] += 1
 
 
-class _Server(ThreadingHTTPServer):
+class QuietHTTPServer(ThreadingHTTPServer):
+    """A threading HTTP server that binds without a reverse DNS lookup (also
+    the webhook of ``optimizr watch``)."""
+
     daemon_threads = True
 
     def __init__(
