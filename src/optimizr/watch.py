@@ -48,11 +48,11 @@ from pathlib import Path
 from typing import Any
 
 from optimizr.atomic import atomic_write
+from optimizr.brokers.base import BrokerOptions, EventSource, Message
 from optimizr.bucket_events import BucketEvent, parse_message
 from optimizr.budget import MemoryBudget
 from optimizr.config import RunConfig
 from optimizr.errors import UsageError, cause_of
-from optimizr.event_sources import EventSource, Message
 from optimizr.events import Listeners, ProgressListener, RunSnapshot, StopToken
 from optimizr.executors.base import Executor
 from optimizr.manifest import Manifest, Row, options_fingerprint, split_key, state_dir
@@ -94,11 +94,32 @@ class WatchConfig:
     retry_delay: float = 5.0
     #: Seconds between two writes of the state file while idle.
     state_interval: float = 10.0
-    #: Seconds a batch's messages are kept from redelivery, extended as it runs long;
-    #: 0: --timeout plus a minute (one image may take that long).
+    #: Seconds a batch's messages are kept from redelivery, extended every half of it
+    #: while the batch runs; 0: --timeout plus a minute (one image may take that long).
+    #: A broker's: the JetStream ack_wait of a consumer it creates, the Redis min-idle
+    #: time; an SQS queue keeps its own VisibilityTimeout.
     lease: float = 0.0
+    #: This replica's name among a broker's consumers (a Redis group's); "": host-pid.
+    consumer: str = ""
+
+    @property
+    def effective_lease(self) -> float:
+        return self.lease or self.run.timeout + 60.0
+
+    def broker_options(self) -> BrokerOptions:
+        """How a broker client consumes for this service. A broker dead-letters a message
+        delivered more often than the service would retry it (a transient failure is
+        retried up to TRANSIENT_FACTOR x --max-attempts deliveries), so that the service,
+        not the broker, terms it with its reason whenever it can."""
+        return BrokerOptions(
+            consumer=self.consumer,
+            lease=self.effective_lease,
+            max_deliver=TRANSIENT_FACTOR * self.run.max_attempts,
+        )
 
     def __post_init__(self) -> None:
+        if self.lease < 0:
+            raise UsageError(f"--lease must be 0 (auto) or more seconds, not {self.lease}")
         if self.batch < 0:
             raise UsageError(f"--batch must be 0 (auto) or more, not {self.batch}")
         if self.retry_delay < 0:
@@ -359,11 +380,18 @@ class WatchService:
         """(ready, status, reason, figures): ready while it takes events. A batch run's
         readiness waits for a worker, which the pool starts with the first image; a
         service must be ready before that, or no event would ever reach it."""
+        source = self.source.statistics()
         figures = {
             "state": self.state,
-            "queue_depth": self.source.depth(),
+            "queue_depth": source.lag,
             "messages": self.stats.messages,
+            "connected": source.connected,
         }
+        if self.state == "running" and not source.connected:
+            # A broker that cannot be reached: the client reconnects by itself, and no
+            # event reaches this replica meanwhile (a load balancer should know).
+            why = f"the event source cannot be reached: {self.source.describe()}"
+            return False, "disconnected", why, figures
         if self.state == "running":
             return True, "ready", "taking events", figures
         if self.state == "starting":
@@ -660,6 +688,7 @@ class WatchService:
     # -- state -------------------------------------------------------------------------
 
     def state_document(self) -> dict[str, Any]:
+        source = self.source.statistics()
         return {
             "state": self.state,
             "events": self.config.events,
@@ -669,8 +698,11 @@ class WatchService:
             "host": socket.gethostname(),
             "started_at": self.started_at,
             "updated_at": time.time(),
-            "queue_depth": self.source.depth(),
+            "queue_depth": source.lag,
             "counters": self.stats.to_dict(),
+            # The source's own figures (BrokerStatistics: received, acked, redelivered,
+            # dead_lettered, connected, lag...), for `optimizr status`.
+            "source_statistics": dataclasses.asdict(source),
         }
 
     def _maybe_write_state(self) -> None:
@@ -688,6 +720,14 @@ class WatchService:
 
     def _event(self, level: int, event: str, message: str, fields: dict[str, Any]) -> None:
         _log.log(level, "%s", message, extra={"event": event, "fields": fields})
+
+
+def source_label(events: str) -> str:
+    """The ``source`` label of the service's metrics: webhook, nats, redis or sqs."""
+    scheme = events.partition("://")[0].lower()
+    if scheme == "http":
+        return "webhook"
+    return "sqs" if scheme == "https" else scheme
 
 
 def read_watch_state(dest: Path) -> dict[str, Any] | None:
