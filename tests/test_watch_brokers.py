@@ -29,6 +29,7 @@ import pytest
 
 from broker_servers import NatsTopic, RedisTopic, Server, SqsTopic, Topic
 from conftest import age, decode, manifest_rows, photo_array, save_jpeg
+from optimizr.brokers import Message
 from optimizr.config import RunConfig
 from optimizr.watch import TRANSIENT_FACTOR, WatchConfig, WatchService, read_watch_state
 from optimizr.watch_setup import run_watch
@@ -210,6 +211,22 @@ class WatchProcess:
 # -- faults -----------------------------------------------------------------------------------
 
 
+def test_a_duplicate_event_is_converted_once_and_both_messages_acked(
+    make_topic: MakeTopic, tmp_path: Path
+) -> None:
+    topic = make_topic()
+    photo(tmp_path / "src" / "a.jpg")
+    topic.publish(s3_event("a.jpg"))
+    topic.publish(s3_event("a.jpg"))  # the same upload's event, sent twice
+    with ServiceThread(topic.url, tmp_path / "src", tmp_path / "dest", once=True) as service:
+        pass  # --once: it drains what is queued and returns
+    stats = service.stats
+    assert (stats.messages, stats.converted, stats.duplicates, stats.acked) == (2, 1, 1, 2)
+    assert service.source.statistics().acked == 2
+    assert topic.unsettled() == 0
+    assert_one_valid_webp(tmp_path / "dest", "a.jpg")
+
+
 def test_a_poison_image_is_dead_lettered_and_the_next_good_one_converted(
     make_topic: MakeTopic, tmp_path: Path
 ) -> None:
@@ -235,6 +252,36 @@ def test_a_poison_image_is_dead_lettered_and_the_next_good_one_converted(
     assert not (tmp_path / "dest" / "bad.webp").exists()
     assert manifest_rows(tmp_path / "dest")["bad.jpg"]["attempts"] == MAX_ATTEMPTS
     assert topic.unsettled() == 0
+
+
+def test_a_message_is_extended_on_a_timer_while_one_image_outlasts_the_lease(
+    make_topic: MakeTopic, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another replica polls the same consumer (group, queue) all along: before the
+    heartbeat, the message was extended only when an image finished, so one image longer
+    than the lease had its message handed to that replica mid-conversion."""
+    lease = 3.0
+    topic = make_topic(lease=lease)
+    held = photo(tmp_path / "src" / "slow.jpg")
+    monkeypatch.setenv("OPTIMIZR_TEST_FAULTS", "hold-1:slow.jpg")
+    stolen: list[Message] = []
+    with ServiceThread(topic.url, tmp_path / "src", tmp_path / "dest", lease=lease) as service:
+        topic.publish(s3_event("slow.jpg"))
+        wait_for(lambda: service.stats.messages == 1, "the message received")
+        received_at = time.monotonic()
+        other = topic.open("replica-2")  # the same group (queue, durable consumer)
+        # Two and a half leases with the image held, the other replica asking all along.
+        while time.monotonic() - received_at < 2.5 * lease:
+            stolen += other.receive(10, 0.2)
+        Path(f"{held}.release").touch()
+        wait_for(lambda: service.stats.acked == 1, "the message acknowledged")
+        stolen += other.receive(10, 0.2)
+    assert [(m.body, m.delivery_count) for m in stolen] == []
+    figures = service.source.statistics()
+    assert figures.redelivered == 0 and figures.extended >= 3
+    assert (service.stats.converted, service.stats.duplicates) == (1, 0)
+    assert topic.unsettled() == 0
+    assert_one_valid_webp(tmp_path / "dest", "slow.jpg")
 
 
 def test_killed_mid_image_the_message_comes_again_and_is_converted_once(

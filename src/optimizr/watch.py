@@ -26,6 +26,11 @@ killed mid-batch leaves an unfinished run behind and the next batch recognises t
 outputs that run wrote without rows as optimizr's (see Pipeline._foreign), as after
 any killed run.
 
+While a batch runs, a heartbeat thread extends every message it holds every
+``lease / 2`` seconds, whatever the images do: one image that takes longer than the
+broker's lease would otherwise have its message handed to another consumer
+mid-conversion (:class:`Heartbeat`).
+
 Known limit of this first slice: a batch ends when its slowest image does, so one
 large image delays the messages received with it (not those received after: they
 wait in the queue). The pipeline is fed in batches rather than a stream.
@@ -41,6 +46,7 @@ import os
 import posixpath
 import socket
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -309,6 +315,38 @@ class ImagesOnly:
         self.listener.stopping(hard)
 
 
+class Heartbeat:
+    """Extends every message of a batch every ``lease / 2`` seconds on a thread of its
+    own until the batch is settled (the context exits), so that no broker hands a
+    message to another consumer while its image still converts, however long that one
+    image takes. Extending a message already settled does nothing (BrokerMessage)."""
+
+    #: Never more often than this (a tiny lease must not become a busy loop).
+    MIN_INTERVAL = 0.05
+
+    def __init__(self, messages: list[Message], lease: float) -> None:
+        self.messages = list(messages)
+        self.lease = lease
+        self.interval = max(self.MIN_INTERVAL, lease / 2)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="optimizr-heartbeat", daemon=True)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            for message in self.messages:
+                # Each extend restarts the full lease (JetStream, Redis) or sets the
+                # SQS visibility to ``lease`` from now; failures are counted by the source.
+                message.extend(self.lease)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 class WatchService:
     """Runs the loop over one event source, into one DEST, until stopped.
 
@@ -428,6 +466,11 @@ class WatchService:
         return self.stats
 
     def _handle(self, messages: list[Message]) -> None:
+        # Held from receive until settled: extended on a timer, whatever the images do.
+        with Heartbeat(messages, self.source.lease):
+            self._handle_batch(messages)
+
+    def _handle_batch(self, messages: list[Message]) -> None:
         plans: list[_Plan] = []
         touched: dict[str, None] = {}
         for message in messages:
@@ -456,9 +499,10 @@ class WatchService:
         results: dict[str, Result] = {}
         committed = True
         if present:
-            results, committed = self._convert(present, [plan.message for plan in plans])
+            results, committed = self._convert(present)
+        counted: set[str] = set()
         for plan in plans:
-            self._settle(plan, results, committed, failed_stat, removal_failed, set(gone))
+            self._settle(plan, results, committed, failed_stat, removal_failed, set(gone), counted)
 
     def _plan(self, message: Message) -> _Plan | None:
         parsed = parse_message(message.body)
@@ -509,24 +553,9 @@ class WatchService:
 
     # -- converting --------------------------------------------------------------------
 
-    def _convert(
-        self, present: dict[str, FileStat], messages: list[Message]
-    ) -> tuple[dict[str, Result], bool]:
-        """One pipeline run over ``present``'s keys: (results by key, committed).
-
-        While it runs long, the batch's messages are extended as images finish, so
-        that a broker does not hand them to another consumer meanwhile."""
-        lease = self.config.lease or self.run_config.timeout + 60.0
-        extended = [time.monotonic()]
-
-        def keep_leased() -> None:
-            if time.monotonic() - extended[0] < lease / 2:
-                return
-            extended[0] = time.monotonic()
-            for message in messages:
-                message.extend(lease)
-
-        collect = _Collect(keep_leased)
+    def _convert(self, present: dict[str, FileStat]) -> tuple[dict[str, Result], bool]:
+        """One pipeline run over ``present``'s keys: (results by key, committed)."""
+        collect = _Collect()
         listener: ProgressListener = (
             Listeners(collect, self.listener) if self.listener is not None else collect
         )
@@ -616,7 +645,11 @@ class WatchService:
         failed_stat: dict[str, str],
         removal_failed: set[str],
         gone: set[str],
+        counted: set[str],
     ) -> None:
+        """Settle one message of the batch. ``counted``: the keys whose result an earlier
+        message of the same batch already counted (a key named twice is converted once:
+        the second event is a duplicate, as it would be in the next batch)."""
         message = plan.message
         retry: list[str] = []
         poison: list[str] = []
@@ -640,7 +673,13 @@ class WatchService:
                 # optimizr-output marker (found once fetched).
                 self.stats.ignored += 1
                 continue
-            self._count(result)
+            first = key not in counted
+            counted.add(key)
+            if not first and result.status != "failed":
+                self.stats.duplicates += 1
+                continue
+            if first:
+                self._count(result)
             if result.status != "failed":
                 continue
             line = f"{key}: {result.reason}: {result.message}" if result.message else key
