@@ -119,9 +119,16 @@ class ServiceThread:
     """The library call (run_watch) on a thread, with its real worker pool."""
 
     def __init__(
-        self, events: str, src: Path, dest: Path, *, once: bool = False, lease: float = LEASE
+        self,
+        events: str,
+        src: Path,
+        dest: Path,
+        *,
+        once: bool = False,
+        lease: float = LEASE,
+        config: WatchConfig | None = None,
     ) -> None:
-        self.config = WatchConfig(
+        self.config = config or WatchConfig(
             events=events,
             run=RunConfig(src=src, dest=dest, workers=1, max_attempts=MAX_ATTEMPTS),
             once=once,
@@ -347,3 +354,61 @@ def test_the_broker_restarted_under_the_service_is_reconnected_to(
     state = read_watch_state(dest)
     assert state is not None and state["counters"]["converted"] == 2
     assert state["source_statistics"]["connection_errors"] >= 1
+
+
+# -- end to end: S3 -> SQS, both moto's ---------------------------------------------------------
+
+
+def test_an_object_put_to_a_bucket_reaches_dest_through_its_sqs_notification(
+    sqs_env: Server, tmp_path: Path
+) -> None:
+    """moto in server mode plays both S3 and SQS: the bucket's notification configuration
+    sends its ObjectCreated events (and the s3:TestEvent first) to the queue, and the
+    service reads SRC s3://bucket on moto's endpoint."""
+    import boto3
+
+    endpoint = f"http://{sqs_env.address}"
+    s3 = boto3.client("s3", endpoint_url=endpoint)
+    sqs = boto3.client("sqs", endpoint_url=endpoint)
+    bucket, queue = "uploads-e2e", "uploads-e2e-events"
+    s3.create_bucket(Bucket=bucket)
+    queue_url = sqs.create_queue(QueueName=queue, Attributes={"VisibilityTimeout": "10"})[
+        "QueueUrl"
+    ]
+    arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])
+    s3.put_bucket_notification_configuration(
+        Bucket=bucket,
+        NotificationConfiguration={
+            "QueueConfigurations": [
+                {"QueueArn": arn["Attributes"]["QueueArn"], "Events": ["s3:ObjectCreated:*"]}
+            ]
+        },
+    )
+    jpeg = save_jpeg(tmp_path / "upload.jpg", photo_array(160, 120, 7))
+    dest = tmp_path / "dest"
+    config = WatchConfig(
+        events=f"sqs://{queue}",
+        run=RunConfig(
+            src=f"s3://{bucket}",
+            dest=dest,
+            workers=1,
+            endpoint_url=endpoint,
+            region="us-east-1",
+            s3_path_style=True,
+        ),
+        retry_delay=0.0,
+    )
+    try:
+        with ServiceThread(config.events, tmp_path, dest, config=config) as service:
+            s3.put_object(Bucket=bucket, Key="summer 2024/beach.jpg", Body=jpeg.read_bytes())
+            output = dest / "summer 2024" / "beach.webp"
+            wait_for(lambda: service.stats.acked >= 2, "the test event and the upload settled")
+            assert decode(output).format == "WEBP"
+        assert (service.stats.converted, service.stats.ignored) == (1, 1)  # + s3:TestEvent
+        assert manifest_rows(dest)["summer 2024/beach.jpg"]["status"] == "done"
+        names = ["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]
+        left = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=names)["Attributes"]
+        assert [int(left[name]) for name in names] == [0, 0]
+    finally:
+        s3.close()
+        sqs.close()
