@@ -430,3 +430,44 @@ def test_broker_options_are_checked() -> None:
     with pytest.raises(UsageError, match="max_deliver"):
         BrokerOptions(max_deliver=0)
     assert BrokerOptions().consumer  # host-pid by default
+
+
+def test_a_heartbeat_extend_in_flight_finishes_before_the_message_is_settled() -> None:
+    """The service's heartbeat thread extends while a conversion thread settles: an ack
+    must not reach the broker while an extend is still on its way (SQS would then refuse
+    the late extend of a deleted message, counted as a settle failure and logged)."""
+    from optimizr.brokers.base import BrokerMessage, Counters
+
+    calls: list[str] = []
+    extending, release = threading.Event(), threading.Event()
+
+    class Slow(BrokerMessage):
+        def _ack(self) -> None:
+            calls.append("ack")
+
+        def _nak(self, delay: float) -> None: ...
+
+        def _term(self, reason: str) -> None: ...
+
+        def _extend(self, seconds: float) -> None:
+            calls.append("extend")
+            extending.set()
+            assert release.wait(POLL_LIMIT)
+            calls.append("extended")
+
+    counters = Counters()
+    message = Slow(counters, b"body", 1, "1")
+    heartbeat = threading.Thread(target=message.extend, args=(LEASE,))
+    heartbeat.start()
+    assert extending.wait(POLL_LIMIT)
+    settling = threading.Thread(target=message.ack)
+    settling.start()
+    settling.join(0.5)  # not a race: the ack must wait for the extend, however long
+    assert settling.is_alive() and calls == ["extend"]
+    release.set()
+    heartbeat.join(POLL_LIMIT)
+    settling.join(POLL_LIMIT)
+    assert calls == ["extend", "extended", "ack"]
+    message.extend(LEASE)  # after the ack: dropped, not sent
+    assert calls == ["extend", "extended", "ack"]
+    assert (counters.snapshot().extended, counters.snapshot().acked) == (1, 1)

@@ -88,7 +88,8 @@ TRANSIENT_FACTOR = 3
 class WatchConfig:
     """What ``optimizr watch`` was asked to do, frozen."""
 
-    #: Where events come from (``http://127.0.0.1:PORT/`` in this slice).
+    #: Where events come from: ``http://HOST:PORT/`` (the webhook), or a broker URL
+    #: (``nats://``, ``redis://``, ``sqs://``: :mod:`optimizr.brokers`).
     events: str
     #: The conversion's settings, as for ``convert`` (src, dest, encode, --delete...).
     run: RunConfig
