@@ -292,7 +292,7 @@ def test_a_message_is_extended_on_a_timer_while_one_image_outlasts_the_lease(
 
 
 def test_killed_mid_image_the_message_comes_again_and_is_converted_once(
-    make_topic: MakeTopic, tmp_path: Path
+    make_topic: MakeTopic, tmp_path: Path, cli: Callable[..., Any]
 ) -> None:
     topic = make_topic()
     photo(tmp_path / "src" / "held.jpg")
@@ -315,6 +315,10 @@ def test_killed_mid_image_the_message_comes_again_and_is_converted_once(
     assert (source["received"], source["redelivered"], source["acked"]) == (1, 1, 1)
     assert topic.unsettled() == 0
     assert_one_valid_webp(dest, "held.jpg")
+    status = cli("status", dest)
+    assert status.exit_code == 0
+    assert f"service   watching {topic.url} (stopped)" in status.output
+    assert "broker    connected, 1 received, 1 acked, 1 redelivered" in status.output
 
 
 @pytest.mark.parametrize("kind", ["nats", "redis"])
@@ -344,10 +348,18 @@ def test_the_broker_restarted_under_the_service_is_reconnected_to(
             wait_for(lambda: service.readyz() == 200, "/readyz ready again")
             topic.publish(s3_event("after.jpg"))
             wait_for((dest / "after.webp").exists, "the image published after the restart")
-            metrics = get(service.metrics + "metrics")[1].decode()
+            depth = f'optimizr_watch_queue_depth{{source="{kind}"}} 0.0'  # the consumer lag
+
+            def scraped() -> str | None:  # the lag is refreshed every few seconds
+                text = get(service.metrics + "metrics")[1].decode()
+                return text if depth in text else None
+
+            metrics = wait_for(scraped, "the lag at 0 in /metrics")
             assert f'optimizr_watch_source_connected{{source="{kind}"}} 1.0' in metrics
             lost = f'optimizr_watch_source_connection_errors_total{{source="{kind}"}}'
             assert lost in metrics and f"{lost} 0.0" not in metrics
+            received = f'optimizr_watch_source_messages_total{{kind="received",source="{kind}"}}'
+            assert f"{received} 2.0" in metrics
             assert service.stop() == 0
     finally:
         topic.close()
