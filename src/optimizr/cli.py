@@ -337,7 +337,8 @@ def _print_dry_run(summary: Any) -> None:
 
 @main.command(
     epilog="The convert options work as for convert (environment and optimizr.toml too). "
-    "GET /healthz, /readyz and /metrics are served on the --events port."
+    "GET /healthz, /readyz and /metrics are served on the --events port of a webhook, "
+    "and on --metrics-port with a broker."
 )
 @click.argument("src", metavar="SRC")
 @click.argument("dest", metavar="DEST")
@@ -348,7 +349,9 @@ def _print_dry_run(summary: Any) -> None:
     metavar="URL",
     envvar="OPTIMIZR_EVENTS",
     help="Where events come from: http://127.0.0.1:PORT/ listens for bucket notification "
-    "webhooks (S3 Records JSON as MinIO and Ceph send, SeaweedFS's filer webhook).",
+    "webhooks (S3 Records JSON as MinIO and Ceph send, SeaweedFS's filer webhook); "
+    "nats://HOST:4222/STREAM/CONSUMER, redis://HOST:6379/STREAM?group=GROUP or "
+    "sqs://QUEUE consume a broker.",
 )
 @click.option(
     "--once",
@@ -371,6 +374,22 @@ def _print_dry_run(summary: Any) -> None:
     help="Seconds before a message that failed for a passing reason (or an image not yet "
     "tried --max-attempts times) is delivered again.",
 )
+@click.option(
+    "--lease",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Seconds a received message stays hidden from other consumers, extended every "
+    "half of it while its images convert; 0: --timeout plus 60. An SQS queue keeps its "
+    "own VisibilityTimeout.",
+)
+@click.option(
+    "--consumer",
+    default="",
+    metavar="NAME",
+    help="This replica's consumer name in a Redis group [HOST-PID].",
+)
 @config_file_option
 @apply_options
 def watch(
@@ -380,6 +399,8 @@ def watch(
     once: bool,
     batch: int,
     retry_delay: float,
+    lease: float,
+    consumer: str,
     config_file: Path | None,
     **params: Any,
 ) -> None:
@@ -399,7 +420,13 @@ def watch(
             config_file,
         )
         watch_config = WatchConfig(
-            events=events_url, run=config, once=once, batch=batch, retry_delay=retry_delay
+            events=events_url,
+            run=config,
+            once=once,
+            batch=batch,
+            retry_delay=retry_delay,
+            lease=lease,
+            consumer=consumer,
         )
     except OptimizrError as exc:
         print_error(str(exc), json_logs=params.get("log_format") == "json")
@@ -435,12 +462,24 @@ def _watch(logger: logging.Logger, config: Any, console: ConsoleOptions) -> int:
 
         for signum in (signal.SIGINT, signal.SIGTERM):
             previous[signum] = signal.signal(signum, on_signal)
+        # A webhook serves health and metrics on its own port; with a broker they are
+        # on --metrics-port, as for convert (exporter.url; None without it).
+        health = service.url or exporter.url
         logger.info(
-            "watching: events to %s (and /healthz, /readyz, /metrics), converting %s into %s",
-            service.url,
+            "watching: events %s %s (/healthz, /readyz, /metrics: %s), converting %s into %s",
+            "to" if service.url else "from",
+            service.url or service.source.describe(),
+            health or "not served, see --metrics-port",
             service.src.describe(),
             service.dest_root,
-            extra={"event": "watching", "fields": {"url": service.url}},
+            extra={
+                "event": "watching",
+                "fields": {
+                    "url": service.url,
+                    "source": service.source.describe(),
+                    "health": health,
+                },
+            },
         )
 
     try:
@@ -658,12 +697,24 @@ def format_status(report: StatusReport) -> str:
 def _watch_lines(watch: dict[str, Any]) -> list[str]:
     """The ``optimizr watch`` service of DEST: its state, queue and counters."""
     dead = watch.get("dead_letters", 0)
+    waiting = watch.get("waiting", 0)
     lines = [
         f"service   watching {printable(str(watch.get('events', '?')))} "
         f"({watch.get('state', 'unknown')})",
-        f"queue     {watch.get('waiting', 0):,} waiting, {dead:,} dead letter"
+        f"queue     {'?' if waiting is None else f'{waiting:,}'} waiting, {dead:,} dead letter"
         + ("s" if dead != 1 else ""),
     ]
+    source = watch.get("source_statistics")
+    if isinstance(source, dict) and not str(watch.get("events", "")).startswith("http://"):
+        # A broker's own figures, as the service last saw them.
+        lines.append(
+            f"broker    {'connected' if source.get('connected') else 'DISCONNECTED'}, "
+            + ", ".join(
+                f"{int(source.get(k, 0)):,} {k.replace('_', '-')}"
+                for k in ("received", "acked", "redelivered", "extended", "dead_lettered")
+            )
+            + f", {int(source.get('connection_errors', 0)):,} connection errors"
+        )
     if watch.get("last_dead_letter"):
         lines.append(f"dead      e.g. {printable(str(watch['last_dead_letter']))}")
     counters = watch.get("counters")

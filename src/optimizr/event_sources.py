@@ -1,155 +1,92 @@
-"""Where ``optimizr watch`` takes its messages from: a small interface for every broker.
+"""The event sources that are not brokers: the webhook's durable local queue and an
+in-memory fake, behind the one interface every broker client implements
+(:mod:`optimizr.brokers.base`: :class:`~optimizr.brokers.base.EventSource`,
+:class:`~optimizr.brokers.base.Message`, :class:`~optimizr.brokers.base.BrokerStatistics`;
+its docstring is the contract: ack after commit, nak(delay), term(reason), extend).
 
-An :class:`EventSource` hands out :class:`Message` objects; the service parses each
-body (:mod:`optimizr.bucket_events`), converts what it names, and settles the message
-with exactly one of these calls:
-
-* ``ack()`` only once every output the message asked for is **committed**: the WebP
-  is in DEST and its manifest row is flushed. A message acknowledged earlier could be
-  lost with the output (a kill -9 between the two); one acknowledged later is merely
-  delivered again, and the manifest (source ETag + options fingerprint) makes that
-  second delivery a no-op. At-least-once in, exactly-once effect.
-* ``nak(delay)`` on a transient failure (a full disk, a store that timed out, an
-  image not yet retried up to --max-attempts): deliver it again after ``delay``
-  seconds. A broker with its own redelivery limit (SQS redrive policy, JetStream
-  max_deliver) may dead-letter it itself after enough of these.
-* ``term(reason)`` for a message that can never succeed: unparseable, or naming an
-  image that failed --max-attempts times. It goes to the dead letters with the
-  one-line reason and is not delivered again.
-* ``extend(seconds)`` while a message is still being worked on (a large image):
-  keep it invisible to other consumers that much longer (SQS visibility timeout,
-  JetStream in-progress ack, Redis XCLAIM of one's own entry).
-
-``receive(max_messages, timeout)`` returns at most ``max_messages`` messages, waiting
-at most ``timeout`` seconds for the first; an empty list means none came.
-``delivery_count`` is 1 on first delivery. ``stop_accepting()`` is the first step
-of a graceful drain (no new messages are taken in; those handed out may still be
-settled), ``close()`` the last. ``depth()`` is the number of messages waiting (the
-consumer lag), None when the broker cannot say.
-
-Implementations: :class:`QueueSource` over the durable local queue
-(:class:`~optimizr.event_queue.EventQueue`) that the HTTP webhook fills
-(:mod:`optimizr.webhook`), and :class:`MemorySource`, an in-memory fake for tests.
-SQS, NATS JetStream and Redis Streams plug in here (issue 16, a later slice).
+* :class:`QueueSource` over the durable local queue (:class:`~optimizr.event_queue.EventQueue`)
+  that the HTTP webhook fills (:mod:`optimizr.webhook`). Its statistics add ``accepted``
+  and ``refused``: what the webhook took in, and what it refused at the door as garbage
+  (a 4xx, kept as a dead letter).
+* :class:`MemorySource`, an in-memory broker for tests (STYLE rule 3: every backend has a
+  fake): ``offer`` bodies, read what was acked or termed.
 """
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
-from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from optimizr.brokers.base import (
+    BrokerMessage,
+    BrokerStatistics,
+    Counters,
+    EventSource,
+    Message,
+)
 from optimizr.event_queue import EventQueue
 
-
-class Message(ABC):
-    """One delivery of one message."""
-
-    #: The raw body, as the broker delivered it.
-    body: bytes
-    #: 1 on the first delivery, 2 on the next...
-    delivery_count: int
-    #: The broker's id of the message (for logs).
-    id: str
-
-    @abstractmethod
-    def ack(self) -> None:
-        """Done: every output it asked for is committed. Never delivered again."""
-
-    @abstractmethod
-    def nak(self, delay: float = 0.0) -> None:
-        """Not done, for a reason that may pass: deliver again after ``delay`` seconds."""
-
-    @abstractmethod
-    def term(self, reason: str) -> None:
-        """Never deliverable: dead-letter it with ``reason``."""
-
-    @abstractmethod
-    def extend(self, seconds: float) -> None:
-        """Still being worked on: keep it from redelivery ``seconds`` more."""
-
-
-@dataclass(frozen=True)
-class SourceStatistics:
-    """What a source counts itself (the service counts outcomes)."""
-
-    #: Messages taken in (a webhook's accepted posts; a broker's deliveries).
-    received: int
-    #: Refused at the door as garbage (a webhook's 4xx), dead-lettered there.
-    refused: int
-    acked: int
-    naked: int
-    termed: int
-    #: Messages waiting now (None: not known).
-    depth: int | None
-
-
-class EventSource(ABC):
-    @abstractmethod
-    def receive(self, max_messages: int, timeout: float) -> list[Message]:
-        """Up to ``max_messages`` messages, waiting at most ``timeout`` s for one."""
-
-    def depth(self) -> int | None:
-        """Messages waiting to be received (the consumer lag); None if unknown."""
-        return None
-
-    def stop_accepting(self) -> None:  # noqa: B027 - optional hook
-        """Take in no new messages (the first step of a graceful drain)."""
-
-    def close(self) -> None:  # noqa: B027 - optional hook
-        """Release the connection (messages not settled are redelivered later)."""
-
-    @abstractmethod
-    def statistics(self) -> SourceStatistics: ...
-
-    @abstractmethod
-    def describe(self) -> str: ...
+__all__ = ["EventSource", "MemorySource", "Message", "QueueSource", "QueueStatistics"]
 
 
 # -- the local durable queue ------------------------------------------------------------------
 
 
-class _QueueMessage(Message):
-    def __init__(self, queue: EventQueue, row_id: int, body: bytes, deliveries: int) -> None:
-        self.queue = queue
-        self.row_id = row_id
-        self.body = body
-        self.delivery_count = deliveries
-        self.id = str(row_id)
+@dataclass(frozen=True)
+class QueueStatistics(BrokerStatistics):
+    """A broker's figures, plus what the webhook's door saw."""
 
-    def ack(self) -> None:
+    #: Posts the webhook accepted into the queue (since this process opened it).
+    accepted: int = 0
+    #: Posts refused at the door as garbage (a 4xx), kept as dead letters.
+    refused: int = 0
+
+
+class _QueueMessage(BrokerMessage):
+    # The queue is a SQLite file in DEST: a full disk or a locked database is what
+    # "the broker could not be reached" means here (the row is delivered again).
+    broker_errors = (sqlite3.Error, OSError)
+
+    def __init__(self, source: QueueSource, row_id: int, body: bytes, deliveries: int) -> None:
+        super().__init__(source.counters, body, deliveries, str(row_id))
+        self.queue = source.queue
+        self.row_id = row_id
+
+    def _ack(self) -> None:
         self.queue.ack(self.row_id)
 
-    def nak(self, delay: float = 0.0) -> None:
+    def _nak(self, delay: float) -> None:
         self.queue.nak(self.row_id, delay)
 
-    def term(self, reason: str) -> None:
+    def _term(self, reason: str) -> None:
         self.queue.term(self.row_id, reason)
 
-    def extend(self, seconds: float) -> None:
+    def _extend(self, seconds: float) -> None:
         self.queue.extend(self.row_id, seconds)
 
 
 class QueueSource(EventSource):
     """Messages from the durable local queue in DEST/.optimizr/ (what the webhook fills).
 
-    ``visibility``: seconds a received message stays hidden before it is handed out
-    again unless settled or extended (a lease; after a restart every lease is void:
-    the DEST lock says no other consumer can hold one)."""
+    ``lease``: seconds a received message stays hidden before it is handed out again
+    unless settled or extended (after a restart every lease is void: the DEST lock says
+    no other consumer can hold one)."""
 
     def __init__(
         self,
         queue: EventQueue,
         *,
-        visibility: float = 600.0,
+        lease: float = 600.0,
         text: str = "",
         on_stop: Callable[[], None] | None = None,
     ) -> None:
         self.queue = queue
-        self.visibility = visibility
+        self.lease = lease
+        self.counters = Counters()
         self._text = text or f"queue {queue.path}"
         #: What stops new messages coming in (the webhook's server closing its door).
         self._on_stop = on_stop
@@ -161,23 +98,24 @@ class QueueSource(EventSource):
     def receive(self, max_messages: int, timeout: float) -> list[Message]:
         deadline = time.monotonic() + max(0.0, timeout)
         while True:
-            rows = self.queue.receive(max_messages, self.visibility)
+            rows = self.queue.receive(max_messages, self.lease)
             if rows:
-                return [_QueueMessage(self.queue, *row) for row in rows]
+                self.counters.delivered([deliveries for _id, _body, deliveries in rows])
+                return [_QueueMessage(self, *row) for row in rows]
             left = deadline - time.monotonic()
             if left <= 0:
                 return []
             # Woken by a put, or when the next delayed message becomes visible.
             self.queue.wait(min(left, self.queue.next_visible_in() or left))
 
-    def depth(self) -> int | None:
-        return self.queue.depth()
+    def statistics(self) -> QueueStatistics:
+        mine = self.counters.snapshot()
+        door = self.queue.statistics()
+        fields = {**mine.__dict__, "lag": door.ready}
+        return QueueStatistics(**fields, accepted=door.put, refused=door.refused)
 
-    def statistics(self) -> SourceStatistics:
-        stats = self.queue.statistics()
-        return SourceStatistics(
-            stats.put, stats.refused, stats.acked, stats.naked, stats.termed, stats.ready
-        )
+    def close(self) -> None:
+        """The queue is the caller's (run_watch opens and closes it with the lock)."""
 
     def describe(self) -> str:
         return self._text
@@ -186,53 +124,43 @@ class QueueSource(EventSource):
 # -- the in-memory fake ---------------------------------------------------------------------------
 
 
-class _MemoryMessage(Message):
+class _MemoryMessage(BrokerMessage):
     def __init__(self, source: MemorySource, body: bytes, deliveries: int, number: int) -> None:
+        super().__init__(source.counters, body, deliveries, str(number))
         self.source = source
-        self.body = body
-        self.delivery_count = deliveries
-        self.id = str(number)
-        self.settled: str | None = None
 
-    def _settle(self, how: str) -> None:
-        if self.settled is not None:
-            raise RuntimeError(f"message {self.id} settled twice ({self.settled}, then {how})")
-        self.settled = how
-
-    def ack(self) -> None:
-        self._settle("ack")
+    def _ack(self) -> None:
         self.source.acked.append(self.body)
 
-    def nak(self, delay: float = 0.0) -> None:
-        self._settle("nak")
-        self.source.naked += 1
+    def _nak(self, delay: float) -> None:
         self.source.offer(self.body, _deliveries=self.delivery_count)
 
-    def term(self, reason: str) -> None:
-        self._settle("term")
+    def _term(self, reason: str) -> None:
         self.source.termed.append((self.body, reason))
 
-    def extend(self, seconds: float) -> None:
-        self.source.extended += 1
+    def _extend(self, seconds: float) -> None:
+        pass
 
 
 class MemorySource(EventSource):
-    """An in-memory broker for tests: ``offer`` bodies, read what was acked or termed."""
+    """An in-memory broker for tests: ``offer`` bodies, read what was acked or termed.
+    Its lease is never enforced (nothing is redelivered unless naked)."""
 
-    def __init__(self, bodies: list[bytes] | None = None) -> None:
+    def __init__(self, bodies: list[bytes] | None = None, *, lease: float = 60.0) -> None:
+        self.lease = lease
+        self.counters = Counters()
         self._ready: deque[tuple[bytes, int]] = deque()
         self._lock = threading.Condition()
         self._count = 0
         self.acked: list[bytes] = []
         self.termed: list[tuple[bytes, str]] = []
-        self.naked = 0
-        self.extended = 0
         for body in bodies or []:
             self.offer(body)
 
     def offer(self, body: bytes, *, _deliveries: int = 0) -> None:
         with self._lock:
             self._ready.append((body, _deliveries))
+            self.counters.lag = len(self._ready)
             self._lock.notify_all()
 
     def receive(self, max_messages: int, timeout: float) -> list[Message]:
@@ -244,17 +172,15 @@ class MemorySource(EventSource):
                 body, deliveries = self._ready.popleft()
                 self._count += 1
                 out.append(_MemoryMessage(self, body, deliveries + 1, self._count))
-            return out
+            self.counters.lag = len(self._ready)
+        self.counters.delivered([message.delivery_count for message in out])
+        return out
 
-    def depth(self) -> int | None:
-        with self._lock:
-            return len(self._ready)
+    def statistics(self) -> BrokerStatistics:
+        return self.counters.snapshot()
 
-    def statistics(self) -> SourceStatistics:
-        with self._lock:
-            return SourceStatistics(
-                self._count, 0, len(self.acked), self.naked, len(self.termed), len(self._ready)
-            )
+    def close(self) -> None:
+        pass
 
     def describe(self) -> str:
         return "memory"

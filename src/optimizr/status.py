@@ -150,6 +150,17 @@ def _watch_status(dest: Path, locked: bool) -> dict[str, Any] | None:
     doc = dict(state or {})
     if doc.get("state") in ("running", "draining", "starting") and not locked:
         doc["state"] = "killed"
+    source = doc.get("source_statistics")
+    if not str(doc.get("events", "http://")).lower().startswith("http://") and isinstance(
+        source, dict
+    ):
+        # A broker keeps its own queue: what the service last saw of it (the consumer
+        # lag; what it termed, and what the broker dead-lettered after max_deliver).
+        lag = source.get("lag")
+        doc["waiting"] = lag if isinstance(lag, int) else None
+        doc["dead_letters"] = int(source.get("termed", 0)) + int(source.get("dead_lettered", 0))
+        doc["last_dead_letter"] = None
+        return doc
     waiting, dead = counts if counts is not None else (0, 0)
     doc["waiting"], doc["dead_letters"] = waiting, dead
     doc["last_dead_letter"] = last_dead_letter(dest) if dead else None

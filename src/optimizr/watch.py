@@ -26,6 +26,11 @@ killed mid-batch leaves an unfinished run behind and the next batch recognises t
 outputs that run wrote without rows as optimizr's (see Pipeline._foreign), as after
 any killed run.
 
+While a batch runs, a heartbeat thread extends every message it holds every
+``lease / 2`` seconds, whatever the images do: one image that takes longer than the
+broker's lease would otherwise have its message handed to another consumer
+mid-conversion (:class:`Heartbeat`).
+
 Known limit of this first slice: a batch ends when its slowest image does, so one
 large image delays the messages received with it (not those received after: they
 wait in the queue). The pipeline is fed in batches rather than a stream.
@@ -41,6 +46,7 @@ import os
 import posixpath
 import socket
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -48,11 +54,11 @@ from pathlib import Path
 from typing import Any
 
 from optimizr.atomic import atomic_write
+from optimizr.brokers.base import BrokerOptions, EventSource, Message
 from optimizr.bucket_events import BucketEvent, parse_message
 from optimizr.budget import MemoryBudget
 from optimizr.config import RunConfig
 from optimizr.errors import UsageError, cause_of
-from optimizr.event_sources import EventSource, Message
 from optimizr.events import Listeners, ProgressListener, RunSnapshot, StopToken
 from optimizr.executors.base import Executor
 from optimizr.manifest import Manifest, Row, options_fingerprint, split_key, state_dir
@@ -82,7 +88,8 @@ TRANSIENT_FACTOR = 3
 class WatchConfig:
     """What ``optimizr watch`` was asked to do, frozen."""
 
-    #: Where events come from (``http://127.0.0.1:PORT/`` in this slice).
+    #: Where events come from: ``http://HOST:PORT/`` (the webhook), or a broker URL
+    #: (``nats://``, ``redis://``, ``sqs://``: :mod:`optimizr.brokers`).
     events: str
     #: The conversion's settings, as for ``convert`` (src, dest, encode, --delete...).
     run: RunConfig
@@ -94,11 +101,32 @@ class WatchConfig:
     retry_delay: float = 5.0
     #: Seconds between two writes of the state file while idle.
     state_interval: float = 10.0
-    #: Seconds a batch's messages are kept from redelivery, extended as it runs long;
-    #: 0: --timeout plus a minute (one image may take that long).
+    #: Seconds a batch's messages are kept from redelivery, extended every half of it
+    #: while the batch runs; 0: --timeout plus a minute (one image may take that long).
+    #: A broker's: the JetStream ack_wait of a consumer it creates, the Redis min-idle
+    #: time; an SQS queue keeps its own VisibilityTimeout.
     lease: float = 0.0
+    #: This replica's name among a broker's consumers (a Redis group's); "": host-pid.
+    consumer: str = ""
+
+    @property
+    def effective_lease(self) -> float:
+        return self.lease or self.run.timeout + 60.0
+
+    def broker_options(self) -> BrokerOptions:
+        """How a broker client consumes for this service. A broker dead-letters a message
+        delivered more often than the service would retry it (a transient failure is
+        retried up to TRANSIENT_FACTOR x --max-attempts deliveries), so that the service,
+        not the broker, terms it with its reason whenever it can."""
+        return BrokerOptions(
+            consumer=self.consumer,
+            lease=self.effective_lease,
+            max_deliver=TRANSIENT_FACTOR * self.run.max_attempts,
+        )
 
     def __post_init__(self) -> None:
+        if self.lease < 0:
+            raise UsageError(f"--lease must be 0 (auto) or more seconds, not {self.lease}")
         if self.batch < 0:
             raise UsageError(f"--batch must be 0 (auto) or more, not {self.batch}")
         if self.retry_delay < 0:
@@ -288,6 +316,38 @@ class ImagesOnly:
         self.listener.stopping(hard)
 
 
+class Heartbeat:
+    """Extends every message of a batch every ``lease / 2`` seconds on a thread of its
+    own until the batch is settled (the context exits), so that no broker hands a
+    message to another consumer while its image still converts, however long that one
+    image takes. Extending a message already settled does nothing (BrokerMessage)."""
+
+    #: Never more often than this (a tiny lease must not become a busy loop).
+    MIN_INTERVAL = 0.05
+
+    def __init__(self, messages: list[Message], lease: float) -> None:
+        self.messages = list(messages)
+        self.lease = lease
+        self.interval = max(self.MIN_INTERVAL, lease / 2)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="optimizr-heartbeat", daemon=True)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            for message in self.messages:
+                # Each extend restarts the full lease (JetStream, Redis) or sets the
+                # SQS visibility to ``lease`` from now; failures are counted by the source.
+                message.extend(self.lease)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 class WatchService:
     """Runs the loop over one event source, into one DEST, until stopped.
 
@@ -359,11 +419,18 @@ class WatchService:
         """(ready, status, reason, figures): ready while it takes events. A batch run's
         readiness waits for a worker, which the pool starts with the first image; a
         service must be ready before that, or no event would ever reach it."""
+        source = self.source.statistics()
         figures = {
             "state": self.state,
-            "queue_depth": self.source.depth(),
+            "queue_depth": source.lag,
             "messages": self.stats.messages,
+            "connected": source.connected,
         }
+        if self.state == "running" and not source.connected:
+            # A broker that cannot be reached: the client reconnects by itself, and no
+            # event reaches this replica meanwhile (a load balancer should know).
+            why = f"the event source cannot be reached: {self.source.describe()}"
+            return False, "disconnected", why, figures
         if self.state == "running":
             return True, "ready", "taking events", figures
         if self.state == "starting":
@@ -400,6 +467,11 @@ class WatchService:
         return self.stats
 
     def _handle(self, messages: list[Message]) -> None:
+        # Held from receive until settled: extended on a timer, whatever the images do.
+        with Heartbeat(messages, self.source.lease):
+            self._handle_batch(messages)
+
+    def _handle_batch(self, messages: list[Message]) -> None:
         plans: list[_Plan] = []
         touched: dict[str, None] = {}
         for message in messages:
@@ -428,9 +500,10 @@ class WatchService:
         results: dict[str, Result] = {}
         committed = True
         if present:
-            results, committed = self._convert(present, [plan.message for plan in plans])
+            results, committed = self._convert(present)
+        counted: set[str] = set()
         for plan in plans:
-            self._settle(plan, results, committed, failed_stat, removal_failed, set(gone))
+            self._settle(plan, results, committed, failed_stat, removal_failed, set(gone), counted)
 
     def _plan(self, message: Message) -> _Plan | None:
         parsed = parse_message(message.body)
@@ -481,24 +554,9 @@ class WatchService:
 
     # -- converting --------------------------------------------------------------------
 
-    def _convert(
-        self, present: dict[str, FileStat], messages: list[Message]
-    ) -> tuple[dict[str, Result], bool]:
-        """One pipeline run over ``present``'s keys: (results by key, committed).
-
-        While it runs long, the batch's messages are extended as images finish, so
-        that a broker does not hand them to another consumer meanwhile."""
-        lease = self.config.lease or self.run_config.timeout + 60.0
-        extended = [time.monotonic()]
-
-        def keep_leased() -> None:
-            if time.monotonic() - extended[0] < lease / 2:
-                return
-            extended[0] = time.monotonic()
-            for message in messages:
-                message.extend(lease)
-
-        collect = _Collect(keep_leased)
+    def _convert(self, present: dict[str, FileStat]) -> tuple[dict[str, Result], bool]:
+        """One pipeline run over ``present``'s keys: (results by key, committed)."""
+        collect = _Collect()
         listener: ProgressListener = (
             Listeners(collect, self.listener) if self.listener is not None else collect
         )
@@ -588,7 +646,11 @@ class WatchService:
         failed_stat: dict[str, str],
         removal_failed: set[str],
         gone: set[str],
+        counted: set[str],
     ) -> None:
+        """Settle one message of the batch. ``counted``: the keys whose result an earlier
+        message of the same batch already counted (a key named twice is converted once:
+        the second event is a duplicate, as it would be in the next batch)."""
         message = plan.message
         retry: list[str] = []
         poison: list[str] = []
@@ -612,7 +674,13 @@ class WatchService:
                 # optimizr-output marker (found once fetched).
                 self.stats.ignored += 1
                 continue
-            self._count(result)
+            first = key not in counted
+            counted.add(key)
+            if not first and result.status != "failed":
+                self.stats.duplicates += 1
+                continue
+            if first:
+                self._count(result)
             if result.status != "failed":
                 continue
             line = f"{key}: {result.reason}: {result.message}" if result.message else key
@@ -660,6 +728,7 @@ class WatchService:
     # -- state -------------------------------------------------------------------------
 
     def state_document(self) -> dict[str, Any]:
+        source = self.source.statistics()
         return {
             "state": self.state,
             "events": self.config.events,
@@ -669,8 +738,11 @@ class WatchService:
             "host": socket.gethostname(),
             "started_at": self.started_at,
             "updated_at": time.time(),
-            "queue_depth": self.source.depth(),
+            "queue_depth": source.lag,
             "counters": self.stats.to_dict(),
+            # The source's own figures (BrokerStatistics: received, acked, redelivered,
+            # dead_lettered, connected, lag...), for `optimizr status`.
+            "source_statistics": dataclasses.asdict(source),
         }
 
     def _maybe_write_state(self) -> None:
@@ -688,6 +760,14 @@ class WatchService:
 
     def _event(self, level: int, event: str, message: str, fields: dict[str, Any]) -> None:
         _log.log(level, "%s", message, extra={"event": event, "fields": fields})
+
+
+def source_label(events: str) -> str:
+    """The ``source`` label of the service's metrics: webhook, nats, redis or sqs."""
+    scheme = events.partition("://")[0].lower()
+    if scheme == "http":
+        return "webhook"
+    return "sqs" if scheme == "https" else scheme
 
 
 def read_watch_state(dest: Path) -> dict[str, Any] | None:

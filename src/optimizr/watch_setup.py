@@ -2,8 +2,12 @@
 
 :func:`run_watch` opens what a batch run opens (DEST's lock and manifest, the memory
 budget and the worker pool, the source store) once for the service's life, plus the
-event source (this slice: the HTTP webhook and its durable queue in DEST/.optimizr/),
-runs the :class:`~optimizr.watch.WatchService` loop, and closes all of it after.
+event source, runs the :class:`~optimizr.watch.WatchService` loop, and closes all of
+it after. The event source is the HTTP webhook and its durable queue in DEST/.optimizr/
+(``http://HOST:PORT/``), or a broker (``nats://``, ``redis://``, ``sqs://``: see
+:mod:`optimizr.brokers`), opened with the watch's lease, consumer name and a delivery
+limit from --max-attempts. With a broker no HTTP server is started here: /healthz,
+/readyz and /metrics are served where a batch run serves them (--metrics-port).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from optimizr.brokers.base import EventSource
 from optimizr.budget import MemoryBudget, default_memory_budget
 from optimizr.config import available_cpus
 from optimizr.errors import UsageError
@@ -31,9 +36,6 @@ from optimizr.versions import check_encoder
 from optimizr.watch import WatchConfig, WatchService, WatchStatistics, Where
 from optimizr.webhook import Answer, WebhookServer, parse_listen_url
 
-#: The brokers of issue 16 that come in a later slice, by URL scheme.
-_COMING = {"sqs": "Amazon SQS", "nats": "NATS JetStream", "redis": "Redis Streams"}
-
 
 def run_watch(
     config: WatchConfig,
@@ -46,15 +48,13 @@ def run_watch(
     """Serve ``config.events`` and convert what arrives until stopped (``on_started``
     gets the service: call its ``request_stop`` from a signal handler), or with
     ``once`` until the queue is empty. ``answer(service)`` gives the GET handler of
-    the webhook (health, metrics); without it GETs are 404."""
+    the webhook (health, metrics); without it GETs are 404. With a broker ``answer`` is
+    called too (the CLI attaches its exporter there), but its handler is not served
+    here: the caller serves it (--metrics-port)."""
     run = config.run
-    scheme = config.events.partition("://")[0].lower()
-    if scheme in _COMING:
-        raise UsageError(
-            f"--events {config.events}: {_COMING[scheme]} is not supported yet (coming in a "
-            "later release); this one takes the HTTP webhook, http://127.0.0.1:PORT/"
-        )
-    host, port = parse_listen_url(config.events)
+    webhook_listen = (
+        parse_listen_url(config.events) if config.events.lower().startswith("http://") else None
+    )
     if isinstance(run.dest, str) or not isinstance(run.dest, Path):
         raise UsageError("watch writes to a local DEST folder (a remote DEST is not supported yet)")
     dest_root = run.dest
@@ -70,25 +70,41 @@ def run_watch(
     try:
         try:
             manifest = Manifest.open(dest_root)
-            queue = EventQueue.open(dest_root)
         except (OSError, sqlite3.Error) as exc:
             raise UsageError(f"cannot open the state in {state_dir(dest_root)}: {exc}") from None
-        opened += [manifest.close, queue.close]
-        # Leases of a killed predecessor are void: the lock says we are the only consumer.
-        queue.release_leases()
+        opened.append(manifest.close)
         webhook_box: list[WebhookServer] = []
+        queue: EventQueue | None = None
+        event_source: EventSource
+        if webhook_listen is None:
+            from optimizr.brokers import open_source
 
-        def close_the_door() -> None:
-            # The drain's first step: no new posts are taken in.
-            for webhook in webhook_box:
-                webhook.stop_accepting()
+            # UsageError (exit 2) for a malformed URL, a missing extra, a stream or
+            # queue that does not exist, a broker that cannot be reached at start.
+            event_source = open_source(config.events, config.broker_options())
+            opened.append(event_source.close)
+        else:
+            try:
+                queue = EventQueue.open(dest_root)
+            except (OSError, sqlite3.Error) as exc:
+                raise UsageError(
+                    f"cannot open the state in {state_dir(dest_root)}: {exc}"
+                ) from None
+            opened.append(queue.close)
+            # Leases of a killed predecessor are void: the lock says we are the only consumer.
+            queue.release_leases()
 
-        event_source = QueueSource(
-            queue,
-            visibility=run.timeout + 60.0,
-            text=f"webhook {config.events}",
-            on_stop=close_the_door,
-        )
+            def close_the_door() -> None:
+                # The drain's first step: no new posts are taken in.
+                for webhook in webhook_box:
+                    webhook.stop_accepting()
+
+            event_source = QueueSource(
+                queue,
+                lease=config.effective_lease,
+                text=f"webhook {config.events}",
+                on_stop=close_the_door,
+            )
         workers = executor.workers if executor is not None else run.effective_workers
         budget = MemoryBudget(run.max_memory or default_memory_budget(), workers)
         if executor is None:
@@ -129,10 +145,11 @@ def run_watch(
             listener=listener,
         )
         get_answer = answer(service) if answer is not None else _health_only(service)
-        webhook = WebhookServer(queue, get_answer)
-        service.url = webhook.serve(host, port)
-        webhook_box.append(webhook)
-        opened.append(webhook.close)
+        if queue is not None and webhook_listen is not None:
+            webhook = WebhookServer(queue, get_answer)
+            service.url = webhook.serve(*webhook_listen)
+            webhook_box.append(webhook)
+            opened.append(webhook.close)
         if on_started is not None:
             on_started(service)
         return service.run()

@@ -248,11 +248,14 @@ class BrokerMessage(Message):
 
     def extend(self, seconds: float) -> None:
         # A heartbeat thread may extend just as the conversion thread settles: late
-        # extends are dropped rather than sent for a message that is gone.
-        if self._settled is not None:
-            return
-        if self._call("extend", lambda: self._extend(max(0.0, seconds))):
-            self._counters.add("extended")
+        # extends are dropped rather than sent for a message that is gone, and one on
+        # its way holds the settling back until it is done (an SQS extend arriving after
+        # the DeleteMessage would be refused, a settle failure for nothing).
+        with self._lock:
+            if self._settled is not None:
+                return
+            if self._call("extend", lambda: self._extend(max(0.0, seconds))):
+                self._counters.add("extended")
 
     def _settle(self, how: str, counter: str, call: Callable[[], None]) -> None:
         with self._lock:
