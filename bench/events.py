@@ -40,16 +40,19 @@ What is measured, and what each figure means:
    bench publishes the S3 record right after the PUT returns (JetStream: after the
    server's publish ack). Latency per image: from the moment its PUT returned to the
    moment its output appears in DEST under its final name (the atomic rename, so a
-   reader sees it whole; the manifest row follows in the same batch), polled every
-   10 ms by listing DEST's folders (no sleep guesses a duration: the poll watches for
-   the file). Printed: p50, p95, p99 and max, and the throughput from the first upload
-   to the last output (at most the rate, by construction).
+   reader sees it whole; its manifest row and the message's ack follow when the
+   watch's batch of --batch messages is flushed), polled every 10 ms by listing DEST's
+   folders (no sleep guesses a duration: the poll watches for the file). Printed: p50,
+   p95, p99 and max, and the throughput from the first upload to the last output (the
+   rate, at most, by construction: this phase measures latency, not capacity).
 
 A backend that ``optimizr watch`` refuses (the brokers before they are wired into it:
 "not supported yet") prints ``skipped: <reason>`` and the others go on; any other
 failure prints FAILED with the end of its log and makes the exit status 1. The machine
-should be idle: the first line prints the load average, and each run its CPU (the
-process tree's user+sys, from wait4).
+should be idle: the first and last lines print the load average, and each run its CPU
+(the process tree's user+sys, from wait4). This process (uploads, publishing, polling
+DEST) and the servers share the machine's cores with the run measured, equally for the
+batch and the watch. --keep DIR keeps the logs, DESTs and the servers' folders.
 """
 
 from __future__ import annotations
@@ -321,6 +324,21 @@ class Process:
                     os.killpg(self.popen.pid, signal.SIGKILL)
                 self.wait(STOP_TIMEOUT)
         return self.returncode
+
+    def gone(self) -> str:
+        """'' while it runs, else how it ended (OutputWatcher.wait_all's ``alive``)."""
+        code = self.poll()
+        return "" if code is None else f"exited {code} before every output was there"
+
+    @contextmanager
+    def stopped_on_error(self) -> Iterator[Process]:
+        """Stopped by its PID if the bench fails (or Ctrl-C) while it runs: it is in its
+        own session, so a Ctrl-C never reaches it."""
+        try:
+            yield self
+        except BaseException:
+            self.stop()
+            raise
 
     def tail(self) -> str:
         return self.log.read_text(errors="replace")[-1500:].strip()
@@ -633,13 +651,9 @@ def batch_run(setup: Setup, prefix: str, batch: Sequence[Item], tag: str) -> Fig
     ]
     with OutputWatcher(dest, [item.output for item in batch]) as watcher:
         process = spawn(command, setup.env, setup.work / f"batch-{tag}.log")
-
-        def gone() -> str:
-            code = process.poll()
-            return "" if code is None else f"convert exited {code}"
-
-        why = watcher.wait_all(gone)
-        code = process.wait(STOP_TIMEOUT)
+        with process.stopped_on_error():
+            why = watcher.wait_all(process.gone)
+            code = process.wait(STOP_TIMEOUT)
     if why or code != 0:
         raise SystemExit(f"events: batch {tag} FAILED ({why or f'exit {code}'}):\n{process.tail()}")
     return Figures(f"batch {tag}", len(batch), watcher.last() - process.started, process.cpu)
@@ -663,25 +677,26 @@ def start_watch(setup: Setup, url: str, prefix: str, dest: Path, tag: str) -> Pr
         *setup.watch_options,
     ]
     process = spawn(command, setup.env, setup.work / f"watch-{tag}.log")
-    deadline = time.monotonic() + START_TIMEOUT
-    while True:
-        state = read_watch_state(dest) or {}
-        if state.get("state") == "running" and state.get("pid") == process.popen.pid:
-            return process
-        code = process.poll()
-        if code is not None:
-            text = process.tail()
-            lines = [line.strip() for line in text.splitlines() if line.strip()]
-            if "not supported yet" in text:
-                said = next((line for line in lines if "not supported" in line), lines[-1])
-                # "optimizr: error: --events URL: X is not supported yet (coming...)": X...
-                said = said.split(f"{url}: ", 1)[-1].split(" (", 1)[0]
-                return f"skipped: optimizr watch refuses --events {url}: {said}"
-            return f"FAILED: optimizr watch exited {code} before running:\n{text}"
-        if time.monotonic() > deadline:
-            process.stop()
-            return f"FAILED: optimizr watch not running after {START_TIMEOUT:.0f} s"
-        time.sleep(0.05)  # polling interval: the loop checks the condition
+    with process.stopped_on_error():
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:  # until it says it runs, or exits
+            state = read_watch_state(dest) or {}
+            if state.get("state") == "running" and state.get("pid") == process.popen.pid:
+                return process
+            code = process.poll()
+            if code is not None:
+                text = process.tail()
+                lines = [line.strip() for line in text.splitlines() if line.strip()]
+                if "not supported yet" in text:
+                    said = next((line for line in lines if "not supported" in line), lines[-1])
+                    # "optimizr: error: --events URL: X is not supported yet (coming...)": X...
+                    said = said.split(f"{url}: ", 1)[-1].split(" (", 1)[0]
+                    return f"skipped: optimizr watch refuses --events {url}: {said}"
+                return f"FAILED: optimizr watch exited {code} before running:\n{text}"
+            if time.monotonic() > deadline:
+                process.stop()
+                return f"FAILED: optimizr watch not running after {START_TIMEOUT:.0f} s"
+            time.sleep(0.05)  # polling interval: the loop checks the condition
 
 
 def finish_watch(process: Process, why: str, label: str) -> str:
@@ -712,12 +727,8 @@ def backlog_run(
         process = start_watch(setup, url, prefix, dest, f"{backend.name}-backlog")
         if isinstance(process, str):
             return process
-
-        def gone() -> str:
-            code = process.poll()
-            return "" if code is None else f"watch exited {code}"
-
-        why = watcher.wait_all(gone)
+        with process.stopped_on_error():
+            why = watcher.wait_all(process.gone)
     failed = finish_watch(process, why, f"{backend.name} backlog")
     if failed:
         return failed
@@ -739,25 +750,20 @@ def paced_run(setup: Setup, backend: Backend, batch: Sequence[Item], rate: float
         process = start_watch(setup, url, prefix, dest, f"{backend.name}-paced")
         if isinstance(process, str):
             return process
-        first = time.perf_counter()
-        for n, item in enumerate(batch):
-            delay = first + n / rate - time.perf_counter()
-            if delay > 0:
-                time.sleep(delay)  # the schedule of the paced stream, not a race
-            key = f"{prefix}/{item.key}"
-            put = obstore.put(store, key, item.data)
-            put_done[item.output] = time.perf_counter()
-            if not isinstance(backend, Webhook):
-                backend.publish(
-                    s3_record(setup.server.bucket, key, len(item.data), put["e_tag"] or "", n)
-                )
-        sent = time.perf_counter() - first
-
-        def gone() -> str:
-            code = process.poll()
-            return "" if code is None else f"watch exited {code}"
-
-        why = watcher.wait_all(gone)
+        with process.stopped_on_error():
+            first = time.perf_counter()
+            for n, item in enumerate(batch):
+                delay = first + n / rate - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)  # the schedule of the paced stream, not a race
+                key = f"{prefix}/{item.key}"
+                put = obstore.put(store, key, item.data)
+                put_done[item.output] = time.perf_counter()
+                if not isinstance(backend, Webhook):
+                    etag = put["e_tag"] or ""
+                    backend.publish(s3_record(setup.server.bucket, key, len(item.data), etag, n))
+            sent = time.perf_counter() - first
+            why = watcher.wait_all(process.gone)
     failed = finish_watch(process, why, f"{backend.name} paced")
     if failed:
         return failed
