@@ -33,9 +33,10 @@ What is measured, and what each figure means:
    spawning ``optimizr watch`` to the last output visible; throughput is N over it, and
    watch/batch is that over the batch's (issue 16's target: at least 0.9x). Both times
    include the process's start-up (imports, pool), once each.
-3. **Paced stream (latency)**: a fresh watch and DEST, and N new images uploaded one by
-   one at --rate per second (default: half the batch throughput just measured, so
-   below the service's capacity; a PUT that falls behind the schedule goes at once).
+3. **Paced stream (latency)**: a fresh watch and DEST, and N (or --paced-count) new
+   images uploaded one by one at --rate per second (default: half the batch throughput
+   just measured, so below the service's capacity; a PUT that falls behind the schedule
+   goes at once).
    Webhook: the upload is all the bench does, SeaweedFS posts the event. Brokers: the
    bench publishes the S3 record right after the PUT returns (JetStream: after the
    server's publish ack). Latency per image: from the moment its PUT returned to the
@@ -885,6 +886,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--skip-paced", action="store_true", help="throughput only")
     parser.add_argument(
+        "--paced-count", type=int, default=0, help="images of each paced run (0: --count)"
+    )
+    parser.add_argument(
         "--corpus",
         type=Path,
         default=default_photos().parent,
@@ -979,7 +983,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         if isinstance(backend, str):
                             paced[name] = backend
                             continue
-                        paced[name] = paced_run(setup, backend, batch, rate)
+                        stream = batch[: args.paced_count] if args.paced_count else batch
+                        paced[name] = paced_run(setup, backend, stream, rate)
                         print(f"{name} paced: {_said(paced[name])}", flush=True)
                 print_results(batches, backlogs, paced, rate)
                 failed = any(
