@@ -19,11 +19,12 @@ What is measured, and what each figure means:
 
 1. **Batch**: the N images are uploaded to ``s3://BUCKET/hook/set`` before any clock
    starts (SeaweedFS's webhook posts for them are taken into a durable event queue by
-   optimizr's own webhook code in this process, the backlog of step 2), then
+   optimizr's own webhook code in a helper process, the backlog of step 2), then
    ``optimizr convert s3://BUCKET/hook/set DEST`` with -j and the same options as every
    watch. Time: from spawning the process to the last output visible in DEST; N over it
-   is the batch throughput. Run twice, before and after the backlogs, so a machine
-   whose load drifts shows it; the watch/batch ratio uses their mean.
+   is the batch throughput. Run first and again after each backlog of step 2: each
+   backlog is compared with the mean of the batch runs just before and after it, so a
+   load that drifts on a shared machine weighs on both sides of its ratio.
 2. **Backlog drain (throughput)**: the N events are already queued when ``optimizr
    watch`` starts, so the service converts as fast as it can, as the batch does: the
    webhook's events are SeaweedFS's own filer posts of step 1, in DEST's queue
@@ -109,7 +110,7 @@ IMAGES_STAMP = "events-images-1.done"
 #: How often DEST is listed for new outputs (the latency's resolution).
 POLL = 0.01
 #: Seconds a run may go without a new output before it is declared stuck.
-STALL = float(os.environ.get("EVENTS_STALL", "300"))
+STALL = 300.0
 #: Seconds a watch may take to start (imports, pool, broker connection) on a busy machine.
 START_TIMEOUT = 120.0
 #: Seconds a drained watch may take to exit after SIGTERM.
@@ -227,6 +228,8 @@ class OutputWatcher:
             self.pending.setdefault(folder, set()).add(name)
         self.seen: dict[str, float] = {}
         self.expected = len(outputs)
+        #: Listings done so far (a scan that starts after an event has seen its effect).
+        self.scans = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="output-watcher", daemon=True)
@@ -255,6 +258,8 @@ class OutputWatcher:
                     names -= found
                     if not names:
                         del self.pending[folder]
+            with self._lock:
+                self.scans += 1
             self._stop.wait(POLL)
 
     def count(self) -> int:
@@ -273,7 +278,11 @@ class OutputWatcher:
                 last, since = done, time.monotonic()
             why = alive()
             if why:
-                time.sleep(0.5)  # its last outputs may still be renamed into place
+                # Everything it wrote is in DEST now: count after a scan that began later.
+                with self._lock:
+                    after = self.scans + 2
+                while self.scans < after and self._thread.is_alive():
+                    self._stop.wait(POLL)
                 return "" if self.count() == self.expected else why
             if time.monotonic() - since > STALL:
                 return f"no new output for {STALL:.0f} s ({done} of {self.expected})"
@@ -619,6 +628,8 @@ class Figures:
     cpu: float
     latencies: list[float] = field(default_factory=list)
     note: str = ""
+    #: A backlog's: the mean throughput of the batch runs just before and after it.
+    batch_rate: float = float("nan")
 
     @property
     def rate(self) -> float:
@@ -776,6 +787,34 @@ def paced_run(setup: Setup, backend: Backend, batch: Sequence[Item], rate: float
     )
 
 
+def throughput(
+    setup: Setup,
+    backends: dict[str, Backend | str],
+    batch: Sequence[Item],
+    uploaded: dict[str, tuple[int, str]],
+    webhook_dest: Path,
+) -> tuple[list[Figures], dict[str, Figures | str]]:
+    """A batch run, then per backend its backlog drain and another batch run: each
+    backlog is compared with the batches just before and after it, so a load that
+    drifts on a shared machine weighs on both sides of its ratio."""
+    batches = [batch_run(setup, "hook/set", batch, "1")]
+    print(f"{batches[0].label}: {_said(batches[0])}", flush=True)
+    backlogs: dict[str, Figures | str] = {}
+    for name, backend in backends.items():
+        if isinstance(backend, str):
+            backlogs[name] = backend
+            continue
+        dest = webhook_dest if name == "webhook" else setup.work / f"watch-{name}-backlog"
+        got = backlog_run(setup, backend, "hook/set", batch, uploaded, dest)
+        backlogs[name] = got
+        print(f"{name} backlog: {_said(got)}", flush=True)
+        if isinstance(got, Figures):  # a refused backend costs no batch run
+            batches.append(batch_run(setup, "hook/set", batch, str(len(batches) + 1)))
+            print(f"{batches[-1].label}: {_said(batches[-1])}", flush=True)
+            got.batch_rate = statistics.mean([batches[-2].rate, batches[-1].rate])
+    return batches, backlogs
+
+
 # --------------------------------------------------------------------------- figures
 
 
@@ -788,38 +827,7 @@ def percentiles(values: Sequence[float]) -> tuple[float, float, float, float]:
     return cuts[49], cuts[94], cuts[98], max(values)
 
 
-def print_results(
-    batches: list[Figures],
-    backlogs: dict[str, Figures | str],
-    paced: dict[str, Figures | str],
-    rate: float,
-) -> None:
-    batch_rate = statistics.mean(f.rate for f in batches)
-    print("\n## Throughput: a batch run against a watch draining a backlog of the same images\n")
-    rows: list[list[object]] = [
-        [f.label, f.images, f"{f.seconds:.2f}", f"{f.rate:.2f}", f"{f.cpu:.1f}", "-"]
-        for f in batches
-    ]
-    for name, got in backlogs.items():
-        if isinstance(got, str):
-            rows.append([f"{name} backlog", "-", "-", "-", "-", got.split(":", 1)[0]])
-        else:
-            rows.append(
-                [
-                    got.label,
-                    got.images,
-                    f"{got.seconds:.2f}",
-                    f"{got.rate:.2f}",
-                    f"{got.cpu:.1f}",
-                    f"{got.rate / batch_rate:.3f}",
-                ]
-            )
-    print_table(["run", "images", "seconds", "images/s", "cpu s", "watch/batch"], rows)
-    print(
-        f"batch throughput (mean of {len(batches)}): {batch_rate:.2f} images/s; "
-        "issue 16's target: watch/batch >= 0.9"
-    )
-    print(f"\n## Latency: uploads paced at {rate:.2f}/s, PUT returned -> output in DEST\n")
+def print_latencies(paced: dict[str, Figures | str]) -> None:
     rows = []
     for name, got in paced.items():
         if isinstance(got, str):
@@ -839,6 +847,39 @@ def print_results(
             ]
         )
     print_table(["run", "images", "p50 s", "p95 s", "p99 s", "max s", "images/s", "note"], rows)
+
+
+def print_results(
+    batches: list[Figures],
+    backlogs: dict[str, Figures | str],
+    paced: dict[str, Figures | str],
+    rate: float,
+) -> None:
+    print("\n## Throughput: a batch run against a watch draining a backlog of the same images\n")
+
+    def row(f: Figures) -> list[object]:
+        return [f.label, f.images, f"{f.seconds:.2f}", f"{f.rate:.2f}", f"{f.cpu:.1f}", "-", "-"]
+
+    # In the order they ran: batch 1, then each backlog and the batch run after it.
+    rows, after = [row(batches[0])], iter(batches[1:])
+    for name, got in backlogs.items():
+        if isinstance(got, str):
+            rows.append([f"{name} backlog", "-", "-", "-", "-", "-", got.split(":", 1)[0]])
+            continue
+        rows.append([*row(got)[:5], f"{got.batch_rate:.2f}", f"{got.rate / got.batch_rate:.3f}"])
+        rows.append(row(next(after)))
+    headers = ["run", "images", "seconds", "images/s", "cpu s", "batch around", "watch/batch"]
+    print_table(headers, rows)
+    rates = [f.rate for f in batches]
+    print(
+        f"batch runs: {min(rates):.2f}-{max(rates):.2f} images/s; watch/batch is each "
+        "backlog over the batch runs before and after it (issue 16's target: >= 0.9)"
+    )
+    if not paced:
+        print("\n## Latency: not measured (--skip-paced)")
+    else:
+        print(f"\n## Latency: uploads paced at {rate:.2f}/s, PUT returned -> output in DEST\n")
+        print_latencies(paced)
     said = [
         f"{name} {phase}: {got}"
         for phase, runs in (("backlog", backlogs), ("paced", paced))
@@ -964,18 +1005,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"uploaded {len(uploaded):,} objects to s3://{server.bucket}/hook/set in "
                     f"{time.perf_counter() - started:.1f} s\n"
                 )
-                batches = [batch_run(setup, "hook/set", batch, "1")]
-                print(f"{batches[0].label}: {batches[0].seconds:.2f} s", flush=True)
-                backlogs: dict[str, Figures | str] = {}
-                for name, backend in backends.items():
-                    if isinstance(backend, str):
-                        backlogs[name] = backend
-                        continue
-                    dest = webhook_dest if name == "webhook" else work / f"watch-{name}-backlog"
-                    backlogs[name] = backlog_run(setup, backend, "hook/set", batch, uploaded, dest)
-                    print(f"{name} backlog: {_said(backlogs[name])}", flush=True)
-                batches.append(batch_run(setup, "hook/set", batch, "2"))
-                print(f"{batches[1].label}: {batches[1].seconds:.2f} s", flush=True)
+                batches, backlogs = throughput(setup, backends, batch, uploaded, webhook_dest)
                 rate = args.rate or statistics.mean(f.rate for f in batches) / 2
                 paced: dict[str, Figures | str] = {}
                 if not args.skip_paced:
