@@ -6,12 +6,13 @@ SeaweedFS (``weed mini``, tests/servers.py) whose filer posts webhook notificati
 ``hook/``; and for the brokers (tests/broker_servers.py) nats-server with JetStream,
 redis-server and moto's SQS emulator in server mode (no real SQS runs here).
 
-Images: --count keys (default 200; the issue's figure is 2,000) cycling over about 35
-small-to-medium real images, built once into bench/.data/events-images/ from
+Images: --count keys (default 200; the issue's figure is 2,000) cycling over the
+small-to-medium real images built once into bench/.data/events-images/ from
 $OPTIMIZR_CORPUS (default ../shared/corpus): every photo of photos/ whose JPEG data is
 clean, scaled down (libvips ``thumbnail``, never up) to a longest edge of 800 and of
-1,280 px and saved as JPEG Q90 (0.1-1.3 MP, 60-500 KB), plus five PNGs of png/ (two
-RGBA, a photo, a screenshot, a diagram; the large ones scaled to 1,280 px). Key n is
+1,280 px and saved as JPEG Q90, plus five PNGs of png/ (two RGBA, a photo, a
+screenshot, a diagram; the large ones scaled to 1,280 px): with the shared corpus 31
+images of up to 1.3 MP, 12-817 KB. Key n is
 ``d{n // 500}/img{n}.jpg|png``: every key is its own object, every output its own file.
 SRC is the bucket, DEST a local folder (watch writes only to a local DEST so far).
 
@@ -36,17 +37,16 @@ What is measured, and what each figure means:
    include the process's start-up (imports, pool), once each.
 3. **Paced stream (latency)**: a fresh watch and DEST, and N (or --paced-count) new
    images uploaded one by one at --rate per second (default: half the batch throughput
-   just measured, so below the service's capacity; a PUT that falls behind the schedule
-   goes at once).
-   Webhook: the upload is all the bench does, SeaweedFS posts the event. Brokers: the
-   bench publishes the S3 record right after the PUT returns (JetStream: after the
-   server's publish ack). Latency per image: from the moment its PUT returned to the
-   moment its output appears in DEST under its final name (the atomic rename, so a
-   reader sees it whole; its manifest row and the message's ack follow when the
-   watch's batch of --batch messages is flushed), polled every 10 ms by listing DEST's
-   folders (no sleep guesses a duration: the poll watches for the file). Printed: p50,
-   p95, p99 and max, and the throughput from the first upload to the last output (the
-   rate, at most, by construction: this phase measures latency, not capacity).
+   just measured, so below the service's capacity; a PUT that falls behind the
+   schedule goes at once). Webhook: the upload is all the bench does, SeaweedFS posts
+   the event. Brokers: the bench publishes the S3 record right after the PUT returns
+   (JetStream: after the server's publish ack). Latency per image: from the moment its
+   PUT returned to the moment its output appears in DEST under its final name (the
+   atomic rename, so a reader sees it whole; its manifest row and the message's ack
+   follow when the watch's batch of --batch messages is flushed), polled every 10 ms by
+   listing DEST's folders (no sleep guesses a duration: the poll watches for the file).
+   Printed: p50, p95, p99 and max, and the throughput from the first upload to the last
+   output (about the rate, by construction: this phase measures latency, not capacity).
 
 A backend that ``optimizr watch`` refuses (the brokers before they are wired into it:
 "not supported yet") prints ``skipped: <reason>`` and the others go on; any other
