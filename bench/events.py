@@ -552,16 +552,29 @@ def upload_all(
     return results
 
 
-def queued_keys(queue_file: Path) -> set[str]:
-    """The object keys the messages of a webhook queue name (read-only, leasing none)."""
-    from optimizr.bucket_events import parse_message
+class QueuedKeys:
+    """The object keys the messages of a webhook queue name, read as they arrive
+    (read-only, leasing nothing; each poll reads only the rows added since the last)."""
 
-    conn = sqlite3.connect(f"file:{queue_file}?mode=ro", uri=True, timeout=10)
-    try:
-        bodies = [row[0] for row in conn.execute("SELECT body FROM messages")]
-    finally:
-        conn.close()
-    return {event.key for body in bodies for event in parse_message(body).events}
+    def __init__(self, queue_file: Path) -> None:
+        self.queue_file = queue_file
+        self.keys: set[str] = set()
+        self._last = 0
+
+    def poll(self) -> set[str]:
+        from optimizr.bucket_events import parse_message
+
+        conn = sqlite3.connect(f"file:{self.queue_file}?mode=ro", uri=True, timeout=10)
+        try:
+            rows = conn.execute(
+                "SELECT id, body FROM messages WHERE id > ? ORDER BY id", (self._last,)
+            ).fetchall()
+        finally:
+            conn.close()
+        for message_id, body in rows:
+            self._last = max(self._last, message_id)
+            self.keys.update(event.key for event in parse_message(body).events)
+        return self.keys
 
 
 #: The queue's receiving end, run as a process of its own: optimizr's webhook code (the
@@ -604,10 +617,11 @@ def upload_with_webhook_queue(
             raise SystemExit(f"events: the webhook queue filler did not start ({filler.wait()})")
         uploaded = upload_all(server, prefix, batch)
         wanted = {f"{prefix}/{item.key}" for item in batch}
+        queued = QueuedKeys(queue_path(dest))
         deadline = time.monotonic() + STALL
-        while not wanted <= queued_keys(queue_path(dest)):
+        while not wanted <= queued.poll():
             if time.monotonic() > deadline:
-                missing = len(wanted - queued_keys(queue_path(dest)))
+                missing = len(wanted - queued.keys)
                 raise SystemExit(f"events: {missing} webhook posts never came (see weed.log)")
             time.sleep(0.2)  # polling interval: the loop checks the condition
         filler.stdin.close()
