@@ -158,6 +158,13 @@ bench-encoder: $(STAMP) bench-peers bench-corpus
 bench-resume: $(STAMP)
 	$(BIN)/python bench/resume.py --rounds $(BENCH_ROUNDS) --workers $(BENCH_WORKERS)
 
+# optimizr watch fed by SeaweedFS webhook posts and NATS/Redis/SQS messages against a batch
+# run (issue 16; it starts every server itself). EVENTS_COUNT=2000 for the issue's figure.
+EVENTS_COUNT ?= 200
+.PHONY: bench-events
+bench-events: $(STAMP) redis
+	$(BIN)/python bench/events.py --count $(EVENTS_COUNT) --workers $(BENCH_WORKERS)
+
 # The container image (Dockerfile; README "Deployment") built without a Docker engine:
 # deploy/image.sh installs buildah, podman, runc and debootstrap with apt when missing,
 # debootstraps a Debian base matching this machine (cached in IMAGE_CACHE and in the
