@@ -134,11 +134,11 @@ def replica_config(src: str, dest: str, state: Path, endpoint: str, consumer: st
     )
 
 
-def test_two_replicas_racing_on_one_object_write_it_once(
-    server: SeaweedS3, proxy: FaultProxy, where: tuple[str, str], tmp_path: Path
-) -> None:
-    src, dest = where
-    store_of(server, src).write_atomic("a.jpg", jpeg_bytes())
+def race(
+    server: SeaweedS3, proxy: FaultProxy, src: str, dest: str, tmp_path: Path
+) -> tuple[dict[str, WatchStatistics], dict[str, MemorySource]]:
+    """Replicas r1 and r2 (state in tmp_path/r1, r2) each given the event of SRC's
+    a.jpg, both converting it before either writes: their statistics and sources."""
     key = f"{parse_location(src).prefix}/a.jpg"
     barrier = threading.Barrier(2)
     results: dict[str, WatchStatistics] = {}
@@ -163,6 +163,15 @@ def test_two_replicas_racing_on_one_object_write_it_once(
         thread.join(WAIT)
     assert not any(thread.is_alive() for thread in threads)
     assert errors == []
+    return results, sources
+
+
+def test_two_replicas_racing_on_one_object_write_it_once(
+    server: SeaweedS3, proxy: FaultProxy, where: tuple[str, str], tmp_path: Path
+) -> None:
+    src, dest = where
+    store_of(server, src).write_atomic("a.jpg", jpeg_bytes())
+    results, sources = race(server, proxy, src, dest, tmp_path)
     dest_prefix = parse_location(dest).prefix
     # Both sent a conditional PUT of the output; exactly one landed.
     assert sorted(output_puts(proxy, f"{dest_prefix}/a.webp")) == [200, 412]
@@ -226,6 +235,28 @@ def test_watch_once_s3_to_s3_converts_and_a_redelivery_is_a_no_op(
         assert topic.unsettled() == 0
     finally:
         topic.close()
+
+
+def test_two_replicas_racing_on_a_new_version_of_the_source_replace_its_output_once(
+    server: SeaweedS3, proxy: FaultProxy, where: tuple[str, str], tmp_path: Path
+) -> None:
+    # Both replicas' manifests know a.webp as theirs (one wrote it, the other took it),
+    # then the source is replaced and the new version's event reaches both.
+    src, dest = where
+    out_key = f"{parse_location(dest).prefix}/a.webp"
+    store_of(server, src).write_atomic("a.jpg", jpeg_bytes(seed=1))
+    race(server, proxy, src, dest, tmp_path)
+    assert sorted(output_puts(proxy, out_key)) == [200, 412]
+    store_of(server, src).write_atomic("a.jpg", jpeg_bytes(seed=2))
+    results, sources = race(server, proxy, src, dest, tmp_path)
+    # The replacement is an If-Match PUT on the ETag both listed: one lands.
+    assert sorted(output_puts(proxy, out_key)) == [200, 200, 412, 412]
+    assert sorted((s.converted, s.duplicates) for s in results.values()) == [(0, 1), (1, 0)]
+    assert all(len(source.acked) == 1 for source in sources.values())
+    new_etag = store_of(server, src).stat("a.jpg")
+    assert new_etag is not None
+    marks = store_of(server, dest).read_metadata("a.webp")
+    assert marks is not None and marks[SOURCE_ETAG_METADATA] == new_etag.etag
 
 
 def test_a_second_replica_with_the_same_state_dir_is_refused_another_starts(

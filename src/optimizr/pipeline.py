@@ -1299,6 +1299,9 @@ class Pipeline:
         plan, key = flight.plan, flight.entry.key
         overwriting: list[str] = []
         absent: set[str] = set()
+        #: Replaced only if still as listed (If-Match): of two writers replacing one
+        #: output (watch replicas, a new source version) exactly one wins too.
+        listed: dict[str, str] = {}
         for target, _ in writes:
             found = plan.outputs().get(split_key(target)[1])
             if found is None:
@@ -1309,6 +1312,8 @@ class Pipeline:
                     self._recorder(flight, outcome.warnings)(self._output_exists(key, target))
                     return
                 overwriting.append(target)
+            elif found.etag is not None and target not in plan.written:
+                listed[target] = found.etag
         upload = _Upload(flight, outcome.encoded, outcome.warnings, size, more_bytes, overwriting)
         self.transfers.hold(size)
         mtime_ns = flight.entry.mtime_ns if self.config.preserve_mtime else None
@@ -1339,6 +1344,7 @@ class Pipeline:
                         mtime_ns=mtime_ns,
                         if_absent=target in absent,
                         metadata=metadata,
+                        if_match=listed.get(target),
                     )
                 except FileExistsError:
                     return _Uploaded(written=tuple(done), exists=target)

@@ -226,6 +226,7 @@ class EventKeys(Storage):
         mtime_ns: int | None = None,
         if_absent: bool = False,
         metadata: Mapping[str, str] | None = None,
+        if_match: str | None = None,
     ) -> str | None:
         raise OSError(30, "a SRC is never written", key)
 

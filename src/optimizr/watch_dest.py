@@ -25,9 +25,11 @@ share and what they do not is decided here:
   ``optimizr-output`` marker) and records the image as done by another writer: a
   duplicate, no second write, its message acked (Pipeline._adopt_marked). A replica
   whose manifest has no row for an output in DEST (another replica wrote it) takes it
-  the same way, without converting. An output of another source version, or a file
-  without the marker, is handled as a batch run handles it (kept under --if-exists
-  skip, "optimizr did not write it").
+  the same way, without converting. A new source version replaces an output both
+  replicas know as theirs with If-Match on the ETag they listed (S3, Azure): one lands,
+  the other finds the new version's marks. An output of another source version that
+  the replica's manifest does not know, or a file without the marks, is handled as a
+  batch run handles it (kept under --if-exists skip, "optimizr did not write it").
 * Each replica's **manifest snapshot has a key of its own**,
   ``DEST/.optimizr/replicas/NAME.manifest.sqlite``, NAME being --consumer or, without
   it, the host name and a hash of the state root's path (stable across restarts of

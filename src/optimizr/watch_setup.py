@@ -3,8 +3,9 @@
 :func:`run_watch` opens what a batch run opens (DEST's lock and manifest, the memory
 budget and the worker pool, the source store) once for the service's life, plus the
 event source (a bucket DEST: this replica's state root, manifest and snapshot, no
-DEST-wide lock, see :mod:`optimizr.watch_dest`), runs the :class:`~optimizr.watch.WatchService` loop, and closes all of
-it after. The event source is the HTTP webhook and its durable queue in DEST/.optimizr/
+DEST-wide lock, see :mod:`optimizr.watch_dest`), runs the
+:class:`~optimizr.watch.WatchService` loop, and closes all of it after. The event
+source is the HTTP webhook and its durable queue in DEST/.optimizr/
 (``http://HOST:PORT/``), or a broker (``nats://``, ``redis://``, ``sqs://``: see
 :mod:`optimizr.brokers`), opened with the watch's lease, consumer name and a delivery
 limit from --max-attempts. With a broker no HTTP server is started here: /healthz,

@@ -168,13 +168,16 @@ class Storage(ABC):
         mtime_ns: int | None = None,
         if_absent: bool = False,
         metadata: Mapping[str, str] | None = None,
+        if_match: str | None = None,
     ) -> str | None:
         """Replace ``key`` with ``data`` so no reader ever sees a partial object;
         ``mtime_ns``: the modification time it carries (--preserve-mtime).
 
         ``if_absent``: raise FileExistsError instead if ``key`` exists when the write
         lands, decided by the store itself (a hard link, an If-None-Match PUT), so
-        that of two writers racing on one key exactly one wins.
+        that of two writers racing on one key exactly one wins. ``if_match``: the
+        same for a replacement, raised if ``key``'s ETag is no longer this one (an
+        If-Match PUT); a store that cannot compare (a filesystem, GCS) ignores it.
 
         ``metadata``: user metadata for the object (--metadata all copies a source's);
         a filesystem has nowhere to keep it and ignores it.

@@ -263,6 +263,10 @@ class ObjectStorage(Storage):
         # obstore's LocalStore refuses attributes (a file has no Content-Type to keep).
         self._attributes = not isinstance(store, LocalStore)
         self._azure = isinstance(store, AzureStore)
+        # If-Match on a listed ETag: S3 and Azure compare it. GCS needs the object's
+        # generation, which a listing's ETag is not, and the local filesystem has no
+        # conditional update: a replacement there stays unconditional, as it was.
+        self._replaces_if_match = isinstance(store, S3Store | AzureStore | MemoryStore)
 
     def __repr__(self) -> str:
         # The store's own repr is not used: it is not ours to promise it hides secrets.
@@ -459,19 +463,23 @@ class ObjectStorage(Storage):
         mtime_ns: int | None = None,
         if_absent: bool = False,
         metadata: Mapping[str, str] | None = None,
+        if_match: str | None = None,
     ) -> str | None:
         full = self._full(key)
+        mode: PutMode | None = None
+        if if_absent:
+            mode = "create"
+        elif if_match is not None and self._replaces_if_match:
+            mode = {"e_tag": if_match}
         try:
             return self._put(
-                "put",
-                full,
-                data,
-                "create" if if_absent else None,
-                self._attributes_for(full, mtime_ns, metadata),
+                "put", full, data, mode, self._attributes_for(full, mtime_ns, metadata)
             )
         except (AlreadyExistsError, PreconditionError):
             # Some stores answer a lost If-None-Match race with 412 rather than 409.
             raise FileExistsError(17, f"{full} exists", full) from None
+        except FileNotFoundError:  # If-Match on an object deleted meanwhile
+            raise FileNotFoundError(2, "no such object", full) from None
         except BaseError as exc:
             raise os_error(exc, full, "write") from None
 
