@@ -100,6 +100,9 @@ class ProxyStatistics:
     connections: int
     #: (method, target) of every request, in arrival order.
     seen: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+    #: (method, target, status) of every request the upstream answered, in answer order:
+    #: which conditional PUTs landed (200) and which lost (412).
+    answered: tuple[tuple[str, str, int], ...] = field(default_factory=tuple)
 
 
 class FaultProxy:
@@ -128,6 +131,7 @@ class FaultProxy:
         self._stalled_now = 0
         self._connections = 0
         self._seen: list[tuple[str, str]] = []
+        self._answered: list[tuple[str, str, int]] = []
         self.endpoint = ""
 
     # -- lifecycle -------------------------------------------------------------------
@@ -232,6 +236,7 @@ class FaultProxy:
                 stalled_now=self._stalled_now,
                 connections=self._connections,
                 seen=tuple(self._seen),
+                answered=tuple(self._answered),
             )
 
     def _queue(self, fault: _Fault) -> None:
@@ -311,12 +316,14 @@ class FaultProxy:
                 response_head = answer.head()
                 if response_head is None:
                     raise ConnectionError("the upstream closed the connection")
+                status = _status_of(response_head)
                 response_body = answer.body(
                     _parse_headers(response_head), request_method=request.method,
-                    status=_status_of(response_head),
+                    status=status,
                 )  # fmt: skip
                 with self._lock:
                     self._forwarded += 1
+                    self._answered.append((request.method, request.target, status))
                 if fault is not None and fault.kind == "lose":
                     _reset(client)
                     return

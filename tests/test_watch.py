@@ -488,13 +488,22 @@ def test_a_malformed_broker_url_is_refused_with_a_clear_line(
         assert reason in result.output
 
 
-def test_a_remote_dest_is_refused_not_taken_for_a_folder(
+def test_a_remote_dest_is_taken_for_a_bucket_not_a_folder(
     cli: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # A bucket nothing answers for (port 1 of this machine): refused with the reason
+    # before any event is taken, and no folder named "s3:" made. The bucket DEST that
+    # answers is tests/test_watch_replicas.py's.
     (tmp_path / "src").mkdir()
     monkeypatch.chdir(tmp_path)
-    result = cli("watch", "--events", "http://127.0.0.1:1/", tmp_path / "src", "s3://bucket/webp")
-    assert result.exit_code == 2 and "a remote DEST is not supported yet" in result.output
+    for name, value in (("AWS_ACCESS_KEY_ID", "k"), ("AWS_SECRET_ACCESS_KEY", "s")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    result = cli(
+        "watch", "--events", "http://127.0.0.1:1/", tmp_path / "src", "s3://bucket/webp",
+        "--endpoint-url", "http://127.0.0.1:1", "--s3-path-style", "--region", "us-east-1",
+    )  # fmt: skip
+    assert result.exit_code == 2 and "s3://bucket/webp cannot be written" in result.output
     assert not (tmp_path / "s3:").exists()
 
 

@@ -388,7 +388,8 @@ def _print_dry_run(summary: Any) -> None:
     "--consumer",
     default="",
     metavar="NAME",
-    help="This replica's consumer name in a Redis group [HOST-PID].",
+    help="This replica's consumer name in a Redis group [HOST-PID], and, with a bucket "
+    "DEST, the name of its manifest snapshot there [HOST and a hash of --state-dir].",
 )
 @config_file_option
 @apply_options
@@ -407,15 +408,17 @@ def watch(
     """Convert images into DEST as bucket events about SRC arrive: a long-running service.
 
     SRC is a bucket URL (s3://bucket/prefix) or a folder the events' keys are
-    relative to; DEST a folder. Each event is converted with a batch run's
-    guarantees (manifest, atomic writes, memory budget); a duplicate is a no-op.
+    relative to; DEST a folder or a bucket URL, which several replicas of the
+    service may write at once (each with its own --state-dir). Each event is
+    converted with a batch run's guarantees (manifest, atomic and conditional
+    writes, memory budget); a duplicate is a no-op.
     SIGTERM drains: the images in flight finish (at most --grace), exit 0."""
     from optimizr.watch import WatchConfig
 
     try:
         config, console = build_configs(
             src if is_url(src) else Path(src),
-            dest if is_url(dest) else Path(dest),  # a URL is refused, with the reason
+            dest if is_url(dest) else Path(dest),
             params,
             config_file,
         )

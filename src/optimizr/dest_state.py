@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 from optimizr.atomic import atomic_write
 from optimizr.errors import UsageError
 from optimizr.manifest import MANIFEST_NAME, manifest_path, state_dir
-from optimizr.storage.base import STATE_DIR, Storage
+from optimizr.storage.base import Storage
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -83,13 +83,15 @@ class CheckpointStatistics:
         }
 
 
-def restore(dest: Storage, root: Path) -> bool:
+def restore(dest: Storage, root: Path, key: str = SNAPSHOT_KEY) -> bool:
     """Bring DEST's snapshot down as the local manifest when the local one is missing
     or not the last one uploaded (another machine ran since); True if it did.
 
     One HEAD (a listing of ``.optimizr/``) on every run; the download only when needed.
-    The local manifest it replaces, if any, is kept beside it."""
-    listed = dest.list_files(STATE_DIR).get(MANIFEST_NAME)
+    The local manifest it replaces, if any, is kept beside it. ``key``: where the
+    snapshot is (a watch replica's own: see watch_dest)."""
+    folder, _, name = key.rpartition("/")
+    listed = dest.list_files(folder).get(name)
     if listed is None:
         return False
     local = manifest_path(root)
@@ -100,7 +102,7 @@ def restore(dest: Storage, root: Path) -> bool:
     # Streamed into a file beside it first (a manifest of a million rows is hundreds
     # of MB): the local one is set aside only once the snapshot is whole on disk.
     download = local.with_name(f".{MANIFEST_NAME}.download")
-    dest.read_to_file(SNAPSHOT_KEY, download)
+    dest.read_to_file(key, download)
     if local.exists():
         aside = local.with_name(f"{MANIFEST_NAME}.replaced-{int(time.time())}")
         # With its WAL: the copy kept aside is the whole of what it said.
@@ -122,8 +124,10 @@ class Checkpointer:
     what the run had committed: a run killed later loses at most the rows since,
     which the next run recovers from DEST's listing (see Pipeline._adopt)."""
 
-    def __init__(self, dest: Storage, root: Path, interval: float) -> None:
+    def __init__(self, dest: Storage, root: Path, interval: float, key: str = SNAPSHOT_KEY) -> None:
         self.dest = dest
+        #: Where the snapshot goes under DEST (a watch replica's own: see watch_dest).
+        self.key = key
         self.root = root
         self.interval = interval
         self.stats = CheckpointStatistics()
@@ -158,7 +162,7 @@ class Checkpointer:
                             conn.execute("PRAGMA cache_size = -1024")
                         live.backup(copy, pages=256, sleep=0)
                 size = tmp.stat().st_size
-                etag = self.dest.write_from_file(SNAPSHOT_KEY, tmp)
+                etag = self.dest.write_from_file(self.key, tmp)
             except (OSError, sqlite3.Error) as exc:
                 self.stats.failures += 1
                 self.stats.last_error = str(exc)

@@ -79,9 +79,11 @@ from optimizr.results import (
 )
 from optimizr.sniff import looks_like_image_name, sniff_file
 from optimizr.storage.base import (
+    FINGERPRINT_METADATA,
     NOT_FOUND,
     OUTPUT_METADATA,
     OUTSIDE_SRC,
+    SOURCE_ETAG_METADATA,
     DirectoryListing,
     FileStat,
     SourceEntry,
@@ -699,6 +701,13 @@ class Pipeline:
             elif row is None and self.manifest is not None and self._may_adopt():
                 if self._adopt(entry, out_key, plan):
                     return None
+            if row is None:
+                found = plan.outputs().get(split_key(out_key)[1])
+                flight = _InFlight(entry, checked_ns, 0, known, out_key, plan)
+                adopted = self._adopt_marked(flight, out_key, found)
+                if adopted is not None:
+                    self._record(adopted)
+                    return None
         if self.config.dry_run:
             self._record(self._dry_run_result(entry, out_key, plan), known=known)
             return None
@@ -1096,6 +1105,45 @@ class Pipeline:
         self._record(Result(entry.key, "skipped", UP_TO_DATE, f"adopted by {how}"))
         return True
 
+    def _adopt_marked(
+        self, flight: _InFlight, out_key: str, found: FileStat | None
+    ) -> Result | None:
+        """An output in DEST (``found``) that another writer made from this very source
+        version with these options (its metadata says: the source's ETag, the options
+        fingerprint) is taken as done, with no write: a watch replica whose conditional
+        PUT lost the race to another replica, or that has no row for the output another
+        one wrote (issue 16). Its row is written here; the result, to record, returned.
+        Only on an object store, whose listing gives ETags: one HEAD, made only for an
+        output that is there with no row of this manifest."""
+        entry = flight.entry
+        if self.manifest is None or self.config.dry_run or entry.etag is None or found is None:
+            return None
+        try:
+            marks = self.dest.read_metadata(out_key)
+        except OSError:
+            return None  # unknown: the write decides, as it would without the marks
+        if (
+            not marks
+            or OUTPUT_METADATA not in marks
+            or marks.get(SOURCE_ETAG_METADATA) != entry.etag
+            or marks.get(FINGERPRINT_METADATA) != self.fingerprint
+        ):
+            return None
+        self.manifest.record(
+            entry.key,
+            size=entry.size,
+            mtime_ns=entry.mtime_ns,
+            checked_ns=flight.checked_ns,
+            fingerprint=self.fingerprint,
+            status="done",
+            output=out_key,
+            output_size=found.size,
+            etag=entry.etag,
+        )
+        flight.plan.written.add(split_key(out_key)[1])
+        message = f"{out_key} was written by another optimizr writer from this source version"
+        return Result(entry.key, "skipped", UP_TO_DATE, message, out_key)
+
     def _dry_run_result(self, entry: SourceEntry, out_key: str, plan: _DirectoryPlan) -> Result:
         path = self.source.local_path(entry.key)
         try:
@@ -1251,6 +1299,9 @@ class Pipeline:
         plan, key = flight.plan, flight.entry.key
         overwriting: list[str] = []
         absent: set[str] = set()
+        #: Replaced only if still as listed (If-Match): of two writers replacing one
+        #: output (watch replicas, a new source version) exactly one wins too.
+        listed: dict[str, str] = {}
         for target, _ in writes:
             found = plan.outputs().get(split_key(target)[1])
             if found is None:
@@ -1261,11 +1312,18 @@ class Pipeline:
                     self._recorder(flight, outcome.warnings)(self._output_exists(key, target))
                     return
                 overwriting.append(target)
+            elif found.etag is not None and target not in plan.written:
+                listed[target] = found.etag
         upload = _Upload(flight, outcome.encoded, outcome.warnings, size, more_bytes, overwriting)
         self.transfers.hold(size)
         mtime_ns = flight.entry.mtime_ns if self.config.preserve_mtime else None
         # The source's user metadata travels only when all metadata is kept.
-        metadata = flight.metadata if self.config.encode.metadata == "all" else None
+        metadata = dict(flight.metadata) if self.config.encode.metadata == "all" else {}
+        # What the output is made from: another writer racing on it (a watch replica)
+        # tells by these that it is the output it made itself (_adopt_marked).
+        metadata[FINGERPRINT_METADATA] = self.fingerprint
+        if flight.entry.etag is not None:
+            metadata[SOURCE_ETAG_METADATA] = flight.entry.etag
 
         def put() -> _Uploaded:
             # On the I/O thread: storage calls only, nothing of the manifest or summary.
@@ -1286,6 +1344,7 @@ class Pipeline:
                         mtime_ns=mtime_ns,
                         if_absent=target in absent,
                         metadata=metadata,
+                        if_match=listed.get(target),
                     )
                 except FileExistsError:
                     return _Uploaded(written=tuple(done), exists=target)
@@ -1313,7 +1372,17 @@ class Pipeline:
             changed = SourceChanged(f"the source {result.changed} while it was being converted")
             record(_failure(key, changed))
         elif result.exists is not None:
-            record(self._output_exists(key, result.exists))
+            # Lost the If-None-Match race: to another writer of this same output?
+            adopted = None
+            if result.exists == flight.out_key:
+                with contextlib.suppress(OSError):  # unknown: kept, as without the marks
+                    found = self.dest.stat(flight.out_key)
+                    adopted = self._adopt_marked(flight, flight.out_key, found)
+            if adopted is not None:
+                flight.trace.finished(adopted)
+                self._record(adopted)
+            else:
+                record(self._output_exists(key, result.exists))
         elif result.failed is not None:
             record(write_failure(key, result.failed[0], result.failed[1]))
         else:

@@ -215,6 +215,7 @@ class _SourceOnly(Storage):
         mtime_ns: int | None = None,
         if_absent: bool = False,
         metadata: Mapping[str, str] | None = None,
+        if_match: str | None = None,
     ) -> str | None:
         raise OSError(errno.EROFS, "a SRC is never written", key)
 

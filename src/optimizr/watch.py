@@ -16,6 +16,11 @@ object store) before their rows; a source changed while converting is not
 committed; the memory budget admits each image; a worker that crashes or hangs
 fails that image alone.
 
+DEST may be a bucket written by several replicas of the service at once, each with its
+own manifest: a conditional put decides which replica's output lands, and the other
+finds its own source version and options in that output's metadata and counts a
+duplicate (see :mod:`optimizr.watch_dest`).
+
 An event names a key, not a state: what is done is decided by the object as it is
 when the batch runs. A key that exists is converted (or found up to date); one that
 is gone has its output removed with --delete (if optimizr wrote it and it is
@@ -221,6 +226,7 @@ class EventKeys(Storage):
         mtime_ns: int | None = None,
         if_absent: bool = False,
         metadata: Mapping[str, str] | None = None,
+        if_match: str | None = None,
     ) -> str | None:
         raise OSError(30, "a SRC is never written", key)
 

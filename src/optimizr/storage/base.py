@@ -22,6 +22,11 @@ STATE_DIR = ".optimizr"
 #: User metadata on every .webp optimizr writes to an object store (its version):
 #: a WebP that carries it is an output, never a source, in a bucket that mixes both.
 OUTPUT_METADATA = "optimizr-output"
+#: ... and what it was made from: the source's ETag and the options fingerprint. Two
+#: writers (watch replicas) racing on one output tell by these that the output in
+#: their way is the very one they made, not a file optimizr did not write.
+SOURCE_ETAG_METADATA = "optimizr-source-etag"
+FINGERPRINT_METADATA = "optimizr-fingerprint"
 
 #: ``SourceEntry.error`` of a name given in a list of sources that is not in SRC
 #: (no manifest row is kept for it: the manifest describes files that exist).
@@ -163,13 +168,16 @@ class Storage(ABC):
         mtime_ns: int | None = None,
         if_absent: bool = False,
         metadata: Mapping[str, str] | None = None,
+        if_match: str | None = None,
     ) -> str | None:
         """Replace ``key`` with ``data`` so no reader ever sees a partial object;
         ``mtime_ns``: the modification time it carries (--preserve-mtime).
 
         ``if_absent``: raise FileExistsError instead if ``key`` exists when the write
         lands, decided by the store itself (a hard link, an If-None-Match PUT), so
-        that of two writers racing on one key exactly one wins.
+        that of two writers racing on one key exactly one wins. ``if_match``: the
+        same for a replacement, raised if ``key``'s ETag is no longer this one (an
+        If-Match PUT); a store that cannot compare (a filesystem, GCS) ignores it.
 
         ``metadata``: user metadata for the object (--metadata all copies a source's);
         a filesystem has nowhere to keep it and ignores it.
@@ -185,6 +193,11 @@ class Storage(ABC):
     def read_object(self, key: str) -> StoredObject:
         """``key``'s bytes with what the store knows of them (ETag, user metadata)."""
         return StoredObject(self.read_bytes(key))
+
+    def read_metadata(self, key: str) -> dict[str, str] | None:
+        """``key``'s user metadata (None: no such key); an object store reads only the
+        headers (a HEAD), never the bytes. A filesystem keeps none: {}."""
+        return {} if self.stat(key) is not None else None
 
     def write_from_file(self, key: str, path: Path) -> str | None:
         """Put the file at ``path`` as ``key`` (atomically); the new ETag, if any."""

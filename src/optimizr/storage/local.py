@@ -78,6 +78,7 @@ class LocalStorage(Storage):
         mtime_ns: int | None = None,
         if_absent: bool = False,
         metadata: Mapping[str, str] | None = None,
+        if_match: str | None = None,
     ) -> str | None:
         atomic_write(self.path_of(key), data, mtime_ns=mtime_ns, exclusive=if_absent)
         return None

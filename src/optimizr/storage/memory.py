@@ -60,6 +60,7 @@ class MemoryStorage(Storage):
         mtime_ns: int | None = None,
         if_absent: bool = False,
         metadata: Mapping[str, str] | None = None,
+        if_match: str | None = None,
     ) -> str | None:
         with self._lock:
             if if_absent and key in self.objects:

@@ -48,7 +48,9 @@ from optimizr.errors import UsageError
 from optimizr.storage.aws_profiles import Profile, profile_to_use, read_profile
 from optimizr.storage.base import (
     DEST_FOLDER,
+    FINGERPRINT_METADATA,
     OUTPUT_METADATA,
+    SOURCE_ETAG_METADATA,
     STATE_DIR,
     DirectoryListing,
     FileStat,
@@ -78,7 +80,10 @@ T = TypeVar("T")
 MTIME_METADATA = "optimizr-mtime-ns"
 #: Azure's metadata names must be C# identifiers (a '-' is refused: InvalidMetadata),
 #: so there the two are stored with '_' and read back under the names above.
-_AZURE_METADATA = {name: name.replace("-", "_") for name in (MTIME_METADATA, OUTPUT_METADATA)}
+_AZURE_METADATA = {
+    name: name.replace("-", "_")
+    for name in (MTIME_METADATA, OUTPUT_METADATA, SOURCE_ETAG_METADATA, FINGERPRINT_METADATA)
+}
 _FROM_AZURE_METADATA = {stored: name for name, stored in _AZURE_METADATA.items()}
 #: The part size of a file's multipart upload (S3's smallest part but the last).
 _PART_BYTES = 5 << 20
@@ -258,6 +263,10 @@ class ObjectStorage(Storage):
         # obstore's LocalStore refuses attributes (a file has no Content-Type to keep).
         self._attributes = not isinstance(store, LocalStore)
         self._azure = isinstance(store, AzureStore)
+        # If-Match on a listed ETag: S3 and Azure compare it. GCS needs the object's
+        # generation, which a listing's ETag is not, and the local filesystem has no
+        # conditional update: a replacement there stays unconditional, as it was.
+        self._replaces_if_match = isinstance(store, S3Store | AzureStore | MemoryStore)
 
     def __repr__(self) -> str:
         # The store's own repr is not used: it is not ours to promise it hides secrets.
@@ -368,6 +377,21 @@ class ObjectStorage(Storage):
             if isinstance(v, str)
         }
 
+    def read_metadata(self, key: str) -> dict[str, str] | None:
+        full = self._full(key)
+
+        def head() -> GetResult:
+            # A GET with head=True: a HEAD that, unlike obstore.head, keeps the attributes.
+            return obstore.get(self.store, full, options={"head": True})
+
+        try:
+            result = self._request("head", full, head)
+        except FileNotFoundError:
+            return None
+        except BaseError as exc:
+            raise os_error(exc, full, "stat") from None
+        return self._user_metadata(result)
+
     def read_to_file(self, key: str, path: Path) -> StoredObject:
         # Streamed: a source above --spool-above, or a snapshot, never sits in memory
         # whole. Each attempt writes a temporary of its own, renamed once complete,
@@ -416,6 +440,10 @@ class ObjectStorage(Storage):
 
             attributes["Content-Type"] = "image/webp"
             attributes[self._metadata_name(OUTPUT_METADATA)] = __version__
+            # What it was made from, when the writer says (Pipeline._upload).
+            for name in (SOURCE_ETAG_METADATA, FINGERPRINT_METADATA):
+                if metadata and metadata.get(name):
+                    attributes[self._metadata_name(name)] = metadata[name]
             if self.cache_control:
                 attributes["Cache-Control"] = self.cache_control
         if mtime_ns is not None:
@@ -435,19 +463,23 @@ class ObjectStorage(Storage):
         mtime_ns: int | None = None,
         if_absent: bool = False,
         metadata: Mapping[str, str] | None = None,
+        if_match: str | None = None,
     ) -> str | None:
         full = self._full(key)
+        mode: PutMode | None = None
+        if if_absent:
+            mode = "create"
+        elif if_match is not None and self._replaces_if_match:
+            mode = {"e_tag": if_match}
         try:
             return self._put(
-                "put",
-                full,
-                data,
-                "create" if if_absent else None,
-                self._attributes_for(full, mtime_ns, metadata),
+                "put", full, data, mode, self._attributes_for(full, mtime_ns, metadata)
             )
         except (AlreadyExistsError, PreconditionError):
             # Some stores answer a lost If-None-Match race with 412 rather than 409.
             raise FileExistsError(17, f"{full} exists", full) from None
+        except FileNotFoundError:  # If-Match on an object deleted meanwhile
+            raise FileNotFoundError(2, "no such object", full) from None
         except BaseError as exc:
             raise os_error(exc, full, "write") from None
 
