@@ -467,6 +467,32 @@ def test_no_connected_worker_is_seen_and_a_worker_joining_finishes_the_job(
     assert (dest / "dask-wait.jpg.webp").stat().st_size == outcome.stored.bytes_out
 
 
+def test_the_coordinators_low_level_message_log_is_short(
+    dask_cluster: DaskCluster, tmp_path: Path, make_photo: Callable[..., Path]
+) -> None:
+    """distributed keeps the last messages of the client's stream to the scheduler, 1,000
+    by default, each submit's task among them: the coordinator's memory rose with the
+    run until that log was full (issue 15). It is set before the client connects."""
+    from optimizr.executors.dask import LOW_LEVEL_LOG_LENGTH, DaskExecutor
+
+    src, dest = tmp_path / "src", tmp_path / "out"
+    dest.mkdir()
+    names = [f"p{n:02d}.jpg" for n in range(LOW_LEVEL_LOG_LENGTH + 8)]
+    for n, name in enumerate(names):
+        make_photo(name, width=32, height=24, seed=n)
+    dask_cluster.wait_for_workers(2)
+    executor = DaskExecutor(dask_cluster.address)
+    try:
+        jobs = (local_job(src, dest, name, n) for n, name in enumerate(names, 1))
+        outcomes = list(executor.imap_unordered(jobs))
+        log = executor.client.scheduler_comm.recent_message_log
+    finally:
+        executor.close()
+    assert len(outcomes) == len(names)
+    assert log.maxlen == LOW_LEVEL_LOG_LENGTH
+    assert len(log) <= LOW_LEVEL_LOG_LENGTH
+
+
 def test_at_most_two_tasks_per_worker_thread_are_in_flight_and_futures_are_released(
     dask_cluster: DaskCluster, tmp_path: Path, make_photo: Callable[..., Path]
 ) -> None:

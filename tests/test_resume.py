@@ -476,3 +476,18 @@ def test_a_run_whose_outputs_are_unconfirmed_leaves_them_to_the_next_run(tmp_pat
         assert second.previous_run_finished() is not expect_unfinished
         second.finish_run(0, 0, 0, 0, 0)
         second.close()
+
+
+def test_the_manifests_page_cache_is_bounded_small_whatever_its_size(tmp_path: Path) -> None:
+    """SQLite's default cache (2 MB) filled only once a manifest passed ~9,000 rows, so
+    the coordinator's memory rose with the run that long (issue 15: flat from 1,000 to
+    20,000 images). The run's connection keeps CACHE_KIB, which a small run fills too."""
+    from optimizr.manifest import CACHE_KIB, Manifest
+
+    manifest = Manifest.open(tmp_path)
+    try:
+        (cache,) = manifest.conn.execute("PRAGMA cache_size").fetchone()
+    finally:
+        manifest.close()
+    assert cache == -CACHE_KIB
+    assert CACHE_KIB <= 512

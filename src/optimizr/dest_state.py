@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from optimizr.atomic import atomic_write
 from optimizr.errors import UsageError
-from optimizr.manifest import MANIFEST_NAME, manifest_path, state_dir
+from optimizr.manifest import CACHE_KIB, MANIFEST_NAME, manifest_path, state_dir
 from optimizr.storage.base import Storage
 
 if TYPE_CHECKING:
@@ -159,7 +159,7 @@ class Checkpointer:
                         # In steps, with small caches: the memory a snapshot takes stays
                         # the same whatever the manifest's size (it is ~200 B a row).
                         for conn in (live, copy):
-                            conn.execute("PRAGMA cache_size = -1024")
+                            conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
                         live.backup(copy, pages=256, sleep=0)
                 size = tmp.stat().st_size
                 etag = self.dest.write_from_file(self.key, tmp)

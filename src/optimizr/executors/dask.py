@@ -101,6 +101,10 @@ class TaskResult:
     peak_rss_bytes: int
 
 
+#: distributed.admin.low-level-log-length in the coordinator (see DaskExecutor).
+LOW_LEVEL_LOG_LENGTH = 32
+
+
 class DaskExecutor(Executor):
     """Jobs as tasks of a Dask cluster: ``tcp://host:port`` of a running scheduler,
     or ``local`` / ``local:N`` (a LocalCluster of N one-thread worker processes,
@@ -128,6 +132,15 @@ class DaskExecutor(Executor):
         logging.getLogger("distributed").setLevel(logging.WARNING)
         self._cluster: LocalCluster | None = None
         self.timeout = timeout
+        import dask.config
+
+        # distributed keeps the last messages of each batched stream for debugging
+        # (and, for a LocalCluster, whose scheduler lives in this process, its
+        # transition and event logs): 1,000 by default, every submit's task among them.
+        # That log fills over the first tens of thousands of tasks, so the coordinator's
+        # memory rose with the run until it was full (issue 15: flat from 1,000 to
+        # 20,000 images). Events this run subscribes to are pushed whatever the length.
+        dask.config.set({"distributed.admin.low-level-log-length": LOW_LEVEL_LOG_LENGTH})
         if address == "local" or address.startswith("local:"):
             count = int(address.partition(":")[2] or workers or 1)
             resources = {"MEMORY": memory // count} if memory else None
