@@ -262,18 +262,9 @@ def _execute(
         workers = executor.workers
     budget = MemoryBudget(total_memory, workers)
     if executor is None:
-        from optimizr.executors.local import ProcessExecutor
+        from optimizr.executors.local import local_pool
 
-        executor = ProcessExecutor(
-            workers,
-            # workers x libvips threads never exceeds the cores: no oversubscription.
-            threads_per_worker=max(1, available_cpus() // workers),
-            timeout=config.timeout,
-            max_tasks_per_worker=config.max_tasks_per_worker,
-            budget=budget,
-            lookahead=max(1, config.lookahead_per_worker * workers),
-            grace=config.grace,
-        )
+        executor = local_pool(config, workers, budget)
     transfers = (
         Transfers(config.io_concurrency or default_io_concurrency(workers), budget)
         if remote and worker_run is None  # a cluster's workers do their own transfers
@@ -565,13 +556,7 @@ def _convert_remote(
             dest=dest_text if dest_loc.scheme != "local" else Path(dest_text),
             encode=options or EncodeOptions(),
         )
-    store = StoreOptions(
-        endpoint_url=config.endpoint_url,
-        region=config.region,
-        profile=config.profile,
-        s3_path_style=config.s3_path_style,
-        cache_control=config.cache_control,
-    )
+    store = StoreOptions.for_run(config)
     source: Storage
     if src_loc.scheme == "local":
         assert src_loc.path is not None

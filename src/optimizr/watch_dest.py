@@ -132,16 +132,7 @@ def _open_remote(run: RunConfig, url: str, consumer: str) -> WatchDest:
     from optimizr.storage.urls import parse_location
 
     location = parse_location(url)
-    store = storage_for(
-        location,
-        StoreOptions(
-            endpoint_url=run.endpoint_url,
-            region=run.region,
-            profile=run.profile,
-            s3_path_style=run.s3_path_style,
-            cache_control=run.cache_control,
-        ),
-    )
+    store = storage_for(location, StoreOptions.for_run(run))
     # A real write: a DEST that cannot be written is told now, before any event.
     probe(store, write=True)
     root = local_state_root(location.url(), run.state_dir)

@@ -22,7 +22,7 @@ from typing import Any
 
 from optimizr.brokers.base import EventSource
 from optimizr.budget import MemoryBudget, default_memory_budget
-from optimizr.config import RunConfig, available_cpus
+from optimizr.config import RunConfig
 from optimizr.dest_state import local_state_root
 from optimizr.errors import UsageError
 from optimizr.event_queue import EventQueue
@@ -114,17 +114,9 @@ def run_watch(
         workers = executor.workers if executor is not None else run.effective_workers
         budget = MemoryBudget(run.max_memory or default_memory_budget(), workers)
         if executor is None:
-            from optimizr.executors.local import ProcessExecutor
+            from optimizr.executors.local import local_pool
 
-            executor = ProcessExecutor(
-                workers,
-                threads_per_worker=max(1, available_cpus() // workers),
-                timeout=run.timeout,
-                max_tasks_per_worker=run.max_tasks_per_worker,
-                budget=budget,
-                lookahead=max(1, run.lookahead_per_worker * workers),
-                grace=run.grace,
-            )
+            executor = local_pool(run, workers, budget)
             opened.append(executor.close)
         own = OwnOutputs(layout, manifest, dest)
         opened.append(own.close)
@@ -193,15 +185,7 @@ def _source(
         from optimizr.storage.objectstore import StoreOptions, probe, storage_for
 
         location = parse_location(src)
-        store = storage_for(
-            location,
-            StoreOptions(
-                endpoint_url=run.endpoint_url,
-                region=run.region,
-                profile=run.profile,
-                s3_path_style=run.s3_path_style,
-            ),
-        )
+        store = storage_for(location, StoreOptions.for_run(run))
         probe(store, write=False)
         prune, in_place, own_prefix = _one_bucket(location, dest, run)
         layout = Layout(store, root, None, prune, in_place, own_prefix)

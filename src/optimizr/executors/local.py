@@ -43,7 +43,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from optimizr.budget import MemoryBudget, Stop
 from optimizr.errors import ImageError, WorkerCrashed, WorkerStartFailed
@@ -57,6 +57,9 @@ from optimizr.executors.base import (
 )
 from optimizr.executors.codec_messages import last_line, tidy
 from optimizr.metrics.memory import rss_of
+
+if TYPE_CHECKING:
+    from optimizr.config import RunConfig
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +119,22 @@ class _Worker:
     tasks_done: int = 0
     #: Resident size of the process when it was handed its job: its idle size.
     baseline: int = 0
+
+
+def local_pool(run: RunConfig, workers: int, budget: MemoryBudget) -> ProcessExecutor:
+    """The crash-proof pool a run's settings ask for (``convert`` and ``watch``)."""
+    from optimizr.config import available_cpus
+
+    return ProcessExecutor(
+        workers,
+        # workers x libvips threads never exceeds the cores: no oversubscription.
+        threads_per_worker=max(1, available_cpus() // workers),
+        timeout=run.timeout,
+        max_tasks_per_worker=run.max_tasks_per_worker,
+        budget=budget,
+        lookahead=max(1, run.lookahead_per_worker * workers),
+        grace=run.grace,
+    )
 
 
 class ProcessExecutor(Executor):

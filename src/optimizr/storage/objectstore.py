@@ -74,6 +74,8 @@ if TYPE_CHECKING:
     from obstore import Attributes, GetResult, ObjectMeta, PutMode, PutResult
     from obstore.store import AzureConfig, ClientConfig, ObjectStore, RetryConfig, S3Config
 
+    from optimizr.config import RunConfig
+
 T = TypeVar("T")
 
 #: User metadata holding the mtime an output was meant to carry (--preserve-mtime).
@@ -127,6 +129,17 @@ class StoreOptions:
     retry_backoff: float = 0.1
     #: Cache-Control set on every output (--cache-control); None: none.
     cache_control: str | None = None
+
+    @classmethod
+    def for_run(cls, run: RunConfig) -> StoreOptions:
+        """The options a run's settings give its stores (SRC and DEST alike)."""
+        return cls(
+            endpoint_url=run.endpoint_url,
+            region=run.region,
+            profile=run.profile,
+            s3_path_style=run.s3_path_style,
+            cache_control=run.cache_control,
+        )
 
     def __post_init__(self) -> None:
         if self.max_retries < 0:
