@@ -14,15 +14,17 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from conftest import age, manifest_rows, photo_array, save_jpeg
+from optimizr.brokers.base import EventSource, Message
 from optimizr.config import RunConfig
 from optimizr.event_queue import EventQueue, read_queue_counts
+from optimizr.storage.base import Storage
 from optimizr.watch import WatchConfig, WatchService, WatchStatistics, read_watch_state
 from optimizr.watch_setup import run_watch
 
@@ -610,3 +612,141 @@ def test_an_excluded_key_is_passed_over_and_acknowledged(
     assert not (tmp_path / "dest" / "raw" / "a.webp").exists()
     assert (tmp_path / "dest" / "b.webp").exists()
     assert service.counters.converted == 1 and service.counters.ignored == 1
+
+
+class _Recording:
+    """A MemorySource that logs its calls in order: "r<n>" a receive that returned n
+    messages, "a<n>" an ack_all of n (and runs a hook on a given receive)."""
+
+    def __init__(self, bodies: list[bytes], on_receive: Callable[[int], None] | None = None):
+        from optimizr.event_sources import MemorySource
+
+        recording = self
+
+        class Source(MemorySource):
+            def receive(self, max_messages: int, timeout: float) -> list[Message]:
+                got = super().receive(max_messages, timeout)
+                recording.calls.append(f"r{len(got)}")
+                if recording.on_receive is not None:
+                    recording.on_receive(len(recording.calls))
+                return got
+
+            def ack_all(self, messages: Sequence[Message]) -> None:
+                recording.calls.append(f"a{len(messages)}")
+                super().ack_all(messages)
+
+        self.calls: list[str] = []
+        self.on_receive = on_receive
+        self.source = Source(bodies)
+
+
+def _memory_service(
+    tmp_path: Path, source: EventSource, src: Storage | None = None, **config: Any
+) -> WatchService:
+    from optimizr.executors.inline import InlineExecutor
+    from optimizr.manifest import Manifest
+    from optimizr.storage.local import LocalStorage
+    from optimizr.watch import Where
+
+    src_root, dest = tmp_path / "src", tmp_path / "dest"
+    dest.mkdir(exist_ok=True)
+    return WatchService(
+        WatchConfig(events="memory", run=RunConfig(src=src_root, dest=dest), **config),
+        source,
+        src=src or LocalStorage(src_root),
+        dest=LocalStorage(dest),
+        dest_root=dest,
+        where=Where(None, ""),
+        manifest=Manifest.open(dest),
+        executor=InlineExecutor(),
+    )
+
+
+def test_after_a_full_batch_the_next_is_received_while_it_converts_and_acks_go_together(
+    tmp_path: Path,
+) -> None:
+    for n in range(5):
+        photo(tmp_path / "src" / f"p{n}.jpg", seed=n)
+    recording = _Recording([s3_event(f"p{n}.jpg") for n in range(5)])
+    service = _memory_service(tmp_path, recording.source, once=True, batch=2)
+    try:
+        stats = service.run()
+    finally:
+        service.manifest.close()
+    # The second receive (the batch received ahead) comes before the first batch's
+    # acks, which go in one ack_all; the short last batch is not followed by a receive
+    # ahead, and the final, empty receive waits for its acks (so --once misses nothing
+    # a nak would have put back).
+    assert recording.calls == ["r2", "r2", "a2", "r1", "a2", "a1", "r0"]
+    assert stats.converted == 5 and stats.acked == 5
+    assert sorted(recording.source.acked) == sorted(s3_event(f"p{n}.jpg") for n in range(5))
+
+
+def test_an_empty_batch_received_ahead_is_not_believed_by_once(tmp_path: Path) -> None:
+    """The batch received ahead came back empty, but meanwhile a message was nak'd with
+    no delay: --once must look again, after the acks, rather than stop there."""
+    from optimizr.storage.local import LocalStorage
+
+    for n in range(2):
+        photo(tmp_path / "src" / f"p{n}.jpg", seed=n)
+    ahead_received = threading.Event()
+    recording = _Recording(
+        [s3_event("p0.jpg"), s3_event("p1.jpg")],
+        on_receive=lambda calls: ahead_received.set() if calls == 2 else None,
+    )
+
+    class OnceUnreadable(LocalStorage):
+        """p1.jpg's first stat fails (a store that hiccups), after the receive ahead."""
+
+        failed = False
+
+        def stat(self, key: str) -> Any:
+            if key == "p1.jpg" and not self.failed:
+                self.failed = True
+                assert ahead_received.wait(WAIT), "no batch was received ahead"
+                raise OSError(5, "Input/output error")
+            return super().stat(key)
+
+    service = _memory_service(
+        tmp_path,
+        recording.source,
+        src=OnceUnreadable(tmp_path / "src"),
+        once=True,
+        batch=2,
+        retry_delay=0.0,
+    )
+    try:
+        stats = service.run()
+    finally:
+        service.manifest.close()
+    assert recording.calls == ["r2", "r0", "a1", "r1", "a1", "r0"]
+    assert (stats.converted, stats.retried, stats.acked) == (2, 1, 2)
+    assert (tmp_path / "dest" / "p1.webp").exists()
+
+
+def test_a_drain_hands_back_the_batch_received_ahead_unconverted(tmp_path: Path) -> None:
+    for n in range(4):
+        photo(tmp_path / "src" / f"p{n}.jpg", seed=n)
+    bodies = [s3_event(f"p{n}.jpg") for n in range(4)]
+    service: WatchService | None = None
+
+    def sigterm_on_the_receive_ahead(calls: int) -> None:
+        if calls == 2:  # the batch received while the first converts
+            assert service is not None
+            service.request_stop(signal.SIGTERM)
+
+    recording = _Recording(bodies, on_receive=sigterm_on_the_receive_ahead)
+    service = _memory_service(tmp_path, recording.source, batch=2)
+    try:
+        service.run()
+    finally:
+        service.manifest.close()
+    source = recording.source
+    handed_back = [body for body, _deliveries in source._ready]
+    assert sorted(handed_back[-2:]) == sorted(bodies[2:]), "the batch received ahead"
+    assert not set(bodies[2:]) & set(source.acked)
+    # Every event is either done (acked) or waiting again, none lost, none twice.
+    assert sorted(source.acked + handed_back) == sorted(bodies)
+    assert recording.calls[:2] == ["r2", "r2"]
+    assert not (tmp_path / "dest" / "p2.webp").exists()
+    assert not (tmp_path / "dest" / "p3.webp").exists()

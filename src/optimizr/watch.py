@@ -31,10 +31,12 @@ killed mid-batch leaves an unfinished run behind and the next batch recognises t
 outputs that run wrote without rows as optimizr's (see Pipeline._foreign), as after
 any killed run.
 
-While a batch runs, a heartbeat thread extends every message it holds every
-``lease / 2`` seconds, whatever the images do: one image that takes longer than the
-broker's lease would otherwise have its message handed to another consumer
-mid-conversion (:class:`Heartbeat`).
+From receive until settled, a heartbeat thread extends every message the service holds
+every ``lease / 2`` seconds, whatever the images do: one image that takes longer than
+the broker's lease would otherwise have its message handed to another consumer
+mid-conversion (:class:`Heartbeat`). The broker's requests (the next batch's receive,
+this batch's acks, sent together) run on a thread of their own beside the conversions
+(see :meth:`WatchService.run`).
 
 Known limit of this first slice: a batch ends when its slowest image does, so one
 large image delays the messages received with it (not those received after: they
@@ -45,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -54,6 +57,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -323,24 +327,39 @@ class ImagesOnly:
 
 
 class Heartbeat:
-    """Extends every message of a batch every ``lease / 2`` seconds on a thread of its
-    own until the batch is settled (the context exits), so that no broker hands a
-    message to another consumer while its image still converts, however long that one
-    image takes. Extending a message already settled does nothing (BrokerMessage)."""
+    """Extends every message the service holds every ``lease / 2`` seconds, on a thread
+    of its own, from the moment it is received until its batch is settled, so that no
+    broker hands a message to another consumer while its image still converts (or
+    while it waits, received ahead, for the batch before it), however long that takes.
+    Extending a message already settled does nothing (BrokerMessage)."""
 
     #: Never more often than this (a tiny lease must not become a busy loop).
     MIN_INTERVAL = 0.05
 
-    def __init__(self, messages: list[Message], lease: float) -> None:
-        self.messages = list(messages)
+    def __init__(self, lease: float) -> None:
         self.lease = lease
         self.interval = max(self.MIN_INTERVAL, lease / 2)
+        self._held: dict[int, Message] = {}
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="optimizr-heartbeat", daemon=True)
 
+    def hold(self, messages: Iterable[Message]) -> None:
+        with self._lock:
+            self._held.update((id(message), message) for message in messages)
+
+    def release(self, messages: Iterable[Message]) -> None:
+        with self._lock:
+            for message in messages:
+                self._held.pop(id(message), None)
+
     def _beat(self) -> None:
+        # Every message is extended within ``interval`` of being held, and every
+        # ``interval`` after, so none goes a whole lease without.
         while not self._stop.wait(self.interval):
-            for message in self.messages:
+            with self._lock:
+                held = list(self._held.values())
+            for message in held:
                 # Each extend restarts the full lease (JetStream, Redis) or sets the
                 # SQS visibility to ``lease`` from now; failures are counted by the source.
                 message.extend(self.lease)
@@ -450,34 +469,89 @@ class WatchService:
     # -- the loop --------------------------------------------------------------------
 
     def run(self) -> WatchStatistics:
-        """Until stopped (or, with --once, until nothing is left to receive)."""
+        """Until stopped (or, with --once, until nothing is left to receive).
+
+        Against a remote broker each request is a round trip (moto here: 50-150 ms;
+        SQS: tens of ms), as long as a small image's conversion. So the broker's side
+        runs on a thread of its own, beside the conversions: after a full batch (more
+        are likely waiting) the next batch is received while this one converts, and a
+        batch's acks are sent there, together (``EventSource.ack_all``), while the next
+        one converts. A batch that came back short says the queue is empty for now: the
+        next receive then waits until the acks are sent, and an empty batch received
+        ahead is not believed (a message nak'd meanwhile would be missed by --once).
+        """
         self.state = "running"
         self._write_state()
         batch = self.config.batch or max(
-            1, self.executor.workers * self.run_config.lookahead_per_worker
+            1,
+            self.executor.workers * self.run_config.lookahead_per_worker,
+            self.source.batch_hint,
         )
+        wait = 0.0 if self.config.once else 0.5
+        heartbeat = Heartbeat(self.source.lease)
+
+        def receive() -> list[Message]:
+            messages = self.source.receive(batch, wait)
+            heartbeat.hold(messages)  # held, and so extended, from the moment received
+            return messages
+
+        ahead: Future[list[Message]] | None = None
+        acking: Future[None] | None = None
+        broker = ThreadPoolExecutor(1, thread_name_prefix="optimizr-broker")
         try:
-            while not self.stop.graceful:
-                messages = self.source.receive(batch, 0.0 if self.config.once else 0.5)
-                if not messages:
-                    if self.config.once:
-                        break
-                    self._maybe_write_state()
-                    continue
-                self._handle(messages)
-                self._write_state()
+            with heartbeat:
+                while not self.stop.graceful:
+                    if ahead is not None:
+                        messages, ahead, fresh = ahead.result(), None, False
+                    else:
+                        if acking is not None:
+                            acking.result()  # sent before the queue is looked at again
+                            acking = None
+                        messages, fresh = receive(), True
+                    if not messages:
+                        if fresh and self.config.once:
+                            break
+                        if fresh:
+                            self._maybe_write_state()
+                        continue
+                    if len(messages) >= batch:
+                        ahead = broker.submit(receive)
+                    acks = self._handle(messages)
+                    heartbeat.release(messages)
+                    if acking is not None:
+                        acking.result()  # one batch's acks in flight at a time
+                    acking = broker.submit(self.source.ack_all, acks)
+                    self._write_state()
+                if ahead is not None:
+                    self._release(ahead.result())
+                if acking is not None:
+                    acking.result()
         finally:
+            broker.shutdown(wait=True)
             self.source.stop_accepting()
             self.state = "stopped"
             self._write_state()
         return self.stats
 
-    def _handle(self, messages: list[Message]) -> None:
-        # Held from receive until settled: extended on a timer, whatever the images do.
-        with Heartbeat(messages, self.source.lease):
-            self._handle_batch(messages)
+    def _release(self, messages: list[Message]) -> None:
+        """A drain with a batch received ahead: handed back for another consumer (or
+        this one, restarted) at once rather than after the lease (on SQS this counts one
+        receive towards the redrive policy's maxReceiveCount)."""
+        if not messages:
+            return
+        for message in messages:
+            message.nak(0.0)
+        self._event(
+            logging.INFO,
+            "released",
+            f"{len(messages)} messages received ahead handed back unconverted (draining)",
+            {"messages": len(messages)},
+        )
 
-    def _handle_batch(self, messages: list[Message]) -> None:
+    def _handle(self, messages: list[Message]) -> list[Message]:
+        """Convert what ``messages`` name; nak or term those that need it and return
+        those to ack (the caller acks them together)."""
+        acks: list[Message] = []
         plans: list[_Plan] = []
         touched: dict[str, None] = {}
         for message in messages:
@@ -485,10 +559,14 @@ class WatchService:
             plan = self._plan(message)
             if plan is None:
                 continue
+            if not plan.keys:
+                acks.append(message)  # understood, and nothing to do
+                self.stats.acked += 1
+                continue
             plans.append(plan)
             touched.update(dict.fromkeys(plan.keys))
         if not plans:
-            return
+            return acks
         present: dict[str, FileStat] = {}
         gone: list[str] = []
         failed_stat: dict[str, str] = {}
@@ -508,8 +586,19 @@ class WatchService:
         if present:
             results, committed = self._convert(present)
         counted: set[str] = set()
-        for plan in plans:
-            self._settle(plan, results, committed, failed_stat, removal_failed, set(gone), counted)
+        gone_keys = set(gone)
+        settle = functools.partial(
+            self._settle,
+            results=results,
+            committed=committed,
+            failed_stat=failed_stat,
+            removal_failed=removal_failed,
+            gone=gone_keys,
+            counted=counted,
+        )
+        # In order: a key's first message counts its result, the others are duplicates.
+        acks.extend(plan.message for plan in plans if settle(plan))
+        return acks
 
     def _plan(self, message: Message) -> _Plan | None:
         parsed = parse_message(message.body)
@@ -538,10 +627,6 @@ class WatchService:
                 )
                 continue
             plan.keys.append(key)
-        if not plan.keys:
-            message.ack()  # understood, and nothing to do
-            self.stats.acked += 1
-            return None
         return plan
 
     def _is_own_output(self, key: str) -> bool:
@@ -653,10 +738,11 @@ class WatchService:
         removal_failed: set[str],
         gone: set[str],
         counted: set[str],
-    ) -> None:
-        """Settle one message of the batch. ``counted``: the keys whose result an earlier
-        message of the same batch already counted (a key named twice is converted once:
-        the second event is a duplicate, as it would be in the next batch)."""
+    ) -> bool:
+        """Nak or term one message of the batch, or return True: it is to be acked.
+        ``counted``: the keys whose result an earlier message of the same batch
+        already counted (a key named twice is converted once: the second event is a
+        duplicate, as it would be in the next batch)."""
         message = plan.message
         retry: list[str] = []
         poison: list[str] = []
@@ -712,8 +798,9 @@ class WatchService:
         elif poison:
             self._dead(message, "; ".join(poison))
         else:
-            message.ack()
             self.stats.acked += 1
+            return True
+        return False
 
     def _attempts(self, key: str) -> int:
         directory, name = split_key(key)

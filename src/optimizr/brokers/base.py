@@ -36,6 +36,12 @@ a :class:`~optimizr.errors.UsageError` from :func:`optimizr.brokers.open_source`
 
 The API is synchronous and thread-safe: the service's loop receives on one thread while
 conversion threads settle and extend the messages they hold.
+
+``EventSource.ack_all(messages)`` acks many at once, in as few requests as the broker
+allows (SQS: DeleteMessageBatch, ten a request; Redis: one XACK; JetStream: the acks
+sent together and their confirmations awaited together), with the same settle-once and
+never-raise rules as ``ack``. A service that acks one message at a time pays one round
+trip per image, as much as a small image's conversion against a remote broker.
 """
 
 from __future__ import annotations
@@ -45,8 +51,9 @@ import os
 import socket
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from optimizr.errors import UsageError
 
@@ -140,6 +147,9 @@ class EventSource(ABC):
 
     #: Seconds a received message stays invisible without ``extend``; see the module.
     lease: float
+    #: Messages one receive request hands out at most (SQS: 10). The service takes at
+    #: least this many per batch: each request costs a round trip, and on SQS money.
+    batch_hint: int = 1
 
     @abstractmethod
     def receive(self, max_messages: int, timeout: float) -> list[Message]:
@@ -161,6 +171,12 @@ class EventSource(ABC):
     def depth(self) -> int | None:
         """Messages waiting (the consumer lag), None when unknown: ``statistics().lag``."""
         return self.statistics().lag
+
+    def ack_all(self, messages: Sequence[Message]) -> None:
+        """``ack`` each of ``messages`` (all received from this source). A broker that
+        acks many in one request overrides this (see the module)."""
+        for message in messages:
+            message.ack()
 
     def stop_accepting(self) -> None:  # noqa: B027 - optional hook
         """The first step of a graceful drain. A pull client takes nothing it is not asked
@@ -258,25 +274,32 @@ class BrokerMessage(Message):
                 self._counters.add("extended")
 
     def _settle(self, how: str, counter: str, call: Callable[[], None]) -> None:
+        self._claim(how)
+        if self._call(how, call):
+            self._counters.add(counter)
+
+    def _claim(self, how: str) -> None:
+        """Mark it settled as ``how``, waiting for an extend on its way (see extend)."""
         with self._lock:
             if self._settled is not None:
                 raise RuntimeError(f"message {self.id} settled twice ({self._settled}, then {how})")
             self._settled = how
-        if self._call(how, call):
-            self._counters.add(counter)
+
+    def _failed(self, how: str, exc: BaseException | str) -> None:
+        self._counters.add("settle_failures")
+        what = f"{type(exc).__name__}: {exc}" if isinstance(exc, BaseException) else exc
+        _log.warning(
+            "%s of message %s did not reach the broker (%s): it will be delivered again",
+            how,
+            self.id,
+            what,
+        )
 
     def _call(self, how: str, call: Callable[[], None]) -> bool:
         try:
             call()
         except self.broker_errors as exc:
-            self._counters.add("settle_failures")
-            _log.warning(
-                "%s of message %s did not reach the broker (%s: %s): it will be delivered again",
-                how,
-                self.id,
-                type(exc).__name__,
-                exc,
-            )
+            self._failed(how, exc)
             return False
         return True
 
@@ -291,3 +314,40 @@ class BrokerMessage(Message):
 
     @abstractmethod
     def _extend(self, seconds: float) -> None: ...
+
+
+M = TypeVar("M", bound=BrokerMessage)
+
+
+def ack_together(
+    messages: Sequence[M], size: int, send: Callable[[list[M]], dict[int, str]]
+) -> None:
+    """Ack ``messages`` in requests of at most ``size``: ``send(chunk)`` makes one
+    request and returns those it could not ack (index in the chunk: reason); raising one of the
+    messages' ``broker_errors`` fails the whole chunk. Each message is claimed before
+    its request goes (settled once, after any extend on its way), and counted acked or
+    failed after, as ``ack`` does."""
+    for start in range(0, len(messages), size):
+        chunk = list(messages[start : start + size])
+        for message in chunk:
+            message._claim("ack")
+        try:
+            failures = send(chunk)
+        except chunk[0].broker_errors as exc:
+            for message in chunk:
+                message._failed("ack", exc)
+            continue
+        for index, message in enumerate(chunk):
+            if index in failures:
+                message._failed("ack", failures[index])
+            else:
+                message._counters.add("acked")
+
+
+def own(messages: Sequence[Message], kind: type[M]) -> list[M]:
+    """``messages`` as the source's own kind: ``ack_all`` takes only messages that its
+    source received."""
+    mine = [message for message in messages if isinstance(message, kind)]
+    if len(mine) != len(messages):
+        raise TypeError(f"ack_all: a message that is not a {kind.__name__}")
+    return mine

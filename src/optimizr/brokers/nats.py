@@ -7,7 +7,8 @@ exists is used as it is configured (several replicas share one durable pull cons
 but it must be a pull consumer with explicit acks, or ack-after-commit cannot work.
 
 * ack: ``+ACK`` and wait for the server to confirm it (``ack_sync``): only a confirmed
-  ack counts, an unconfirmed one is a settle failure (the message comes again).
+  ack counts, an unconfirmed one is a settle failure (the message comes again). A
+  batch's acks go out together and their confirmations are awaited together.
 * nak(delay): ``-NAK {"delay": ns}``; the server redelivers after the delay.
 * term(reason): ``+TERM reason``; never redelivered, and the server publishes the
   reason in its ``$JS.EVENT.ADVISORY.CONSUMER.MSG_TERMINATED`` advisory (the dead
@@ -31,7 +32,7 @@ import asyncio
 import logging
 import os
 import threading
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
 import nats
@@ -49,6 +50,8 @@ from optimizr.brokers.base import (
     Counters,
     EventSource,
     Message,
+    ack_together,
+    own,
 )
 from optimizr.brokers.urls import NatsTarget
 from optimizr.errors import UsageError
@@ -58,6 +61,7 @@ T = TypeVar("T")
 
 CONNECT_TIMEOUT = 10.0  # seconds for the first connection and the stream/consumer set-up
 ACK_TIMEOUT = 5.0  # seconds for the server to confirm an ack
+ACK_BATCH = 256  # acks sent together, then their confirmations awaited together
 # A fetch shorter than this cannot make its round trip to the server: receive(timeout=0)
 # (the service's --once drain) asks with this instead of not at all.
 MIN_FETCH = 0.2
@@ -246,11 +250,30 @@ class NatsSource(EventSource):
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
+    def ack_all(self, messages: Sequence[Message]) -> None:
+        ack_together(own(messages, _NatsMessage), ACK_BATCH, self._ack_many)
+
+    def _ack_many(self, chunk: list[_NatsMessage]) -> dict[int, str]:
+        if self._nc is None or not self._nc.is_connected:
+            raise nats.errors.ConnectionReconnectingError
+        return self._run(_confirm_all(chunk), ACK_TIMEOUT + 1)
+
     def statistics(self) -> BrokerStatistics:
         return self.counters.snapshot()
 
     def describe(self) -> str:
         return self.target.describe()
+
+
+async def _confirm_all(chunk: list[_NatsMessage]) -> dict[int, str]:
+    replies = await asyncio.gather(
+        *(m._msg.ack_sync(timeout=ACK_TIMEOUT) for m in chunk), return_exceptions=True
+    )
+    return {
+        i: f"{type(reply).__name__}: {reply}"
+        for i, reply in enumerate(replies)
+        if isinstance(reply, BaseException)
+    }
 
 
 class _NatsMessage(BrokerMessage):

@@ -9,7 +9,7 @@ any already converted a no-op). Each process is one consumer of the group, named
   min-idle time): messages a dead consumer left, and naked ones whose delay is over;
   then ``XREADGROUP ... >`` for new ones. delivery_count is the entry's times-delivered
   (``XPENDING``): XREADGROUP makes it 1, each XAUTOCLAIM adds one.
-* ack: ``XACK`` (after the commit).
+* ack: ``XACK`` (after the commit); a batch's acks: one ``XACK`` naming them all.
 * nak(delay): the entry stays pending, its idle time set (``XCLAIM ... IDLE JUSTID``,
   which does not count a delivery) so that it reaches the min-idle time ``delay``
   seconds from now; the next XAUTOCLAIM, by any consumer, redelivers it. The delay is
@@ -35,6 +35,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any, cast
 
 import redis
@@ -47,6 +48,8 @@ from optimizr.brokers.base import (
     Counters,
     EventSource,
     Message,
+    ack_together,
+    own,
 )
 from optimizr.brokers.urls import RedisTarget
 from optimizr.errors import UsageError
@@ -61,6 +64,7 @@ MAX_BLOCK = 20.0
 DEAD_MAXLEN = 100_000
 # How often receive() asks the server for the group's lag (XINFO GROUPS), in seconds.
 LAG_EVERY = 1.0
+ACK_BATCH = 1000  # entry ids named in one XACK
 _CONNECTION_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 # Reset an entry's idle time, only if this consumer still owns it:
@@ -230,6 +234,15 @@ class RedisStreamSource(EventSource):
         if not self._closed:
             self._closed = True
             self.client.close()
+
+    def ack_all(self, messages: Sequence[Message]) -> None:
+        ack_together(own(messages, _RedisMessage), ACK_BATCH, self._xack)
+
+    def _xack(self, chunk: list[_RedisMessage]) -> dict[int, str]:
+        # XACK answers how many were pending; one that was not (claimed by another
+        # consumer and acked there) needs nothing more, as with a single ack.
+        self.client.xack(self.target.stream, self.target.group, *[m.id for m in chunk])
+        return {}
 
     def statistics(self) -> BrokerStatistics:
         return self.counters.snapshot()
