@@ -750,3 +750,29 @@ def test_a_drain_hands_back_the_batch_received_ahead_unconverted(tmp_path: Path)
     assert recording.calls[:2] == ["r2", "r2"]
     assert not (tmp_path / "dest" / "p2.webp").exists()
     assert not (tmp_path / "dest" / "p3.webp").exists()
+
+
+def test_the_webhook_queue_acks_a_batch_in_one_transaction(tmp_path: Path) -> None:
+    from optimizr.event_sources import QueueSource
+
+    (tmp_path / "dest").mkdir()
+    queue = EventQueue.open(tmp_path / "dest")
+    try:
+        for n in range(5):
+            queue.put(s3_event(f"p{n}.jpg"))
+        source = QueueSource(queue, lease=60.0)
+        got = source.receive(10, 0.0)
+        statements: list[str] = []
+        queue.conn.set_trace_callback(statements.append)
+        source.ack_all(got[:4])
+        queue.conn.set_trace_callback(None)
+        assert [s for s in statements if s in ("BEGIN IMMEDIATE", "COMMIT")] == [
+            "BEGIN IMMEDIATE",
+            "COMMIT",
+        ]
+        assert (source.statistics().acked, queue.depth()) == (4, 1)
+        with pytest.raises(RuntimeError, match="settled twice"):
+            got[0].ack()
+    finally:
+        queue.close()
+    assert read_queue_counts(tmp_path / "dest") == (1, 0)

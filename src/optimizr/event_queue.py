@@ -174,9 +174,19 @@ class EventQueue:
         return None if row[0] is None else max(0.0, float(row[0]) - time.time())
 
     def ack(self, row_id: int) -> None:
+        self.ack_many([row_id])
+
+    def ack_many(self, row_ids: list[int]) -> None:
+        """Delete ``row_ids`` in one transaction: one sync to disk, not one each."""
         with self._lock:
-            self.conn.execute("DELETE FROM messages WHERE id = ?", (row_id,))
-            self._counts["acked"] += 1
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                self.conn.executemany("DELETE FROM messages WHERE id = ?", [(i,) for i in row_ids])
+                self.conn.execute("COMMIT")
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+            self._counts["acked"] += len(row_ids)
 
     def nak(self, row_id: int, delay: float) -> None:
         with self._lock:

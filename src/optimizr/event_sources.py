@@ -18,7 +18,7 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from optimizr.brokers.base import (
@@ -27,6 +27,8 @@ from optimizr.brokers.base import (
     Counters,
     EventSource,
     Message,
+    ack_together,
+    own,
 )
 from optimizr.event_queue import EventQueue
 
@@ -34,6 +36,9 @@ __all__ = ["EventSource", "MemorySource", "Message", "QueueSource", "QueueStatis
 
 
 # -- the local durable queue ------------------------------------------------------------------
+
+#: Acks deleted in one transaction (one sync to disk).
+ACK_BATCH = 1000
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,13 @@ class QueueSource(EventSource):
                 return []
             # Woken by a put, or when the next delayed message becomes visible.
             self.queue.wait(min(left, self.queue.next_visible_in() or left))
+
+    def ack_all(self, messages: Sequence[Message]) -> None:
+        ack_together(own(messages, _QueueMessage), ACK_BATCH, self._delete)
+
+    def _delete(self, chunk: list[_QueueMessage]) -> dict[int, str]:
+        self.queue.ack_many([message.row_id for message in chunk])
+        return {}
 
     def statistics(self) -> QueueStatistics:
         mine = self.counters.snapshot()
