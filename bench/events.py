@@ -366,11 +366,22 @@ def spawn(command: Sequence[str], env: dict[str, str], log: Path) -> Process:
 # --------------------------------------------------------------------------- backends
 
 
+def server_cpu(server: Server | None) -> float:
+    """The broker server's CPU seconds so far (user + sys, from /proc), nan if none."""
+    if server is None or server.process.poll() is not None:
+        return float("nan")
+    fields = Path(f"/proc/{server.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class Backend:
     """Where a watch's events come from: ``open(tag)`` makes a fresh stream (queue)
-    and gives the --events URL; ``publish`` sends one message body to it."""
+    and gives the --events URL; ``publish`` sends one message body to it. ``server``:
+    the broker's process, whose CPU each run reports (none for the webhook, whose
+    sender is SeaweedFS itself)."""
 
     name = ""
+    server: Server | None = None
 
     def open(self, tag: str) -> str:
         raise NotImplementedError
@@ -459,6 +470,7 @@ class Sqs(Backend):
     def __init__(self, server: Server) -> None:
         import boto3
 
+        self.server = server
         # moto takes any keys; these are made up (the service uses SeaweedFS's).
         self.client = boto3.client(
             "sqs",
@@ -644,6 +656,8 @@ class Figures:
     note: str = ""
     #: A backlog's: the mean throughput of the batch runs just before and after it.
     batch_rate: float = float("nan")
+    #: CPU seconds the broker's server spent meanwhile (nan: the webhook, or a batch).
+    broker_cpu: float = float("nan")
 
     @property
     def rate(self) -> float:
@@ -750,16 +764,22 @@ def backlog_run(
             size, etag = uploaded[item.key]
             backend.publish(s3_record(setup.server.bucket, f"{prefix}/{item.key}", size, etag, n))
     with OutputWatcher(dest, [item.output for item in batch]) as watcher:
+        broker_before = server_cpu(backend.server)
         process = start_watch(setup, url, prefix, dest, f"{backend.name}-backlog")
         if isinstance(process, str):
             return process
         with process.stopped_on_error():
             why = watcher.wait_all(process.gone)
+        broker_cpu = server_cpu(backend.server) - broker_before
     failed = finish_watch(process, why, f"{backend.name} backlog")
     if failed:
         return failed
     return Figures(
-        f"{backend.name} backlog", len(batch), watcher.last() - process.started, process.cpu
+        f"{backend.name} backlog",
+        len(batch),
+        watcher.last() - process.started,
+        process.cpu,
+        broker_cpu=broker_cpu,
     )
 
 
@@ -776,6 +796,7 @@ def paced_run(setup: Setup, backend: Backend, batch: Sequence[Item], rate: float
         process = start_watch(setup, url, prefix, dest, f"{backend.name}-paced")
         if isinstance(process, str):
             return process
+        broker_before = server_cpu(backend.server)
         with process.stopped_on_error():
             first = time.perf_counter()
             for n, item in enumerate(batch):
@@ -790,6 +811,7 @@ def paced_run(setup: Setup, backend: Backend, batch: Sequence[Item], rate: float
                     backend.publish(s3_record(setup.server.bucket, key, len(item.data), etag, n))
             sent = time.perf_counter() - first
             why = watcher.wait_all(process.gone)
+        broker_cpu = server_cpu(backend.server) - broker_before
     failed = finish_watch(process, why, f"{backend.name} paced")
     if failed:
         return failed
@@ -797,7 +819,13 @@ def paced_run(setup: Setup, backend: Backend, batch: Sequence[Item], rate: float
     # The schedule puts N - 1 intervals between the first PUT and the last.
     note = f"uploads at {(len(batch) - 1) / sent:.1f}/s" if sent > 0 and len(batch) > 1 else ""
     return Figures(
-        f"{backend.name} paced", len(batch), watcher.last() - first, process.cpu, latencies, note
+        f"{backend.name} paced",
+        len(batch),
+        watcher.last() - first,
+        process.cpu,
+        latencies,
+        note,
+        broker_cpu=broker_cpu,
     )
 
 
@@ -807,6 +835,7 @@ def throughput(
     batch: Sequence[Item],
     uploaded: dict[str, tuple[int, str]],
     webhook_dest: Path,
+    backlog: bool = True,
 ) -> tuple[list[Figures], dict[str, Figures | str]]:
     """A batch run, then per backend its backlog drain and another batch run: each
     backlog is compared with the batches just before and after it, so a load that
@@ -814,7 +843,7 @@ def throughput(
     batches = [batch_run(setup, "hook/set", batch, "1")]
     print(f"{batches[0].label}: {_said(batches[0])}", flush=True)
     backlogs: dict[str, Figures | str] = {}
-    for name, backend in backends.items():
+    for name, backend in backends.items() if backlog else ():
         if isinstance(backend, str):
             backlogs[name] = backend
             continue
@@ -841,11 +870,13 @@ def percentiles(values: Sequence[float]) -> tuple[float, float, float, float]:
     return cuts[49], cuts[94], cuts[98], max(values)
 
 
-def print_latencies(paced: dict[str, Figures | str]) -> None:
+def print_latencies(paced: dict[str, Figures | str], batch_rate: float) -> None:
+    """``batch_rate``: the batch runs' mean, against which each paced run's rate is put
+    (a watch that keeps up converts as fast as the uploads come)."""
     rows = []
     for name, got in paced.items():
         if isinstance(got, str):
-            rows.append([f"{name} paced", "-", "-", "-", "-", "-", "-", got.split(":", 1)[0]])
+            rows.append([f"{name} paced", *["-"] * 8, got.split(":", 1)[0]])
             continue
         p50, p95, p99, top = percentiles(got.latencies)
         rows.append(
@@ -857,10 +888,13 @@ def print_latencies(paced: dict[str, Figures | str]) -> None:
                 f"{p99:.3f}",
                 f"{top:.3f}",
                 f"{got.rate:.2f}",
+                f"{got.rate / batch_rate:.3f}",
+                _cpu(got.broker_cpu),
                 got.note,
             ]
         )
-    print_table(["run", "images", "p50 s", "p95 s", "p99 s", "max s", "images/s", "note"], rows)
+    headers = ["run", "images", "p50 s", "p95 s", "p99 s", "max s", "images/s", "of batch"]
+    print_table([*headers, "broker cpu s", "note"], rows)
 
 
 def print_results(
@@ -872,17 +906,27 @@ def print_results(
     print("\n## Throughput: a batch run against a watch draining a backlog of the same images\n")
 
     def row(f: Figures) -> list[object]:
-        return [f.label, f.images, f"{f.seconds:.2f}", f"{f.rate:.2f}", f"{f.cpu:.1f}", "-", "-"]
+        cpus = [f"{f.cpu:.1f}", _cpu(f.broker_cpu)]
+        return [f.label, f.images, f"{f.seconds:.2f}", f"{f.rate:.2f}", *cpus, "-", "-"]
 
     # In the order they ran: batch 1, then each backlog and the batch run after it.
     rows, after = [row(batches[0])], iter(batches[1:])
     for name, got in backlogs.items():
         if isinstance(got, str):
-            rows.append([f"{name} backlog", "-", "-", "-", "-", "-", got.split(":", 1)[0]])
+            rows.append([f"{name} backlog", "-", "-", "-", "-", "-", "-", got.split(":", 1)[0]])
             continue
-        rows.append([*row(got)[:5], f"{got.batch_rate:.2f}", f"{got.rate / got.batch_rate:.3f}"])
+        rows.append([*row(got)[:6], f"{got.batch_rate:.2f}", f"{got.rate / got.batch_rate:.3f}"])
         rows.append(row(next(after)))
-    headers = ["run", "images", "seconds", "images/s", "cpu s", "batch around", "watch/batch"]
+    headers = [
+        "run",
+        "images",
+        "seconds",
+        "images/s",
+        "cpu s",
+        "broker cpu s",
+        "batch around",
+        "watch/batch",
+    ]
     print_table(headers, rows)
     rates = [f.rate for f in batches]
     print(
@@ -893,7 +937,7 @@ def print_results(
         print("\n## Latency: not measured (--skip-paced)")
     else:
         print(f"\n## Latency: uploads paced at {rate:.2f}/s, PUT returned -> output in DEST\n")
-        print_latencies(paced)
+        print_latencies(paced, statistics.mean(f.rate for f in batches))
     said = [
         f"{name} {phase}: {got}"
         for phase, runs in (("backlog", backlogs), ("paced", paced))
@@ -931,6 +975,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=float,
         default=0.0,
         help="paced uploads per second (0: half the batch throughput)",
+    )
+    parser.add_argument(
+        "--paced-share",
+        type=float,
+        default=0.5,
+        help="without --rate: paced uploads at this share of the batch throughput (0.95: "
+        "does the watch keep up with a stream nearly as fast as a batch run?)",
+    )
+    parser.add_argument(
+        "--skip-backlog",
+        action="store_true",
+        help="one batch run (for the rate), then the paced runs only",
     )
     parser.add_argument("-j", "--workers", type=int, default=2)
     parser.add_argument(
@@ -1019,8 +1075,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"uploaded {len(uploaded):,} objects to s3://{server.bucket}/hook/set in "
                     f"{time.perf_counter() - started:.1f} s\n"
                 )
-                batches, backlogs = throughput(setup, backends, batch, uploaded, webhook_dest)
-                rate = args.rate or statistics.mean(f.rate for f in batches) / 2
+                batches, backlogs = throughput(
+                    setup, backends, batch, uploaded, webhook_dest, not args.skip_backlog
+                )
+                rate = args.rate or statistics.mean(f.rate for f in batches) * args.paced_share
                 paced: dict[str, Figures | str] = {}
                 if not args.skip_paced:
                     for name, backend in backends.items():
@@ -1041,6 +1099,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 shutil.rmtree(work / "weed", ignore_errors=True)
     print(f"\nload average at the end: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return 1 if failed else 0
+
+
+def _cpu(seconds: float) -> str:
+    return "-" if seconds != seconds else f"{seconds:.1f}"  # nan: no broker process
 
 
 def _said(got: Figures | str) -> str:

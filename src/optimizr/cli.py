@@ -363,7 +363,8 @@ def _print_dry_run(summary: Any) -> None:
     type=click.IntRange(min=0),
     default=0,
     show_default=True,
-    help="Messages taken per batch; 0: the workers' window (--workers x --lookahead).",
+    help="Messages taken per batch; 0: the workers' window (--workers x --lookahead), "
+    "at least what the broker hands out in one request (SQS: 10).",
 )
 @click.option(
     "--retry-delay",

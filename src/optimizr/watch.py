@@ -104,7 +104,8 @@ class WatchConfig:
     run: RunConfig
     #: Drain what is queued, then exit (cron, tests).
     once: bool = False
-    #: Messages taken per batch; 0: the executor's window (workers x lookahead).
+    #: Messages taken per batch; 0: the executor's window (workers x lookahead), at
+    #: least the source's ``batch_hint`` (SQS: 10 a request).
     batch: int = 0
     #: Seconds before a message that failed for a passing reason is delivered again.
     retry_delay: float = 5.0
