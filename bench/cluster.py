@@ -108,6 +108,18 @@ class Measured:
         before = [rss for t, rss in self.own_timeline if t <= share * self.wall]
         return before[-1] if before else 0
 
+    def own_peak_at(self) -> tuple[float, int]:
+        """(share of the wall time, RSS) of its highest RSS sample (the first, if tied)."""
+        if not self.own_timeline or self.wall <= 0:
+            return float("nan"), 0
+        t, rss = max(self.own_timeline, key=lambda sample: sample[1])
+        return t / self.wall, rss
+
+
+#: Where in a run its coordinator's RSS is shown: the quarters, and closer to the end,
+#: where the last checkpoint, the summary and the report come.
+SHARES = (0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0)
+
 
 def _stat_fields(pid: int) -> list[str]:
     text = Path(f"/proc/{pid}/stat").read_text()
@@ -507,8 +519,10 @@ def small(args: argparse.Namespace, server: SeaweedS3, work: Path, cluster: Dask
             peaks[name][size] = run.own_peak
             privates[name][size] = run.own_private_peak
             cpus[name][size] = run.own_cpu
+            peak_share, peak_rss = run.own_peak_at()
             quartiles.append([f"{size:,}", name, *(f"{run.own_rss_at(q) / MIB:.1f}"
-                                                   for q in (0.25, 0.5, 0.75, 1.0))])  # fmt: skip
+                                                   for q in SHARES),
+                              f"{peak_rss / MIB:.1f} at {peak_share:.1%}"])  # fmt: skip
             rows.append([f"{size:,}", name, f"{run.wall:.1f}", f"{size / run.wall:,.0f}",
                          f"{run.own_cpu:.2f}", f"{run.own_cpu / size * 1000:.2f}",
                          f"{run.own_peak / MIB:.1f}", f"{run.own_private_peak / MIB:.1f}",
@@ -516,7 +530,8 @@ def small(args: argparse.Namespace, server: SeaweedS3, work: Path, cluster: Dask
     print_table(["images", "executor", "wall s", "images/s", "coord cpu s", "coord ms/image",
                  "coord peak MiB", "coord private MiB", "tree peak MiB"], rows)  # fmt: skip
     print("\ncoordinator's own RSS (MiB) at a share of the run's wall time:")
-    print_table(["images", "executor", "25%", "50%", "75%", "end"], quartiles)
+    shares = [f"{q:.0%}" if q < 1 else "end" for q in SHARES]
+    print_table(["images", "executor", *shares, "highest sample"], quartiles)
     print()
     sizes = sorted(args.small_sizes)
     for name, by_size in peaks.items():
