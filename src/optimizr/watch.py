@@ -521,7 +521,7 @@ class WatchService:
                     heartbeat.release(messages)
                     if acking is not None:
                         acking.result()  # one batch's acks in flight at a time
-                    acking = broker.submit(self.source.ack_all, acks)
+                    acking = broker.submit(self._ack_all, acks)
                     self._write_state()
                 if ahead is not None:
                     self._release(ahead.result())
@@ -533,6 +533,12 @@ class WatchService:
             self.state = "stopped"
             self._write_state()
         return self.stats
+
+    def _ack_all(self, messages: list[Message]) -> None:
+        """On the broker's thread. Counted once sent, so that ``acked`` (the state file,
+        /metrics) never runs ahead of the broker: a message counted acked is gone from it."""
+        self.source.ack_all(messages)
+        self.stats.acked += len(messages)
 
     def _release(self, messages: list[Message]) -> None:
         """A drain with a batch received ahead: handed back for another consumer (or
@@ -562,7 +568,6 @@ class WatchService:
                 continue
             if not plan.keys:
                 acks.append(message)  # understood, and nothing to do
-                self.stats.acked += 1
                 continue
             plans.append(plan)
             touched.update(dict.fromkeys(plan.keys))
@@ -799,7 +804,6 @@ class WatchService:
         elif poison:
             self._dead(message, "; ".join(poison))
         else:
-            self.stats.acked += 1
             return True
         return False
 
