@@ -84,6 +84,7 @@ from urllib.parse import quote_plus
 from _common import (
     DATA_DIR,
     REPO_ROOT,
+    cpu_ticks,
     fresh_dir,
     list_images,
     machine_lines,
@@ -368,10 +369,8 @@ def spawn(command: Sequence[str], env: dict[str, str], log: Path) -> Process:
 
 def server_cpu(server: Server | None) -> float:
     """The broker server's CPU seconds so far (user + sys, from /proc), nan if none."""
-    if server is None or server.process.poll() is not None:
-        return float("nan")
-    fields = Path(f"/proc/{server.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    got = cpu_ticks(server.process.pid) if server is not None else None
+    return float("nan") if got is None else got[1] / os.sysconf("SC_CLK_TCK")
 
 
 class Backend:

@@ -254,9 +254,13 @@ class NatsSource(EventSource):
         ack_together(own(messages, _NatsMessage), ACK_BATCH, self._ack_many)
 
     def _ack_many(self, chunk: list[_NatsMessage]) -> dict[int, str]:
-        if self._nc is None or not self._nc.is_connected:
-            raise nats.errors.ConnectionReconnectingError
+        self._connected_for_ack()
         return self._run(_confirm_all(chunk), ACK_TIMEOUT + 1)
+
+    def _connected_for_ack(self) -> None:
+        if self._nc is None or not self._nc.is_connected:
+            # Reconnecting: an ack could not be confirmed before the timeout anyway.
+            raise nats.errors.ConnectionReconnectingError
 
     def statistics(self) -> BrokerStatistics:
         return self.counters.snapshot()
@@ -285,10 +289,7 @@ class _NatsMessage(BrokerMessage):
         self._msg = msg
 
     def _ack(self) -> None:
-        nc = self._source._nc
-        if nc is None or not nc.is_connected:
-            # Reconnecting: the ack could not be confirmed before the timeout anyway.
-            raise nats.errors.ConnectionReconnectingError
+        self._source._connected_for_ack()
         self._source._run(self._msg.ack_sync(timeout=ACK_TIMEOUT), ACK_TIMEOUT + 1)
 
     def _nak(self, delay: float) -> None:
