@@ -3,10 +3,13 @@ server of the session (tests/servers.py): the CLI and the library as a user runs
 
 from __future__ import annotations
 
+import contextlib
+import gzip
 import io
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -117,9 +120,13 @@ def test_local_to_s3_writes_every_output_once_with_type_and_marker(
         assert got.attributes["Cache-Control"] == "max-age=60"
         assert got.attributes["optimizr-output"]
         assert decode(bytes(got.bytes())).format == "WEBP"
-    # The state went up too: the manifest's snapshot, the history, the summary.
+    # The state went up too: the manifest's snapshot (gzip'd), the history, the summary.
     state = dest.list_files(".optimizr")
-    assert "manifest.sqlite" in state
+    assert "manifest.sqlite.gz" in state and "manifest.sqlite" not in state
+    snapshot = tmp_path / "snapshot.sqlite"
+    snapshot.write_bytes(gzip.decompress(dest.read_bytes(".optimizr/manifest.sqlite.gz")))
+    with contextlib.closing(sqlite3.connect(snapshot)) as conn:
+        assert conn.execute("SELECT count(*) FROM files WHERE status = 'done'").fetchone() == (3,)
     (run,) = dest.list_files(".optimizr/runs")
     kept = json.loads(dest.read_bytes(f".optimizr/runs/{run}"))
     assert kept["files"]["converted"] == 3

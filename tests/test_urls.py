@@ -9,6 +9,7 @@ fetched from 127.0.0.1 and must return the object's exact bytes.
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import json
 import os
@@ -337,15 +338,19 @@ def test_presigned_urls_from_a_local_state_root_fetch_the_exact_objects(
     assert str(state) in result.stderr
 
 
+@pytest.mark.parametrize("form", ["gzip", "plain"])
 def test_without_a_state_root_the_snapshot_is_downloaded_and_removed(
-    s3: SeaweedS3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    s3: SeaweedS3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, form: str
 ) -> None:
+    # gzip: what a run uploads; plain: what versions before the compressed snapshot did.
     dest = convert_library(tmp_path, latin1=False, pages=False)
     storage = upload_dest(s3, dest)
     url = storage.describe()
     snapshot = tmp_path / "snapshot.sqlite"
     copy_manifest(dest, snapshot)
-    storage.write_atomic(SNAPSHOT_KEY, snapshot.read_bytes())
+    key = SNAPSHOT_KEY if form == "gzip" else SNAPSHOT_KEY.removesuffix(".gz")
+    data = snapshot.read_bytes()
+    storage.write_atomic(key, gzip.compress(data) if form == "gzip" else data)
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
@@ -360,7 +365,7 @@ def test_without_a_state_root_the_snapshot_is_downloaded_and_removed(
         with urlopen(item["url"], timeout=30) as response:
             assert response.read() == (dest / item["output"]).read_bytes()
         assert "X-Amz-Expires=604800" in item["url"]  # the default: 7 days
-    assert f"{url}/{SNAPSHOT_KEY}" in result.stderr
+    assert f"{url}/{key}" in result.stderr
     assert list(scratch.iterdir()) == []  # the downloaded copy is gone
     assert not empty_state.exists()  # and nothing was made in the state folder
 

@@ -188,7 +188,7 @@ def test_two_replicas_racing_on_one_object_write_it_once(
     assert FINGERPRINT_METADATA in output.metadata
     # Each replica's manifest goes up under a key of its own: neither clobbers the other.
     state = store_of(server, dest).list_files(".optimizr/replicas")
-    assert sorted(state) == ["r1.manifest.sqlite", "r2.manifest.sqlite"]
+    assert sorted(state) == ["r1.manifest.sqlite.gz", "r2.manifest.sqlite.gz"]
 
 
 def test_watch_once_s3_to_s3_converts_and_a_redelivery_is_a_no_op(

@@ -20,8 +20,9 @@ The URL is, in this order of preference:
 
 A remote DEST's manifest is the local one in its state root (``--state-dir``, see
 :mod:`optimizr.dest_state`) when there is one, else the snapshot in
-``DEST/.optimizr/manifest.sqlite``, downloaded to a temporary folder (complete
-before it is opened) and removed afterwards.
+``DEST/.optimizr/manifest.sqlite.gz`` (or the plain ``manifest.sqlite`` of older
+versions), downloaded to a temporary folder (complete before it is opened) and
+removed afterwards.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from typing import BinaryIO, Literal, Protocol
 from urllib.parse import urlsplit
 
 from optimizr.atomic import atomic_open
-from optimizr.dest_state import SNAPSHOT_KEY, remote_manifest_root
+from optimizr.dest_state import remote_manifest_root
 from optimizr.errors import UsageError
 from optimizr.filenames import name_fields, printable, valid_unicode
 from optimizr.manifest import Manifest, Row, manifest_path
@@ -269,7 +270,7 @@ def write_output_urls(config: UrlsConfig, stream: BinaryIO | None = None) -> Url
     location = config.location
     with ExitStack() as stack:
         store = _Store(config) if location.is_remote else None
-        manifest_root, downloaded = stack.enter_context(_manifest_root(config, store))
+        manifest_root, snapshot = stack.enter_context(_manifest_root(config, store))
         manifest = Manifest.open_readonly(manifest_root)
         if manifest is None:  # removed between the check and the open
             raise UsageError(f"no optimizr manifest for {printable(location.url())}")
@@ -285,8 +286,8 @@ def write_output_urls(config: UrlsConfig, stream: BinaryIO | None = None) -> Url
         if stream is not None and config.output is None:
             stream.flush()
     return UrlsStatistics(
-        manifest=f"{location.url()}/{SNAPSHOT_KEY}" if downloaded else str(manifest.path),
-        downloaded=downloaded,
+        manifest=snapshot or str(manifest.path),
+        downloaded=snapshot is not None,
         rows=rows,
         outputs=outputs,
         bytes=total,
@@ -371,9 +372,9 @@ def _addresser(config: UrlsConfig, location: Location, store: _Store | None) -> 
 
 
 @contextmanager
-def _manifest_root(config: UrlsConfig, store: _Store | None) -> Iterator[tuple[Path, bool]]:
-    """The folder whose ``.optimizr/manifest.sqlite`` is DEST's manifest, and whether
-    it is a downloaded snapshot (then removed when the block ends)."""
+def _manifest_root(config: UrlsConfig, store: _Store | None) -> Iterator[tuple[Path, str | None]]:
+    """The folder whose ``.optimizr/manifest.sqlite`` is DEST's manifest, and the URL of
+    the snapshot it was downloaded from (then removed when the block ends), if it was."""
     location = config.location
     if store is None:
         assert location.path is not None
@@ -382,7 +383,7 @@ def _manifest_root(config: UrlsConfig, store: _Store | None) -> Iterator[tuple[P
                 f"no optimizr manifest in {location.path} "
                 f"({manifest_path(location.path)} does not exist)"
             )
-        yield location.path, False
+        yield location.path, None
         return
     with remote_manifest_root(location, config.state_dir, store.get) as found:
         yield found

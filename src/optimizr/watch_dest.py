@@ -31,12 +31,12 @@ share and what they do not is decided here:
   the replica's manifest does not know, or a file without the marks, is handled as a
   batch run handles it (kept under --if-exists skip, "optimizr did not write it").
 * Each replica's **manifest snapshot has a key of its own**,
-  ``DEST/.optimizr/replicas/NAME.manifest.sqlite``, NAME being --consumer or, without
+  ``DEST/.optimizr/replicas/NAME.manifest.sqlite.gz``, NAME being --consumer or, without
   it, the host name and a hash of the state root's path (stable across restarts of
   one pod on one volume, distinct for two state roots on one machine). One shared key
   would be clobbered by every replica in turn, and a replica restoring it would take
   another's rows for its own. A replica that starts without a local manifest
-  restores its own snapshot, else the batch run's (``.optimizr/manifest.sqlite``).
+  restores its own snapshot, else the batch run's (``.optimizr/manifest.sqlite.gz``).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ from typing import Any
 from optimizr.config import RunConfig
 from optimizr.errors import DestBusy, UsageError
 from optimizr.lock import RunLock
-from optimizr.manifest import Manifest, manifest_path, state_dir
+from optimizr.manifest import MANIFEST_NAME, Manifest, manifest_path, state_dir
 from optimizr.storage.base import STATE_DIR, Storage
 from optimizr.storage.local import LocalStorage
 from optimizr.storage.urls import Location, is_url
@@ -126,7 +126,13 @@ def _manifest(root: Path) -> Manifest:
 
 
 def _open_remote(run: RunConfig, url: str, consumer: str) -> WatchDest:
-    from optimizr.dest_state import SNAPSHOT_KEY, Checkpointer, local_state_root, restore
+    from optimizr.dest_state import (
+        GZIP_SUFFIX,
+        SNAPSHOT_KEY,
+        Checkpointer,
+        local_state_root,
+        restore,
+    )
     from optimizr.storage.lease import describe_lease, read_lease
     from optimizr.storage.objectstore import StoreOptions, probe, storage_for
     from optimizr.storage.urls import parse_location
@@ -160,7 +166,8 @@ def _open_remote(run: RunConfig, url: str, consumer: str) -> WatchDest:
                 f"a batch optimizr run is converting into {location.url()} "
                 f"({describe_lease(held)}); start the service once it has finished"
             )
-        key = f"{STATE_DIR}/{REPLICAS_DIR}/{replica_name(consumer, root)}.manifest.sqlite"
+        name = replica_name(consumer, root)
+        key = f"{STATE_DIR}/{REPLICAS_DIR}/{name}.{MANIFEST_NAME}{GZIP_SUFFIX}"
         try:
             restored = restore(store, root, key)
             if not restored and not manifest_path(root).exists():
