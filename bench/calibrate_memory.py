@@ -24,7 +24,7 @@ Then converts each image in each mode --
   target_score_rgba  RGBA PNG, --target-score 80
 
 -- in a fresh Python process set up exactly as a worker is (glibc malloc tuned by
-``optimizr.executors.worker.keep_heap_compact``, one libvips thread and no
+``optimizr.heap.keep_heap_compact``, one libvips thread and no
 caches by ``configure_libvips(1)``), which calls ``optimizr.encode_webp`` once:
 whatever that function does at the time is what is measured. The growth of that
 process's peak RSS is what the image cost: "growth" is the peak resident size
@@ -219,7 +219,8 @@ def reset_high_water_mark() -> bool:
 
 def measure(path: str, mode: str) -> dict[str, Any]:
     """Runs in the fresh process: set up as a worker, convert once, report the growth."""
-    from optimizr.executors.worker import configure_libvips, keep_heap_compact
+    from optimizr.executors.worker import configure_libvips
+    from optimizr.heap import keep_heap_compact
 
     # In the order worker.main does it: malloc tuned before libvips allocates anything.
     keep_heap_compact()

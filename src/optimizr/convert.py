@@ -31,6 +31,7 @@ from optimizr.errors import (
 )
 from optimizr.events import ProgressListener, StopToken
 from optimizr.executors.base import Executor
+from optimizr.heap import HeapTrimmer
 from optimizr.history import RUNS_DIR, keep_run, runs_dir
 from optimizr.lock import RunLock
 from optimizr.manifest import (
@@ -272,6 +273,8 @@ def _execute(
     )
     sampler = TreeMemorySampler().start()
     machine_sampler = MachineCpuSampler(available_cpus()).start()
+    # The coordinator's own memory flat whatever the run's length (see heap.py).
+    heap = HeapTrimmer().start()
     times_start, wall_start = os.times(), time.monotonic()
     try:
         pipeline = Pipeline(
@@ -295,6 +298,7 @@ def _execute(
             executor.close()
         if transfers is not None:
             transfers.close()
+        heap_stats = heap.stop()
     memory = sampler.stop()
     wall = time.monotonic() - wall_start
     times_end = os.times()
@@ -335,6 +339,8 @@ def _execute(
         "stopped_and_retried_alone": budget_stats.retried_alone,
         "too_large_alone": budget_stats.too_large_alone,
         "peak_transfer_bytes": budget.peak_io_bytes,
+        "heap_trims": heap_stats.trims,
+        "heap_released_bytes": heap_stats.released_bytes,
         "samples": memory.samples,
         "timeline": [list(point) for point in memory.timeline],
     }

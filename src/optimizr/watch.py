@@ -70,6 +70,7 @@ from optimizr.config import RunConfig
 from optimizr.errors import UsageError, cause_of
 from optimizr.events import Listeners, ProgressListener, RunSnapshot, StopToken
 from optimizr.executors.base import Executor
+from optimizr.heap import HeapTrimmer
 from optimizr.manifest import Manifest, Row, options_fingerprint, split_key, state_dir
 from optimizr.pipeline import Pipeline, row_outputs
 from optimizr.results import UP_TO_DATE, Result
@@ -499,6 +500,7 @@ class WatchService:
         ahead: Future[list[Message]] | None = None
         acking: Future[None] | None = None
         broker = ThreadPoolExecutor(1, thread_name_prefix="optimizr-broker")
+        heap = HeapTrimmer().start()  # a service's own memory flat over days (heap.py)
         try:
             with heartbeat:
                 while not self.stop.graceful:
@@ -529,6 +531,7 @@ class WatchService:
                     acking.result()
         finally:
             broker.shutdown(wait=True)
+            heap.stop()
             self.source.stop_accepting()
             self.state = "stopped"
             self._write_state()

@@ -10,7 +10,6 @@ libvips logged while converting it (``codec_messages.py``).
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import sys
@@ -18,6 +17,8 @@ import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
+
+from optimizr.heap import keep_heap_compact
 
 if TYPE_CHECKING:
     from optimizr.encode import Encoded
@@ -37,39 +38,6 @@ if TYPE_CHECKING:
 #: ``_startup_fault``. It exists so the fault tests exercise real processes and
 #: real files; nothing sets it outside the test suite.
 FAULT_ENV = "OPTIMIZR_TEST_FAULTS"
-
-
-def keep_heap_compact() -> Callable[[], None]:
-    """Stop glibc malloc from hoarding the memory of big images; return a trim function.
-
-    glibc raises its mmap threshold each time a large block is freed, so after a
-    few big images libvips' buffers come from the heap and stay resident when
-    freed: an idle worker grew from 31 to 127 MB over four 8-32 MP images
-    (measured). A fixed 1 MiB threshold keeps large buffers in mmap (returned
-    to the system on free), and ``malloc_trim`` after each image hands back the
-    rest; the same four images then leave the worker at 33 MB.
-
-    The threshold is 256 KiB, not 1 MiB: libvips' strips and tiles for libwebp's
-    binding (about 1 MiB each) and libjpeg's buffers fall just under 1 MiB, and
-    interleaved on the heap they kept a 12 MP photo's worker at 5.7 bytes per pixel
-    at its peak; at 256 KiB it is 3.6 (3.55 at 128 KiB, for more mmap calls).
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(_M_MMAP_THRESHOLD, 256 << 10)
-        libc.mallopt(_M_TRIM_THRESHOLD, 1 << 20)
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):  # not glibc: nothing to tune
-        return lambda: None
-
-    def trim_now() -> None:
-        trim(0)
-
-    return trim_now
-
-
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
 
 
 def configure_libvips(threads: int) -> None:
