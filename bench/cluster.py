@@ -102,6 +102,8 @@ class Measured:
     stderr_tail: str
     #: (seconds since start, its own RSS), every 20 ms.
     own_timeline: list[tuple[float, int]]
+    #: (seconds since start, RSS, RssAnon, RssFile) of the same samples.
+    own_parts: list[tuple[float, int, int, int]]
 
     def own_rss_at(self, share: float) -> int:
         """Its own RSS at ``share`` of the run's wall time (the last sample before)."""
@@ -142,9 +144,9 @@ def tree_cpu(roots: Sequence[int]) -> float:
     return sum(process_cpu(pid) for root in roots for pid in tree_pids(root))
 
 
-def _vm_status(pid: int) -> tuple[int, int, int]:
-    """(VmHWM, VmRSS, RssAnon) of a process in bytes; zeros once it has exited."""
-    found = {"VmHWM:": 0, "VmRSS:": 0, "RssAnon:": 0}
+def _vm_status(pid: int) -> tuple[int, int, int, int]:
+    """(VmHWM, VmRSS, RssAnon, RssFile) of a process in bytes; zeros once it has exited."""
+    found = {"VmHWM:": 0, "VmRSS:": 0, "RssAnon:": 0, "RssFile:": 0}
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             key = line.split(maxsplit=1)[0] if line else ""
@@ -152,7 +154,7 @@ def _vm_status(pid: int) -> tuple[int, int, int]:
                 found[key] = int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    return found["VmHWM:"], found["VmRSS:"], found["RssAnon:"]
+    return found["VmHWM:"], found["VmRSS:"], found["RssAnon:"], found["RssFile:"]
 
 
 def run_coordinator(command: Sequence[str], env: dict[str, str], summary: Path) -> Measured:
@@ -167,16 +169,19 @@ def run_coordinator(command: Sequence[str], env: dict[str, str], summary: Path) 
         sampler = TreeSampler(process.pid).start()
         own_peak = private_peak = 0
         timeline: list[tuple[float, int]] = []
+        parts: list[tuple[float, int, int, int]] = []
         stop = threading.Event()
 
         def sample_own() -> None:
             nonlocal own_peak, private_peak
             while not stop.is_set():
-                hwm, rss, private = _vm_status(process.pid)
+                hwm, rss, private, mapped = _vm_status(process.pid)
                 own_peak = max(own_peak, hwm)
                 private_peak = max(private_peak, private)
                 if rss:
-                    timeline.append((time.perf_counter() - started, rss))
+                    now = time.perf_counter() - started
+                    timeline.append((now, rss))
+                    parts.append((now, rss, private, mapped))
                 stop.wait(0.02)
 
         own_thread = threading.Thread(target=sample_own, daemon=True)
@@ -197,7 +202,7 @@ def run_coordinator(command: Sequence[str], env: dict[str, str], summary: Path) 
     if summary.exists():
         doc = json.loads(summary.read_text())
     return Measured(process.returncode, wall, own_cpu, children_cpu, own_peak, tree.peak_bytes,
-                    private_peak, doc, tail, timeline)  # fmt: skip
+                    private_peak, doc, tail, timeline, parts)  # fmt: skip
 
 
 def checked(run: Measured, label: str, expect: int) -> Measured:
@@ -516,6 +521,8 @@ def small(args: argparse.Namespace, server: SeaweedS3, work: Path, cluster: Dask
                            "--no-progress", "--if-larger", "write", "--summary",
                            str(work / f"{tag}.json"), "-j", str(args.workers)]  # fmt: skip
             run = checked(run_coordinator(command, env, work / f"{tag}.json"), tag, size)
+            if args.timelines is not None:
+                write_timeline(args.timelines / f"{tag}.csv", run)
             peaks[name][size] = run.own_peak
             privates[name][size] = run.own_private_peak
             cpus[name][size] = run.own_cpu
@@ -543,6 +550,16 @@ def small(args: argparse.Namespace, server: SeaweedS3, work: Path, cluster: Dask
             print(f"{name}: coordinator peak {sizes[-1]:,} / {sizes[0]:,} images: {ratio:.3f} "
                   f"(private {private:.3f}); marginal coordinator CPU "
                   f"{extra / (sizes[-1] - sizes[0]) * 1000:.2f} ms/image")  # fmt: skip
+
+
+def write_timeline(path: Path, run: Measured) -> None:
+    """The coordinator's samples as CSV (seconds, then MiB of RSS, RssAnon, RssFile):
+    which part of its memory rose, and when."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = ["seconds,rss_mib,anon_mib,file_mib"]
+    lines += [f"{t:.3f},{rss / MIB:.2f},{anon / MIB:.2f},{mapped / MIB:.2f}"
+              for t, rss, anon, mapped in run.own_parts]  # fmt: skip
+    path.write_text("\n".join(lines) + "\n")
 
 
 def list_rate(server: SeaweedS3, objects: int, repeats: int = 3) -> None:
@@ -745,6 +762,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--skip-rounds", action="store_true")
     parser.add_argument("--skip-small", action="store_true")
     parser.add_argument("--small-local", action="store_true", help="small images local->local too")
+    parser.add_argument(
+        "--timelines",
+        type=Path,
+        default=None,
+        help="write each small run's coordinator samples (RSS, RssAnon, RssFile) "
+        "as CSV into this folder",
+    )
     parser.add_argument("--costs", action="store_true", help="measure the per-task costs only")
     parser.add_argument("--tasks", type=int, default=5000, help="--costs: Dask tasks per window")
     parser.add_argument("--windows", type=sizes, default=[4, 200],
