@@ -1,7 +1,8 @@
 """The manifest's snapshot in a remote DEST: what gzip saves and what it costs.
 
-For manifests of ``--rows`` rows each (recorded as a run records them: paths in folders
-of 100, S3-style random ETags, the part of a row that does not compress), prints the
+For manifests of ``--rows`` rows each (recorded as a run records them, by the tests'
+``make_manifest``: paths in folders of 100, S3-style random ETags, the part of a row
+that does not compress), prints the
 SQLite file's size, deflate at ``--levels`` (compressed size, ratio, CPU in ms and ms
 per MiB, streamed in dest_state's own steps), and one ``Checkpointer.upload`` (backup,
 compress, write) into a local DEST: its wall and CPU, and what went up.
@@ -13,36 +14,24 @@ About 30 s for the defaults.
 from __future__ import annotations
 
 import argparse
-import os
+import sys
 import tempfile
 import time
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
-from _common import MIB, machine_lines, print_table
+from _common import MIB, REPO_ROOT, machine_lines, print_table
 from optimizr.dest_state import CHUNK_BYTES, GZIP_LEVEL, SNAPSHOT_KEY, Checkpointer
-from optimizr.manifest import Manifest, manifest_path
+from optimizr.manifest import manifest_path
 from optimizr.storage import LocalStorage
+
+sys.path.insert(0, str(REPO_ROOT / "tests"))
+from test_dest_state import make_manifest  # noqa: E402  (the tests' rows: one definition)
 
 
 def build(root: Path, rows: int) -> Path:
-    manifest = Manifest.open(root)
-    for n in range(rows):
-        manifest.record(
-            f"photos/{n // 100:05d}/IMG_{n:07d}.jpg",
-            size=3_000_000 + n,
-            mtime_ns=1_700_000_000_000_000_000 + n * 7919,
-            checked_ns=1_700_000_100_000_000_000,
-            fingerprint="0123456789abcdef",
-            status="done",
-            output=f"photos/{n // 100:05d}/IMG_{n:07d}.webp",
-            output_size=400_000 + n,
-            attempts=1,
-            etag=f'"{os.urandom(16).hex()}"',
-        )
-    manifest.flush()
-    manifest.close()
+    make_manifest(root, rows).close()
     return manifest_path(root)
 
 
