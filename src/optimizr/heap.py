@@ -11,8 +11,8 @@ message frames, obstore's listing pages, SQLite's caches of each checkpoint, zli
 state. Its private memory (RssAnon) rose 5 MiB over a 20,000-image cluster run that
 way, in steps, long after everything it keeps had reached its size (1.09x the
 1,000-image run's), while its Python objects stayed at 75,000. With the fixed threshold
-and a ``malloc_trim`` every ``TRIM_SECONDS`` it is 1.04x, and the run's RSS 1.02x
-(bench/cluster.py; bench/README.md, "Flat").
+and a ``malloc_trim`` every ``TRIM_SECONDS`` it is 1.02-1.04x, and the run's peak RSS
+1.02-1.03x, the same at 50,000 images (bench/cluster.py; bench/README.md, "Flat").
 """
 
 from __future__ import annotations
