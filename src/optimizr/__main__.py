@@ -1,4 +1,4 @@
-from optimizr.cli import main
+from optimizr.cli import run
 
 if __name__ == "__main__":
-    main()
+    run()

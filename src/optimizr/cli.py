@@ -44,6 +44,7 @@ from optimizr.convert import convert_tree
 from optimizr.errors import OptimizrError, UsageError
 from optimizr.events import Listeners, ProgressListener, StopToken
 from optimizr.filenames import json_safe, printable
+from optimizr.heap import keep_heap_compact
 from optimizr.libwebp import encoder_info
 from optimizr.lock import describe_holder
 from optimizr.metrics.logs import LogListener, configure_logging
@@ -135,6 +136,17 @@ def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> 
 )
 def main() -> None:
     """Convert whole image libraries to WebP."""
+
+
+def run() -> None:
+    """The ``optimizr`` program (its console script, and ``python -m optimizr``).
+
+    glibc's malloc settings are a process's own (see ``heap.py``): the program sets
+    them for itself, as each conversion worker does; ``main`` called by a host program
+    (or a test) leaves the host's alone. What a coordinator frees is handed back either
+    way (``heap.HeapTrimmer``, every run and service)."""
+    keep_heap_compact()
+    main()
 
 
 def _read_config_file(ctx: click.Context, _param: click.Parameter, value: Path | None) -> Any:

@@ -10,9 +10,19 @@ The coordinator holds no image, but it frees and reallocates all through a run: 
 message frames, obstore's listing pages, SQLite's caches of each checkpoint, zlib's
 state. Its private memory (RssAnon) rose 5 MiB over a 20,000-image cluster run that
 way, in steps, long after everything it keeps had reached its size (1.09x the
-1,000-image run's), while its Python objects stayed at 75,000. With the fixed threshold
-and a ``malloc_trim`` every ``TRIM_SECONDS`` it is 1.02-1.04x, and the run's peak RSS
-1.02-1.03x, the same at 50,000 images (bench/cluster.py; bench/README.md, "Flat").
+1,000-image run's), while its Python objects stayed at 75,000. Two remedies, measured
+together and apart (bench/cluster.py; bench/README.md, "Flat"):
+
+* ``HeapTrimmer``, a ``malloc_trim`` every ``TRIM_SECONDS`` in every run and service:
+  harmless in any process, so it runs wherever ``convert_tree`` or a service does.
+  Alone, the cluster coordinator's peak was 1.038x from 1,000 to 20,000 images.
+* with it, the workers' fixed thresholds (``keep_heap_compact``): 1.024-1.026x, and
+  1.028x at 50,000 images. Those settings are the whole process's, and they make every
+  block of 256 KiB or more an mmap of its own (page faults each time, which a process
+  decoding images in place pays for: the test suite's in-process decodes spent 2.5x
+  the system time). So the ``optimizr`` program sets them for itself (``cli.run``),
+  as each conversion worker does, and a host program calling the library keeps its
+  own.
 """
 
 from __future__ import annotations
@@ -27,7 +37,7 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
 #: How often the coordinator hands freed memory back. A trim walks the free lists of
-#: every arena: about a millisecond for a coordinator's heap, so 15 s costs nothing
+#: every arena: a few microseconds for a coordinator's heap (measured), so 15 s costs nothing
 #: and keeps what a burst freed from staying resident for long.
 TRIM_SECONDS = 15.0
 
@@ -51,7 +61,16 @@ def keep_heap_compact() -> Callable[[], None]:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(_M_MMAP_THRESHOLD, 256 << 10)
         libc.mallopt(_M_TRIM_THRESHOLD, 1 << 20)
-        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return lambda: None
+    return trimmer()
+
+
+def trimmer() -> Callable[[], None]:
+    """``malloc_trim(0)``: every arena's free pages handed back, the heap's top and the
+    whole pages between live blocks alike; a function that does nothing off glibc."""
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
     except (OSError, AttributeError):
         return lambda: None
 
@@ -80,10 +99,10 @@ class HeapStatistics:
 
 
 class HeapTrimmer:
-    """The coordinator's heap kept compact (see the module's docstring): the settings
-    at ``start``, then a trim every ``interval`` seconds on a daemon thread, and one
-    at ``stop`` (the run's structures are gone by then: what comes after, the last
-    checkpoint and the summary, starts from a compact heap)."""
+    """A coordinator's freed memory handed back (see the module's docstring): a trim
+    every ``interval`` seconds on a daemon thread, and one at ``stop`` (the run's
+    structures are gone by then: what comes after, the last checkpoint and the
+    summary, starts from a compact heap). It changes no malloc setting."""
 
     def __init__(self, interval: float = TRIM_SECONDS) -> None:
         self.interval = interval
@@ -94,7 +113,7 @@ class HeapTrimmer:
         self._lock = threading.Lock()  # the thread's trim or the last one
 
     def start(self) -> HeapTrimmer:
-        self._trim = keep_heap_compact()
+        self._trim = trimmer()
         self._thread = threading.Thread(target=self._run, name="optimizr-heap", daemon=True)
         self._thread.start()
         return self
