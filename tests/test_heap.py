@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import platform
 import threading
 import time
@@ -13,7 +14,8 @@ import pytest
 from conftest import photo_array, save_jpeg
 from optimizr.config import RunConfig
 from optimizr.convert import convert_tree
-from optimizr.heap import HeapTrimmer, private_bytes
+from optimizr.heap import HeapTrimmer
+from optimizr.metrics.memory import private_rss_of
 
 glibc = pytest.mark.skipif(
     platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
@@ -40,10 +42,10 @@ def test_a_trim_hands_back_freed_memory_a_live_block_above_it_kept_resident() ->
             ctypes.memset(block, 1, 4096)
         for block in blocks[:-1]:
             libc.free(block)
-        freed_resident = private_bytes()
+        freed_resident = private_rss_of(os.getpid())
         trimmer.trim()
         assert trimmer.stats.released_bytes >= 30 * MIB
-        assert private_bytes() <= freed_resident - 30 * MIB
+        assert private_rss_of(os.getpid()) <= freed_resident - 30 * MIB
         libc.free(blocks[-1])
     finally:
         stats = trimmer.stop()

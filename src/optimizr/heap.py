@@ -28,10 +28,12 @@ together and apart (bench/cluster.py; bench/README.md, "Flat"):
 from __future__ import annotations
 
 import ctypes
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+
+from optimizr.metrics.memory import private_rss_of
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -80,21 +82,11 @@ def trimmer() -> Callable[[], None]:
     return trim_now
 
 
-def private_bytes() -> int:
-    """This process's private resident memory (RssAnon); 0 where /proc does not say."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
-
-
 @dataclass
 class HeapStatistics:
     trims: int = 0
-    #: RssAnon before a trim less after, summed over the trims that lowered it.
+    #: Private resident memory before a trim less after, summed over the trims that
+    #: lowered it.
     released_bytes: int = 0
 
 
@@ -120,10 +112,10 @@ class HeapTrimmer:
 
     def trim(self) -> None:
         with self._lock:
-            before = private_bytes()
+            before = private_rss_of(os.getpid())
             self._trim()
             self.stats.trims += 1
-            self.stats.released_bytes += max(0, before - private_bytes())
+            self.stats.released_bytes += max(0, before - private_rss_of(os.getpid()))
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):

@@ -22,6 +22,16 @@ def rss_of(pid: int) -> int:
         return 0
 
 
+def private_rss_of(pid: int) -> int:
+    """Resident bytes of one process less those of the files it maps (its libraries, a
+    snapshot it sends): the memory it owns, glibc's free lists included (0 if gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/statm").read_text().split()
+        return (int(fields[1]) - int(fields[2])) * _PAGE
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
 def descendants(pid: int) -> list[int]:
     """All processes below ``pid`` (children, grandchildren, ...), from /proc."""
     found: list[int] = []
