@@ -184,15 +184,16 @@ class Checkpointer:
 
     A snapshot is taken with SQLite's online backup through a connection of its
     own (the manifest is in WAL mode: the run's writer is never blocked), into a
-    temporary file beside the manifest, gzip'd into another that is streamed up
-    (``key`` ends with ``.gz``: see the module's docstring); both are removed. It holds
+    temporary file beside the manifest, gzip'd into another that is streamed up (see
+    the module's docstring); both are removed. It holds
     what the run had committed: a run killed later loses at most the rows since,
     which the next run recovers from DEST's listing (see Pipeline._adopt)."""
 
     def __init__(self, dest: Storage, root: Path, interval: float, key: str = SNAPSHOT_KEY) -> None:
         self.dest = dest
-        #: Where the snapshot goes under DEST (a watch replica's own: see watch_dest).
-        self.key = key
+        #: Where the snapshot goes under DEST (a watch replica's own: see watch_dest),
+        #: always in its compressed form: what goes up is gzip.
+        self.key = snapshot_forms(key)[0]
         self.root = root
         self.interval = interval
         self.stats = CheckpointStatistics()
@@ -228,12 +229,9 @@ class Checkpointer:
                             conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
                         live.backup(copy, pages=256, sleep=0)
                 manifest_bytes = tmp.stat().st_size
-                sent = tmp
-                if self.key.endswith(GZIP_SUFFIX):
-                    _deflate(tmp, packed)
-                    sent = packed
-                size = sent.stat().st_size
-                etag = self.dest.write_from_file(self.key, sent)
+                _deflate(tmp, packed)
+                size = packed.stat().st_size
+                etag = self.dest.write_from_file(self.key, packed)
             except (OSError, sqlite3.Error) as exc:
                 self.stats.failures += 1
                 self.stats.last_error = str(exc)
